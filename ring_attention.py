@@ -1,0 +1,508 @@
+"""Zigzag ring attention: exact causal self-attention of one sequence sharded over many processes.
+
+LongPO trains and evaluates on 128K-512K token inputs (method.md, "Infrastructure"). No single GPU
+holds the attention of such a sequence, so each of the W ranks of a sequence-parallel (SP) group
+keeps T = N/W tokens and the key/value blocks travel around a ring. This file is the bottom layer
+of the project and imports nothing from it.
+
+The algorithm (design.md, "Ring attention"):
+  * Zigzag layout. The sequence is cut into 2W chunks; rank r holds chunks r and 2W-1-r, so every
+    rank does the same amount of causal work (a plain contiguous split leaves rank 0 idle while
+    rank W-1 attends to everything, which halves the speed).
+  * Step 0 attends the local block to itself with a causal mask. At step s the K/V block of rank
+    j = (r - s) mod W visits. If j < r, all local queries see the visitor's FIRST chunk (its second
+    chunk lies in the future of both local chunks). If j > r, only the local SECOND query chunk
+    sees the visitor, and it sees ALL of it. Either way a step costs one chunk x two chunks.
+  * Blocks are merged in fp32 with the log-sum-exp (lse) form, so the result is exactly
+    softmax(q k^T * scale + causal mask) v of the whole sequence.
+  * Backward keeps the final out and lse from the forward. One block's backward computed with the
+    GLOBAL lse gives that block's exact share of dq, dk, dv. dq accumulates locally in fp32; dk and
+    dv accumulate in fp32 and travel around the ring with their K/V block, plus one hop home.
+  * The next block's send/recv is posted before the current block is computed (overlap).
+  * Only the Hkv key/value heads travel (GQA); world size 1 does no communication at all.
+
+Block kernels, chosen per call: flash-attn (>= 2.6) on CUDA when installed; PyTorch's fused CPU
+attention (a private op that returns the lse) on CPU; a plain PyTorch kernel otherwise and as the
+readable reference. Deliberate limits: causal self-attention only (no padding masks: pad at the end
+of the sequence, where causal attention keeps pads out of every real token's view), no dropout,
+no sliding window. On CUDA without flash-attn the plain kernel is used, which materialises
+T x T scores per block: install flash-attn for long sequences.
+
+Importing this file registers "ring_attention" as a transformers attention implementation, so a
+Llama / Mistral / Qwen2 model given zigzag-sharded input_ids and position_ids runs sequence-parallel.
+
+Self-check and benchmark (ring vs full attention, forward and backward, every rank):
+    python ring_attention.py --seq-len 4096                        # one process, CPU
+    torchrun --nproc_per_node 2 ring_attention.py --threads 1       # 2 CPU processes, T = 16384
+    torchrun --nproc_per_node 8 ring_attention.py --seq-len 131072 --heads 32 --kv-heads 8 \\
+        --head-dim 128 --dtype bfloat16                             # one 8-GPU node
+"""
+import dataclasses
+import datetime
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Shape glossary: B batch, N whole-sequence length, W ring (SP group) size, T = N/W local tokens,
+# c = T/2 tokens in one zigzag chunk, Hq query heads, Hkv key/value heads (Hq % Hkv == 0),
+# G = Hq/Hkv queries per key/value head, D head dim, Tq/Tk query/key lengths of one block.
+
+
+@dataclass
+class BenchConfig:
+    seq_len: int = field(default=16384, metadata={"help": "whole-sequence tokens N (all ranks)"})
+    batch: int = field(default=1, metadata={"help": "sequences per batch B"})
+    heads: int = field(default=8, metadata={"help": "query heads Hq"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads Hkv (GQA when < heads)"})
+    head_dim: int = field(default=64, metadata={"help": "head dimension D"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    kernel: str = field(default="auto", metadata={"help": "auto | flash | torch | plain"})
+    iters: int = field(default=2, metadata={"help": "timed iterations (after one warm-up)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per process (0: default)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random inputs (same on all ranks)"})
+
+
+def config_from_cli(cls, argv=None):
+    """Build --help and an argparse parser from a config dataclass (used by every script here)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=cls.__doc__ or cls.__name__)
+    for f in dataclasses.fields(cls):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- zigzag sharding
+
+def zigzag_shard(x, rank, world_size, dim=1):
+    """Chunks `rank` and `2*world_size-1-rank` of x cut into 2*world_size equal chunks along dim."""
+    n, parts = x.shape[dim], 2 * world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"zigzag_shard: rank {rank} is outside [0, {world_size})")
+    if n % parts:
+        padded = -(-n // parts) * parts
+        raise ValueError(
+            f"zigzag_shard: length {n} along dim {dim} is not divisible by 2*world_size = {parts}; "
+            f"pad the sequence at the end to {padded} tokens (labels -100 on the padding)")
+    chunks = x.chunk(parts, dim)
+    return torch.cat([chunks[rank], chunks[parts - 1 - rank]], dim)
+
+
+def zigzag_unshard(x_local, group=None, dim=1):
+    """Inverse of zigzag_shard: gather every rank's shard, return the full tensor in original order.
+
+    A collective (every rank of `group` must call it); not differentiable, for outputs and checks."""
+    world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world_size == 1:
+        return x_local
+    shards = [torch.empty_like(x_local) for _ in range(world_size)]
+    dist.all_gather(shards, x_local.contiguous(), group=group)
+    chunks = [None] * (2 * world_size)
+    for r, shard in enumerate(shards):
+        chunks[r], chunks[2 * world_size - 1 - r] = shard.chunk(2, dim)
+    return torch.cat(chunks, dim)
+
+
+# ----------------------------------------------------------------------------- block kernels
+# A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
+#   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32
+#   bwd(dout, q, k, v, out, lse, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
+# `causal` is only used with Tq == Tk (the diagonal block). In bwd, out and lse are the GLOBAL
+# (merged) ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax.
+
+def _plain_scores(q, k, scale, causal):
+    """fp32 (fp64 for fp64 inputs) scores, grouped for GQA: (B, Hkv, G, Tq, Tk)."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(ct).view(B, Tq, Hkv, Hq // Hkv, D)  # head h = hkv*G + g, as repeat_interleave
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(ct)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return s
+
+
+def plain_fwd(q, k, v, scale, causal):
+    B, Tq, Hq, D = q.shape
+    s = _plain_scores(q, k, scale, causal)
+    lse = s.logsumexp(-1)  # (B, Hkv, G, Tq)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(s.dtype)).reshape(B, Tq, Hq, D)
+    return out, lse.reshape(B, Hq, Tq)  # fp32 (fp64 for fp64 inputs)
+
+
+def plain_bwd(dout, q, k, v, out, lse, scale, causal):
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    s = _plain_scores(q, k, scale, causal)
+    ct = s.dtype
+    p = torch.exp(s - lse.to(ct).view(B, Hkv, Hq // Hkv, Tq, 1))
+    do = dout.to(ct).view(B, Tq, Hkv, Hq // Hkv, D)
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)
+    dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(ct))
+    # softmax backward: ds = p * (dp - rowsum(dout * out)), the row sum taken with the global out
+    delta = (dout.to(ct) * out.to(ct)).sum(-1).view(B, Tq, Hkv, Hq // Hkv).permute(0, 2, 3, 1)
+    ds = p * (dp - delta.unsqueeze(-1)) * scale
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(ct)).reshape(B, Tq, Hq, D)
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, q.to(ct).view(B, Tq, Hkv, Hq // Hkv, D))
+    return dq, dk, dv
+
+
+def torch_fwd(q, k, v, scale, causal):
+    # PyTorch's fused (flash-style, tiled) CPU attention; GQA natively; layout (B, H, T, D)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def torch_bwd(dout, q, k, v, out, lse, scale, causal):
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out.transpose(1, 2), lse.to(_acc_dtype(q)).contiguous(), 0.0, causal, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def flash_fwd(q, k, v, scale, causal):
+    from flash_attn.flash_attn_interface import _flash_attn_forward  # flash-attn >= 2.6 signature
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
+    return out, lse
+
+
+def flash_bwd(dout, q, k, v, out, lse, scale, causal):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _flash_attn_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv,
+                         0.0, scale, causal, -1, -1, 0.0, None, False, None)
+    return dq, dk, dv
+
+
+KERNELS = {"flash": (flash_fwd, flash_bwd), "torch": (torch_fwd, torch_bwd),
+           "plain": (plain_fwd, plain_bwd)}
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_available():
+    try:
+        import flash_attn
+    except ImportError:
+        return False
+    return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 6)
+
+
+def pick_kernel(q, kernel="auto"):
+    """The block kernel for q's device and dtype: flash on CUDA, fused torch on CPU, else plain."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kernel == "auto":
+        if q.is_cuda and half and flash_attn_available():
+            return "flash"
+        return "torch" if q.device.type == "cpu" else "plain"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
+    if kernel == "flash" and not (q.is_cuda and half and flash_attn_available()):
+        raise ValueError("kernel='flash' needs CUDA fp16/bf16 tensors and flash-attn >= 2.6 "
+                         "(pip install flash-attn --no-build-isolation); use kernel='auto'")
+    if kernel == "torch" and q.device.type != "cpu":
+        raise ValueError("kernel='torch' is PyTorch's fused CPU attention; use kernel='auto' on GPU")
+    return kernel
+
+
+# ----------------------------------------------------------------------------- merging blocks
+
+def _acc_dtype(x):
+    """Accumulation dtype of out, lse, dq, dk, dv: fp32, or fp64 for fp64 inputs (tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def merge_(out, lse, block_out, block_lse):
+    """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
+
+    Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
+    out' = (e^lse * out + e^block_lse * block_out) / e^lse', written without overflow as
+    out -= sigmoid(block_lse - lse) * (out - block_out);  lse -= logsigmoid(lse - block_lse).
+    out (B, T, H, D), lse (B, H, T); may be views (slices) of larger buffers."""
+    block_lse = block_lse.to(lse.dtype)
+    w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
+    out.sub_(w * (out - block_out.to(out.dtype)))
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+# ----------------------------------------------------------------------------- the ring
+
+class _Ring:
+    """Send to the next rank of the group and receive from the previous one."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        if self.world_size > 1:
+            g = group if group is not None else dist.group.WORLD
+            self.next = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
+            self.prev = dist.get_global_rank(g, (self.rank - 1) % self.world_size)
+
+    def send_recv(self, x):
+        """Post x -> next and prev -> new buffer; returns (requests, buffer). Do not touch x until
+        wait(requests): it is being read by the send."""
+        recv = torch.empty_like(x)
+        ops = [dist.P2POp(dist.isend, x, self.next, self.group),
+               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+        return dist.batch_isend_irecv(ops), recv
+
+    @staticmethod
+    def wait(requests):
+        for req in requests:
+            req.wait()
+
+
+def _visitor(ring, step):
+    """Which part of the local queries meets which part of the visiting block at this step."""
+    source = (ring.rank - step) % ring.world_size  # the rank whose K/V block we hold
+    if step == 0:
+        return "diagonal"
+    return "first_kv_chunk" if source < ring.rank else "second_q_chunk"
+
+
+def _ring_forward(q, k, v, scale, group, kernel):
+    fwd = KERNELS[kernel][0]
+    ring, c = _Ring(group), q.shape[1] // 2
+    kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
+    out = lse = None
+    for step in range(ring.world_size):
+        if step + 1 < ring.world_size:
+            requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
+        case = _visitor(ring, step)
+        if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
+            block_out, block_lse = fwd(q, kv[0], kv[1], scale, True)
+            out, lse = block_out.to(_acc_dtype(q)), block_lse.to(_acc_dtype(q)).contiguous()  # all rows see themselves
+        elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
+            merge_(out, lse, *fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False))
+        else:  # higher rank: all of it is in the past of our second chunk only
+            merge_(out[:, c:], lse[:, :, c:], *fwd(q[:, c:], kv[0], kv[1], scale, False))
+        if step + 1 < ring.world_size:
+            ring.wait(requests)
+            kv = kv_next
+    return out, lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel):
+    bwd = KERNELS[kernel][1]
+    ring, c = _Ring(group), q.shape[1] // 2
+    kv = torch.stack([k, v])
+    dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+    for step in range(ring.world_size):
+        if step + 1 < ring.world_size:
+            kv_requests, kv_next = ring.send_recv(kv)
+        case = _visitor(ring, step)
+        if case == "diagonal":
+            dq_b, dk_b, dv_b = bwd(dout, q, k, v, out, lse, scale, True)
+            dq += dq_b
+            kv_rows = slice(None)
+        elif case == "first_kv_chunk":
+            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, scale, False)
+            dq += dq_b
+            kv_rows = slice(0, c)
+        else:
+            dq_b, dk_b, dv_b = bwd(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[:, :, c:],
+                                   scale, False)
+            dq[:, c:] += dq_b
+            kv_rows = slice(None)
+        # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
+        # far. It arrived from the previous rank during our compute; add our share, pass it on.
+        if step == 0:
+            dkv = torch.zeros(kv.shape, dtype=_acc_dtype(q), device=q.device)
+        else:
+            ring.wait(dkv_requests)
+            dkv = dkv_in
+        dkv[0, :, kv_rows] += dk_b
+        dkv[1, :, kv_rows] += dv_b
+        if ring.world_size > 1:  # after the last step this is the hop home to the block's owner
+            dkv_requests, dkv_in = ring.send_recv(dkv)
+        if step + 1 < ring.world_size:
+            ring.wait(kv_requests)
+            kv = kv_next
+    if ring.world_size > 1:
+        ring.wait(dkv_requests)
+        dkv = dkv_in  # our own block's dk, dv, summed over every rank's queries
+    return dq, dkv[0], dkv[1]
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, kernel):
+        out, lse = _ring_forward(q, k, v, scale, group, kernel)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)  # q, k, v are the caller's: never ring buffers
+        ctx.scale, ctx.group, ctx.kernel = scale, group, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.group,
+                                    ctx.kernel)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _check_inputs(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"ring_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    (B, T, Hq, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
+    if (B, T, D) != (Bk, Tk, Dk):
+        raise ValueError(f"ring_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in "
+                         "batch, local length and head dim (layout (B, T, H, D), not (B, H, T, D))")
+    if Hq % Hkv:
+        raise ValueError(f"ring_attention: {Hq} query heads is not a multiple of {Hkv} key/value heads")
+    if T % 2:
+        raise ValueError(f"ring_attention: local length {T} is odd; the input must be a zigzag shard "
+                         "(two equal chunks): pad the whole sequence to a multiple of 2*world_size "
+                         "and cut it with zigzag_shard")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError("ring_attention: q, k, v must share dtype and device")
+
+
+def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto"):
+    """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world).
+
+    q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D) in q's
+    dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence."""
+    _check_inputs(q, k, v)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              sliding_window=None, ring_group=None, **kwargs):
+    """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
+    passes it; pass `ring_group=` to model(...) for an SP group other than the whole world."""
+    world_size = dist.get_world_size(ring_group) if dist.is_initialized() else 1
+    if attention_mask is not None:
+        raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
+                         "sequence; pad at the end (labels -100) and do not pass attention_mask")
+    if dropout:
+        raise ValueError("ring_attention has no attention dropout; set config.attention_dropout = 0")
+    if sliding_window is not None and sliding_window < world_size * query.shape[2]:
+        raise ValueError(f"ring_attention computes full causal attention but the config has "
+                         f"sliding_window={sliding_window}; set config.sliding_window = None")
+    out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         group=ring_group, softmax_scale=scaling)
+    return out, None  # (B, T, Hq, D), no attention weights
+
+
+def _register_with_transformers():
+    from transformers import AttentionInterface
+    AttentionInterface.register("ring_attention", hf_ring_attention_forward)
+
+
+_register_with_transformers()
+
+
+# ----------------------------------------------------------------------------- distributed glue
+
+def init_distributed(timeout_minutes=30):
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them); nccl on CUDA, gloo on
+    CPU; every group with a timeout. Returns (rank, world_size, device)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world_size, device
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def _full_attention_fwd_bwd(q, k, v, dout, kernel):
+    """Reference and timing baseline: the same block kernel over the whole sequence, one process."""
+    fwd, bwd = KERNELS[kernel]
+    scale = q.shape[-1] ** -0.5
+    out, lse = fwd(q, k, v, scale, True)
+    out = out.to(q.dtype)
+    return (out, *bwd(dout, q, k, v, out, lse, scale, True))
+
+
+def _relative_error(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def main(cfg):
+    rank, world_size, device = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    print0(f"config: {dataclasses.asdict(cfg)}  world_size={world_size}  device={device}  "
+           f"threads/process={torch.get_num_threads()}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    gen = torch.Generator().manual_seed(cfg.seed)  # identical full tensors on every rank
+    shape_q, shape_kv = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
+    q, dout = (torch.randn(shape_q, generator=gen).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(shape_kv, generator=gen).to(device, dtype) for _ in range(2))
+    kernel = pick_kernel(q, cfg.kernel)
+
+    # Reference in fp32 with the same kernel family on the whole sequence (fp32 upcast of inputs)
+    ref_kernel = pick_kernel(q.float(), "auto")
+    ref = _full_attention_fwd_bwd(q.float(), k.float(), v.float(), dout.float(), ref_kernel)
+    full_times = [_timed(lambda: _full_attention_fwd_bwd(q, k, v, dout, kernel), device)[1]
+                  for _ in range(cfg.iters + 1)][1:]
+
+    shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
+    q_l, k_l, v_l = (shard(t).detach().requires_grad_() for t in (q, k, v))
+    fwd_times, bwd_times = [], []
+    for _ in range(cfg.iters + 1):
+        if dist.is_initialized():
+            dist.barrier()
+        q_l.grad = k_l.grad = v_l.grad = None
+        out_l, t_fwd = _timed(lambda: ring_attention(q_l, k_l, v_l, kernel=kernel), device)
+        _, t_bwd = _timed(lambda: out_l.backward(shard(dout)), device)
+        fwd_times.append(t_fwd)
+        bwd_times.append(t_bwd)
+    errors = [_relative_error(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
+    t_full, t_fwd, t_bwd = min(full_times), min(fwd_times[1:]), min(bwd_times[1:])
+    row = torch.tensor([rank, *errors, t_fwd, t_bwd, t_full], dtype=torch.float64)
+    rows = [torch.zeros_like(row) for _ in range(world_size)]
+    dist.all_gather(rows, row) if dist.is_initialized() else rows.__setitem__(0, row)
+    print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  "
+           f"(errors: max|ring - fp32 reference| / max|reference|; times: best of {cfg.iters}, s)")
+    print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} "
+           f"{'ring fwd':>9} {'ring bwd':>9} {'ring f+b':>9} {'full f+b':>9} {'ring/(full/W)':>13}")
+    for r in rows:
+        r = r.tolist()
+        ring_total = r[5] + r[6]
+        print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} "
+               f"{r[6]:9.3f} {ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(config_from_cli(BenchConfig))
