@@ -11,6 +11,7 @@ import functools
 import multiprocessing as mp
 import os
 import queue
+import re
 import socket
 import time
 import traceback
@@ -308,3 +309,299 @@ def hf_ring_worker(rank, world_size):
 
 def test_hf_models_ring_equals_sdpa():
     run_distributed(hf_ring_worker, 2)
+
+
+# ----------------------------------------------------------------------------- longpo: the objective
+
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+import longpo  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORDS = "alpha beta gamma delta river stone light north market garden signal copper winter".split()
+
+
+def make_records(n, seed, paragraphs=4, words=25, turns=2, with_ref=False):
+    """Preference records in the design.md format, built in code (data_gen.py writes real ones)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        doc = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(paragraphs))
+        rec = {"id": f"doc-{i}", "document": doc, "turns": []}
+        for _ in range(turns):
+            start = rng.randrange(0, len(doc) // 2)
+            rec["turns"].append({
+                "instruction": f"Based on the text above, where is the {rng.choice(WORDS)}?",
+                "chunk": [start, start + rng.randrange(40, 120)],
+                "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 9))),
+                "rejected": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 9)))})
+        if with_ref:
+            rec["ref_chosen_logp"], rec["ref_rejected_logp"] = -rng.uniform(50, 90), -rng.uniform(50, 90)
+        records.append(rec)
+    return records
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def test_longpo_loss_by_hand():
+    pc, pr = torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -2.0])
+    rc, rr = torch.tensor([-11.0, -4.0]), torch.tensor([-11.5, -1.0])
+    losses, chosen_r, rejected_r = longpo.longpo_loss(pc, pr, rc, rr, beta=0.1)
+    for i in range(2):
+        z = 0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        assert math.isclose(losses[i].item(), math.log(1 + math.exp(-z)), rel_tol=1e-6)
+        assert math.isclose(chosen_r[i].item(), 0.1 * (pc[i] - rc[i]).item(), rel_tol=1e-6)
+        assert math.isclose(rejected_r[i].item(), 0.1 * (pr[i] - rr[i]).item(), rel_tol=1e-6)
+    # policy = reference on both answers: no preference yet, loss log 2
+    same = torch.tensor([-7.0, -20.0])
+    assert torch.allclose(longpo.longpo_loss(same, same - 1, same, same - 1, 0.1)[0], torch.full((2,), math.log(2)))
+    # descending the loss raises the chosen log-prob and lowers the rejected one
+    pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
+    longpo.longpo_loss(pc, pr, torch.tensor([-5.5]), torch.tensor([-6.5]), 0.1)[0].sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+    # Eq. 14: lam * L_pref + NLL; SFT is the NLL alone
+    pref, nll = torch.tensor([0.6, 0.8]), torch.tensor(2.0)
+    assert math.isclose(longpo.total_loss(pref, nll, 0.01, "longpo").item(), 0.01 * 0.7 + 2.0, rel_tol=1e-6)
+    assert longpo.total_loss(pref, nll, 0.01, "sft").item() == 2.0
+
+
+def test_token_logps_match_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 37), generator=gen)
+    mask = torch.rand(2, 37, generator=gen) < 0.6
+    for chunk in (5, 16, 1000):  # chunks that do not divide the labelled count, and one chunk
+        got = longpo.token_logps(hidden, weight, targets, mask, chunk)
+        want = -F.cross_entropy((hidden @ weight.T).transpose(1, 2), targets, reduction="none") * mask
+        assert_close(got, want, 1e-12, f"log-probs, chunk {chunk}")
+        g_got = torch.autograd.grad((got * 1.3).sum(), (hidden, weight))
+        g_want = torch.autograd.grad((want * 1.3).sum(), (hidden, weight))
+        for a, b in zip(g_got, g_want):
+            assert_close(a, b, 1e-12, f"log-prob gradients, chunk {chunk}")
+    assert longpo.token_logps(hidden, weight, targets, torch.zeros_like(mask), 8).abs().sum() == 0
+
+
+def test_format_dialogue_labels_and_short_inputs():
+    tokenizer = longpo.build_tiny_tokenizer()
+    rec = make_records(1, seed=3, turns=3)[0]
+    ex = longpo.build_example(rec, tokenizer)
+    for side in ("chosen", "rejected"):
+        ids, is_answer = ex[side]["ids"], ex[side]["is_answer"]
+        answer_text = tokenizer.decode([t for t, a in zip(ids, is_answer) if a])
+        assert answer_text == "".join(t[side] + "</s>" for t in rec["turns"]), answer_text
+        prompt_text = tokenizer.decode([t for t, a in zip(ids, is_answer) if not a])
+        assert prompt_text.count(rec["document"]) == 1  # Eq. 13: the document appears once
+        for turn in rec["turns"]:
+            assert turn["instruction"] in prompt_text and turn[side] not in prompt_text
+        assert tokenizer.decode(ids).startswith("<s>[INST] " + rec["document"])
+        for turn, short in zip(rec["turns"], ex[f"short_{side}"]):
+            text = tokenizer.decode(short["ids"])
+            chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
+            assert text == f"<s>[INST] {chunk}\n\n{turn['instruction']} [/INST]{turn[side]}</s>"
+            assert rec["document"] not in text  # the short input is the chunk, not the document
+    targets, mask = longpo.shifted_targets([5, 6, 7, 8], [False, False, True, True])
+    assert targets.tolist()[:3] == [6, 7, 8] and mask.tolist() == [False, True, True, False]
+
+
+def test_bad_records_name_line_and_field(tmp_path):
+    good = make_records(2, seed=1)
+    cases = {
+        "turns[0].chosen": lambda r: r["turns"][0].pop("chosen"),
+        "turns[1].chunk": lambda r: r["turns"][1].__setitem__("chunk", [10, len(r["document"]) + 5]),
+        "'turns'": lambda r: r.__setitem__("turns", []),
+        "document": lambda r: r.pop("document"),
+        "ref_chosen_logp": lambda r: r.__setitem__("ref_chosen_logp", "high"),
+    }
+    for field_name, spoil in cases.items():
+        records = copy.deepcopy(good)
+        spoil(records[1])
+        path = write_jsonl(tmp_path / "bad.jsonl", records)
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: field .*" + re.escape(field_name)):
+            longpo.load_records(path)
+    (tmp_path / "broken.jsonl").write_text(json.dumps(good[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+        longpo.load_records(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(FileNotFoundError, match="python data_gen.py"):
+        longpo.load_records(str(tmp_path / "missing.jsonl"))
+
+
+# ----------------------------------------------------------------------------- longpo: SP = 2 vs SP = 1
+
+def perturbed_tiny(scale, seed):
+    """The tiny model in float64 with its weights moved a little (so policy != reference)."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model, tokenizer
+
+
+def one_micro_step(loss, par, model, ref_model, example, refs, fsdp):
+    cfg = longpo.TrainConfig(loss=loss, beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=par.sp_size)
+    model = longpo.setup_model(model, par, torch.float64, grad_checkpointing=True) if fsdp else model
+    if fsdp and ref_model is not None:
+        ref_model = longpo.setup_model(ref_model, par, torch.float64, False, trainable=False)
+    elif par.sp_size > 1:
+        for m in (model, ref_model):
+            m.set_attn_implementation("ring_attention")
+    metrics, _ = longpo.micro_step(model, ref_model, example, refs, cfg, par, pad_id=0)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        if not fsdp and par.world_size > 1:  # what FSDP's reduction does: the mean over all ranks
+            dist.all_reduce(g)
+            g /= par.world_size
+        grads[name] = g
+    return metrics, grads
+
+
+def direct_loss_and_grads(loss, model, ref_model, example, refs, beta=0.5, lam=0.3):
+    """Eq. 12-14 computed the direct way, independent of longpo's machinery: full-vocabulary
+    logits of both long sequences in one graph, F.cross_entropy, one backward."""
+    def logps(m, seq):
+        ids = torch.tensor([seq["ids"]])
+        token = -F.cross_entropy(m(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        answer = torch.tensor(seq["is_answer"][1:], dtype=token.dtype)
+        return (token * answer).sum(), token, answer
+    logp_c, token_c, answer_c = logps(model, example["chosen"])
+    if loss == "sft":
+        total = -(token_c * answer_c).sum() / answer_c.sum()
+    else:
+        if loss == "dpo":
+            with torch.no_grad():
+                refs = (logps(ref_model, example["chosen"])[0], logps(ref_model, example["rejected"])[0])
+        logp_r = logps(model, example["rejected"])[0]
+        pref = longpo.longpo_loss(logp_c, logp_r, torch.tensor(refs[0]), torch.tensor(refs[1]), beta)[0]
+        total = lam * pref.mean() - token_c.mean()  # NLL over the whole chosen sequence
+    total.backward()
+    return total.item(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def sp_equivalence_worker(rank, world_size):
+    tokenizer = longpo.build_tiny_tokenizer()
+    records = make_records(2, seed=11, with_ref=True)
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    sp2 = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
+    for loss in ("longpo", "dpo", "sft"):
+        example = longpo.build_example(records[0], tokenizer)
+        refs = (records[0]["ref_chosen_logp"], records[0]["ref_rejected_logp"])
+        fresh = lambda: (perturbed_tiny(0.02, seed=1)[0], perturbed_tiny(0.0, seed=2)[0])  # noqa: E731
+        want_metrics, want_grads = one_micro_step(loss, single, *fresh(), example, refs, fsdp=False)
+        direct_loss, direct_grads = direct_loss_and_grads(loss, *fresh(), example, refs)
+        assert math.isclose(want_metrics["loss"], direct_loss, rel_tol=1e-10), f"{loss}: loss"
+        for name, g in direct_grads.items():
+            assert_close(want_grads[name], g, 1e-9, f"{loss}: SP=1 vs direct grad {name}")
+        for fsdp in (False, True):  # ring attention alone, then ring attention + FSDP2 sharding
+            metrics, grads = one_micro_step(loss, sp2, *fresh(), example, refs, fsdp=fsdp)
+            for key, value in want_metrics.items():
+                assert math.isclose(metrics[key], value, rel_tol=1e-9, abs_tol=1e-12), \
+                    f"{loss} fsdp={fsdp} rank {rank}: {key} {metrics[key]} != {value}"
+            for name, g in want_grads.items():
+                assert_close(grads[name], g, 1e-9, f"{loss} fsdp={fsdp} rank {rank} grad {name}")
+    # DP = 2 (sp 1): each rank its own sample; FSDP's gradient is the mean over the two samples
+    dp2 = longpo.setup_parallel(1, rank, world_size, torch.device("cpu"))
+    examples = [longpo.build_example(r, tokenizer) for r in records]
+    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
+    per_sample = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
+                  for ex, rf in zip(examples, refs)]
+    _, grads = one_micro_step("longpo", dp2, perturbed_tiny(0.02, 1)[0], None, examples[rank], refs[rank], True)
+    for name, g in grads.items():
+        assert_close(g, (per_sample[0][name] + per_sample[1][name]) / 2, 1e-9, f"dp=2 grad {name}")
+
+
+def test_sp2_equals_sp1_losses_and_every_gradient():
+    run_distributed(sp_equivalence_worker, 2, timeout=400)
+
+
+# ----------------------------------------------------------------------------- longpo: end to end
+
+def run_script(args, nproc=1, timeout=300):
+    """Run one of the project's scripts as a user would (torchrun for nproc > 1)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(launcher + args, cwd=HERE, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+METRIC_KEYS = {"step", "loss", "nll", "pref_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+               "rewards/accuracies", "grad_norm", "lr", "tokens_per_s"}
+
+
+def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
+    """torchrun --nproc_per_node 2 longpo.py --sp-size 2: metrics, a final model that reloads and
+    equals the sharded checkpoint, every parameter trained; a run stopped and resumed gives the
+    same metrics and weights as the uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(6, seed=5))  # no ref log-probs: computed
+    args = ["longpo.py", "--data", data, "--sp-size", "2", "--max-steps", "4", "--grad-accum", "2",
+            "--lr", "1e-3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2)
+    run_script(args + ["--output-dir", part, "--stop-after", "2"], nproc=2)
+    assert os.path.exists(os.path.join(part, "checkpoint-2")) and not os.path.exists(os.path.join(part, "final"))
+    run_script(args + ["--output-dir", part, "--resume"], nproc=2)
+
+    metrics = read_metrics(full)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert METRIC_KEYS <= set(m) and all(math.isfinite(m[k]) for k in METRIC_KEYS)
+    assert metrics[-1]["rewards/margins"] > metrics[0]["rewards/margins"]  # lr 1e-3 learns fast
+    resumed = read_metrics(part)
+    assert len(resumed) == 4
+    for a, b in zip(metrics, resumed):
+        for key in METRIC_KEYS - {"tokens_per_s"}:
+            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+    final = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final"))
+    resumed_final = AutoModelForCausalLM.from_pretrained(os.path.join(part, "final"))
+    initial, _ = longpo.load_model_and_tokenizer("tiny")
+    from_ckpt, _ = longpo.load_model_and_tokenizer("tiny")
+    state = from_ckpt.state_dict()
+    dcp.load({"model": state}, checkpoint_id=os.path.join(full, "checkpoint-4"))
+    from_ckpt.load_state_dict(state)
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = final(input_ids=ids).logits
+        assert_close(from_ckpt(input_ids=ids).logits, logits, 1e-6, "final model vs sharded checkpoint")
+        assert_close(resumed_final(input_ids=ids).logits, logits, 1e-5, "resumed vs uninterrupted")
+    for (name, p), p0 in zip(final.named_parameters(), initial.parameters()):
+        assert not torch.equal(p, p0), f"parameter {name} did not change"
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
+    out = str(tmp_path / "run")
+    args = [sys.executable, "longpo.py", "--data", data, "--output-dir", out, "--max-steps", "4",
+            "--grad-accum", "1", "--lr", "1e30", "--save-every", "1"]  # weights blow up after step 1
+    result = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    found = re.search(r"non-finite loss at step (\d+) .* The last good checkpoint is (\S+):", result.stderr)
+    assert found, result.stderr[-2000:]
+    step = int(found.group(1))
+    assert step >= 2 and found.group(2) == longpo.last_checkpoint(out)
+    assert found.group(2).endswith(f"checkpoint-{step - 1}")
+    assert not os.path.exists(os.path.join(out, f"checkpoint-{step}")) and len(read_metrics(out)) == step - 1
+    assert not os.path.exists(os.path.join(out, "final"))

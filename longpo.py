@@ -1,0 +1,830 @@
+"""LongPO: short-to-long preference optimisation (Chen et al., ICLR 2025), trained sequence-parallel.
+
+What this file implements (method.md):
+  * Eq. 12: longpo_loss, the DPO-form loss whose reference scores BOTH answers on the SHORT input:
+      L_LongPO = -log sigmoid(beta * [(log pi_theta(y_S|x_L) - log pi_S(y_S|x_S))
+                                      - (log pi_theta(y_L|x_L) - log pi_S(y_L|x_S))])
+  * Eq. 13: multi-turn samples. The long document appears once, then I_1 y_1 I_2 y_2 ...; the policy
+    log-prob is the sum over all answer tokens of that sequence, the reference log-prob the sum over
+    turns of log pi_S(y_i | C_S,i, I_i) (a sum of log-probs, as the release code does, not the log of
+    a sum of probabilities written in the paper: the standard, numerically sane form).
+  * Eq. 14: L = lam * L_LongPO + NLL, NLL the token-mean cross entropy over the whole chosen long
+    sequence (--nll-target sequence, the paper) or over its answer tokens (responses).
+  * Baselines: --loss sft (NLL on chosen answers, long inputs) and --loss dpo (same pairs, reference
+    = a frozen --ref-model on the LONG input, also sequence-parallel).
+  * format_dialogue: THE chat formatting of long and short sequences, shared with data_gen.py.
+  * Sequence parallelism: world = dp x sp; an SP group (consecutive ranks) reads one sample, zigzag-
+    shards it and runs the model with ring attention (see `setup_model`); log-probs are computed in
+    chunks of tokens, never as full-vocabulary logits of the long sequence.
+  * Memory strategy for 512K (design.md, --plan): chosen and rejected are never held at once. The
+    pairwise loss gradient is a scalar weight times (grad log p_chosen - grad log p_rejected), so we
+    run: rejected without grad (its log-prob), chosen with grad (backward), rejected with grad
+    (backward), each backward using the other side's value as a constant.
+
+Deliberate simplifications: one sample per micro-batch per DP group (the paper's batch of 8 is
+grad-accumulation); the reference log-probs are precomputed in the data (data_gen.py) or computed
+once up front with --ref-model on the short inputs, not run live.
+
+Commands:
+    python longpo.py                                             # tiny model, CPU, one process
+    torchrun --nproc_per_node 2 longpo.py --sp-size 2            # tiny model, CPU, SP = 2
+    torchrun --nproc_per_node 8 longpo.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
+        --data data/longpo_128k.jsonl --sp-size 8 --max-length 131072 --rope-theta 1e7 \\
+        --output-dir runs/mistral-128k                            # one 8-GPU node
+    python longpo.py --plan --model DIR --max-length 524288 --world-size 8 --sp-size 8
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ring_attention  # noqa: F401  (registers attn_implementation "ring_attention")
+from ring_attention import config_from_cli, init_distributed, print0, zigzag_shard
+
+IGNORE = -100  # label of positions that count in no loss (prompt tokens, padding)
+
+# Shape glossary: B sequences (1 per micro-step), L whole-sequence tokens (padded to a multiple of
+# 2*sp), T = L/sp tokens on this rank, H hidden size, V vocabulary, n tokens that carry a label.
+
+
+@dataclass
+class TrainConfig:
+    """LongPO training (paper Eq. 12-14). Defaults follow the paper; the release code's values are
+    noted in the help."""
+    model: str = field(default="tiny", metadata={"help": "hub id, local dir, or 'tiny' (built in)"})
+    data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "preference JSONL (design.md format; data_gen.py writes it)"})
+    output_dir: str = field(default="runs/longpo-tiny", metadata={"help": "config, metrics, checkpoints, final model"})
+    ref_model: str = field(default="", metadata={"help": "reference pi_S: computes ref log-probs missing from the data (short inputs) and DPO's long-input reference; default: --model"})
+    sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (ring attention); must divide the world size"})
+    loss: str = field(default="longpo", metadata={"help": "longpo | dpo | sft"})
+    beta: float = field(default=0.1, metadata={"help": "reward scale beta (paper 0.1; release code 0.01)"})
+    lam: float = field(default=0.01, metadata={"help": "weight lambda of the preference term (paper and code 0.01)"})
+    nll_target: str = field(default="sequence", metadata={"help": "sequence (paper: whole chosen long sequence) | responses (chosen answers only)"})
+    lr: float = field(default=5e-7, metadata={"help": "peak learning rate (paper and code 5e-7; SFT baseline 2e-5)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps, then cosine to 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper 0; the release launch script uses rmsprop)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps (0: one epoch)"})
+    grad_accum: int = field(default=8, metadata={"help": "samples per optimiser step per DP group (paper: 8 in all)"})
+    max_length: int = field(default=0, metadata={"help": "longest long sequence in tokens; longer records are skipped and counted (0: no limit)"})
+    rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the POLICY (paper 1e7 for Mistral; 0: keep the model's)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 compute with fp32 master weights on CUDA, fp32 on CPU) | float32 | float64"})
+    grad_checkpointing: bool = field(default=True, metadata={"help": "recompute each decoder layer in backward"})
+    logprob_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of the log-softmax"})
+    seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
+    stop_after: int = field(default=0, metadata={"help": "save a checkpoint and stop after N steps of this invocation (time-limited jobs; continue with --resume)"})
+    plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
+    world_size: int = field(default=8, metadata={"help": "GPUs assumed by --plan"})
+    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU assumed by --plan"})
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Eq. 12 for a batch of pairs, all inputs (B,): returns (losses, chosen_rewards, rejected_rewards).
+
+    For LongPO the ref log-probs are pi_S on the SHORT input x_S and the policy's on the LONG input
+    x_L; the same function with long-input ref log-probs is plain DPO."""
+    # short-to-long reward r(x_L, y) = beta * log(pi_theta(y|x_L) / pi_S(y|x_S))
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    # Eq. 12: the partition function cancels in the Bradley-Terry difference
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def total_loss(pref_losses, nll, lam, loss_type):
+    """Eq. 14: L = lam * L_LongPO + L_NLL (SFT: the NLL alone)."""
+    if loss_type == "sft":
+        return nll
+    return lam * pref_losses.mean() + nll
+
+
+def token_logps(hidden, weight, targets, mask, chunk_size):
+    """log p(target_t | prefix) at every position where mask is set, (B, T) with 0 elsewhere.
+
+    hidden (B, T, H) final hidden states, weight (V, H) the output embedding. The log-softmax runs in
+    fp32 over chunks of chunk_size labelled tokens, each recomputed in backward (checkpoint), so at
+    most one chunk's (chunk_size, V) logits exist at a time: never the whole sequence's."""
+    flat_h, flat_t, flat_m = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1)
+    idx = flat_m.nonzero().squeeze(-1)  # (n,) positions that carry a label
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+
+    def chunk_logps(h, w, t):
+        logits = F.linear(h, w).to(acc)  # (chunk, V) in fp32 (fp64 for fp64 models)
+        return logits.log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+    pieces = []
+    for start in range(0, idx.numel(), chunk_size):
+        sel = idx[start:start + chunk_size]
+        pieces.append(torch.utils.checkpoint.checkpoint(
+            chunk_logps, flat_h[sel], weight, flat_t[sel], use_reentrant=False))
+    values = torch.cat(pieces) if pieces else flat_h.new_zeros(0, dtype=acc)
+    out = torch.zeros(flat_t.shape, dtype=acc, device=hidden.device)
+    return out.index_put((idx,), values).view(targets.shape)
+
+
+class _SPSum(torch.autograd.Function):
+    """Sum over the SP group as a value; the gradient flows through each rank's own part only, so the
+    parameter gradients summed over the group equal those of the unsharded sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sp_sum(x, group):
+    return _SPSum.apply(x, group) if group is not None else x
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def format_dialogue(tokenizer, context, turns, answer_key=None):
+    """THE chat formatting of a (long or short) sequence, shared by data_gen.py and training.
+
+    context: the document (long) or one chunk (short); turns: dicts with "instruction" and, when
+    answer_key is given, turns[i][answer_key] the answer. The first user message is context + a
+    blank line + instruction (Eq. 13: the document appears once). Returns (input_ids, is_answer):
+    token ids and a same-length bool list marking the answer tokens (with the end-of-turn tokens
+    the template adds after each answer: the model must learn to stop). With answer_key=None the
+    sequence ends with the generation prompt of the last instruction (for generation)."""
+    messages = []
+    for i, turn in enumerate(turns):
+        text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
+        messages.append({"role": "user", "content": text})
+        if answer_key is not None:
+            messages.append({"role": "assistant", "content": turn[answer_key]})
+    ids, is_answer, done = [], [], ""
+
+    def add(text, answer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(piece)
+        is_answer.extend([answer] * len(piece))
+
+    for i in range(0, len(messages), 2):
+        prompt = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, add_generation_prompt=True)
+        if not prompt.startswith(done):
+            raise ValueError("the chat template does not render turn by turn as a prefix of the "
+                             "whole dialogue; format_dialogue needs such a template")
+        add(prompt[len(done):], False)
+        done = prompt
+        if answer_key is None:
+            continue
+        full = tokenizer.apply_chat_template(messages[:i + 2], tokenize=False)
+        answer = messages[i + 1]["content"]
+        if not full.startswith(prompt + answer):
+            raise ValueError("the chat template alters the assistant text; cannot locate the answer tokens")
+        add(answer, True)
+        add(full[len(prompt + answer):], True)  # end-of-turn marker, e.g. </s>
+        done = full
+    return ids, is_answer
+
+
+def shifted_targets(ids, is_target):
+    """Next-token targets: position t predicts ids[t+1]; mask says which positions count."""
+    ids_t = torch.tensor(ids)
+    targets = torch.cat([ids_t[1:], ids_t.new_tensor([0])])
+    mask = torch.tensor(list(is_target[1:]) + [False])
+    return targets, mask
+
+
+# ----------------------------------------------------------------------------- data
+
+REQUIRED_TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
+
+
+def validate_record(rec, where, need_ref):
+    """Raise ValueError naming the line and field when a record breaks the design.md format."""
+    def bad(field_, problem):
+        raise ValueError(f"{where}: field '{field_}' {problem}")
+    if not isinstance(rec, dict):
+        bad("<record>", "must be a JSON object")
+    if not isinstance(rec.get("document"), str) or not rec["document"]:
+        bad("document", "is missing or not a non-empty string")
+    if not isinstance(rec.get("turns"), list) or not rec["turns"]:
+        bad("turns", "is missing or empty: a record needs at least one turn")
+    for i, turn in enumerate(rec["turns"]):
+        for name in REQUIRED_TURN_FIELDS:
+            if name not in turn:
+                bad(f"turns[{i}].{name}", "is missing")
+        span = turn["chunk"]
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                and 0 <= span[0] < span[1] <= len(rec["document"])):
+            bad(f"turns[{i}].chunk", f"= {span} is not a character span [start, end) inside the "
+                f"document of {len(rec['document'])} characters")
+        for name in ("instruction", "chosen", "rejected"):
+            if not isinstance(turn[name], str) or not turn[name].strip():
+                bad(f"turns[{i}].{name}", "must be a non-empty string")
+    for name in ("ref_chosen_logp", "ref_rejected_logp"):
+        if name in rec and not (isinstance(rec[name], (int, float)) and math.isfinite(rec[name])):
+            bad(name, f"= {rec[name]!r} is not a finite number")
+        if need_ref and name not in rec:
+            bad(name, "is missing; give --ref-model to compute it on the short inputs, or "
+                "produce the data with data_gen.py")
+
+
+def load_records(path, need_ref=False):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data {path} does not exist; create it first with: python data_gen.py --out {path}")
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            validate_record(rec, f"{path}:{lineno}", need_ref)
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def build_example(rec, tokenizer):
+    """Token sequences of one record: the chosen and rejected LONG dialogues, and per turn the SHORT
+    (chunk-only) single-turn sequences that the reference scores."""
+    doc, turns = rec["document"], rec["turns"]
+    ex = {}
+    for side in ("chosen", "rejected"):
+        ids, is_answer = format_dialogue(tokenizer, doc, turns, side)
+        ex[side] = {"ids": ids, "is_answer": is_answer}
+        ex[f"short_{side}"] = [dict(zip(("ids", "is_answer"), format_dialogue(
+            tokenizer, doc[t["chunk"][0]:t["chunk"][1]], [t], side))) for t in turns]
+    return ex
+
+
+# ----------------------------------------------------------------------------- model
+
+def set_rope_theta(config, theta):
+    """RoPE theta lives in config.rope_parameters (transformers 5.x) or config.rope_theta (4.x)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        params["rope_theta"] = float(theta)
+    else:
+        config.rope_theta = float(theta)
+
+
+def get_rope_theta(config):
+    params = getattr(config, "rope_parameters", None)
+    return params["rope_theta"] if isinstance(params, dict) else getattr(config, "rope_theta", None)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+def build_tiny_tokenizer():
+    """Byte-level tokenizer (256 byte tokens + specials) with a Mistral-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(vocab_size):
+    from transformers import MistralConfig
+    return MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
+    """`tiny` (random weights from a FIXED seed: data_gen, longpo and eval see the same model), a hub
+    id or a local directory. rope_theta > 0 replaces the model's RoPE theta (policy only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        config = tiny_config(len(tokenizer))
+        if rope_theta:
+            set_rope_theta(config, rope_theta)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return model.to(dtype), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name)
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None  # LongPO trains full attention (Mistral v0.2 has none)
+    if rope_theta:
+        set_rope_theta(config, rope_theta)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+@dataclass
+class Parallel:
+    """world = dp x sp; consecutive ranks form an SP group (a ring) that reads one sample."""
+    rank: int
+    world_size: int
+    sp_size: int
+    sp_group: object  # None when sp_size == 1
+    device: torch.device
+
+    @property
+    def dp_rank(self):
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self):
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self):
+        return self.rank % self.sp_size
+
+
+def setup_parallel(sp_size, rank, world_size, device):
+    if sp_size < 1 or world_size % sp_size:
+        raise ValueError(f"--sp-size {sp_size} must divide the world size {world_size} "
+                         "(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
+    sp_group = None
+    for first in range(0, world_size if sp_size > 1 else 0, sp_size):
+        ranks = list(range(first, first + sp_size))
+        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        if rank in ranks:
+            sp_group = group
+    return Parallel(rank, world_size, sp_size, sp_group, device)
+
+
+def prepare_sequence(ids, masks, par, pad_id):
+    """Pad to a multiple of 2*sp, shift targets BEFORE sharding (no label crosses a shard border),
+    zigzag-shard input_ids, position_ids (global positions), targets and each named target mask
+    the same way. Padding is never a target. Returns tensors of shape (1, T) on the device."""
+    length = len(ids)
+    padded = -(-length // (2 * par.sp_size)) * 2 * par.sp_size
+    out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)),
+           "position_ids": torch.arange(padded)}
+    for name, is_target in masks.items():
+        targets, mask = shifted_targets(ids, is_target)
+        out["targets"] = F.pad(targets, (0, padded - length))
+        out[name] = F.pad(mask, (0, padded - length), value=False)
+    for key, t in out.items():
+        t = t.unsqueeze(0)  # (1, L)
+        if par.sp_size > 1:
+            t = zigzag_shard(t, par.sp_rank, par.sp_size)  # (1, T)
+        out[key] = t.to(par.device)
+    return out
+
+
+def policy_logps(model, seq, par, chunk_size, nll_mask=None):
+    """Sum of answer-token log-probs of one (sharded) sequence, summed over the SP group: (1,).
+    With nll_mask, also the token-mean NLL over the positions of that mask."""
+    ring_kwargs = {"ring_group": par.sp_group} if par.sp_size > 1 else {}
+    out = model(input_ids=seq["input_ids"], position_ids=seq["position_ids"], use_cache=False,
+                output_hidden_states=True, logits_to_keep=1, **ring_kwargs)
+    hidden = out.hidden_states[-1]  # (1, T, H) after the final norm
+    weight = model.get_output_embeddings().weight
+    mask = seq["answer"] if nll_mask is None else seq["answer"] | nll_mask
+    # Every rank must backpropagate through every layer even when no labelled token landed in its
+    # shard: other ranks' queries attended to its keys, and ring attention's backward (like FSDP's
+    # gradient reduction) is a collective that all ranks of the group enter together.
+    anchor = 0.0 * (hidden.sum() + weight.sum())
+    logps = token_logps(hidden, weight, seq["targets"], mask, chunk_size) + anchor  # (1, T)
+    answer_logp = sp_sum((logps * seq["answer"]).sum(-1), par.sp_group)
+    if nll_mask is None:
+        return answer_logp, None
+    count = sp_sum(nll_mask.sum().float().detach(), par.sp_group).clamp_min(1)
+    nll = -sp_sum((logps * nll_mask).sum(), par.sp_group) / count
+    return answer_logp, nll
+
+
+def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
+    """Forward and backward of one sample on this SP group; returns (detached metrics, tokens).
+    Chosen and rejected are never held in memory together (see the module docstring)."""
+    # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
+    # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
+    grad_scale = par.sp_size / cfg.grad_accum
+    masks = {"answer": example["chosen"]["is_answer"], "seq": [True] * len(example["chosen"]["ids"])}
+    chosen = prepare_sequence(example["chosen"]["ids"], masks, par, pad_id)
+    nll_mask = chosen["seq"] if (cfg.nll_target == "sequence" and cfg.loss != "sft") else chosen["answer"]
+    rejected = prepare_sequence(example["rejected"]["ids"], {"answer": example["rejected"]["is_answer"]},
+                                par, pad_id)
+    n_tokens = len(example["chosen"]["ids"]) + (0 if cfg.loss == "sft" else len(example["rejected"]["ids"]))
+    if cfg.loss == "sft":
+        logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_mask)
+        (nll * grad_scale).backward()
+        return {"loss": nll.item(), "nll": nll.item(), "logps/chosen": logp_c.item()}, n_tokens
+    if cfg.loss == "dpo":  # reference = the frozen model on the LONG input
+        with torch.no_grad():
+            ref_c, _ = policy_logps(ref_model, chosen, par, cfg.logprob_chunk)
+            ref_r, _ = policy_logps(ref_model, rejected, par, cfg.logprob_chunk)
+    else:  # LongPO: pi_S on the SHORT inputs, precomputed (Eq. 13: summed over turns)
+        ref_c, ref_r = (torch.tensor([x], dtype=torch.float64, device=par.device) for x in ref_logps)
+    with torch.no_grad():
+        logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)[0]
+    # chosen pass: d/dtheta of lam * L_pref(logp_c, logp_r = const) + NLL
+    logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_mask)
+    losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
+    loss = total_loss(losses, nll, cfg.lam, cfg.loss)
+    (loss * grad_scale).backward()
+    # rejected pass: d/dtheta of lam * L_pref(logp_c = const, logp_r)
+    logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)[0]
+    losses_r = longpo_loss(logp_c.detach(), logp_r, ref_c, ref_r, cfg.beta)[0]
+    (cfg.lam * losses_r.mean() * grad_scale).backward()
+    metrics = {"loss": loss.item(), "nll": nll.item(), "pref_loss": losses.mean().item(),
+               "rewards/chosen": chosen_rewards.mean().item(),
+               "rewards/rejected": rejected_rewards.mean().item(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+               "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
+    return metrics, n_tokens
+
+
+@torch.no_grad()
+def short_ref_logps(ref_model, example, device):
+    """Eq. 13 reference: sum over turns of log pi_S(y_i | C_S,i, I_i), each turn on its own chunk.
+    Short inputs fit one device: no sequence parallelism. Returns (chosen, rejected) floats."""
+    sums = []
+    for side in ("short_chosen", "short_rejected"):
+        total = 0.0
+        for seq in example[side]:
+            ids = torch.tensor([seq["ids"]], device=device)
+            targets, mask = shifted_targets(seq["ids"], seq["is_answer"])
+            hidden = ref_model(input_ids=ids, use_cache=False, output_hidden_states=True,
+                               logits_to_keep=1).hidden_states[-1]
+            logps = token_logps(hidden, ref_model.get_output_embeddings().weight,
+                                targets.unsqueeze(0).to(device), mask.unsqueeze(0).to(device), 4096)
+            total += logps.sum().item()
+        sums.append(total)
+    return tuple(sums)
+
+
+def distributed_map(fn, items, par, desc):
+    """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
+    from tqdm import tqdm
+    mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
+                                            disable=par.rank != 0)]
+    if par.world_size > 1:
+        gathered = [None] * par.world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [pair for part in gathered for pair in part]
+    return [value for _, value in sorted(mine, key=lambda pair: pair[0])]
+
+
+# ----------------------------------------------------------------------------- model setup
+
+def resolve_dtypes(cfg, device):
+    """(master dtype of the weights, compute dtype)."""
+    if cfg.dtype == "auto":
+        return (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.float32)
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[cfg.dtype]
+    return dtype, dtype
+
+
+def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True):
+    """Ring attention, activation checkpointing and FSDP2 full sharding on a loaded model."""
+    model.config.use_cache = False
+    if par.sp_size > 1:
+        # THE swap: every attention layer now runs zigzag ring attention over the SP group
+        model.set_attn_implementation("ring_attention")
+    if grad_checkpointing and trainable:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.to(par.device)
+    if par.world_size > 1:  # weights, grads and AdamW states sharded over ALL ranks (dp x sp)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                  reduce_dtype=torch.promote_types(compute_dtype, torch.float32))
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def make_optimizer(model, cfg, total_steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+
+    def lr_lambda(step):  # linear warm-up, then cosine to 0 (the release code's schedule)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def last_checkpoint(output_dir):
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-")
+             and d.split("-")[1].isdigit() and os.path.exists(os.path.join(output_dir, d, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
+    """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and every
+    rank's RNG, written to a temporary folder and renamed: a crash never leaves half a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if par.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(par)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
+               os.path.join(tmp, f"rng_rank{par.rank}.pt"))
+    barrier(par)
+    if par.rank == 0:
+        state = {"step": step, "samples_seen": step * cfg.grad_accum * par.dp_size,
+                 "scheduler": scheduler.state_dict()}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier(par)
+
+
+def load_checkpoint(path, model, optimizer, scheduler, par):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{par.rank}.pt")
+    if os.path.exists(rng_file):
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+    return trainer_state["step"]
+
+
+def save_final(model, tokenizer, cfg, par):
+    """Gather the full weights and write an HF model that AutoModelForCausalLM.from_pretrained loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.rank == 0:
+        final = os.path.join(cfg.output_dir, "final")
+        config = copy_config(model.config)
+        clean = AutoModelForCausalLM.from_config(config)
+        clean.load_state_dict(state)
+        clean.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    barrier(par)
+
+
+def copy_config(config):
+    config = config.__class__.from_dict(config.to_dict())
+    config.use_cache = True  # for generation after training
+    return config
+
+
+def barrier(par):
+    if par.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- training
+
+def record_index(k, n, seed):
+    """The k-th sample of the run: epoch k // n in a permutation seeded by (seed, epoch)."""
+    epoch, position = divmod(k, n)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[position]
+
+
+def world_mean(values, par):
+    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
+    if par.world_size > 1:
+        dist.all_reduce(t)
+        t /= par.world_size
+    return dict(zip(values, t.tolist()))
+
+
+def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
+    """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule."""
+    records, refs, tokenizer = data
+    t0, sums, tokens = time.perf_counter(), {}, 0
+    for micro in range(cfg.grad_accum):
+        k = (step * cfg.grad_accum + micro) * par.dp_size + par.dp_rank
+        idx = record_index(k, len(records), cfg.seed)
+        metrics, n = micro_step(model, ref_model, build_example(records[idx], tokenizer), refs[idx],
+                                cfg, par, tokenizer.pad_token_id)
+        bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
+        if par.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
+        if bad.item():
+            raise FloatingPointError(
+                f"non-finite loss at step {step + 1} (record id {records[idx].get('id', idx)!r} on "
+                f"rank {par.rank}); no update was applied. The last good checkpoint is "
+                f"{last_checkpoint(cfg.output_dir)}: resume from it with --resume and a lower --lr")
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+        tokens += n
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = world_mean({**sums, "tokens": tokens / par.sp_size * par.world_size}, par)
+    elapsed = time.perf_counter() - t0
+    return {"step": step + 1, **{k: v for k, v in metrics.items() if k != "tokens"},
+            "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
+
+
+def prepare_data(cfg, par, tokenizer, master_dtype, compute_dtype):
+    """Records, their reference log-probs (computed on the SHORT inputs where missing), filtered by
+    --max-length. Every rank ends with the same list."""
+    records = load_records(cfg.data)
+    if cfg.max_length:
+        lengths = distributed_map(lambda rec: max(len(format_dialogue(tokenizer, rec["document"], rec["turns"], s)[0])
+                                                  for s in ("chosen", "rejected")), records, par, "lengths")
+        kept = [rec for rec, n in zip(records, lengths) if n <= cfg.max_length]
+        print0(f"--max-length {cfg.max_length}: kept {len(kept)} of {len(records)} records "
+               f"({len(records) - len(kept)} longer ones skipped)")
+        if not kept:
+            raise ValueError(f"no record fits --max-length {cfg.max_length}; raise it")
+        records = kept
+    missing = [i for i, rec in enumerate(records) if "ref_chosen_logp" not in rec or "ref_rejected_logp" not in rec]
+    if cfg.loss == "longpo" and missing:
+        name = cfg.ref_model or cfg.model
+        print0(f"{len(missing)} records lack reference log-probs: computing them with {name} on the short inputs")
+        ref, ref_tok = load_model_and_tokenizer(name, compute_dtype)  # its own RoPE, not --rope-theta
+        ref.to(par.device).eval()
+        values = distributed_map(lambda rec: short_ref_logps(ref, build_example(rec, ref_tok), par.device),
+                                 [records[i] for i in missing], par, "reference log-probs")
+        for i, (chosen, rejected) in zip(missing, values):
+            records[i] = {**records[i], "ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
+        del ref
+    refs = [(rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")) for rec in records]
+    return records, refs, tokenizer
+
+
+def open_metrics(cfg, start_step, par):
+    """metrics.jsonl; on resume, drop lines of steps after the checkpoint (they will be redone)."""
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if par.rank != 0:
+        return None
+    lines = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= start_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return open(path, "a")
+
+
+def train(cfg, par):
+    master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
+    data = prepare_data(cfg, par, tokenizer, master_dtype, compute_dtype)
+    ref_model = None
+    if cfg.loss == "dpo":
+        ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]
+        ref_model = setup_model(ref_model, par, compute_dtype, False, trainable=False)
+    policy = setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
+    total_steps = cfg.max_steps or math.ceil(len(data[0]) / (par.dp_size * cfg.grad_accum))
+    optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
+    start = 0
+    if cfg.resume:
+        ckpt = last_checkpoint(cfg.output_dir)
+        if ckpt:
+            start = load_checkpoint(ckpt, policy, optimizer, scheduler, par)
+            print0(f"resumed from {ckpt} at step {start}")
+        else:
+            print0(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
+    metrics_file = open_metrics(cfg, start, par)
+    print0(f"training: {len(data[0])} records, {total_steps} steps of {cfg.grad_accum} x {par.dp_size} "
+           f"samples, world {par.world_size} = dp {par.dp_size} x sp {par.sp_size}, device {par.device}")
+    from tqdm import tqdm
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0, desc="train")
+    for step in bar:
+        metrics = train_step(step, policy, ref_model, data, cfg, par, optimizer, scheduler)
+        if metrics_file:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in metrics.items()))
+        stop = cfg.stop_after and metrics["step"] - start >= cfg.stop_after and metrics["step"] < total_steps
+        if stop or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
+            save_checkpoint(policy, optimizer, scheduler, metrics["step"], cfg, par)
+        if stop:
+            print0(f"--stop-after {cfg.stop_after}: stopped at step {metrics['step']}; continue with --resume")
+            return
+    save_final(policy, tokenizer, cfg, par)
+    print0(f"final model: {os.path.join(cfg.output_dir, 'final')}")
+    return policy
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+def memory_plan(cfg):
+    """Per-GPU memory of the strategy train() uses: FSDP full sharding over all GPUs, bf16 compute,
+    fp32 master weights/grads/AdamW, activation checkpoints at every decoder layer, chosen and
+    rejected one after the other, ring attention over sp GPUs, chunked log-softmax."""
+    from transformers import AutoConfig
+    c = tiny_config(261) if cfg.model == "tiny" else AutoConfig.from_pretrained(cfg.model)
+    H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or H // hq
+    layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * inter + 2 * H  # q, k, v, o, MLP, 2 norms
+    root = vocab * H * (1 if c.tie_word_embeddings else 2) + H
+    params = n_layers * layer + root
+    W, sp, T = cfg.world_size, cfg.sp_size, -(-cfg.max_length // cfg.sp_size)  # T: tokens per GPU
+    if W % sp:
+        raise ValueError(f"--sp-size {sp} must divide --world-size {W}")
+    bf16, fp32 = 2, 4
+    rows = [
+        ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
+        ("bf16 weights of 2 decoder layers gathered (current + prefetch)", 2 * layer * bf16),
+        ("bf16 embedding + output head gathered (root), and their grads", 2 * root * bf16),
+        (f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H} (one sequence)", n_layers * T * H * bf16),
+        ("one layer recomputed in backward: 4H + 2 Hq D + 3 Hkv D + 4 I per token", T * (4 * H + 2 * hq * d + 3 * hkv * d + 4 * inter) * bf16),
+        ("  + activation grads in flight in that layer (2 x I per token)", T * 2 * inter * bf16),
+        ("ring: K/V blocks (held + in flight), fp32 out/lse/dq, fp32 dK/dV (held + in flight)",
+         2 * 2 * T * hkv * d * bf16 + 2 * T * hq * d * fp32 + 2 * 2 * T * hkv * d * fp32),
+        (f"log-probs: {cfg.logprob_chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 grad of final hidden",
+         3 * cfg.logprob_chunk * vocab * fp32 + T * H * fp32),
+    ]
+    peak = sum(b for _, b in rows)
+    lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
+             f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
+             f"sequence {cfg.max_length} tokens on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
+             "strategy: FSDP full sharding, bf16 compute, checkpoint every layer, chosen and rejected in turn"]
+    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows]
+    both = n_layers * T * H * bf16
+    lines.append(f"  (holding chosen and rejected graphs at once, as a batch of 2, would add {both / 1e9:.2f} GB)")
+    verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
+    lines.append(f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation")
+    lines.append(f"peak per GPU: {peak / 1e9:.2f} GB")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def check_config(cfg):
+    choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("sequence", "responses"),
+               "dtype": ("auto", "float32", "float64", "bfloat16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("grad_accum", "sp_size", "logprob_chunk"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.plan and cfg.max_length < 1:
+        raise ValueError("--plan needs --max-length (tokens of one sequence), e.g. --max-length 524288")
+
+
+def main(cfg):
+    check_config(cfg)
+    if cfg.plan:
+        print(memory_plan(cfg))
+        return
+    rank, world_size, device = init_distributed()
+    par = setup_parallel(cfg.sp_size, rank, world_size, device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "world_size_actual": world_size}, f, indent=2)
+    print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    train(cfg, par)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(config_from_cli(TrainConfig))
