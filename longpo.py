@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +50,9 @@ import torch.nn.functional as F
 import ring_attention  # noqa: F401  (registers attn_implementation "ring_attention")
 from ring_attention import config_from_cli, init_distributed, print0, zigzag_shard
 
-IGNORE = -100  # label of positions that count in no loss (prompt tokens, padding)
+# FSDP2 warns that the root module returns a view (we read hidden_states[-1]); we never modify it
+# in place, which is the case the warning is about.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 # Shape glossary: B sequences (1 per micro-step), L whole-sequence tokens (padded to a multiple of
 # 2*sp), T = L/sp tokens on this rank, H hidden size, V vocabulary, n tokens that carry a label.
@@ -83,6 +86,7 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
     stop_after: int = field(default=0, metadata={"help": "save a checkpoint and stop after N steps of this invocation (time-limited jobs; continue with --resume)"})
+    bench_tokens: int = field(default=0, metadata={"help": "benchmark: train on one synthetic pair of about this many tokens; print per-rank step time and peak tracked memory; writes nothing"})
     plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
     world_size: int = field(default=8, metadata={"help": "GPUs assumed by --plan"})
     gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU assumed by --plan"})
@@ -367,7 +371,7 @@ class Parallel:
 def setup_parallel(sp_size, rank, world_size, device):
     if sp_size < 1 or world_size % sp_size:
         raise ValueError(f"--sp-size {sp_size} must divide the world size {world_size} "
-                         "(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
     sp_group = None
     for first in range(0, world_size if sp_size > 1 else 0, sp_size):
         ranks = list(range(first, first + sp_size))
@@ -792,6 +796,82 @@ def memory_plan(cfg):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- benchmark
+
+def synthetic_record(tokenizer, n_tokens, seed=0):
+    """One preference record whose long sequences have about n_tokens tokens."""
+    rng = random.Random(seed)
+    words = "the river stone light north market garden signal copper winter".split()
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    doc = sentence(64)
+    per_char = len(tokenizer(doc, add_special_tokens=False)["input_ids"]) / len(doc)
+    paragraphs = [sentence(60) for _ in range(int(n_tokens / per_char / 360) + 1)]
+    doc = "\n\n".join(paragraphs)[:int(n_tokens / per_char) - 100]
+    turn = {"instruction": "Based on the text above, which word comes most often?",
+            "chunk": [0, min(len(doc), 2000)], "chosen": sentence(12), "rejected": sentence(12)}
+    return {"id": "bench", "document": doc, "turns": [turn], "ref_chosen_logp": -50.0, "ref_rejected_logp": -50.0}
+
+
+def step_memory(fn, device):
+    """Peak memory one call of fn adds: CUDA, torch's peak allocated bytes; CPU, the rise of the
+    process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its RSS before the call,
+    after returning freed heap to the OS, so it counts what the step really touches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - before
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+def bench(cfg, par):
+    """Per-rank time of one LongPO optimiser step (median of cfg.max_steps or 3, after a warm-up)
+    and the peak memory one more step adds on top of the loaded model and optimiser state."""
+    master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
+    rec = synthetic_record(tokenizer, cfg.bench_tokens)
+    example = build_example(rec, tokenizer)
+    refs = (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
+    policy = setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    cfg = dataclasses.replace(cfg, grad_accum=1)
+
+    def step():
+        micro_step(policy, None, example, refs, cfg, par, tokenizer.pad_token_id)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    times = []
+    for _ in range((cfg.max_steps or 3) + 1):
+        barrier(par)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    barrier(par)
+    peak = step_memory(step, par.device)
+    row = torch.tensor([par.rank, sorted(times[1:])[len(times[1:]) // 2], peak / 1e6], dtype=torch.float64)
+    rows = [row.clone() for _ in range(par.world_size)]
+    if par.world_size > 1:
+        dist.all_gather(rows, row)
+    print0(f"bench: {cfg.model}, long sequences of {len(example['chosen']['ids'])} (chosen) and "
+           f"{len(example['rejected']['ids'])} (rejected) tokens, world {par.world_size}, sp {par.sp_size}, "
+           f"{torch.get_num_threads()} threads per process")
+    kind = "peak allocated" if par.device.type == "cuda" else "peak RSS rise"
+    print0(f"{'rank':>4} {'step time (s)':>14} {kind + ' in a step (MB)':>30}")
+    for r in rows:
+        print0(f"{int(r[0]):>4} {r[1]:14.3f} {r[2]:30.1f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def check_config(cfg):
@@ -816,12 +896,15 @@ def main(cfg):
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree
-    if rank == 0:
+    if rank == 0 and not cfg.bench_tokens:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "world_size_actual": world_size}, f, indent=2)
-    print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    train(cfg, par)
+    if cfg.bench_tokens:
+        bench(cfg, par)
+    else:
+        print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        train(cfg, par)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -605,3 +605,30 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
     assert found.group(2).endswith(f"checkpoint-{step - 1}")
     assert not os.path.exists(os.path.join(out, f"checkpoint-{step}")) and len(read_metrics(out)) == step - 1
     assert not os.path.exists(os.path.join(out, "final"))
+
+
+def test_rope_theta_applies_to_the_policy_only():
+    policy, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e7)
+    reference, _ = longpo.load_model_and_tokenizer("tiny")
+    assert longpo.get_rope_theta(policy.config) == 1e7 and longpo.get_rope_theta(reference.config) == 1e4
+    inv_freq = policy.model.rotary_emb.inv_freq  # theta ** (-2i / D): the slowest frequency moves
+    assert torch.isclose(inv_freq[-1], torch.tensor(1e7) ** (-(inv_freq.numel() - 1) / inv_freq.numel()), rtol=1e-4)
+    assert not torch.allclose(inv_freq, reference.model.rotary_emb.inv_freq)
+
+    class OldConfig:  # transformers 4.x keeps a plain attribute
+        rope_theta = 1e6
+    old = OldConfig()
+    longpo.set_rope_theta(old, 5e6)
+    assert longpo.get_rope_theta(old) == 5e6
+
+
+def test_memory_plan_mistral_512k(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "sliding_window": None,
+        "tie_word_embeddings": False}))
+    result = run_script(["longpo.py", "--plan", "--model", str(tmp_path), "--max-length", "524288",
+                         "--world-size", "8", "--sp-size", "8"])
+    assert "7.24B parameters" in result.stdout and "65536 tokens per GPU" in result.stdout
+    peak = float(re.search(r"peak per GPU: ([\d.]+) GB", result.stdout).group(1))
+    assert 40 < peak <= 70, result.stdout
