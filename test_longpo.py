@@ -632,3 +632,132 @@ def test_memory_plan_mistral_512k(tmp_path):
     assert "7.24B parameters" in result.stdout and "65536 tokens per GPU" in result.stdout
     peak = float(re.search(r"peak per GPU: ([\d.]+) GB", result.stdout).group(1))
     assert 40 < peak <= 70, result.stdout
+
+
+# ----------------------------------------------------------------------------- data_gen
+
+import signal  # noqa: E402
+
+import data_gen  # noqa: E402
+
+
+def token_starts(tokenizer, text):
+    return [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+
+
+def test_chunker_spans_budget_and_boundaries():
+    tokenizer = longpo.build_tiny_tokenizer()
+    rng = random.Random(4)
+    paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(5, 60))) for _ in range(30)]
+    paragraphs[7] = "\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(20))  # long, many lines
+    paragraphs[15] = "x" * 3000  # one line longer than a chunk: cut between tokens
+    text = "\n\n".join(paragraphs)
+    starts = token_starts(tokenizer, text)
+    para_starts = {a for a, _ in data_gen.paragraph_spans(text)}
+    chunk_min, chunk_max = 300, 700
+    chunks = data_gen.chunk_document(text, starts, chunk_min, chunk_max)
+    assert len(chunks) >= 8
+    for (a, b), (c, _) in zip(chunks, chunks[1:]):
+        assert b <= c, "chunks overlap"
+    for a, b in chunks:
+        assert 0 <= a < b <= len(text)
+        n = len(tokenizer(text[a:b], add_special_tokens=False)["input_ids"])
+        assert chunk_min <= n <= chunk_max, f"chunk [{a}, {b}) has {n} tokens"
+        inside_long = text.find("x" * 3000) <= a < text.find("x" * 3000) + 3000
+        line_start = a == 0 or text[a - 1] == "\n"
+        assert a in para_starts or line_start or inside_long, f"chunk starts mid-line at {a}"
+    assert any(a in para_starts for a, _ in chunks)
+
+
+def test_question_parser_and_filters():
+    assert data_gen.parse_questions("1. A?\n2. B?\n3. C?\n4. D?") == ["A?", "B?", "C?", "D?"]
+    messy = ("Here are four questions:\n\n**1.** Why does the author compare\nthe two cities?\n"
+             "2) What changed?\nQ3: How?\nQuestion 4 - Which one?\n5. Extra?\nHope this helps!")
+    assert data_gen.parse_questions(messy) == [
+        "Why does the author compare the two cities?", "What changed?", "How?", "Which one?", "Extra?"]
+    assert len(data_gen.parse_questions("1. Only one?\n2. And two?\nThat is all.")) == 2
+    assert data_gen.parse_questions("No list at all.") == []
+    assert data_gen.parse_questions("2. starts at two?\n3. no") == []  # numbering must start at 1
+    assert data_gen.filter_reason("  ") == "empty"
+    assert data_gen.filter_reason("I'm sorry, but I cannot help with that.") == "refusal"
+    assert data_gen.filter_reason("the cat sat " * 30) == "repetition"
+    assert data_gen.filter_reason("ab" * 100) == "repetition"
+    assert data_gen.filter_reason("The archive keeps 412 maps, more than any other building in the port.") is None
+    assert data_gen.with_lead_in("Based on the text above,", "How many?") == "Based on the text above, how many?"
+    assert data_gen.with_lead_in("Based on the text above,", "Kestrel keeps what?").endswith(" Kestrel keeps what?")
+
+
+def test_bad_document_lines(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n{oops\n" + json.dumps({"id": "x", "body": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: .*--skip-bad"):
+        data_gen.load_docs(str(path), skip_bad=False)
+    docs, bad = data_gen.load_docs(str(path), skip_bad=True)
+    assert [d["id"] for d in docs] == ["line-1"] and bad == 2
+    with pytest.raises(ValueError, match="template needs"):
+        data_gen.resolve(data_gen.DataGenConfig(docs=str(path), questions="template"))
+
+
+def direct_short_logp(model, tokenizer, rec, side):
+    """Reference log-prob by full logits and cross entropy, turn by turn on the chunk."""
+    total = 0.0
+    for turn in rec["turns"]:
+        chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{chunk}\n\n{turn['instruction']}"}],
+                                               tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(turn[side] + "</s>", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + a_ids])
+        with torch.no_grad():
+            logp = -F.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        total += logp[len(p_ids) - 1:].sum().item()
+    return total
+
+
+def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
+    """Default run on the demo corpus: schema-valid records whose reference log-probs equal a direct
+    recomputation; a killed run resumes without loss or duplicates; 2 ranks give the same file."""
+    out = str(tmp_path / "full.jsonl")
+    run_script(["data_gen.py", "--out", out])
+    records = longpo.load_records(out, need_ref=True)  # the schema training validates
+    assert len(records) == 4 and all(len(r["turns"]) == 4 for r in records)
+    meta = json.load(open(out + ".meta.json"))
+    assert meta["summary"]["kept"] == 4 and meta["args"]["questions"] == "template"
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    for rec in records[:2]:
+        example = longpo.build_example(rec, tokenizer)
+        assert (rec["ref_chosen_logp"], rec["ref_rejected_logp"]) == longpo.short_ref_logps(model, example, "cpu")
+        for side in ("chosen", "rejected"):
+            assert math.isclose(rec[f"ref_{side}_logp"], direct_short_logp(model, tokenizer, rec, side), rel_tol=1e-5)
+        for turn in rec["turns"]:
+            assert turn["instruction"].split(",")[0] + "," in data_gen.LEAD_INS
+            thing, place = re.search(r"how many (\w+) does (.+) keep\?", turn["instruction"]).groups()
+            chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
+            assert re.search(rf"{place} keeps exactly \d+ {thing}", chunk, re.I), "the fact is in the chunk"
+
+    # a run killed after its first record, then restarted with the same arguments
+    killed = str(tmp_path / "killed.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "data_gen.py", "--out", killed], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = killed + ".parts/rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(part) and open(part).read().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 1 <= open(part).read().count("\n") < 4
+    with open(part, "a") as f:
+        f.write('{"id": "demo-3", "document": "torn li')  # as if killed in the middle of a write
+    run_script(["data_gen.py", "--out", killed])
+    assert open(killed).read() == open(out).read()
+    ids = [json.loads(line)["id"] for line in open(part)]
+    assert len(ids) == len(set(ids)) == 4, ids
+    with pytest.raises(AssertionError, match="other arguments"):
+        run_script(["data_gen.py", "--out", killed, "--turns", "2"])
+
+    two = str(tmp_path / "two.jsonl")
+    run_script(["data_gen.py", "--out", two], nproc=2)
+    assert open(two).read() == open(out).read()

@@ -1,0 +1,492 @@
+"""Short-to-long preference data that the model writes itself (LongPO paper Sec. 3.3 and 4.1).
+
+For every long document (method.md, "Data generation"):
+  1. keep it if its token length is within [--min-doc-len, --max-doc-len] (paper: > 64K, < target);
+  2. cut it into chunks of --chunk-min..--chunk-max tokens at paragraph boundaries (blank lines),
+     falling back to line, then token boundaries for an over-long paragraph; keep at most --turns
+     random chunks;
+  3. per chunk, ask the model for 4 diverse questions needing comprehension and synthesis of the
+     chunk (temperature 0.7, top-p 0.9), parse the numbered list, keep the chunk only if 4 parse,
+     pick one at random and prefix a lead-in such as "Based on the text above,";
+  4. chosen = the model's answer seeing only the chunk; rejected = its answer seeing the whole
+     document (greedy as in the paper; --temperature for the release code's sampling; --rope-theta
+     raises RoPE theta for the long-input generation only);
+  5. drop turns with an empty answer, a refusal or degenerate repetition (counted per reason);
+  6. pack a document's kept turns into one record (Eq. 13) with the reference log-probs
+     sum_i log pi_S(y_i | chunk_i, instruction_i), computed by the generating model on the SHORT
+     inputs with its own RoPE, so training never needs the reference model.
+Prompts are built by longpo.format_dialogue, the same function training uses.
+
+Deliberate deviation: a random tiny model cannot write questions, so the built-in demo corpus
+(synthetic documents with planted, checkable facts) has a template question source
+(`--questions template`); `--questions auto` (default) means template for the demo corpus and
+model otherwise, and the choice is recorded in every record's meta. Sizes default to a profile:
+the paper's (chunks 16K-30K tokens, documents 64K-128K tokens, 1024 new tokens, greedy) for real
+models and a small one for `--model tiny` (so the default run takes seconds); an explicit flag
+always wins.
+
+Never loses work: under torchrun each rank takes every world_size-th document and appends finished
+records (and dropped documents, with the reason) to its own files in <out>.parts/, flushed one by
+one; a restart with the same arguments skips every document already there, whatever the world
+size; at the end rank 0 merges the parts into <out> in document order and writes <out>.meta.json
+(arguments, model, library versions, summary).
+
+Commands:
+    python data_gen.py                                        # tiny model, demo corpus, CPU
+    torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
+        --docs long_docs.jsonl --out data/longpo_128k.jsonl --rope-theta 1e7   # one 8-GPU node
+"""
+import bisect
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import longpo
+from ring_attention import config_from_cli, init_distributed, print0
+
+PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
+             max_new_tokens=1024, temperature=0.0)
+TINY = dict(chunk_min=512, chunk_max=1024, min_doc_len=1024, max_doc_len=32768,
+            max_new_tokens=64, temperature=1.0)  # a random model decodes greedily into loops
+
+
+@dataclass
+class DataGenConfig:
+    """Generate LongPO preference data (paper Sec. 3.3). Size flags left at 0 / -1 come from a
+    profile: the paper's for real models, a small one for --model tiny."""
+    model: str = field(default="tiny", metadata={"help": "pi_S: hub id, local dir, or 'tiny'"})
+    docs: str = field(default="demo", metadata={"help": "JSONL with a 'text' field (optional 'id'), a folder of .txt files, or 'demo'"})
+    out: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "output JSONL (longpo.py's default input)"})
+    chunk_min: int = field(default=0, metadata={"help": "fewest tokens in a chunk (0: profile; paper 16384)"})
+    chunk_max: int = field(default=0, metadata={"help": "most tokens in a chunk (0: profile; paper <= 32768, code 30720)"})
+    min_doc_len: int = field(default=0, metadata={"help": "fewest tokens in a document (0: profile; paper > 64K)"})
+    max_doc_len: int = field(default=0, metadata={"help": "most tokens in a document (0: profile; paper < target length)"})
+    turns: int = field(default=4, metadata={"help": "at most this many chunks (turns) per document"})
+    max_new_tokens: int = field(default=0, metadata={"help": "answer length limit (0: profile; paper 1024)"})
+    temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature, 0 greedy (-1: profile; paper greedy, code 1.0)"})
+    question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
+    questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
+    rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
+    batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
+    skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
+    seed: int = field(default=0, metadata={"help": "seed of chunk choice, question choice and sampling"})
+
+
+QUESTION_PROMPT = (
+    "Write 4 different questions about the text above. Each question should require understanding, "
+    "analysing or bringing together information from different parts of the text, not just looking "
+    "up one detail. Make each question clear and answerable on its own. Reply only with a numbered "
+    "list: 1. ... 2. ... 3. ... 4. ...")
+LEAD_INS = ("Based on the text above,", "Using the text above,", "According to the text above,",
+            "With reference to the text above,")
+QUESTION_WORDS = {"what", "how", "why", "which", "who", "whom", "whose", "where", "when", "in", "to",
+                  "is", "are", "was", "were", "do", "does", "did", "can", "could", "should", "would",
+                  "explain", "describe", "compare", "summarize", "summarise", "according"}
+REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'm unable", "i am unable",
+            "as an ai", "as a language model", "i'm not able to", "i am not able to")
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def paragraph_spans(text):
+    """[start, end) of the paragraphs of text (separated by blank lines), each end extended to the
+    next paragraph's start so that consecutive spans tile the text."""
+    starts = [0] + [m.end() for m in re.finditer(r"\n[ \t]*\n\s*", text)]
+    starts = [s for s in starts if s < len(text)]
+    return [(a, b) for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def split_span(text, start, end, count, starts, limit):
+    """Pieces of text[start:end] of at most `limit` tokens: at line breaks, else at token borders."""
+    if count(start, end) <= limit:
+        return [(start, end)]
+    line_ends = [start + m.end() for m in re.finditer(r"\n", text[start:end]) if start + m.end() < end]
+    if not line_ends:  # one over-long line: cut between tokens
+        first = bisect.bisect_left(starts, start)
+        borders = [starts[j] for j in range(first + limit, bisect.bisect_left(starts, end), limit)]
+        return list(zip([start] + borders, borders + [end]))
+    pieces, first = [], start
+    for a, b in zip([start] + line_ends, line_ends + [end]):  # greedy over lines
+        if count(first, b) > limit and a > first:
+            pieces += split_span(text, first, a, count, starts, limit)
+            first = a
+    return pieces + split_span(text, first, end, count, starts, limit)
+
+
+def chunk_document(text, starts, chunk_min, chunk_max):
+    """Non-overlapping [start, end) chunks of chunk_min..chunk_max tokens of text, cut at paragraph
+    boundaries (then lines, then tokens). starts: the character offset of each token of text."""
+    def count(a, b):  # tokens that start inside [a, b)
+        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+    pieces = [p for a, b in paragraph_spans(text) for p in split_span(text, a, b, count, starts, chunk_max)]
+    chunks, current = [], []
+    for piece in pieces + [None]:
+        if piece is not None and (not current or count(current[0][0], piece[1]) <= chunk_max):
+            current.append(piece)
+            continue
+        if current and count(current[0][0], current[-1][1]) >= chunk_min:
+            chunks.append((current[0][0], current[-1][1]))
+        current = [piece] if piece is not None else []
+    return chunks
+
+
+def parse_questions(reply):
+    """Questions of a numbered list ("1.", "1)", "Q1:", "**1.**", "Question 1:"), in order; lines
+    of other text are ignored and a question may continue on its next line."""
+    questions = []
+    item = re.compile(r"^\s*(?:[*_#>-]+\s*)?(?:q(?:uestion)?\s*)?(\d{1,2})\s*[.):\-]\**\s*(.+)$", re.I)
+    for line in reply.splitlines():
+        m = item.match(line)
+        if m and int(m.group(1)) == len(questions) + 1:
+            questions.append(m.group(2).strip(" *_"))
+        elif questions and line.strip() and not re.match(r"^\s*\d", line) and not questions[-1].endswith("?"):
+            questions[-1] += " " + line.strip()
+    return [q for q in questions if q]
+
+
+def filter_reason(answer):
+    """Why an answer is unusable (None if usable): empty, refusal, or degenerate repetition."""
+    text = answer.strip()
+    if not text:
+        return "empty"
+    if any(phrase in text.lower()[:300] for phrase in REFUSALS):
+        return "refusal"
+    words = text.split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    if len(words) >= 20 and len(set(grams)) < 0.5 * len(grams):
+        return "repetition"
+    data = text.encode()
+    if len(data) >= 64 and len(zlib.compress(data, 9)) < 0.2 * len(data):
+        return "repetition"
+    return None
+
+
+def with_lead_in(lead_in, question):
+    """'Based on the text above,' + question, lower-casing a leading question word (not a name)."""
+    first, _, rest = question.partition(" ")
+    if first.lower() in QUESTION_WORDS:
+        question = f"{first.lower()} {rest}".strip()
+    return f"{lead_in} {question}"
+
+
+def demo_corpus(n_docs=4, paragraphs=24, seed=0):
+    """A few long synthetic documents with planted, checkable facts ("X keeps exactly N items.")."""
+    rng = random.Random(seed)
+    places = ["Kestrel Station", "the Amber Archive", "Port Halden", "the Glass Observatory", "Mirefield",
+              "the Copper Mill", "Aldwick Harbour", "the Salt Library", "Thornbury", "the North Lighthouse",
+              "Velmont Abbey", "the Iron Bridge"]
+    items = ["maps", "lanterns", "ledgers", "bells", "keys", "crates", "clocks", "banners", "barrels",
+             "compasses", "telescopes", "anchors"]
+    filler = ["The morning fog lifted slowly over the valley.", "Travellers often stopped to rest by the old well.",
+              "Records from that season were kept with great care.", "The wind carried the smell of pine and salt.",
+              "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
+              "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
+    docs = []
+    for d in range(n_docs):
+        pairs = rng.sample([(p, i) for p in places for i in items], 2 * paragraphs)
+        paras, facts = [], []
+        for k in range(paragraphs):
+            sentences = [rng.choice(filler) for _ in range(rng.randint(3, 5))]
+            for place, thing in pairs[2 * k:2 * k + 2]:
+                n = rng.randint(3, 999)
+                fact = f"{place[0].upper() + place[1:]} keeps exactly {n} {thing}."
+                sentences.insert(rng.randint(0, len(sentences)), fact)
+                facts.append({"sentence": fact, "question": f"How many {thing} does {place} keep?", "answer": str(n)})
+            paras.append(" ".join(sentences))
+        docs.append({"id": f"demo-{d}", "text": "\n\n".join(paras), "facts": facts})
+    return docs
+
+
+def template_questions(chunk_text, facts):
+    """The numbered list a perfect question writer would give for this chunk, from its facts."""
+    inside = [f["question"] for f in facts if f["sentence"] in chunk_text]
+    return "\n".join(f"{i + 1}. {q}" for i, q in enumerate(inside[:4]))
+
+
+# ----------------------------------------------------------------------------- input
+
+def load_docs(spec, skip_bad):
+    """[{"id", "text", ("facts")}] from 'demo', a folder of .txt files or a JSONL file; and the
+    count of skipped bad lines."""
+    if spec == "demo":
+        return demo_corpus(), 0
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.txt")))
+        if not paths:
+            raise ValueError(f"--docs {spec}: the folder holds no .txt files")
+        docs = []
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                docs.append({"id": os.path.splitext(os.path.basename(path))[0], "text": f.read()})
+        return docs, 0
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--docs {spec}: no such file or folder (give a JSONL file, a folder of .txt files, or 'demo')")
+    docs, bad = [], 0
+    with open(spec, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ValueError("needs a string field 'text'")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if not skip_bad:
+                    raise ValueError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
+                bad += 1
+                continue
+            docs.append({"id": str(rec.get("id", f"line-{lineno}")), "text": rec["text"]})
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--docs {spec}: document ids are not unique; resuming needs unique ids")
+    return docs, bad
+
+
+def resolve(cfg):
+    """Fill profile-dependent flags (0 / -1) and the question source; check the rest."""
+    profile = TINY if cfg.model == "tiny" else PAPER
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
+                                      if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})
+    if cfg.questions == "auto":
+        cfg = dataclasses.replace(cfg, questions="template" if cfg.docs == "demo" else "model")
+    if cfg.questions not in ("model", "template"):
+        raise ValueError(f"--questions {cfg.questions!r}: choose auto, model or template")
+    if cfg.questions == "template" and cfg.docs != "demo":
+        raise ValueError("--questions template needs the facts of the built-in corpus (--docs demo); "
+                         "real documents need --questions model")
+    if not 0 < cfg.chunk_min <= cfg.chunk_max:
+        raise ValueError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
+    if cfg.min_doc_len > cfg.max_doc_len:
+        raise ValueError(f"--min-doc-len {cfg.min_doc_len} > --max-doc-len {cfg.max_doc_len}")
+    if cfg.turns < 1:
+        raise ValueError("--turns must be >= 1")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p=1.0):
+    """Decode a batch of token-id prompts (left-padded, KV cache); returns (texts, new tokens)."""
+    from transformers import GenerationConfig
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    new = out[:, width:]
+    n_new = int((new != tokenizer.pad_token_id).sum())
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], n_new
+
+
+def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
+    """Answers of the model to each (context, instruction), with longpo's chat formatting."""
+    prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
+    step = cfg.batch_size if batched else 1
+    texts, n_new = [], 0
+    for k in range(0, len(prompts), step):
+        t, n = generate(model, tokenizer, prompts[k:k + step], **sampling)
+        texts += t
+        n_new += n
+    return texts, n_new
+
+
+def make_record(doc, doc_index, models, tokenizer, cfg, counts):
+    """The preference record of one document, or (None, reason). counts collects generated tokens."""
+    model, long_model = models
+    text = doc["text"]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    n_tokens = len(enc["input_ids"])
+    if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
+        return None, "doc_length"
+    chunks = chunk_document(text, [a for a, _ in enc["offset_mapping"]], cfg.chunk_min, cfg.chunk_max)
+    rng = random.Random(f"{cfg.seed}-{doc['id']}")
+    chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
+    if not chunks:
+        return None, "no_chunks"
+    torch.manual_seed(cfg.seed * 1_000_003 + doc_index)  # sampling is reproducible per document
+    pieces = [text[a:b] for a, b in chunks]
+    if cfg.questions == "template":
+        replies = [template_questions(p, doc["facts"]) for p in pieces]
+    else:
+        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), cfg, True,
+                         max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
+        counts["generated"] += n
+    turns, filtered = [], {}
+    for (a, b), reply in zip(chunks, replies):
+        questions = parse_questions(reply)
+        if len(questions) < 4:
+            filtered["questions"] = filtered.get("questions", 0) + 1
+            continue
+        turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), rng.choice(questions[:4])), "chunk": [a, b]})
+    if not turns:
+        return None, "questions"
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    chosen, n1 = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
+                     [t["instruction"] for t in turns], cfg, True, **sampling)
+    rejected, n2 = ask(long_model, tokenizer, [text] * len(turns), [t["instruction"] for t in turns],
+                       cfg, False, **sampling)  # long prompts one at a time
+    counts["generated"] += n1 + n2
+    kept = []
+    for turn, c, r in zip(turns, chosen, rejected):
+        reason = filter_reason(c) or filter_reason(r)
+        if reason:
+            filtered[reason] = filtered.get(reason, 0) + 1
+        else:
+            kept.append({**turn, "chosen": c, "rejected": r})
+    if not kept:
+        return None, "all_turns_filtered"
+    rec = {"id": doc["id"], "document": text, "turns": kept,
+           "meta": {"doc_index": doc_index, "generator": cfg.model, "questions": cfg.questions,
+                    "doc_tokens": n_tokens, "filtered_turns": filtered,
+                    "chunk_tokens": [len(tokenizer(text[t["chunk"][0]:t["chunk"][1]], add_special_tokens=False)["input_ids"]) for t in kept],
+                    "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
+    # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
+    device = next(model.parameters()).device
+    rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_ref_logps(
+        model, longpo.build_example(rec, tokenizer), device)
+    return rec, None
+
+
+# ----------------------------------------------------------------------------- never losing work
+
+def read_parts(folder):
+    """Records and dropped-document entries that any rank has finished (a line torn by a kill is
+    ignored: that document is simply done again)."""
+    records, dropped = [], []
+    for path in sorted(glob.glob(os.path.join(folder, "rank*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                (dropped if "dropped" in entry else records).append(entry)
+    return records, dropped
+
+
+def open_part(path):
+    """Append handle of this rank's part file, first cutting a torn last line."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def check_same_arguments(folder, cfg):
+    """A restart must use the arguments of the run whose parts it continues."""
+    path = os.path.join(folder, "args.json")
+    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in args.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(f"{folder} holds work done with other arguments {changed}; rerun with "
+                             f"the same arguments to resume, or delete {folder} to start over")
+    else:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(args, f, indent=2)
+
+
+def summarise(records, dropped, n_docs, bad_lines):
+    filtered = {}
+    for entry in [r["meta"] for r in records] + dropped:
+        for reason, n in entry.get("filtered_turns", {}).items():
+            filtered[reason] = filtered.get(reason, 0) + n
+    reasons = {}
+    for d in dropped:
+        reasons[d["dropped"]] = reasons.get(d["dropped"], 0) + 1
+    return {"documents_in": n_docs, "bad_lines_skipped": bad_lines, "kept": len(records),
+            "dropped_documents": reasons, "turns_kept": sum(len(r["turns"]) for r in records),
+            "turns_filtered": filtered}
+
+
+def merge(cfg, n_docs, bad_lines, stats):
+    """Rank 0: the parts into one JSONL in document order (atomically), plus <out>.meta.json."""
+    import transformers
+    records, dropped = read_parts(cfg.out + ".parts")
+    unique = {r["id"]: r for r in records}  # a document is only ever finished once; be safe anyway
+    records = sorted(unique.values(), key=lambda r: r["meta"]["doc_index"])
+    tmp = cfg.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, cfg.out)
+    summary = {**summarise(records, dropped, n_docs, bad_lines), **stats}
+    meta = {"args": dataclasses.asdict(cfg), "model": cfg.model,
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "summary": summary}
+    with open(cfg.out + ".meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    cfg = resolve(cfg)
+    rank, world_size, device = init_distributed()
+    docs, bad_lines = load_docs(cfg.docs, cfg.skip_bad)
+    folder = cfg.out + ".parts"
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        check_same_arguments(folder, cfg)
+    if world_size > 1:
+        dist.barrier()
+    records, dropped = read_parts(folder)
+    done = {e["id"] for e in records + dropped}
+    mine = [(i, d) for i, d in enumerate(docs) if i % world_size == rank and d["id"] not in done]
+    print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = longpo.load_model_and_tokenizer(cfg.model, dtype)
+    model.to(device).eval()
+    long_model = model
+    if cfg.rope_theta:  # only the long-input generation sees the raised theta
+        long_model = longpo.load_model_and_tokenizer(cfg.model, dtype, cfg.rope_theta)[0].to(device).eval()
+    from tqdm import tqdm
+    counts, t0 = {"generated": 0}, time.perf_counter()
+    with open_part(os.path.join(folder, f"rank{rank}.jsonl")) as part:
+        bar = tqdm(mine, desc="documents", disable=rank != 0)
+        for k, (i, doc) in enumerate(bar, 1):
+            rec, reason = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
+            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason}
+            part.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            part.flush()  # finished work is on disk before the next document starts
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(docs_per_s=f"{k / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
+    elapsed = time.perf_counter() - t0
+    stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64)
+    if world_size > 1:
+        dist.barrier()
+        dist.all_reduce(stats)  # generated tokens summed; seconds summed over ranks
+    if rank == 0:
+        generated, seconds = stats.tolist()
+        summary = merge(cfg, len(docs), bad_lines, {
+            "generated_tokens_this_run": int(generated),
+            "generated_tokens_per_s": round(generated / max(seconds / world_size, 1e-9), 1)})
+        print0(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(config_from_cli(DataGenConfig))
