@@ -305,18 +305,18 @@ def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
 
 
 def make_record(doc, doc_index, models, tokenizer, cfg, counts):
-    """The preference record of one document, or (None, reason). counts collects generated tokens."""
+    """(record or None, why dropped, turns filtered by reason); counts collects generated tokens."""
     model, long_model = models
     text = doc["text"]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     n_tokens = len(enc["input_ids"])
     if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
-        return None, "doc_length"
+        return None, "doc_length", {}
     chunks = chunk_document(text, [a for a, _ in enc["offset_mapping"]], cfg.chunk_min, cfg.chunk_max)
     rng = random.Random(f"{cfg.seed}-{doc['id']}")
     chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
-        return None, "no_chunks"
+        return None, "no_chunks", {}
     torch.manual_seed(cfg.seed * 1_000_003 + doc_index)  # sampling is reproducible per document
     pieces = [text[a:b] for a, b in chunks]
     if cfg.questions == "template":
@@ -333,7 +333,7 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
             continue
         turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), rng.choice(questions[:4])), "chunk": [a, b]})
     if not turns:
-        return None, "questions"
+        return None, "questions", filtered
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     chosen, n1 = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
                      [t["instruction"] for t in turns], cfg, True, **sampling)
@@ -348,7 +348,7 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
         else:
             kept.append({**turn, "chosen": c, "rejected": r})
     if not kept:
-        return None, "all_turns_filtered"
+        return None, "all_turns_filtered", filtered
     rec = {"id": doc["id"], "document": text, "turns": kept,
            "meta": {"doc_index": doc_index, "generator": cfg.model, "questions": cfg.questions,
                     "doc_tokens": n_tokens, "filtered_turns": filtered,
@@ -358,7 +358,7 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     device = next(model.parameters()).device
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_ref_logps(
         model, longpo.build_example(rec, tokenizer), device)
-    return rec, None
+    return rec, None, filtered
 
 
 # ----------------------------------------------------------------------------- never losing work
@@ -467,8 +467,8 @@ def main(cfg):
     with open_part(os.path.join(folder, f"rank{rank}.jsonl")) as part:
         bar = tqdm(mine, desc="documents", disable=rank != 0)
         for k, (i, doc) in enumerate(bar, 1):
-            rec, reason = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
-            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason}
+            rec, reason, filtered = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
+            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
             part.flush()  # finished work is on disk before the next document starts
             elapsed = time.perf_counter() - t0

@@ -761,3 +761,13 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     two = str(tmp_path / "two.jsonl")
     run_script(["data_gen.py", "--out", two], nproc=2)
     assert open(two).read() == open(out).read()
+
+
+def test_data_gen_model_questions_path(tmp_path):
+    """--questions model: the tiny random model cannot write a numbered list of 4 questions, so
+    every chunk is dropped and counted: the path runs, nothing passes silently."""
+    out = str(tmp_path / "q.jsonl")
+    run_script(["data_gen.py", "--out", out, "--questions", "model", "--question-tokens", "48", "--turns", "2"])
+    summary = json.load(open(out + ".meta.json"))["summary"]
+    assert summary["kept"] == 0 and summary["dropped_documents"] == {"questions": 4}
+    assert summary["turns_filtered"] == {"questions": 8} and summary["generated_tokens_this_run"] > 0
