@@ -66,17 +66,17 @@ class TrainConfig:
     data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "preference JSONL (design.md format; data_gen.py writes it)"})
     output_dir: str = field(default="runs/longpo-tiny", metadata={"help": "config, metrics, checkpoints, final model"})
     ref_model: str = field(default="", metadata={"help": "reference pi_S: computes ref log-probs missing from the data (short inputs) and DPO's long-input reference; default: --model"})
-    sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (ring attention); must divide the world size"})
+    sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size (ring attention); must divide the world size (0: all ranks)"})
     loss: str = field(default="longpo", metadata={"help": "longpo | dpo | sft"})
     beta: float = field(default=0.1, metadata={"help": "reward scale beta (paper 0.1; release code 0.01)"})
     lam: float = field(default=0.01, metadata={"help": "weight lambda of the preference term (paper and code 0.01)"})
     nll_target: str = field(default="sequence", metadata={"help": "sequence (paper: whole chosen long sequence) | responses (chosen answers only)"})
-    lr: float = field(default=5e-7, metadata={"help": "peak learning rate (paper and code 5e-7; SFT baseline 2e-5)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 5e-7 as paper and code, 1e-4 for --model tiny; SFT baseline 2e-5)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps, then cosine to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper 0; the release launch script uses rmsprop)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     max_steps: int = field(default=0, metadata={"help": "optimiser steps (0: one epoch)"})
-    grad_accum: int = field(default=8, metadata={"help": "samples per optimiser step per DP group (paper: 8 in all)"})
+    grad_accum: int = field(default=0, metadata={"help": "samples per optimiser step per DP group (0: 8 as the paper, 1 for --model tiny)"})
     max_length: int = field(default=0, metadata={"help": "longest long sequence in tokens; longer records are skipped and counted (0: no limit)"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the POLICY (paper 1e7 for Mistral; 0: keep the model's)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 compute with fp32 master weights on CUDA, fp32 on CPU) | float32 | float64"})
@@ -369,6 +369,7 @@ class Parallel:
 
 
 def setup_parallel(sp_size, rank, world_size, device):
+    sp_size = sp_size or world_size  # 0: one ring over all ranks
     if sp_size < 1 or world_size % sp_size:
         raise ValueError(f"--sp-size {sp_size} must divide the world size {world_size} "
                          f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
@@ -766,7 +767,8 @@ def memory_plan(cfg):
     layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * inter + 2 * H  # q, k, v, o, MLP, 2 norms
     root = vocab * H * (1 if c.tie_word_embeddings else 2) + H
     params = n_layers * layer + root
-    W, sp, T = cfg.world_size, cfg.sp_size, -(-cfg.max_length // cfg.sp_size)  # T: tokens per GPU
+    W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
+    T = -(-cfg.max_length // sp)  # tokens per GPU
     if W % sp:
         raise ValueError(f"--sp-size {sp} must divide --world-size {W}")
     bf16, fp32 = 2, 4
@@ -880,14 +882,23 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("grad_accum", "sp_size", "logprob_chunk"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("grad_accum", "logprob_chunk", "sp_size"):
+        if getattr(cfg, name) < (0 if name == "sp_size" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1" + (" (or 0: all ranks)" if name == "sp_size" else ""))
     if cfg.plan and cfg.max_length < 1:
         raise ValueError("--plan needs --max-length (tokens of one sequence), e.g. --max-length 524288")
 
 
+def resolve_defaults(cfg):
+    """Flags left at 0 take the paper's value, or a demo value for the random tiny model (so that its
+    short default run visibly trains)."""
+    tiny = cfg.model == "tiny"
+    return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 5e-7),
+                               grad_accum=cfg.grad_accum or (1 if tiny else 8))
+
+
 def main(cfg):
+    cfg = resolve_defaults(cfg)
     check_config(cfg)
     if cfg.plan:
         print(memory_plan(cfg))

@@ -771,3 +771,106 @@ def test_data_gen_model_questions_path(tmp_path):
     summary = json.load(open(out + ".meta.json"))["summary"]
     assert summary["kept"] == 0 and summary["dropped_documents"] == {"questions": 4}
     assert summary["turns_filtered"] == {"questions": 8} and summary["generated_tokens_this_run"] > 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+import eval as evaluation  # noqa: E402  (the project's eval.py)
+
+
+def test_ruler_prompts_have_length_and_needle_depth():
+    tokenizer = longpo.build_tiny_tokenizer()
+    sentences = evaluation.haystack_sentences("")
+    for task in evaluation.RULER_TASKS:
+        for length in (700, 1500):
+            for depth in (0.0, 0.5, 1.0):
+                rng = random.Random(f"{task}{length}{depth}")
+                needles, question, expected, _ = evaluation.ruler_sample(task, rng)
+                ids, context = evaluation.build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, rng)
+                assert length - 4 <= len(ids) <= length, f"{task} {length}: {len(ids)} tokens"
+                assert all(n in context for n in needles) and question in tokenizer.decode(ids)
+                for e in expected:
+                    assert e in context, f"{task}: the answer {e} is not in the context"
+                if task == "niah_single":
+                    where = context.index(needles[0]) / len(context)
+                    assert abs(where - depth) < 0.1, f"needle at {where:.2f}, asked {depth}"
+    with pytest.raises(ValueError, match="not a length"):
+        evaluation.parse_lengths("4k,lots")
+    assert evaluation.parse_lengths("4k, 1000") == [4096, 1000]
+
+
+def test_eval_scorers_on_hand_made_cases():
+    assert evaluation.token_f1("The cat sat", "cat sat on the mat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert evaluation.token_f1("dog", "cat") == 0.0 and evaluation.token_f1("A cat!", "the cat") == 1.0
+    assert evaluation.rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # LCS a c d: P = R = 3/4
+    assert evaluation.rouge_l("", "x") == 0.0
+    options = ["Paris", "London", "Rome", "Oslo"]
+    assert evaluation.parse_option("B", options) == 1
+    assert evaluation.parse_option("The answer is (C).", options) == 2
+    assert evaluation.parse_option("Answer: D", options) == 3
+    assert evaluation.parse_option("I think it is london", options) == 1
+    assert evaluation.parse_option("no idea", options) is None
+    assert evaluation.recall_score("numbers 123 and 456", ["123", "456", "789"]) == pytest.approx(2 / 3)
+    assert evaluation.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+    assert evaluation.truncate_middle([1, 2], 4) == [1, 2]
+
+
+class BiasedLM(torch.nn.Module):
+    """A stand-in LM whose next-token distribution is a fixed softmax(bias) at every position."""
+
+    def __init__(self, vocab, favourite):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.bias[favourite] = 5.0
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})()
+
+
+def test_mc_scorer_and_kl():
+    tokenizer = longpo.build_tiny_tokenizer()
+    seven = tokenizer("7", add_special_tokens=False)["input_ids"][0]
+    items = [{"question": "Pick one.", "choices": ["3", "7", "5"], "answer": 1},
+             {"question": "Pick one.", "choices": ["7", "3"], "answer": 1}]
+    result = evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, items)
+    assert result == {"acc": 0.5, "acc_norm": 0.5}  # picks "7" both times: right, then wrong
+    model, _ = longpo.load_model_and_tokenizer("tiny")
+    other, _ = perturbed_tiny(0.05, seed=3)
+    records = make_records(2, seed=2, with_ref=True)
+    same = evaluation.eval_kl(model, model, tokenizer, records)
+    assert same["kl"] == 0.0 and same["logp_change"] == 0.0 and same["tokens"] > 0
+    moved = evaluation.eval_kl(other.float(), model, tokenizer, records)
+    assert moved["kl"] > 1e-4 and moved["logp_change"] != 0.0
+
+
+def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
+    """python eval.py --model tiny prints the table and writes the JSON; the pref scores at SP = 2
+    (2 gloo processes, ring attention prefill) equal those of one process."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_records(3, seed=8, paragraphs=6, with_ref=True))
+    infb = tmp_path / "infbench"
+    infb.mkdir()
+    context = " ".join(["The lighthouse keeper counted ships."] * 60) + " The ship was called Aurora."
+    (infb / "longbook_qa_eng.jsonl").write_text(json.dumps({"context": context, "input": "Name of the ship?", "answer": ["Aurora"]}) + "\n")
+    (infb / "longbook_choice_eng.jsonl").write_text(json.dumps({"context": context, "input": "Ship?", "options": ["Aurora", "Vega", "Nova", "Lyra"], "answer": ["Aurora"]}) + "\n")
+    (infb / "longbook_sum_eng.jsonl").write_text(json.dumps({"context": context, "answer": "A keeper counted ships."}) + "\n")
+    out = str(tmp_path / "eval.json")
+    result = run_script(["eval.py", "--model", "tiny", "--baseline", "tiny", "--pref-data", data, "--lengths", "600",
+                         "--depths", "2", "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb),
+                         "--infbench-max-len", "300", "--out", out, "--heatmap", ""])
+    assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
+    scores = json.load(open(out))
+    tiny = scores["results"]["tiny"]
+    assert set(scores["results"]) == {"tiny (baseline)", "tiny"}
+    assert set(tiny["infbench"]) == {"en_qa", "en_mc", "en_sum"} and set(tiny["ruler"]) == set(evaluation.RULER_TASKS)
+    assert tiny["kl"]["kl"] == 0.0 and 0 <= tiny["mc"]["demo_mc"]["acc"] <= 1
+    assert all(v == 0.0 for v in scores["table"]["delta"].values())  # the same model twice
+    sp_out = str(tmp_path / "sp.json")
+    run_script(["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref",
+                "--sp-size", "2", "--out", sp_out], nproc=2)
+    one_out = str(tmp_path / "one.json")
+    run_script(["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref", "--out", one_out])
+    sp, one = (json.load(open(p))["results"]["tiny"]["pref"] for p in (sp_out, one_out))
+    assert sp["reward_accuracy"] == one["reward_accuracy"]
+    assert math.isclose(sp["reward_margin"], one["reward_margin"], rel_tol=1e-5), (sp, one)
+    assert json.load(open(sp_out))["settings"]["world_size"] == 2

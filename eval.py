@@ -1,0 +1,548 @@
+"""Evaluate what LongPO promises: long-context gain AND short-context retention (method.md).
+
+Long context:
+  * RULER-style synthetic tasks generated in code at any --lengths with the model's tokenizer:
+    needle in a haystack (single, multi-key, multi-value, multi-query; needle depths spread over
+    the context), variable tracking (multi-hop), and QA over a haystack with a planted passage.
+    Greedy decoding; score = share of the expected strings found in the answer (RULER's recall).
+  * InfiniteBench files (--infbench DIR): En.QA (token F1), En.MC (accuracy of the chosen option),
+    En.Sum (ROUGE-L), over-long inputs truncated from the middle as that benchmark does.
+  * Preference metrics on held-out LongPO pairs (--pref-data): the policy's reward accuracy and
+    margin on the LONG inputs against the data's short-input reference log-probs (Eq. 12),
+    computed sequence-parallel under torchrun (--sp-size, ring attention prefill).
+Short context:
+  * Log-likelihood multiple choice on JSONL files in the common question/choices/answer format
+    (MMLU, ARC, HellaSwag, Winogrande style): acc and length-normalised acc_norm.
+  * The intrinsic check that matches LongPO's constraint: mean per-token KL(policy || reference) and
+    mean log-prob change of the answers on the SHORT inputs of the preference data (--ref-model).
+
+Output: a table like the paper's (rows models, columns tasks), --baseline MODEL side by side with
+deltas, every score and setting as JSON in --out, and a needle heatmap (depth x length) as PNG when
+matplotlib is installed. Deliberate limits: generation runs on one device (rank 0); only the
+preference scoring is sequence-parallel. The built-in haystack and the demo multiple-choice set are
+synthetic, so the tiny default shows the machinery, not a model's quality.
+
+Commands:
+    python eval.py                                   # the tiny run's final model vs its base model
+    python eval.py --model tiny --baseline ""        # one model
+    torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --sp-size 8 \\
+        --baseline mistralai/Mistral-7B-Instruct-v0.2 --lengths 4k,16k,64k,128k \\
+        --infbench data/infbench --mc data/mmlu.jsonl,data/arc_c.jsonl --pref-data data/heldout.jsonl
+"""
+import dataclasses
+import json
+import os
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import longpo
+from ring_attention import config_from_cli, init_distributed, print0
+
+
+@dataclass
+class EvalConfig:
+    """Long-context gain and short-context retention of a model, optionally against a baseline."""
+    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model to evaluate (longpo.py's final model by default), hub id, dir or 'tiny'"})
+    baseline: str = field(default="auto", metadata={"help": "model to compare with; auto: the base model of a longpo.py run (its config.json), '' for none"})
+    ref_model: str = field(default="", metadata={"help": "reference for the KL check (default: the baseline, else --model)"})
+    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "comma list of ruler, infbench, mc, kl, pref"})
+    lengths: str = field(default="1k,2k", metadata={"help": "RULER prompt lengths in tokens (k = 1024), e.g. 4k,16k,64k,128k"})
+    depths: int = field(default=5, metadata={"help": "needle depths spread over [0, 1]"})
+    samples: int = field(default=1, metadata={"help": "RULER samples per task, length and depth"})
+    haystack: str = field(default="", metadata={"help": "haystack text file or JSONL ('text'); default built-in filler"})
+    infbench: str = field(default="", metadata={"help": "folder with longbook_qa_eng / longbook_choice_eng / longbook_sum_eng .jsonl"})
+    infbench_max_len: int = field(default=131072, metadata={"help": "InfiniteBench truncation length in tokens (middle cut)"})
+    infbench_limit: int = field(default=0, metadata={"help": "at most this many examples per InfiniteBench task (0: all)"})
+    mc: str = field(default="demo", metadata={"help": "comma list of multiple-choice JSONL files, or 'demo'"})
+    pref_data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "held-out LongPO preference pairs (kl and pref tasks)"})
+    max_pairs: int = field(default=16, metadata={"help": "at most this many preference records"})
+    beta: float = field(default=0.1, metadata={"help": "beta of the rewards in the pref task"})
+    sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long-input scoring (0: all ranks)"})
+    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores and settings"})
+    heatmap: str = field(default="runs/needle_heatmap.png", metadata={"help": "needle heatmap PNG (needs matplotlib; '' to skip)"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic tasks"})
+
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+          "A quiet afternoon passed without much news. The river kept its usual pace past the mill. "
+          "Nobody in the village could remember a warmer spring. Letters arrived late that week. "
+          "The baker opened his shop an hour early. Clouds gathered over the hills and then moved on.")
+NAMES = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "harbor", "indigo", "juniper",
+         "kestrel", "lumen", "meadow", "nimbus", "orchid", "pebble", "quartz", "raven", "sierra", "tundra"]
+
+
+# ----------------------------------------------------------------------------- scorers
+
+def normalize_answer(text):
+    """Lower case, no punctuation, no articles, single spaces (SQuAD / InfiniteBench style)."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def token_f1(prediction, reference):
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F-measure on whitespace tokens (longest common subsequence)."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_option(prediction, options):
+    """Index of the option a free-text answer chose: a letter A-D (alone, 'B)', '(C)', 'Answer: D'),
+    else the option whose text it contains; None if neither."""
+    m = re.search(r"(?:^|answer(?: is)?:?\s*|\(|\b)([A-D])(?:\)|\.|:|\b)", prediction.strip())
+    if m and ord(m.group(1)) - 65 < len(options):
+        return ord(m.group(1)) - 65
+    found = [i for i, opt in enumerate(options) if normalize_answer(str(opt)) and normalize_answer(str(opt)) in normalize_answer(prediction)]
+    return found[0] if len(found) == 1 else None
+
+
+def recall_score(prediction, expected):
+    """RULER's string-match-all: the share of expected strings found in the prediction."""
+    low = prediction.lower()
+    return sum(e.lower() in low for e in expected) / len(expected)
+
+
+# ----------------------------------------------------------------------------- RULER-style tasks
+
+def parse_lengths(spec):
+    out = []
+    for item in spec.split(","):
+        item = item.strip().lower()
+        if not re.fullmatch(r"\d+k?", item):
+            raise ValueError(f"--lengths: {item!r} is not a length like 4096 or 4k")
+        out.append(int(item[:-1]) * 1024 if item.endswith("k") else int(item))
+    return out
+
+
+def haystack_sentences(path):
+    text = FILLER
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--haystack {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        text = " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip()) if path.endswith(".jsonl") else raw
+    return [s.strip() + "." for s in re.split(r"\.\s+", " ".join(text.split())) if s.strip()]
+
+
+def ruler_sample(task, rng):
+    """(needles, question, expected, max_new_tokens); needles are sentences, the first one placed at
+    the requested depth and the others at random depths."""
+    keys = rng.sample(NAMES, 4)
+    values = [str(rng.randint(1000000, 9999999)) for _ in range(4)]
+    magic = "One of the special magic numbers for {} is: {}."
+    if task == "niah_single":
+        return [magic.format(keys[0], values[0])], f"What is the special magic number for {keys[0]} mentioned in the text?", values[:1], 24
+    if task == "niah_multikey":
+        return ([magic.format(k, v) for k, v in zip(keys, values)],
+                f"What is the special magic number for {keys[0]} mentioned in the text?", values[:1], 24)
+    if task == "niah_multivalue":
+        return ([magic.format(keys[0], v) for v in values],
+                f"What are all the special magic numbers for {keys[0]} mentioned in the text?", values, 64)
+    if task == "niah_multiquery":
+        return ([magic.format(k, v) for k, v in zip(keys, values)],
+                f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in the text?", values, 64)
+    if task == "vt":  # multi-hop: VAR A = n, VAR B = VAR A, ...
+        names = [k.upper() for k in keys]
+        chain = [f"VAR {names[0]} = {values[0]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        return chain, f"Find all variables that are assigned the value {values[0]} in the text above.", names, 48
+    if task == "qa":
+        place, count = rng.choice(NAMES).capitalize(), str(rng.randint(12, 999))
+        passage = f"Records of the harbour of {place} show that it kept exactly {count} lanterns lit every night."
+        return [passage], f"How many lanterns did the harbour of {place} keep lit every night?", [count], 24
+    raise ValueError(f"unknown RULER task {task!r}")
+
+
+RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "qa")
+
+
+def build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, rng):
+    """Prompt token ids of (about, at most) `length` tokens: haystack sentences with needles[0] at
+    `depth` and the others at random depths, then the question. Returns (ids, context)."""
+    others = [(rng.random(), n) for n in needles[1:]]
+    if len(needles) > 1 and needles[1].startswith("VAR"):
+        others = [(min(1.0, depth + (1 - depth) * (i + 1) / len(needles)), n) for i, n in enumerate(needles[1:])]
+    placed = sorted([(depth, needles[0])] + others, key=lambda x: x[0])
+    instruction = f"{question} Answer briefly."
+
+    def assemble(n_sentences, tail=""):
+        hay = [sentences[i % len(sentences)] for i in range(n_sentences)] + ([tail] if tail else [])
+        for d, needle in reversed(placed):
+            hay.insert(round(d * len(hay)), needle)
+        context = " ".join(hay)
+        return longpo.format_dialogue(tokenizer, context, [{"instruction": instruction}])[0], context
+
+    lo, hi = 0, 1
+    while len(assemble(hi)[0]) <= length:  # exponential then binary search on whole sentences
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(assemble(mid)[0]) <= length else (lo, mid)
+    tail = sentences[lo % len(sentences)]  # fill the rest with a prefix of the next sentence
+    a, b = 0, len(tail) + 1
+    while b - a > 1:
+        mid = (a + b) // 2
+        a, b = (mid, b) if len(assemble(lo, tail[:mid])[0]) <= length else (a, mid)
+    return assemble(lo, tail[:a])
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, ids, max_new_tokens):
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=torch.tensor([ids], device=device), generation_config=config)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def eval_ruler(model, tokenizer, cfg):
+    """Scores per task and length (mean over depths and samples) and the single-needle heatmap."""
+    sentences, lengths = haystack_sentences(cfg.haystack), parse_lengths(cfg.lengths)
+    depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
+    scores, heat = {}, {}
+    from tqdm import tqdm
+    jobs = [(t, n, d, s) for t in RULER_TASKS for n in lengths for d in depths for s in range(cfg.samples)]
+    for task, length, depth, s in tqdm(jobs, desc="ruler", leave=False):
+        rng = random.Random(f"{cfg.seed}-{task}-{length}-{depth}-{s}")
+        needles, question, expected, max_new = ruler_sample(task, rng)
+        ids, _ = build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, rng)
+        score = recall_score(greedy(model, tokenizer, ids, max_new), expected)
+        scores.setdefault(task, {}).setdefault(str(length), []).append(score)
+        if task == "niah_single":
+            heat.setdefault(f"{depth:.2f}", {}).setdefault(str(length), []).append(score)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    per_length = {t: {n: mean(v) for n, v in by_len.items()} for t, by_len in scores.items()}
+    return ({t: {"avg": mean(list(v.values())), **v} for t, v in per_length.items()},
+            {d: {n: mean(v) for n, v in row.items()} for d, row in heat.items()})
+
+
+# ----------------------------------------------------------------------------- InfiniteBench
+
+INFBENCH = {  # file, prompt (our words), answer tokens, scorer
+    "en_qa": ("longbook_qa_eng.jsonl", "Answer the question about the book above as briefly as possible.\n\nQuestion: {input}", 48),
+    "en_mc": ("longbook_choice_eng.jsonl", "Which option answers the question about the book above? Reply with its letter.\n\n"
+              "Question: {input}\n{options}", 16),
+    "en_sum": ("longbook_sum_eng.jsonl", "Summarize the book above in a few paragraphs.", 512),
+}
+
+
+def truncate_middle(ids, max_len):
+    """Keep the first and last max_len/2 tokens (InfiniteBench's truncation)."""
+    if len(ids) <= max_len:
+        return ids
+    return ids[:max_len // 2] + ids[len(ids) - (max_len - max_len // 2):]
+
+
+def eval_infbench(model, tokenizer, cfg):
+    scores = {}
+    for task, (name, template, max_new) in INFBENCH.items():
+        path = os.path.join(cfg.infbench, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            items = [json.loads(line) for line in f if line.strip()]
+        items = items[:cfg.infbench_limit or len(items)]
+        values = []
+        for lineno, ex in enumerate(items, 1):
+            for key in ("context", "answer") + (("options",) if task == "en_mc" else ()):
+                if key not in ex:
+                    raise ValueError(f"{path}:{lineno}: field '{key}' is missing")
+            answers = ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]]
+            options = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ex.get("options", [])))
+            instruction = template.format(input=ex.get("input", ""), options=options)
+            context_ids = tokenizer(ex["context"], add_special_tokens=False)["input_ids"]
+            overhead = len(longpo.format_dialogue(tokenizer, "", [{"instruction": instruction}])[0])
+            context = tokenizer.decode(truncate_middle(context_ids, max(0, cfg.infbench_max_len - overhead - max_new)))
+            ids = longpo.format_dialogue(tokenizer, context, [{"instruction": instruction}])[0]
+            pred = greedy(model, tokenizer, ids, max_new)
+            if task == "en_qa":
+                values.append(max(token_f1(pred, str(a)) for a in answers))
+            elif task == "en_mc":
+                gold = [i for i, o in enumerate(ex["options"]) if str(o) in map(str, answers)]
+                values.append(float(parse_option(pred, ex["options"]) in gold))
+            else:
+                values.append(max(rouge_l(pred, str(a)) for a in answers))
+        if values:
+            scores[task] = sum(values) / len(values)
+    if not scores:
+        raise ValueError(f"--infbench {cfg.infbench}: none of {', '.join(v[0] for v in INFBENCH.values())} found")
+    return scores
+
+
+# ----------------------------------------------------------------------------- short-context retention
+
+def demo_mc(seed=0, n=24):
+    """Short multiple-choice questions about a stated fact (the demo's stand-in for MMLU-style files)."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        name, count = rng.choice(NAMES).capitalize(), rng.randint(10, 99)
+        choices = [str(count)] + [str(c) for c in rng.sample([c for c in range(10, 100) if c != count], 3)]
+        rng.shuffle(choices)
+        items.append({"question": f"{name} keeps exactly {count} lanterns. How many lanterns does {name} keep?",
+                      "choices": choices, "answer": choices.index(str(count))})
+    return items
+
+
+def load_mc(spec):
+    sets = {}
+    for path in spec.split(","):
+        if path == "demo":
+            sets["demo_mc"] = demo_mc()
+            continue
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--mc {path} does not exist")
+        items = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                ex = json.loads(line)
+                for key in ("question", "choices", "answer"):
+                    if key not in ex:
+                        raise ValueError(f"{path}:{lineno}: field '{key}' is missing (format: question, choices, answer)")
+                answer = ex["answer"]
+                if isinstance(answer, str):
+                    answer = ord(answer.strip().upper()) - 65 if len(answer.strip()) == 1 else ex["choices"].index(answer)
+                if not 0 <= answer < len(ex["choices"]):
+                    raise ValueError(f"{path}:{lineno}: field 'answer' = {ex['answer']!r} names no choice")
+                items.append({"question": ex["question"], "choices": ex["choices"], "answer": answer})
+        sets[os.path.splitext(os.path.basename(path))[0]] = items
+    return sets
+
+
+@torch.no_grad()
+def continuation_logp(model, tokenizer, prompt, continuation):
+    """log p(continuation | prompt) summed over the continuation's tokens (plain text, no template)."""
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = torch.tensor([bos + p_ids + c_ids], device=next(model.parameters()).device)
+    logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    return logps[torch.arange(len(targets)), targets][-len(c_ids):].sum().item()
+
+
+def eval_mc(model, tokenizer, items):
+    """acc: the choice of highest log-likelihood; acc_norm: per character of the choice."""
+    acc = acc_norm = 0
+    for ex in items:
+        prompt = f"Question: {ex['question']}\nAnswer:"
+        logps = [continuation_logp(model, tokenizer, prompt, " " + str(c)) for c in ex["choices"]]
+        norm = [lp / max(1, len(str(c))) for lp, c in zip(logps, ex["choices"])]
+        acc += int(max(range(len(logps)), key=logps.__getitem__) == ex["answer"])
+        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex["answer"])
+    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
+
+
+@torch.no_grad()
+def eval_kl(model, ref_model, tokenizer, records):
+    """Mean per-token KL(policy || reference) and mean per-token log-prob change of the chosen answers
+    on the SHORT inputs (chunk + instruction): what LongPO's constraint keeps small."""
+    kl_sum, delta_sum, n = 0.0, 0.0, 0
+    device = next(model.parameters()).device
+    for rec in records:
+        for seq in longpo.build_example(rec, tokenizer)["short_chosen"]:
+            ids = torch.tensor([seq["ids"]], device=device)
+            targets, mask = longpo.shifted_targets(seq["ids"], seq["is_answer"])
+            pos = mask.nonzero().squeeze(-1).to(device)
+            logp = F.log_softmax(model(input_ids=ids).logits[0, pos].float(), -1)
+            ref_logp = F.log_softmax(ref_model(input_ids=ids).logits[0, pos].float(), -1)
+            kl_sum += (logp.exp() * (logp - ref_logp)).sum().item()
+            t = targets.to(device)[pos]
+            delta_sum += (logp.gather(-1, t[:, None]) - ref_logp.gather(-1, t[:, None])).sum().item()
+            n += len(pos)
+    return {"kl": kl_sum / max(n, 1), "logp_change": delta_sum / max(n, 1), "tokens": n}
+
+
+@torch.no_grad()
+def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
+    """Reward accuracy and margin of the policy on the LONG inputs (Eq. 12 rewards against the data's
+    short-input reference log-probs), sequence-parallel over par's SP group."""
+    acc = margin = 0.0
+    for rec in records:
+        ex = longpo.build_example(rec, tokenizer)
+        logps = []
+        for side in ("chosen", "rejected"):
+            seq = longpo.prepare_sequence(ex[side]["ids"], {"answer": ex[side]["is_answer"]}, par, tokenizer.pad_token_id)
+            logps.append(longpo.policy_logps(model, seq, par, chunk)[0].item())
+        chosen = beta * (logps[0] - rec["ref_chosen_logp"])
+        rejected = beta * (logps[1] - rec["ref_rejected_logp"])
+        acc += float(chosen > rejected)
+        margin += chosen - rejected
+    return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
+
+
+# ----------------------------------------------------------------------------- glue
+
+def check_inputs(cfg, tasks):
+    unknown = set(tasks) - {"ruler", "infbench", "mc", "kl", "pref"}
+    if unknown:
+        raise ValueError(f"--tasks: unknown {sorted(unknown)}; choose from ruler, infbench, mc, kl, pref")
+    if "infbench" in tasks and not cfg.infbench:
+        raise ValueError("--tasks infbench needs --infbench DIR")
+    if cfg.model != "tiny" and not os.path.exists(cfg.model) and cfg.model.startswith("runs/"):
+        raise FileNotFoundError(f"--model {cfg.model} does not exist: train it first with "
+                                "`torchrun --nproc_per_node 2 longpo.py --sp-size 2` (after `python data_gen.py`)")
+    if {"kl", "pref"} & set(tasks) and not os.path.exists(cfg.pref_data):
+        raise FileNotFoundError(f"--pref-data {cfg.pref_data} does not exist: create it first with "
+                                "`python data_gen.py`, or drop kl and pref from --tasks")
+
+
+def resolve_baseline(cfg):
+    """auto: the --model of the longpo.py run whose final/ folder is being evaluated."""
+    if cfg.baseline != "auto":
+        return cfg.baseline
+    run_config = os.path.join(os.path.dirname(os.path.abspath(cfg.model)), "config.json")
+    if os.path.isdir(cfg.model) and os.path.exists(run_config):
+        with open(run_config) as f:
+            return json.load(f).get("model", "")
+    return ""
+
+
+def load(name, device):
+    model, tokenizer = longpo.load_model_and_tokenizer(name, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.to(device).eval(), tokenizer
+
+
+def single_device_tasks(name, ref_name, tasks, records, cfg, device):
+    """Everything but the SP scoring, on one device: RULER, InfiniteBench, multiple choice, KL."""
+    model, tokenizer = load(name, device)
+    results, heat = {}, None
+    if "ruler" in tasks:
+        results["ruler"], heat = eval_ruler(model, tokenizer, cfg)
+    if "infbench" in tasks:
+        results["infbench"] = eval_infbench(model, tokenizer, cfg)
+    if "mc" in tasks:
+        results["mc"] = {set_name: eval_mc(model, tokenizer, items) for set_name, items in load_mc(cfg.mc).items()}
+    if "kl" in tasks:
+        ref_model = model if ref_name == name else load(ref_name, device)[0]
+        results["kl"] = eval_kl(model, ref_model, tokenizer, records)
+    return results, heat
+
+
+def summary_row(res):
+    """The paper-style columns of one model's results."""
+    row = {}
+    for task, by_len in res.get("ruler", {}).items():
+        row[f"ruler/{task}"] = by_len["avg"]
+    if res.get("ruler"):
+        row["ruler/avg"] = sum(v["avg"] for v in res["ruler"].values()) / len(res["ruler"])
+    row.update({f"infbench/{k}": v for k, v in res.get("infbench", {}).items()})
+    for set_name, v in res.get("mc", {}).items():
+        row[f"{set_name}/acc"], row[f"{set_name}/acc_norm"] = v["acc"], v["acc_norm"]
+    if "kl" in res:
+        row["kl"], row["logp_change"] = res["kl"]["kl"], res["kl"]["logp_change"]
+    if "pref" in res:
+        row["pref/acc"], row["pref/margin"] = res["pref"]["reward_accuracy"], res["pref"]["reward_margin"]
+    return row
+
+
+def format_table(rows):
+    """rows: {row label: {column: value}} -> a text table, one row per model (and delta)."""
+    columns = list(rows[next(iter(rows))])
+    width = max(len(n) for n in rows) + 2
+    lines = [" " * width + " ".join(f"{c:>{max(9, len(c))}}" for c in columns)]
+    for name, row in rows.items():
+        lines.append(f"{name:<{width}}" + " ".join(f"{row.get(c, float('nan')):>{max(9, len(c))}.4f}" for c in columns))
+    return "\n".join(lines)
+
+
+def save_heatmap(heat_by_model, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no needle heatmap (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(heat_by_model), figsize=(5 * len(heat_by_model), 4), squeeze=False)
+    for ax, (name, heat) in zip(axes[0], heat_by_model.items()):
+        depths, lengths = sorted(heat), sorted({n for row in heat.values() for n in row}, key=int)
+        grid = [[heat[d].get(n, float("nan")) for n in lengths] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("needle depth (0: start of the context)")
+    fig.colorbar(im, ax=axes[0].tolist())
+    fig.savefig(path, dpi=100)
+    print0(f"needle heatmap: {path}")
+
+
+def main(cfg):
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    check_inputs(cfg, tasks)
+    rank, world_size, device = init_distributed()
+    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+    baseline = resolve_baseline(cfg)
+    models = {cfg.model: cfg.model}  # table label -> model
+    if baseline:
+        models = {(baseline if baseline != cfg.model else f"{baseline} (baseline)"): baseline, **models}
+    ref_name = cfg.ref_model or baseline or cfg.model
+    records = longpo.load_records(cfg.pref_data, need_ref=True)[:cfg.max_pairs] if {"kl", "pref"} & set(tasks) else []
+    results = {label: {} for label in models}
+    if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
+        for label, name in models.items():
+            model, tokenizer = load(name, device)
+            if par.sp_size > 1:
+                model.set_attn_implementation("ring_attention")
+            results[label]["pref"] = eval_pref(model, tokenizer, records, par, cfg.beta)
+    if rank == 0:  # phase 2, one device: generation and short-input scoring
+        heat = {}
+        for label, name in models.items():
+            res, heat[label] = single_device_tasks(name, ref_name, tasks, records, cfg, device)
+            results[label].update(res)
+        rows = {label: summary_row(res) for label, res in results.items()}
+        if len(rows) == 2:
+            first, second = rows.values()
+            rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
+        print(format_table(rows), flush=True)
+        if "ruler" in tasks:
+            print("\nRULER by length (mean over depths)")
+            for label in models:
+                for task, by_len in results[label]["ruler"].items():
+                    print(f"  {label} {task}: " + ", ".join(f"{n}: {v:.3f}" for n, v in by_len.items() if n != "avg"))
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out, "w") as f:
+            json.dump({"settings": {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
+                                    "world_size": world_size},
+                       "results": results, "table": rows}, f, indent=2)
+        print(f"scores: {cfg.out}")
+        if "ruler" in tasks and cfg.heatmap:
+            save_heatmap(heat, cfg.heatmap)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(config_from_cli(EvalConfig))
