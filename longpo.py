@@ -636,6 +636,12 @@ def world_mean(values, par):
     return dict(zip(values, t.tolist()))
 
 
+def stop_non_finite(what, cfg):
+    raise FloatingPointError(
+        f"non-finite {what}; no update was applied. The last good checkpoint is "
+        f"{last_checkpoint(cfg.output_dir)}: resume from it with --resume and a lower --lr")
+
+
 def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule."""
     records, refs, tokenizer = data
@@ -649,16 +655,15 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
         if par.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
-            raise FloatingPointError(
-                f"non-finite loss at step {step + 1} (record id {records[idx].get('id', idx)!r} on "
-                f"rank {par.rank}); no update was applied. The last good checkpoint is "
-                f"{last_checkpoint(cfg.output_dir)}: resume from it with --resume and a lower --lr")
+            stop_non_finite(f"loss at step {step + 1} (record id {records[idx].get('id', idx)!r} on rank {par.rank})", cfg)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
         tokens += n
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not math.isfinite(grad_norm.item()):  # the same global norm on every rank
+        stop_non_finite(f"gradient norm at step {step + 1}", cfg)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -669,7 +674,7 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
             "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
 
 
-def prepare_data(cfg, par, tokenizer, master_dtype, compute_dtype):
+def prepare_data(cfg, par, tokenizer, compute_dtype):
     """Records, their reference log-probs (computed on the SHORT inputs where missing), filtered by
     --max-length. Every rank ends with the same list."""
     records = load_records(cfg.data)
@@ -714,7 +719,7 @@ def open_metrics(cfg, start_step, par):
 def train(cfg, par):
     master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
-    data = prepare_data(cfg, par, tokenizer, master_dtype, compute_dtype)
+    data = prepare_data(cfg, par, tokenizer, compute_dtype)
     ref_model = None
     if cfg.loss == "dpo":
         ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]

@@ -522,6 +522,22 @@ def sp_equivalence_worker(rank, world_size):
         assert_close(g, (per_sample[0][name] + per_sample[1][name]) / 2, 1e-9, f"dp=2 grad {name}")
 
 
+def test_grad_accumulation_averages_samples():
+    tokenizer = longpo.build_tiny_tokenizer()
+    records = make_records(2, seed=12, with_ref=True)
+    examples = [longpo.build_example(r, tokenizer) for r in records]
+    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    separate = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
+                for ex, rf in zip(examples, refs)]
+    model = perturbed_tiny(0.02, 1)[0]
+    cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=2, logprob_chunk=64, sp_size=1)
+    for ex, rf in zip(examples, refs):
+        longpo.micro_step(model, None, ex, rf, cfg, single, pad_id=0)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, (separate[0][name] + separate[1][name]) / 2, 1e-10, f"accumulated grad {name}")
+
+
 def test_sp2_equals_sp1_losses_and_every_gradient():
     run_distributed(sp_equivalence_worker, 2, timeout=400)
 
@@ -591,14 +607,14 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
         assert not torch.equal(p, p0), f"parameter {name} did not change"
 
 
-def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
+def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
     out = str(tmp_path / "run")
     args = [sys.executable, "longpo.py", "--data", data, "--output-dir", out, "--max-steps", "4",
             "--grad-accum", "1", "--lr", "1e30", "--save-every", "1"]  # weights blow up after step 1
     result = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    found = re.search(r"non-finite loss at step (\d+) .* The last good checkpoint is (\S+):", result.stderr)
+    found = re.search(r"non-finite (?:loss|gradient norm) at step (\d+).* The last good checkpoint is (\S+):", result.stderr)
     assert found, result.stderr[-2000:]
     step = int(found.group(1))
     assert step >= 2 and found.group(2) == longpo.last_checkpoint(out)
