@@ -168,6 +168,8 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     token ids and a same-length bool list marking the answer tokens (with the end-of-turn tokens
     the template adds after each answer: the model must learn to stop). With answer_key=None the
     sequence ends with the generation prompt of the last instruction (for generation)."""
+    if answer_key is None and len(turns) != 1:
+        raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     messages = []
     for i, turn in enumerate(turns):
         text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]

@@ -451,9 +451,10 @@ def perturbed_tiny(scale, seed):
 
 def one_micro_step(loss, par, model, ref_model, example, refs, fsdp):
     cfg = longpo.TrainConfig(loss=loss, beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=par.sp_size)
-    model = longpo.setup_model(model, par, torch.float64, grad_checkpointing=True) if fsdp else model
-    if fsdp and ref_model is not None:
-        ref_model = longpo.setup_model(ref_model, par, torch.float64, False, trainable=False)
+    if fsdp:
+        model = longpo.setup_model(model, par, torch.float64, grad_checkpointing=True)
+        if ref_model is not None:
+            ref_model = longpo.setup_model(ref_model, par, torch.float64, False, trainable=False)
     elif par.sp_size > 1:
         for m in (model, ref_model):
             m.set_attn_implementation("ring_attention")
@@ -540,6 +541,28 @@ def test_grad_accumulation_averages_samples():
 
 def test_sp2_equals_sp1_losses_and_every_gradient():
     run_distributed(sp_equivalence_worker, 2, timeout=400)
+
+
+def dp_sp_worker(rank, world_size):
+    """world 4 = dp 2 x sp 2: ranks {0, 1} and {2, 3} each ring over one sample; FSDP2 over all four
+    gives the mean of the two samples' gradients."""
+    tokenizer = longpo.build_tiny_tokenizer()
+    records = make_records(2, seed=13, with_ref=True)
+    examples = [longpo.build_example(r, tokenizer) for r in records]
+    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    per_sample = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
+                  for ex, rf in zip(examples, refs)]
+    par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
+    assert (par.dp_rank, par.sp_rank) == divmod(rank, 2) and dist.get_world_size(par.sp_group) == 2
+    _, grads = one_micro_step("longpo", par, perturbed_tiny(0.02, 1)[0], None, examples[par.dp_rank],
+                              refs[par.dp_rank], True)
+    for name, g in grads.items():
+        assert_close(g, (per_sample[0][name] + per_sample[1][name]) / 2, 1e-9, f"dp2 x sp2 grad {name} rank {rank}")
+
+
+def test_dp2_by_sp2_gradients():
+    run_distributed(dp_sp_worker, 4, timeout=400)
 
 
 # ----------------------------------------------------------------------------- longpo: end to end
