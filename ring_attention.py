@@ -21,7 +21,7 @@ The algorithm (design.md, "Ring attention"):
   * The next block's send/recv is posted before the current block is computed (overlap).
   * Only the Hkv key/value heads travel (GQA); world size 1 does no communication at all.
 
-Block kernels, chosen per call: flash-attn (>= 2.6) on CUDA when installed; PyTorch's fused CPU
+Block kernels, chosen per call: flash-attn (>= 2.7) on CUDA when installed; PyTorch's fused CPU
 attention (a private op that returns the lse) on CPU; a plain PyTorch kernel otherwise and as the
 readable reference. Deliberate limits: causal self-attention only (no padding masks: pad at the end
 of the sequence, where causal attention keeps pads out of every real token's view), no dropout,
@@ -42,6 +42,7 @@ import datetime
 import functools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -173,7 +174,7 @@ def torch_bwd(dout, q, k, v, out, lse, scale, causal):
 
 
 def flash_fwd(q, k, v, scale, causal):
-    from flash_attn.flash_attn_interface import _flash_attn_forward  # flash-attn >= 2.6 signature
+    from flash_attn.flash_attn_interface import _flash_attn_forward  # the signature of flash-attn >= 2.7
     out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
     return out, lse
 
@@ -196,7 +197,8 @@ def flash_attn_available():
         import flash_attn
     except ImportError:
         return False
-    return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 6)
+    # 2.7 split window_size into window_size_left/right and returns (out, lse, S, rng) from the forward
+    return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 7)
 
 
 def pick_kernel(q, kernel="auto"):
@@ -205,11 +207,14 @@ def pick_kernel(q, kernel="auto"):
     if kernel == "auto":
         if q.is_cuda and half and flash_attn_available():
             return "flash"
+        if q.device.type != "cpu":
+            warnings.warn("ring_attention: no flash-attn >= 2.7 for these CUDA tensors; the plain kernel "
+                          "materialises T x T scores per block (pip install 'flash-attn>=2.7')")
         return "torch" if q.device.type == "cpu" else "plain"
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
     if kernel == "flash" and not (q.is_cuda and half and flash_attn_available()):
-        raise ValueError("kernel='flash' needs CUDA fp16/bf16 tensors and flash-attn >= 2.6 "
+        raise ValueError("kernel='flash' needs CUDA fp16/bf16 tensors and flash-attn >= 2.7 "
                          "(pip install flash-attn --no-build-isolation); use kernel='auto'")
     if kernel == "torch" and q.device.type != "cpu":
         raise ValueError("kernel='torch' is PyTorch's fused CPU attention; use kernel='auto' on GPU")
