@@ -117,15 +117,19 @@ def total_loss(pref_losses, nll, lam, loss_type):
 def token_logps(hidden, weight, targets, mask, chunk_size):
     """log p(target_t | prefix) at every position where mask is set, (B, T) with 0 elsewhere.
 
-    hidden (B, T, H) final hidden states, weight (V, H) the output embedding. The log-softmax runs in
-    fp32 over chunks of chunk_size labelled tokens, each recomputed in backward (checkpoint), so at
+    hidden (B, T, H) final hidden states, weight (V, H) the output embedding. Head and log-softmax run
+    in fp32 over chunks of chunk_size labelled tokens, each recomputed in backward (checkpoint), so at
     most one chunk's (chunk_size, V) logits exist at a time: never the whole sequence's."""
     flat_h, flat_t, flat_m = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1)
     idx = flat_m.nonzero().squeeze(-1)  # (n,) positions that carry a label
     acc = torch.promote_types(hidden.dtype, torch.float32)
 
+    # The head runs in fp32 too: bf16 logits of size ~20 would be off by ~0.1 each, and a sequence's
+    # log-prob sums hundreds of them.
+    weight = weight.to(acc)
+
     def chunk_logps(h, w, t):
-        logits = F.linear(h, w).to(acc)  # (chunk, V) in fp32 (fp64 for fp64 models)
+        logits = F.linear(h.to(acc), w)  # (chunk, V) in fp32 (fp64 for fp64 models)
         return logits.log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
 
     pieces = []
@@ -788,8 +792,8 @@ def memory_plan(cfg):
         ("  + activation grads in flight in that layer (2 x I per token)", T * 2 * inter * bf16),
         ("ring: K/V blocks (held + in flight), fp32 out/lse/dq, fp32 dK/dV (held + in flight)",
          2 * 2 * T * hkv * d * bf16 + 2 * T * hq * d * fp32 + 2 * 2 * T * hkv * d * fp32),
-        (f"log-probs: {cfg.logprob_chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 grad of final hidden",
-         3 * cfg.logprob_chunk * vocab * fp32 + T * H * fp32),
+        (f"log-probs: {cfg.logprob_chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 head and its grad; fp32 grad of final hidden",
+         3 * cfg.logprob_chunk * vocab * fp32 + 2 * vocab * H * fp32 + T * H * fp32),
     ]
     peak = sum(b for _, b in rows)
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
