@@ -474,7 +474,7 @@ def main(cfg):
             elapsed = time.perf_counter() - t0
             bar.set_postfix(docs_per_s=f"{k / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
     elapsed = time.perf_counter() - t0
-    stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64)
+    stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64, device=device)  # nccl: on the GPU
     if world_size > 1:
         dist.barrier()
         dist.all_reduce(stats)  # generated tokens summed; seconds summed over ranks

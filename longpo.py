@@ -872,7 +872,8 @@ def bench(cfg, par):
         times.append(time.perf_counter() - t0)
     barrier(par)
     peak = step_memory(step, par.device)
-    row = torch.tensor([par.rank, sorted(times[1:])[len(times[1:]) // 2], peak / 1e6], dtype=torch.float64)
+    row = torch.tensor([par.rank, sorted(times[1:])[len(times[1:]) // 2], peak / 1e6], dtype=torch.float64,
+                       device=par.device)  # nccl takes no CPU tensors
     rows = [row.clone() for _ in range(par.world_size)]
     if par.world_size > 1:
         dist.all_gather(rows, row)
@@ -881,7 +882,7 @@ def bench(cfg, par):
            f"{torch.get_num_threads()} threads per process")
     kind = "peak allocated" if par.device.type == "cuda" else "peak RSS rise"
     print0(f"{'rank':>4} {'step time (s)':>14} {kind + ' in a step (MB)':>30}")
-    for r in rows:
+    for r in (r.tolist() for r in rows):
         print0(f"{int(r[0]):>4} {r[1]:14.3f} {r[2]:30.1f}")
 
 

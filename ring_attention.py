@@ -493,9 +493,11 @@ def main(cfg):
         bwd_times.append(t_bwd)
     errors = [_relative_error(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
     t_full, t_fwd, t_bwd = min(full_times), min(fwd_times[1:]), min(bwd_times[1:])
-    row = torch.tensor([rank, *errors, t_fwd, t_bwd, t_full], dtype=torch.float64)
-    rows = [torch.zeros_like(row) for _ in range(world_size)]
-    dist.all_gather(rows, row) if dist.is_initialized() else rows.__setitem__(0, row)
+    row = torch.tensor([rank, *errors, t_fwd, t_bwd, t_full], dtype=torch.float64, device=device)
+    rows = [row]  # collectives on the device: nccl takes no CPU tensors
+    if dist.is_initialized():
+        rows = [torch.zeros_like(row) for _ in range(world_size)]
+        dist.all_gather(rows, row)
     print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  "
            f"(errors: max|ring - fp32 reference| / max|reference|; times: best of {cfg.iters}, s)")
     print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} "
