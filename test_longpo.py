@@ -913,3 +913,17 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     assert sp["reward_accuracy"] == one["reward_accuracy"]
     assert math.isclose(sp["reward_margin"], one["reward_margin"], rel_tol=1e-5), (sp, one)
     assert json.load(open(sp_out))["settings"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_train_cli_baselines(tmp_path, loss):
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=9))
+    out = str(tmp_path / loss)
+    run_script(["longpo.py", "--data", data, "--output-dir", out, "--loss", loss, "--max-steps", "2"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    if loss == "dpo":  # the reference is the initial policy itself: rewards start at exactly 0
+        assert metrics[0]["rewards/chosen"] == 0.0 and metrics[0]["pref_loss"] == pytest.approx(math.log(2))
+    else:
+        assert "pref_loss" not in metrics[0] and metrics[0]["loss"] == metrics[0]["nll"]
+    assert os.path.exists(os.path.join(out, "final", "config.json"))
