@@ -548,6 +548,8 @@ def make_optimizer(model, cfg, total_steps):
 # ----------------------------------------------------------------------------- checkpoints
 
 def last_checkpoint(output_dir):
+    if not os.path.isdir(output_dir):
+        return None
     steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-")
              and d.split("-")[1].isdigit() and os.path.exists(os.path.join(output_dir, d, "trainer_state.json"))]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
@@ -915,6 +917,9 @@ def main(cfg):
     if cfg.plan:
         print(memory_plan(cfg))
         return
+    if not (cfg.resume or cfg.bench_tokens) and last_checkpoint(cfg.output_dir):  # every rank, before any collective
+        raise FileExistsError(f"{cfg.output_dir} holds checkpoints of an earlier run; pass --resume to continue "
+                              "it, or choose another --output-dir (nothing is overwritten)")
     rank, world_size, device = init_distributed()
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     random.seed(cfg.seed)

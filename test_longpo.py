@@ -601,6 +601,8 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
     run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2)
     run_script(args + ["--output-dir", part, "--stop-after", "2"], nproc=2)
     assert os.path.exists(os.path.join(part, "checkpoint-2")) and not os.path.exists(os.path.join(part, "final"))
+    with pytest.raises(AssertionError, match="pass --resume"):
+        run_script(args + ["--output-dir", part], nproc=2)  # never overwrites a run's checkpoints
     run_script(args + ["--output-dir", part, "--resume"], nproc=2)
 
     metrics = read_metrics(full)
