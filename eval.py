@@ -116,9 +116,12 @@ def rouge_l(prediction, reference):
 def parse_option(prediction, options):
     """Index of the option a free-text answer chose: a letter A-D (alone, 'B)', '(C)', 'Answer: D'),
     else the option whose text it contains; None if neither."""
-    m = re.search(r"(?:^|answer(?: is)?:?\s*|\(|\b)([A-D])(?:\)|\.|:|\b)", prediction.strip())
-    if m and ord(m.group(1)) - 65 < len(options):
-        return ord(m.group(1)) - 65
+    text = prediction.strip()
+    m = (re.match(r"\(([A-D])\)|([A-D])(?:[.):]|$)", text)  # "B", "B.", "B) ...", "(B)"; not "A good ..."
+         or re.search(r"(?:[Aa]nswer|[Oo]ption)(?: is)?\s*:?\s*\(?([A-D])\b", text))
+    letter = m and next(g for g in m.groups() if g)
+    if letter and ord(letter) - 65 < len(options):
+        return ord(letter) - 65
     found = [i for i, opt in enumerate(options) if normalize_answer(str(opt)) and normalize_answer(str(opt)) in normalize_answer(prediction)]
     return found[0] if len(found) == 1 else None
 

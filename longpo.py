@@ -327,6 +327,14 @@ def tiny_config(vocab_size):
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+def ensure_pad_token(tokenizer):
+    """Mistral and Llama tokenizers ship without a pad token; padding is always masked out here
+    (labels -100, attention masks), so the end-of-sequence token can serve."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
     """`tiny` (random weights from a FIXED seed: data_gen, longpo and eval see the same model), a hub
     id or a local directory. rope_theta > 0 replaces the model's RoPE theta (policy only)."""
@@ -340,7 +348,7 @@ def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
             torch.manual_seed(1234)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         return model.to(dtype), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name))
     config = AutoConfig.from_pretrained(name)
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None  # LongPO trains full attention (Mistral v0.2 has none)

@@ -648,6 +648,13 @@ def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
     assert not os.path.exists(os.path.join(out, "final"))
 
 
+def test_missing_pad_token_falls_back_to_eos():
+    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    assert longpo.ensure_pad_token(tokenizer).pad_token_id == tokenizer.eos_token_id
+
+
 def test_rope_theta_applies_to_the_policy_only():
     policy, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e7)
     reference, _ = longpo.load_model_and_tokenizer("tiny")
@@ -851,6 +858,9 @@ def test_eval_scorers_on_hand_made_cases():
     assert evaluation.parse_option("Answer: D", options) == 3
     assert evaluation.parse_option("I think it is london", options) == 1
     assert evaluation.parse_option("no idea", options) is None
+    assert evaluation.parse_option("A good guess is Rome.", options) == 2  # an article, not option A
+    assert evaluation.parse_option("The answer is a city: Oslo", options) == 3
+    assert evaluation.parse_option("(A)", options) == 0 and evaluation.parse_option("C) Rome", options) == 2
     assert evaluation.recall_score("numbers 123 and 456", ["123", "456", "789"]) == pytest.approx(2 / 3)
     assert evaluation.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert evaluation.truncate_middle([1, 2], 4) == [1, 2]
