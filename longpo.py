@@ -33,6 +33,7 @@ Commands:
         --output-dir runs/mistral-128k                            # one 8-GPU node
     python longpo.py --plan --model DIR --max-length 524288 --world-size 8 --sp-size 8
 """
+import copy
 import dataclasses
 import json
 import math
@@ -249,23 +250,52 @@ def validate_record(rec, where, need_ref):
                 "produce the data with data_gen.py")
 
 
+class Records:
+    """A preference JSONL validated once, then read one record at a time: 45K records of 128K tokens
+    are ~20 GB of text, which no process should hold. refs[i] = (ref_chosen_logp, ref_rejected_logp),
+    None where the file has none."""
+
+    def __init__(self, path, need_ref=False):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data {path} does not exist; create it first with: python data_gen.py --out {path}")
+        self.path, self.offsets, self.refs = path, [], []
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:  # bad JSON or bad UTF-8
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                    validate_record(rec, f"{path}:{lineno}", need_ref)
+                    self.offsets.append(offset)
+                    self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
+                offset += len(line)
+        if not self.offsets:
+            raise ValueError(f"{path} holds no records")
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            return json.loads(f.readline())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def select(self, indices):
+        """The records at these indices, in this order."""
+        subset = copy.copy(self)
+        subset.offsets, subset.refs = [self.offsets[i] for i in indices], [self.refs[i] for i in indices]
+        return subset
+
+
 def load_records(path, need_ref=False):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--data {path} does not exist; create it first with: python data_gen.py --out {path}")
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            validate_record(rec, f"{path}:{lineno}", need_ref)
-            records.append(rec)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
+    return Records(path, need_ref)
 
 
 def build_example(rec, tokenizer):
@@ -691,31 +721,33 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
 
 
 def prepare_data(cfg, par, tokenizer, compute_dtype):
-    """Records, their reference log-probs (computed on the SHORT inputs where missing), filtered by
-    --max-length. Every rank ends with the same list."""
+    """Records filtered by --max-length and their reference log-probs (computed on the SHORT inputs
+    where the file has none). Every rank ends with the same records."""
     records = load_records(cfg.data)
     if cfg.max_length:
-        lengths = distributed_map(lambda rec: max(len(format_dialogue(tokenizer, rec["document"], rec["turns"], s)[0])
-                                                  for s in ("chosen", "rejected")), records, par, "lengths")
-        kept = [rec for rec, n in zip(records, lengths) if n <= cfg.max_length]
+        def length(i):
+            rec = records[i]
+            return max(len(format_dialogue(tokenizer, rec["document"], rec["turns"], side)[0])
+                       for side in ("chosen", "rejected"))
+        lengths = distributed_map(length, range(len(records)), par, "lengths")
+        kept = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
         print0(f"--max-length {cfg.max_length}: kept {len(kept)} of {len(records)} records "
                f"({len(records) - len(kept)} longer ones skipped)")
         if not kept:
             raise ValueError(f"no record fits --max-length {cfg.max_length}; raise it")
-        records = kept
-    missing = [i for i, rec in enumerate(records) if "ref_chosen_logp" not in rec or "ref_rejected_logp" not in rec]
+        records = records.select(kept)
+    missing = [i for i, ref in enumerate(records.refs) if None in ref]
     if cfg.loss == "longpo" and missing:
         name = cfg.ref_model or cfg.model
         print0(f"{len(missing)} records lack reference log-probs: computing them with {name} on the short inputs")
         ref, ref_tok = load_model_and_tokenizer(name, compute_dtype)  # its own RoPE, not --rope-theta
         ref.to(par.device).eval()
-        values = distributed_map(lambda rec: short_ref_logps(ref, build_example(rec, ref_tok), par.device),
-                                 [records[i] for i in missing], par, "reference log-probs")
-        for i, (chosen, rejected) in zip(missing, values):
-            records[i] = {**records[i], "ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
+        values = distributed_map(lambda i: short_ref_logps(ref, build_example(records[i], ref_tok), par.device),
+                                 missing, par, "reference log-probs")
+        for i, value in zip(missing, values):
+            records.refs[i] = value
         del ref
-    refs = [(rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")) for rec in records]
-    return records, refs, tokenizer
+    return records, records.refs, tokenizer
 
 
 def open_metrics(cfg, start_step, par):

@@ -939,3 +939,19 @@ def test_train_cli_baselines(tmp_path, loss):
     else:
         assert "pref_loss" not in metrics[0] and metrics[0]["loss"] == metrics[0]["nll"]
     assert os.path.exists(os.path.join(out, "final", "config.json"))
+
+
+def test_max_length_filter_and_lazy_records(tmp_path):
+    records = make_records(3, seed=14, with_ref=True)
+    records[1]["document"] *= 3  # the long one (its chunk spans stay inside)
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    tokenizer = longpo.build_tiny_tokenizer()
+    lengths = [max(len(longpo.format_dialogue(tokenizer, r["document"], r["turns"], side)[0])
+                   for side in ("chosen", "rejected")) for r in records]
+    assert lengths[1] > max(lengths[0], lengths[2])
+    cfg = longpo.TrainConfig(data=path, max_length=max(lengths[0], lengths[2]), grad_accum=1)
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    kept, refs, _ = longpo.prepare_data(cfg, single, tokenizer, torch.float32)
+    assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
+    assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
+    assert kept[1] == records[2] and kept[-1:] == [records[2]]  # read back from the file on demand
