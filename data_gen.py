@@ -215,41 +215,61 @@ def template_questions(chunk_text, facts):
 
 # ----------------------------------------------------------------------------- input
 
-def load_docs(spec, skip_bad):
-    """[{"id", "text", ("facts")}] from 'demo', a folder of .txt files or a JSONL file; and the
-    count of skipped bad lines."""
-    if spec == "demo":
-        return demo_corpus(), 0
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.txt")))
-        if not paths:
-            raise ValueError(f"--docs {spec}: the folder holds no .txt files")
-        docs = []
-        for path in paths:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                docs.append({"id": os.path.splitext(os.path.basename(path))[0], "text": f.read()})
-        return docs, 0
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--docs {spec}: no such file or folder (give a JSONL file, a folder of .txt files, or 'demo')")
-    docs, bad = [], 0
-    with open(spec, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ValueError("needs a string field 'text'")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if not skip_bad:
-                    raise ValueError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
-                bad += 1
-                continue
-            docs.append({"id": str(rec.get("id", f"line-{lineno}")), "text": rec["text"]})
-    ids = [d["id"] for d in docs]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--docs {spec}: document ids are not unique; resuming needs unique ids")
-    return docs, bad
+class Docs:
+    """The input documents by index, each read from disk when needed (a corpus of long documents need
+    not fit in memory): the built-in demo corpus, a folder of .txt files, or a JSONL file with a
+    'text' field (optional 'id'), validated line by line once."""
+
+    def __init__(self, spec, skip_bad=False):
+        self.spec, self.bad_lines = spec, 0
+        if spec == "demo":
+            self.sources = demo_corpus()
+            self.ids = [d["id"] for d in self.sources]
+        elif os.path.isdir(spec):
+            self.sources = sorted(glob.glob(os.path.join(spec, "*.txt")))
+            if not self.sources:
+                raise ValueError(f"--docs {spec}: the folder holds no .txt files")
+            self.ids = [os.path.splitext(os.path.basename(p))[0] for p in self.sources]
+        elif os.path.isfile(spec):
+            self.sources, self.ids = self._index_jsonl(spec, skip_bad)
+        else:
+            raise FileNotFoundError(f"--docs {spec}: no such file or folder (give a JSONL file, a folder of .txt files, or 'demo')")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"--docs {spec}: document ids are not unique; resuming needs unique ids")
+
+    def _index_jsonl(self, spec, skip_bad):
+        offsets, ids, offset = [], [], 0
+        with open(spec, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise ValueError("needs a string field 'text'")
+                except ValueError as e:  # bad JSON, bad UTF-8, or no text
+                    if not skip_bad:
+                        raise ValueError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
+                    self.bad_lines += 1
+                    continue
+                offsets.append(start)
+                ids.append(str(rec.get("id", f"line-{lineno}")))
+        return offsets, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        source = self.sources[i]
+        if isinstance(source, dict):
+            return source
+        if isinstance(source, str):
+            with open(source, encoding="utf-8", errors="replace") as f:
+                return {"id": self.ids[i], "text": f.read()}
+        with open(self.spec, "rb") as f:
+            f.seek(source)
+            return {"id": self.ids[i], "text": json.loads(f.readline())["text"]}
 
 
 def resolve(cfg):
@@ -364,17 +384,24 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
 # ----------------------------------------------------------------------------- never losing work
 
 def read_parts(folder):
-    """Records and dropped-document entries that any rank has finished (a line torn by a kill is
-    ignored: that document is simply done again)."""
+    """What any rank has finished, as light entries (no document text): kept records with where their
+    line is, and dropped documents. A line torn by a kill is ignored: that document is done again."""
     records, dropped = [], []
     for path in sorted(glob.glob(os.path.join(folder, "rank*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
+            offset = 0
             for line in f:
+                start, offset = offset, offset + len(line)
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:
                     continue
-                (dropped if "dropped" in entry else records).append(entry)
+                if "dropped" in entry:
+                    dropped.append(entry)
+                else:
+                    records.append({"id": entry["id"], "doc_index": entry["meta"]["doc_index"],
+                                    "turns": len(entry["turns"]), "filtered_turns": entry["meta"]["filtered_turns"],
+                                    "path": path, "offset": start})
     return records, dropped
 
 
@@ -406,28 +433,29 @@ def check_same_arguments(folder, cfg):
 
 
 def summarise(records, dropped, n_docs, bad_lines):
-    filtered = {}
-    for entry in [r["meta"] for r in records] + dropped:
+    filtered, reasons = {}, {}
+    for entry in records + dropped:
         for reason, n in entry.get("filtered_turns", {}).items():
             filtered[reason] = filtered.get(reason, 0) + n
-    reasons = {}
     for d in dropped:
         reasons[d["dropped"]] = reasons.get(d["dropped"], 0) + 1
     return {"documents_in": n_docs, "bad_lines_skipped": bad_lines, "kept": len(records),
-            "dropped_documents": reasons, "turns_kept": sum(len(r["turns"]) for r in records),
+            "dropped_documents": reasons, "turns_kept": sum(r["turns"] for r in records),
             "turns_filtered": filtered}
 
 
 def merge(cfg, n_docs, bad_lines, stats):
-    """Rank 0: the parts into one JSONL in document order (atomically), plus <out>.meta.json."""
+    """Rank 0: the parts into one JSONL in document order, line by line and atomically (tmp file,
+    then rename), plus <out>.meta.json."""
     import transformers
     records, dropped = read_parts(cfg.out + ".parts")
-    unique = {r["id"]: r for r in records}  # a document is only ever finished once; be safe anyway
-    records = sorted(unique.values(), key=lambda r: r["meta"]["doc_index"])
+    records = sorted({r["id"]: r for r in records}.values(), key=lambda r: r["doc_index"])  # once each
     tmp = cfg.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") as out:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            with open(rec["path"], "rb") as part:
+                part.seek(rec["offset"])
+                out.write(part.readline())
     os.replace(tmp, cfg.out)
     summary = {**summarise(records, dropped, n_docs, bad_lines), **stats}
     meta = {"args": dataclasses.asdict(cfg), "model": cfg.model,
@@ -444,7 +472,7 @@ def merge(cfg, n_docs, bad_lines, stats):
 def main(cfg):
     cfg = resolve(cfg)
     rank, world_size, device = init_distributed()
-    docs, bad_lines = load_docs(cfg.docs, cfg.skip_bad)
+    docs = Docs(cfg.docs, cfg.skip_bad)
     folder = cfg.out + ".parts"
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -453,7 +481,7 @@ def main(cfg):
         dist.barrier()
     records, dropped = read_parts(folder)
     done = {e["id"] for e in records + dropped}
-    mine = [(i, d) for i, d in enumerate(docs) if i % world_size == rank and d["id"] not in done]
+    mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -466,7 +494,8 @@ def main(cfg):
     counts, t0 = {"generated": 0}, time.perf_counter()
     with open_part(os.path.join(folder, f"rank{rank}.jsonl")) as part:
         bar = tqdm(mine, desc="documents", disable=rank != 0)
-        for k, (i, doc) in enumerate(bar, 1):
+        for k, i in enumerate(bar, 1):
+            doc = docs[i]
             rec, reason, filtered = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
             entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -480,7 +509,7 @@ def main(cfg):
         dist.all_reduce(stats)  # generated tokens summed; seconds summed over ranks
     if rank == 0:
         generated, seconds = stats.tolist()
-        summary = merge(cfg, len(docs), bad_lines, {
+        summary = merge(cfg, len(docs), docs.bad_lines, {
             "generated_tokens_this_run": int(generated),
             "generated_tokens_per_s": round(generated / max(seconds / world_size, 1e-9), 1)})
         print0(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}")

@@ -739,9 +739,16 @@ def test_bad_document_lines(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n{oops\n" + json.dumps({"id": "x", "body": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"docs.jsonl:2: .*--skip-bad"):
-        data_gen.load_docs(str(path), skip_bad=False)
-    docs, bad = data_gen.load_docs(str(path), skip_bad=True)
-    assert [d["id"] for d in docs] == ["line-1"] and bad == 2
+        data_gen.Docs(str(path), skip_bad=False)
+    docs = data_gen.Docs(str(path), skip_bad=True)
+    assert docs.ids == ["line-1"] and docs.bad_lines == 2 and docs[0] == {"id": "line-1", "text": "a"}
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second")
+    (folder / "a.txt").write_text("first")
+    assert data_gen.Docs(str(folder)).ids == ["a", "b"] and data_gen.Docs(str(folder))[1]["text"] == "second"
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        data_gen.Docs(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="template needs"):
         data_gen.resolve(data_gen.DataGenConfig(docs=str(path), questions="template"))
 
