@@ -514,29 +514,34 @@ def sp_equivalence_worker(rank, world_size):
                 assert_close(grads[name], g, 1e-9, f"{loss} fsdp={fsdp} rank {rank} grad {name}")
     # DP = 2 (sp 1): each rank its own sample; FSDP's gradient is the mean over the two samples
     dp2 = longpo.setup_parallel(1, rank, world_size, torch.device("cpu"))
-    examples = [longpo.build_example(r, tokenizer) for r in records]
-    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
-    per_sample = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
-                  for ex, rf in zip(examples, refs)]
+    examples, refs, mean = two_samples(seed=11)
     _, grads = one_micro_step("longpo", dp2, perturbed_tiny(0.02, 1)[0], None, examples[rank], refs[rank], True)
     for name, g in grads.items():
-        assert_close(g, (per_sample[0][name] + per_sample[1][name]) / 2, 1e-9, f"dp=2 grad {name}")
+        assert_close(g, mean[name], 1e-9, f"dp=2 grad {name}")
 
 
-def test_grad_accumulation_averages_samples():
+def two_samples(seed):
+    """Two tiny preference samples, their reference log-probs, and the mean of their one-process
+    LongPO gradients: what any way of batching the two must reproduce."""
     tokenizer = longpo.build_tiny_tokenizer()
-    records = make_records(2, seed=12, with_ref=True)
+    records = make_records(2, seed=seed, with_ref=True)
     examples = [longpo.build_example(r, tokenizer) for r in records]
     refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    separate = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
-                for ex, rf in zip(examples, refs)]
+    grads = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
+             for ex, rf in zip(examples, refs)]
+    return examples, refs, {name: (grads[0][name] + grads[1][name]) / 2 for name in grads[0]}
+
+
+def test_grad_accumulation_averages_samples():
+    examples, refs, mean = two_samples(seed=12)
     model = perturbed_tiny(0.02, 1)[0]
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=2, logprob_chunk=64, sp_size=1)
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     for ex, rf in zip(examples, refs):
         longpo.micro_step(model, None, ex, rf, cfg, single, pad_id=0)
     for name, p in model.named_parameters():
-        assert_close(p.grad, (separate[0][name] + separate[1][name]) / 2, 1e-10, f"accumulated grad {name}")
+        assert_close(p.grad, mean[name], 1e-10, f"accumulated grad {name}")
 
 
 def test_sp2_equals_sp1_losses_and_every_gradient():
@@ -546,19 +551,13 @@ def test_sp2_equals_sp1_losses_and_every_gradient():
 def dp_sp_worker(rank, world_size):
     """world 4 = dp 2 x sp 2: ranks {0, 1} and {2, 3} each ring over one sample; FSDP2 over all four
     gives the mean of the two samples' gradients."""
-    tokenizer = longpo.build_tiny_tokenizer()
-    records = make_records(2, seed=13, with_ref=True)
-    examples = [longpo.build_example(r, tokenizer) for r in records]
-    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
-    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    per_sample = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
-                  for ex, rf in zip(examples, refs)]
+    examples, refs, mean = two_samples(seed=13)
     par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     assert (par.dp_rank, par.sp_rank) == divmod(rank, 2) and dist.get_world_size(par.sp_group) == 2
     _, grads = one_micro_step("longpo", par, perturbed_tiny(0.02, 1)[0], None, examples[par.dp_rank],
                               refs[par.dp_rank], True)
     for name, g in grads.items():
-        assert_close(g, (per_sample[0][name] + per_sample[1][name]) / 2, 1e-9, f"dp2 x sp2 grad {name} rank {rank}")
+        assert_close(g, mean[name], 1e-9, f"dp2 x sp2 grad {name} rank {rank}")
 
 
 def test_dp2_by_sp2_gradients():
