@@ -961,3 +961,17 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
     assert kept[1] == records[2] and kept[-1:] == [records[2]]  # read back from the file on demand
+
+
+def test_data_gen_long_model_answers_only_the_long_inputs():
+    """make_record takes (model, long_model): the long model (e.g. with --rope-theta raised) writes
+    the rejected answers only; chosen answers and reference log-probs stay with the model."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    other, _ = perturbed_tiny(0.5, seed=4)
+    cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16))
+    doc = data_gen.demo_corpus()[0]
+    same, _, _ = data_gen.make_record(doc, 0, (model, model), tokenizer, cfg, {"generated": 0})
+    mixed, _, _ = data_gen.make_record(doc, 0, (model, other.float()), tokenizer, cfg, {"generated": 0})
+    assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
+    assert [t["rejected"] for t in same["turns"]] != [t["rejected"] for t in mixed["turns"]]
+    assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
