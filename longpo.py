@@ -23,11 +23,13 @@ What this file implements (method.md):
 
 Deliberate simplifications: one sample per micro-batch per DP group (the paper's batch of 8 is
 grad-accumulation); the reference log-probs are precomputed in the data (data_gen.py) or computed
-once up front with --ref-model on the short inputs, not run live.
+once up front with --ref-model on the short inputs, not run live; flags left at 0 (lr, grad_accum,
+sp_size) take the paper's values, a demo value for the random tiny model, and all ranks for sp.
 
-Commands:
+Commands (after `python data_gen.py`, whose output is the default --data):
     python longpo.py                                             # tiny model, CPU, one process
-    torchrun --nproc_per_node 2 longpo.py --sp-size 2            # tiny model, CPU, SP = 2
+    torchrun --nproc_per_node 2 longpo.py                        # tiny model, CPU, SP = 2 (all ranks)
+    python longpo.py --bench-tokens 16384                        # step time and memory benchmark
     torchrun --nproc_per_node 8 longpo.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
         --data data/longpo_128k.jsonl --sp-size 8 --max-length 131072 --rope-theta 1e7 \\
         --output-dir runs/mistral-128k                            # one 8-GPU node

@@ -304,6 +304,7 @@ def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel):
     ring, c = _Ring(group), q.shape[1] // 2
     kv = torch.stack([k, v])
     dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+    dkv_requests = dkv_in = None  # the travelling dk/dv accumulator, posted at the end of each step
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             kv_requests, kv_next = ring.send_recv(kv)
