@@ -38,6 +38,7 @@ Commands:
 """
 import bisect
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -123,11 +124,15 @@ def split_span(text, start, end, count, starts, limit):
     return pieces + split_span(text, first, end, count, starts, limit)
 
 
+def tokens_in(starts, a, b):
+    """Tokens of the text that start inside the character span [a, b) (starts: each token's offset)."""
+    return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
+
 def chunk_document(text, starts, chunk_min, chunk_max):
     """Non-overlapping [start, end) chunks of chunk_min..chunk_max tokens of text, cut at paragraph
     boundaries (then lines, then tokens). starts: the character offset of each token of text."""
-    def count(a, b):  # tokens that start inside [a, b)
-        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+    count = functools.partial(tokens_in, starts)
     pieces = [p for a, b in paragraph_spans(text) for p in split_span(text, a, b, count, starts, chunk_max)]
     chunks, current = [], []
     for piece in pieces + [None]:
@@ -295,30 +300,13 @@ def resolve(cfg):
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p=1.0):
-    """Decode a batch of token-id prompts (left-padded, KV cache); returns (texts, new tokens)."""
-    from transformers import GenerationConfig
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, **sampling)
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    new = out[:, width:]
-    n_new = int((new != tokenizer.pad_token_id).sum())
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], n_new
-
-
 def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
     """Answers of the model to each (context, instruction), with longpo's chat formatting."""
     prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
     step = cfg.batch_size if batched else 1
     texts, n_new = [], 0
     for k in range(0, len(prompts), step):
-        t, n = generate(model, tokenizer, prompts[k:k + step], **sampling)
+        t, n = longpo.generate(model, tokenizer, prompts[k:k + step], **sampling)
         texts += t
         n_new += n
     return texts, n_new
@@ -332,7 +320,8 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     n_tokens = len(enc["input_ids"])
     if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
         return None, "doc_length", {}
-    chunks = chunk_document(text, [a for a, _ in enc["offset_mapping"]], cfg.chunk_min, cfg.chunk_max)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
     rng = random.Random(f"{cfg.seed}-{doc['id']}")
     chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
@@ -372,7 +361,7 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     rec = {"id": doc["id"], "document": text, "turns": kept,
            "meta": {"doc_index": doc_index, "generator": cfg.model, "questions": cfg.questions,
                     "doc_tokens": n_tokens, "filtered_turns": filtered,
-                    "chunk_tokens": [len(tokenizer(text[t["chunk"][0]:t["chunk"][1]], add_special_tokens=False)["input_ids"]) for t in kept],
+                    "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in kept],
                     "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
     # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
     device = next(model.parameters()).device

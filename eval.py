@@ -216,14 +216,8 @@ def build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, r
     return assemble(lo, tail[:a])
 
 
-@torch.no_grad()
 def greedy(model, tokenizer, ids, max_new_tokens):
-    from transformers import GenerationConfig
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=torch.tensor([ids], device=device), generation_config=config)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    return longpo.generate(model, tokenizer, [ids], max_new_tokens)[0][0]
 
 
 def eval_ruler(model, tokenizer, cfg):
@@ -393,14 +387,13 @@ def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
     acc = margin = 0.0
     for rec in records:
         ex = longpo.build_example(rec, tokenizer)
-        logps = []
-        for side in ("chosen", "rejected"):
-            seq = longpo.prepare_sequence(ex[side]["ids"], {"answer": ex[side]["is_answer"]}, par, tokenizer.pad_token_id)
-            logps.append(longpo.policy_logps(model, seq, par, chunk)[0].item())
-        chosen = beta * (logps[0] - rec["ref_chosen_logp"])
-        rejected = beta * (logps[1] - rec["ref_rejected_logp"])
-        acc += float(chosen > rejected)
-        margin += chosen - rejected
+        logps = [longpo.policy_logps(model, longpo.prepare_sequence(ex[side]["ids"], {"answer": ex[side]["is_answer"]},
+                                                                    par, tokenizer.pad_token_id), par, chunk)[0]
+                 for side in ("chosen", "rejected")]
+        refs = [torch.tensor([rec[f"ref_{side}_logp"]], device=par.device) for side in ("chosen", "rejected")]
+        _, chosen, rejected = longpo.longpo_loss(*logps, *refs, beta)
+        acc += float(chosen.item() > rejected.item())
+        margin += (chosen - rejected).item()
     return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
 
 
@@ -436,9 +429,8 @@ def load(name, device):
     return model.to(device).eval(), tokenizer
 
 
-def single_device_tasks(name, ref_name, tasks, records, cfg, device):
+def single_device_tasks(model, tokenizer, ref_model, tasks, records, cfg):
     """Everything but the SP scoring, on one device: RULER, InfiniteBench, multiple choice, KL."""
-    model, tokenizer = load(name, device)
     results, heat = {}, None
     if "ruler" in tasks:
         results["ruler"], heat = eval_ruler(model, tokenizer, cfg)
@@ -447,7 +439,6 @@ def single_device_tasks(name, ref_name, tasks, records, cfg, device):
     if "mc" in tasks:
         results["mc"] = {set_name: eval_mc(model, tokenizer, items) for set_name, items in load_mc(cfg.mc).items()}
     if "kl" in tasks:
-        ref_model = model if ref_name == name else load(ref_name, device)[0]
         results["kl"] = eval_kl(model, ref_model, tokenizer, records)
     return results, heat
 
@@ -514,16 +505,19 @@ def main(cfg):
     ref_name = cfg.ref_model or baseline or cfg.model
     records = longpo.load_records(cfg.pref_data, need_ref=True)[:cfg.max_pairs] if {"kl", "pref"} & set(tasks) else []
     results = {label: {} for label in models}
+    loaded = {name: load(name, device) for name in dict.fromkeys(models.values())}  # each model once
     if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
         for label, name in models.items():
-            model, tokenizer = load(name, device)
+            model, tokenizer = loaded[name]
             if par.sp_size > 1:
                 model.set_attn_implementation("ring_attention")
             results[label]["pref"] = eval_pref(model, tokenizer, records, par, cfg.beta)
+            model.set_attn_implementation("sdpa")  # generation below runs on one device
     if rank == 0:  # phase 2, one device: generation and short-input scoring
         heat = {}
+        ref_model = (loaded.get(ref_name) or load(ref_name, device))[0] if "kl" in tasks else None
         for label, name in models.items():
-            res, heat[label] = single_device_tasks(name, ref_name, tasks, records, cfg, device)
+            res, heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, records, cfg)
             results[label].update(res)
         rows = {label: summary_row(res) for label, res in results.items()}
         if len(rows) == 2:

@@ -359,6 +359,23 @@ def tiny_config(vocab_size):
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0):
+    """Decode token-id prompts together (left-padded, KV cache), greedy at temperature 0; returns
+    (texts, number of new tokens). Used by data_gen.py and eval.py."""
+    from transformers import GenerationConfig
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    new = out[:, width:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], int((new != tokenizer.pad_token_id).sum())
+
+
 def ensure_pad_token(tokenizer):
     """Mistral and Llama tokenizers ship without a pad token; padding is always masked out here
     (labels -100, attention masks), so the end-of-sequence token can serve."""
@@ -479,13 +496,13 @@ def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
     masks = {"answer": example["chosen"]["is_answer"], "seq": [True] * len(example["chosen"]["ids"])}
     chosen = prepare_sequence(example["chosen"]["ids"], masks, par, pad_id)
     nll_mask = chosen["seq"] if (cfg.nll_target == "sequence" and cfg.loss != "sft") else chosen["answer"]
-    rejected = prepare_sequence(example["rejected"]["ids"], {"answer": example["rejected"]["is_answer"]},
-                                par, pad_id)
-    n_tokens = len(example["chosen"]["ids"]) + (0 if cfg.loss == "sft" else len(example["rejected"]["ids"]))
     if cfg.loss == "sft":
         logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_mask)
         (nll * grad_scale).backward()
-        return {"loss": nll.item(), "nll": nll.item(), "logps/chosen": logp_c.item()}, n_tokens
+        return {"loss": nll.item(), "nll": nll.item(), "logps/chosen": logp_c.item()}, len(example["chosen"]["ids"])
+    rejected = prepare_sequence(example["rejected"]["ids"], {"answer": example["rejected"]["is_answer"]},
+                                par, pad_id)
+    n_tokens = len(example["chosen"]["ids"]) + len(example["rejected"]["ids"])
     if cfg.loss == "dpo":  # reference = the frozen model on the LONG input
         with torch.no_grad():
             ref_c, _ = policy_logps(ref_model, chosen, par, cfg.logprob_chunk)
@@ -516,19 +533,11 @@ def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
 def short_ref_logps(ref_model, example, device):
     """Eq. 13 reference: sum over turns of log pi_S(y_i | C_S,i, I_i), each turn on its own chunk.
     Short inputs fit one device: no sequence parallelism. Returns (chosen, rejected) floats."""
-    sums = []
-    for side in ("short_chosen", "short_rejected"):
-        total = 0.0
-        for seq in example[side]:
-            ids = torch.tensor([seq["ids"]], device=device)
-            targets, mask = shifted_targets(seq["ids"], seq["is_answer"])
-            hidden = ref_model(input_ids=ids, use_cache=False, output_hidden_states=True,
-                               logits_to_keep=1).hidden_states[-1]
-            logps = token_logps(hidden, ref_model.get_output_embeddings().weight,
-                                targets.unsqueeze(0).to(device), mask.unsqueeze(0).to(device), 4096)
-            total += logps.sum().item()
-        sums.append(total)
-    return tuple(sums)
+    single = Parallel(0, 1, 1, None, torch.device(device))
+    # the same log-prob path as training, on one device; the padding token is never a target
+    return tuple(sum(policy_logps(ref_model, prepare_sequence(seq["ids"], {"answer": seq["is_answer"]}, single, 0),
+                                  single, 4096)[0].item() for seq in example[side])
+                 for side in ("short_chosen", "short_rejected"))
 
 
 def distributed_map(fn, items, par, desc):
@@ -716,6 +725,7 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    # tokens: the world mean of tokens * world / sp is the sum over DP groups (sp replicas each)
     metrics = world_mean({**sums, "tokens": tokens / par.sp_size * par.world_size}, par)
     elapsed = time.perf_counter() - t0
     return {"step": step + 1, **{k: v for k, v in metrics.items() if k != "tokens"},
