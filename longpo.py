@@ -74,7 +74,7 @@ class TrainConfig:
     beta: float = field(default=0.1, metadata={"help": "reward scale beta (paper 0.1; release code 0.01)"})
     lam: float = field(default=0.01, metadata={"help": "weight lambda of the preference term (paper and code 0.01)"})
     nll_target: str = field(default="sequence", metadata={"help": "sequence (paper: whole chosen long sequence) | responses (chosen answers only)"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 5e-7 as paper and code, 1e-4 for --model tiny; SFT baseline 2e-5)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: the paper's, 5e-7 for longpo/dpo and 2e-5 for its sft baseline; 1e-4 for --model tiny)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps, then cosine to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper 0; the release launch script uses rmsprop)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
@@ -166,46 +166,111 @@ def sp_sum(x, group):
 
 # ----------------------------------------------------------------------------- formatting
 
+# Characters of already-rendered text given to the tokenizer as left context of the next piece.
+# Tokenizers cut text locally (pre-tokenizer words, BPE within them), so a short window decides
+# how the piece starts; it keeps formatting linear in the document length.
+CONTEXT_CHARS = 256
+
+
+def encode_after(tokenizer, before, text):
+    """Token ids of `text` as the tokenizer cuts it when it FOLLOWS `before` in one string.
+
+    Pieces of a dialogue cannot be tokenized on their own: a SentencePiece tokenizer (Llama,
+    Mistral) puts a dummy '▁' before every string it starts, so the answer 'The' after
+    '<|assistant|>\\n' would become '▁The', and a lone ' ' before it a token of its own; the model
+    wrote 'The' and '▁The' resp. Encoding `before + text` and keeping what follows `before`'s
+    tokens gives the tokens the model itself produces after the prompt."""
+    def encode(s):
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+    if not before:
+        return encode(text)
+    anchor = before[-CONTEXT_CHARS:]
+    head, both = encode(anchor), encode(anchor + text)
+    if both[:len(head)] == head:
+        return both[len(head):]
+    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
+    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
+    # tokens that start inside text; one that straddles the border cannot be split.
+    enc = tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    ends = [b for _, b in enc["offset_mapping"]]
+    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
+        raise ValueError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
+                         "format_dialogue cannot split such a template turn by turn")
+    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
+
+
+def special_tokens(tokenizer):
+    """{text: id} of the tokenizer's special tokens: bos/eos/pad and the added ones marked special,
+    which include end-of-turn markers such as <|im_end|> or <|eot_id|>."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+             if getattr(t, "special", False)}
+    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
+
+
+def split_answer(segment, answer, specials):
+    """Cut what the template renders after the generation prompt into (answer span, rest).
+
+    segment: the rendered assistant turn, e.g. ' The answer</s>' (Mistral), 'The answer<|eot_id|>'
+    (Llama-3, content trimmed), 'The answer<|im_end|>\\n' (ChatML). The answer span is the leading
+    whitespace the template adds, the answer as rendered (templates may trim it) and everything up
+    to the last special token after it (the end-of-turn marker: the model must learn to stop); the
+    rest (ChatML's newline after <|im_end|>) is context the model never writes."""
+    core = answer.strip()
+    head = segment[:len(segment) - len(segment.lstrip())]
+    if not segment[len(head):].startswith(core):
+        raise ValueError("the chat template alters the assistant text (it renders "
+                         f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
+    tail = segment[len(head) + len(core):]
+    cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
+    return segment[:len(head) + len(core) + cut], tail[cut:]
+
+
 def format_dialogue(tokenizer, context, turns, answer_key=None):
     """THE chat formatting of a (long or short) sequence, shared by data_gen.py and training.
 
     context: the document (long) or one chunk (short); turns: dicts with "instruction" and, when
     answer_key is given, turns[i][answer_key] the answer. The first user message is context + a
     blank line + instruction (Eq. 13: the document appears once). Returns (input_ids, is_answer):
-    token ids and a same-length bool list marking the answer tokens (with the end-of-turn tokens
-    the template adds after each answer: the model must learn to stop). With answer_key=None the
-    sequence ends with the generation prompt of the last instruction (for generation)."""
+    token ids and a same-length bool list marking the answer tokens. With answer_key=None the
+    sequence ends with the generation prompt of the last instruction (for generation).
+
+    Works with any template that renders turn by turn (Mistral [INST], Llama-2/3, ChatML, Zephyr,
+    Gemma, ...): each generation prompt, as apply_chat_template(add_generation_prompt=True) renders
+    it, is a prefix of the dialogue, and what follows it up to the end-of-turn marker is the answer
+    span (split_answer). The first prompt is tokenized on its own, exactly as for generation; every
+    later piece as the continuation of the text before it (encode_after), as the model writes it."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
-    messages = []
+    messages, pieces, done, rest = [], [], "", ""  # pieces: (text, is_answer), concatenating to the dialogue
+    specials = special_tokens(tokenizer)
     for i, turn in enumerate(turns):
         text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
         messages.append({"role": "user", "content": text})
-        if answer_key is not None:
-            messages.append({"role": "assistant", "content": turn[answer_key]})
-    ids, is_answer, done = [], [], ""
-
-    def add(text, answer):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids.extend(piece)
-        is_answer.extend([answer] * len(piece))
-
-    for i in range(0, len(messages), 2):
-        prompt = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not prompt.startswith(done):
             raise ValueError("the chat template does not render turn by turn as a prefix of the "
                              "whole dialogue; format_dialogue needs such a template")
-        add(prompt[len(done):], False)
+        pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
         done = prompt
         if answer_key is None:
-            continue
-        full = tokenizer.apply_chat_template(messages[:i + 2], tokenize=False)
-        answer = messages[i + 1]["content"]
-        if not full.startswith(prompt + answer):
-            raise ValueError("the chat template alters the assistant text; cannot locate the answer tokens")
-        add(answer, True)
-        add(full[len(prompt + answer):], True)  # end-of-turn marker, e.g. </s>
+            break
+        messages.append({"role": "assistant", "content": turn[answer_key]})
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the dialogue differently from its generation "
+                             "prompt; cannot locate the answer tokens")
+        span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
+        pieces.append((span, True))
         done = full
+    pieces.append((rest, False))
+    ids, is_answer, before = [], [], ""
+    for text, answer in pieces:
+        if text:
+            piece = encode_after(tokenizer, before, text)
+            ids += piece
+            is_answer += [answer] * len(piece)
+            before = (before + text)[-CONTEXT_CHARS:]
     return ids, is_answer
 
 
@@ -359,17 +424,30 @@ def tiny_config(vocab_size):
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+def stop_token_ids(tokenizer, model=None):
+    """Tokens that end an answer: the end-of-turn special tokens the chat template closes an
+    assistant turn with (Llama-3's <|eot_id|>, Gemma's <end_of_turn>, ChatML's <|im_end|>, which are
+    not always the tokenizer's eos), the eos, and those of the model's generation config."""
+    ids, is_answer = format_dialogue(tokenizer, "", [{"instruction": "?", "answer": "ok"}], "answer")
+    special = set(special_tokens(tokenizer).values())
+    stops = [t for t, a in zip(ids, is_answer) if a and t in special] + [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops += configured if isinstance(configured, list) else [configured]
+    return sorted({t for t in stops if t is not None})
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0):
-    """Decode token-id prompts together (left-padded, KV cache), greedy at temperature 0; returns
-    (texts, number of new tokens). Used by data_gen.py and eval.py."""
+    """Decode token-id prompts together (left-padded, KV cache), greedy at temperature 0, until an
+    end-of-turn token (stop_token_ids); returns (texts, number of new tokens). Used by data_gen.py
+    and eval.py."""
     from transformers import GenerationConfig
     width = max(map(len, prompts))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, **sampling)
+                              eos_token_id=stop_token_ids(tokenizer, model), **sampling)
     device = next(model.parameters()).device
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     new = out[:, width:]
@@ -957,9 +1035,10 @@ def check_config(cfg):
 
 def resolve_defaults(cfg):
     """Flags left at 0 take the paper's value, or a demo value for the random tiny model (so that its
-    short default run visibly trains)."""
+    short default run visibly trains). The paper trains its SFT baseline at 2e-5, a usual SFT rate,
+    and LongPO and DPO at 5e-7, a usual preference-optimisation rate."""
     tiny = cfg.model == "tiny"
-    return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 5e-7),
+    return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
                                grad_accum=cfg.grad_accum or (1 if tiny else 8))
 
 

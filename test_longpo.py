@@ -415,6 +415,270 @@ def test_format_dialogue_labels_and_short_inputs():
     assert targets.tolist()[:3] == [6, 7, 8] and mask.tolist() == [False, True, True, False]
 
 
+# ----------------------------------------------------------------------------- real chat templates
+# The chat templates that instruct checkpoints ship (public text, as in their tokenizer_config.json;
+# Llama-3.1 and Qwen2.5 without their tool-calling branches), the tokenizer kind each family uses, and
+# what the template renders for an assistant answer `a`: the span the model writes after the
+# generation prompt, up to its end-of-turn marker (written out by hand, independent of longpo).
+
+MISTRAL_V01 = (  # Mistral-7B-Instruct-v0.1 as first released
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+MISTRAL_V02 = (  # Mistral-7B-Instruct-v0.1 / v0.2 (current)
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n"
+    "{{- bos_token }}\n{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n{%- endfor %}\n")
+MISTRAL_V03 = (  # Mistral-7B-Instruct-v0.3 ([INST] and [/INST] are control tokens)
+    "{%- if messages[0][\"role\"] == \"system\" %}\n    {%- set system_message = messages[0][\"content\"] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n"
+    "{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if message[\"role\"] == \"user\" %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- \"[INST] \" + system_message + \"\\n\\n\" + message[\"content\"] + \"[/INST]\" }}\n"
+    "        {%- else %}\n            {{- \"[INST] \" + message[\"content\"] + \"[/INST]\" }}\n        {%- endif %}\n"
+    "    {%- elif message[\"role\"] == \"assistant\" %}\n        {{- \" \" + message[\"content\"]|trim + eos_token}}\n"
+    "    {%- else %}\n        {{- raise_exception(\"Only user and assistant roles are supported!\") }}\n    {%- endif %}\n{%- endfor %}\n")
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA31 = (
+    "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n")
+QWEN2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- endif %}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+SMOLLM2 = QWEN2.replace("You are a helpful assistant.", "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+PHI3 = (  # appends eos after the last turn unless a generation prompt follows: not turn by turn
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# name: (template, tokenizer kind, specials (bos first, eos second), answer span the template renders)
+TEMPLATES = {
+    "mistral-v0.1": (MISTRAL_V01, "byte", ["<s>", "</s>"], lambda a: a + "</s>"),
+    "mistral-v0.2": (MISTRAL_V02, "byte", ["<s>", "</s>"], lambda a: " " + a + "</s>"),
+    "mistral-v0.3": (MISTRAL_V03, "byte", ["<s>", "</s>", "[INST]", "[/INST]"], lambda a: " " + a.strip() + "</s>"),
+    "llama-2": (LLAMA2, "byte", ["<s>", "</s>"], lambda a: " " + a.strip() + " </s>"),
+    "llama-3": (LLAMA3, "llama3", LLAMA3_SPECIALS, lambda a: a.strip() + "<|eot_id|>"),
+    "llama-3.1": (LLAMA31, "llama3", [LLAMA3_SPECIALS[0], "<|eot_id|>"] + LLAMA3_SPECIALS[1:4],
+                  lambda a: a.strip() + "<|eot_id|>"),
+    "qwen2": (QWEN2, "llama3", [None, "<|im_end|>", "<|im_start|>", "<|endoftext|>"], lambda a: a + "<|im_end|>"),
+    "qwen2.5": (QWEN25, "llama3", [None, "<|im_end|>", "<|im_start|>", "<|endoftext|>"], lambda a: a + "<|im_end|>"),
+    "smollm2": (SMOLLM2, "byte", [None, "<|im_end|>", "<|im_start|>", "<|endoftext|>"], lambda a: a + "<|im_end|>"),
+    "zephyr": (ZEPHYR, "byte", ["<s>", "</s>"], lambda a: a + "</s>"),
+    "gemma": (GEMMA, "byte", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], lambda a: a.strip() + "<end_of_turn>"),
+}
+# Llama-3 / Qwen2 pre-tokenizer: newlines are one piece, so '\n\n' before a word stays '\n\n'.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKENIZER_CORPUS = [f"[INST] The answer is {w}. {w.title()} and {v} are near the {u}.\n\nWhat is the {v}? [/INST]\n\n"
+                    for w in WORDS for v in WORDS[:5] for u in WORDS[5:8]]
+
+
+def wrap_tokenizer(core, specials, template, cls=None, **kwargs):
+    from transformers import PreTrainedTokenizerFast
+    bos, eos, *extra = specials
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos,
+                                  additional_special_tokens=extra, **kwargs)
+    tok.chat_template = template
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def byte_level_tokenizer(kind, specials, template):
+    """A small trained byte-level BPE: GPT-2's pre-tokenizer ('byte', as SmolLM2) or Llama-3's
+    split regex ('llama3', as Llama-3 and Qwen2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    core = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "byte")
+    core.pre_tokenizer = byte_level if kind == "byte" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"), byte_level])
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(TOKENIZER_CORPUS, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=[s for s in specials if s], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return wrap_tokenizer(core, list(specials), template)
+
+
+@functools.lru_cache(maxsize=None)
+def sentencepiece_tokenizer(template, legacy=True, prefix_space=True, specials=("<s>", "</s>")):
+    """A small SentencePiece-style BPE ('▁' for spaces, byte fallback) in transformers' own Llama
+    tokenizer class, as Mistral and Llama-2 checkpoints load: legacy puts the dummy '▁' before every
+    segment, non-legacy only at the start of the text; prefix_space=False is Gemma's kind."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.train_from_iterator(TOKENIZER_CORPUS, trainers.BpeTrainer(
+        vocab_size=700, show_progress=False,
+        special_tokens=["<unk>", *specials[:2]] + [f"<0x{i:02X}>" for i in range(256)]))
+    model = json.loads(core.to_str())["model"]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], legacy=legacy,
+                         add_prefix_space=prefix_space, bos_token=specials[0], eos_token=specials[1],
+                         additional_special_tokens=list(specials[2:]))
+    tok.chat_template = template
+    return tok
+
+
+def template_tokenizer(name):
+    template, kind, specials, _ = TEMPLATES[name]
+    return byte_level_tokenizer(kind, tuple(specials), template)
+
+
+DIALOGUE = {"document": "Alpha and beta are near the river.\n\nGamma keeps the light.", "turns": [
+    {"instruction": "Based on the text above, what is near the river?", "answer": "Alpha and beta are.\n"},
+    {"instruction": "What does gamma keep?", "answer": "The light, as the text says."}]}
+
+
+def check_template(tokenizer, render_span, exact=True):
+    """format_dialogue on a 2-turn dialogue against the tokenizer's own encoding of the whole
+    rendered dialogue: answer spans where the template renders them, prompts as generated."""
+    doc, turns = DIALOGUE["document"], DIALOGUE["turns"]
+    ids, is_answer = longpo.format_dialogue(tokenizer, doc, turns, "answer")
+    messages = [{"role": "user", "content": f"{doc}\n\n{turns[0]['instruction']}"},
+                {"role": "assistant", "content": turns[0]["answer"]},
+                {"role": "user", "content": turns[1]["instruction"]},
+                {"role": "assistant", "content": turns[1]["answer"]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    runs = [i for i in range(len(ids)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
+    assert len(runs) == 2, f"expected 2 answer spans, got {len(runs)}"
+    spans = []
+    for i, (turn, start) in enumerate(zip(turns, runs)):
+        prompt = tokenizer.apply_chat_template(messages[:2 * i + 1], tokenize=False, add_generation_prompt=True)
+        span = render_span(turn["answer"])
+        assert text[len(prompt):].startswith(span), (text[len(prompt):], span)  # the hand-written expectation
+        spans.append((len(prompt), len(prompt) + len(span)))
+        # the prompt part is the generation prompt, token for token (turn 0: what data_gen generates
+        # from); a later turn's prompt holds earlier answers, cut as continuations (exact: the same)
+        want = tokenizer.apply_chat_template(messages[:2 * i + 1], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+        if exact or i == 0:
+            assert ids[:start] == want, f"turn {i}: the tokens before the answer are not the generation prompt"
+        else:  # byte-level tokens decode to exactly their text
+            assert tokenizer.decode(ids[:start]) == prompt, f"turn {i}: the text before the answer is not the prompt"
+        end = start + is_answer[start:].index(False) if False in is_answer[start:] else len(ids)
+        got = tokenizer.decode(ids[start:end])
+        assert got.strip() == span.strip(), (got, span)  # the answer plus the end-of-turn marker
+    gen = longpo.format_dialogue(tokenizer, doc, turns[:1])[0]
+    assert gen == ids[:runs[0]], "generation prompt and training sequence differ before the answer"
+    if exact:  # every token, and which are answers, as the tokenizer cuts the whole dialogue
+        want_answer = [any(a <= s and e <= b for a, b in spans) and e > s for s, e in enc["offset_mapping"]]
+        assert ids == enc["input_ids"], "tokens differ from the tokenizer's encoding of the whole dialogue"
+        assert is_answer == want_answer, "answer marks differ from the template's answer spans"
+    return ids, is_answer, runs
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_format_dialogue_real_chat_templates(name):
+    tokenizer = template_tokenizer(name)
+    check_template(tokenizer, TEMPLATES[name][3])
+    # generation stops at the template's end-of-turn token even where it is not the eos
+    eot = {"llama-3": "<|eot_id|>", "gemma": "<end_of_turn>", "qwen2": "<|im_end|>"}.get(name)
+    if eot:
+        assert tokenizer.convert_tokens_to_ids(eot) in longpo.stop_token_ids(tokenizer)
+
+
+def test_format_dialogue_sentencepiece_no_lone_space():
+    """Mistral / Llama-2 / Zephyr / Gemma kinds on a SentencePiece-style tokenizer: ' The' after
+    '[/INST]' is the one token '▁The' (encoding the template's space on its own would give a lone
+    '▁'); after a newline an answer starts without the dummy '▁'."""
+    for legacy in (True, False):
+        tok = sentencepiece_tokenizer(MISTRAL_V02, legacy)
+        ids, is_answer, runs = check_template(tok, TEMPLATES["mistral-v0.2"][3])
+        pieces = tok.convert_ids_to_tokens(ids)
+        for start in runs:
+            assert pieces[start].startswith("\u2581") and pieces[start] != "\u2581", pieces[start:start + 3]
+            assert pieces[start - 1].endswith("]"), pieces[start - 3:start + 1]  # [/INST] right before
+        naive = tok(" ", add_special_tokens=False)["input_ids"] + tok("Alpha", add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(naive)[0] == "\u2581"  # the trap this avoids is real here
+        for name in ("llama-2", "mistral-v0.1", "zephyr"):
+            tok = sentencepiece_tokenizer(TEMPLATES[name][0], legacy)
+            ids, is_answer, runs = check_template(tok, TEMPLATES[name][3])
+        assert tok.convert_ids_to_tokens(ids)[runs[0]] == "Alpha"  # Zephyr: no dummy prefix after "\\n"
+    tok = sentencepiece_tokenizer(MISTRAL_V03, False, specials=("<s>", "</s>", "[INST]", "[/INST]"))
+    check_template(tok, TEMPLATES["mistral-v0.3"][3])
+    tok = sentencepiece_tokenizer(GEMMA, prefix_space=False, specials=("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"))
+    check_template(tok, TEMPLATES["gemma"][3])
+
+
+def test_format_dialogue_prompt_token_changes_at_the_border():
+    """GPT-2's pre-tokenizer cuts '\\n\\n' before a word as '\\n' + '\\n': the whole dialogue's
+    encoding differs from prompt + answer there. The prompt keeps the tokens generation saw."""
+    tok = byte_level_tokenizer("byte", tuple(LLAMA3_SPECIALS), LLAMA3)
+    with pytest.raises(AssertionError, match="turn 1: the tokens before the answer"):
+        check_template(tok, TEMPLATES["llama-3"][3])
+    ids, is_answer, runs = check_template(tok, TEMPLATES["llama-3"][3], exact=False)
+    assert tok.decode(ids) == tok.apply_chat_template(
+        [{"role": "user", "content": f"{DIALOGUE['document']}\n\n{DIALOGUE['turns'][0]['instruction']}"},
+         {"role": "assistant", "content": DIALOGUE["turns"][0]["answer"]},
+         {"role": "user", "content": DIALOGUE["turns"][1]["instruction"]},
+         {"role": "assistant", "content": DIALOGUE["turns"][1]["answer"]}], tokenize=False)
+
+
+def test_format_dialogue_templates_it_cannot_split():
+    doc, turns = DIALOGUE["document"], DIALOGUE["turns"]
+    upper = byte_level_tokenizer("byte", ("<s>", "</s>"), MISTRAL_V02.replace("message['content'] + eos_token",
+                                                                            "message['content'] | upper + eos_token"))
+    with pytest.raises(ValueError, match="alters the assistant text"):
+        longpo.format_dialogue(upper, doc, turns, "answer")
+    phi3 = byte_level_tokenizer("byte", ("<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"), PHI3)
+    with pytest.raises(ValueError, match="turn by turn"):
+        longpo.format_dialogue(phi3, doc, turns, "answer")
+    ids, is_answer = longpo.format_dialogue(phi3, doc, turns[:1], "answer")  # one turn is fine
+    assert phi3.decode([t for t, a in zip(ids, is_answer) if a]).startswith(turns[0]["answer"])
+
+
 def test_bad_records_name_line_and_field(tmp_path):
     good = make_records(2, seed=1)
     cases = {
@@ -654,6 +918,13 @@ def test_missing_pad_token_falls_back_to_eos():
     assert longpo.ensure_pad_token(tokenizer).pad_token_id == tokenizer.eos_token_id
 
 
+def test_default_learning_rates_follow_the_paper():
+    lr = {loss: longpo.resolve_defaults(longpo.TrainConfig(model="org/any-7b", loss=loss)).lr
+          for loss in ("longpo", "dpo", "sft")}
+    assert lr == {"longpo": 5e-7, "dpo": 5e-7, "sft": 2e-5}, lr  # paper: SFT baseline at 2e-5
+    assert longpo.resolve_defaults(longpo.TrainConfig(loss="sft", lr=3e-6)).lr == 3e-6  # a given lr wins
+
+
 def test_rope_theta_applies_to_the_policy_only():
     policy, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e7)
     reference, _ = longpo.load_model_and_tokenizer("tiny")
@@ -870,6 +1141,12 @@ def test_eval_scorers_on_hand_made_cases():
     assert evaluation.recall_score("numbers 123 and 456", ["123", "456", "789"]) == pytest.approx(2 / 3)
     assert evaluation.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert evaluation.truncate_middle([1, 2], 4) == [1, 2]
+    # RULER average as the paper reports it: the mean of the NIAH, VT and QA categories, NIAH being
+    # the mean of its four needle tasks (a plain mean of six tasks would give NIAH 4/6 of the weight)
+    ruler = {t: {"avg": 1.0} for t in evaluation.RULER_TASKS if t.startswith("niah")}
+    ruler.update(vt={"avg": 0.0}, qa={"avg": 0.5})
+    row = evaluation.summary_row({"ruler": ruler})
+    assert row["ruler/niah"] == 1.0 and row["ruler/vt"] == 0.0 and row["ruler/avg"] == pytest.approx(0.5)
 
 
 class BiasedLM(torch.nn.Module):
