@@ -82,7 +82,7 @@ class TrainConfig:
     grad_accum: int = field(default=0, metadata={"help": "samples per optimiser step per DP group (0: 8 as the paper, 1 for --model tiny)"})
     max_length: int = field(default=0, metadata={"help": "longest long sequence in tokens; longer records are skipped and counted (0: no limit)"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the POLICY (paper 1e7 for Mistral; 0: keep the model's)"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 compute with fp32 master weights on CUDA, fp32 on CPU) | float32 | float64"})
+    dtype: str = field(default="auto", metadata={"help": "auto: on CUDA bf16 compute with fp32 master weights, gradients and AdamW states (FSDP2 mixed precision, one process or many), on CPU fp32 | bfloat16: that mixed precision on any device | float32 | float64 (tests)"})
     grad_checkpointing: bool = field(default=True, metadata={"help": "recompute each decoder layer in backward"})
     logprob_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of the log-softmax"})
     seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
@@ -633,10 +633,13 @@ def distributed_map(fn, items, par, desc):
 # ----------------------------------------------------------------------------- model setup
 
 def resolve_dtypes(cfg, device):
-    """(master dtype of the weights, compute dtype)."""
+    """(master dtype of the weights, gradients and AdamW states, compute dtype). bf16 is always mixed
+    precision: fp32 masters, because an update of lr 5e-7 is far below bf16's resolution of a weight."""
     if cfg.dtype == "auto":
         return (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.float32)
-    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if cfg.dtype == "bfloat16":
+        return torch.float32, torch.bfloat16
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     return dtype, dtype
 
 
@@ -649,7 +652,11 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True):
     if grad_checkpointing and trainable:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.to(par.device)
-    if par.world_size > 1:  # weights, grads and AdamW states sharded over ALL ranks (dp x sp)
+    # FSDP2 does both jobs, with one code path for every world size: weights, grads and AdamW states
+    # sharded over ALL ranks (dp x sp), and mixed precision (bf16 compute of fp32 master weights,
+    # gradients reduced in fp32), which it applies on a process group of one as well. A single
+    # process in its master dtype has nothing to shard or cast and runs the plain module.
+    if par.world_size > 1 or compute_dtype != next(model.parameters()).dtype:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                   reduce_dtype=torch.promote_types(compute_dtype, torch.float32))
@@ -1051,7 +1058,7 @@ def main(cfg):
     if not (cfg.resume or cfg.bench_tokens) and last_checkpoint(cfg.output_dir):  # every rank, before any collective
         raise FileExistsError(f"{cfg.output_dir} holds checkpoints of an earlier run; pass --resume to continue "
                               "it, or choose another --output-dir (nothing is overwritten)")
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(group_of_one=True)
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree

@@ -21,17 +21,21 @@ The algorithm (design.md, "Ring attention"):
   * The next block's send/recv is posted before the current block is computed (overlap).
   * Only the Hkv key/value heads travel (GQA); world size 1 does no communication at all.
 
-Block kernels, chosen per call: flash-attn (>= 2.7) on CUDA when installed; PyTorch's fused CPU
-attention (a private op that returns the lse) on CPU; a plain PyTorch kernel otherwise and as the
-readable reference. Deliberate limits: causal self-attention only (no padding masks: pad at the end
-of the sequence, where causal attention keeps pads out of every real token's view), no dropout,
-no sliding window. On CUDA without flash-attn the plain kernel is used, which materialises
-T x T scores per block: install flash-attn for long sequences.
+Block kernels (`KERNELS`), chosen per device, dtype and head shape by `pick_kernel`: on CUDA
+PyTorch's own fused ops, which return the lse and take a given out/lse in the backward (cuDNN
+attention, the fastest on an H100; PyTorch's FlashAttention-2 op where cuDNN refuses the inputs),
+then flash-attn (>= 2.7) if installed; on CPU PyTorch's fused CPU attention; a plain PyTorch kernel
+as the readable reference and the last resort, refused with a clear error when its T x T scores
+would be large. Each fused kernel is checked once per configuration against the plain one (a
+private op may refuse inputs or change). All take GQA without repeating K/V heads. Deliberate
+limits: causal self-attention only (no padding masks: pad at the end of the sequence, where causal
+attention keeps pads out of every real token's view), no dropout, no sliding window.
 
 Importing this file registers "ring_attention" as a transformers attention implementation, so a
 Llama / Mistral / Qwen2 model given zigzag-sharded input_ids and position_ids runs sequence-parallel.
 
-Self-check and benchmark (ring vs full attention, forward and backward, every rank):
+Self-check and benchmark (ring vs an fp32 reference and vs F.scaled_dot_product_attention of the
+whole sequence in one process, forward and backward, every rank; --kernel picks a kernel by name):
     python ring_attention.py --seq-len 4096                        # one process, CPU
     torchrun --nproc_per_node 2 ring_attention.py --threads 1       # 2 CPU processes, T = 16384
     torchrun --nproc_per_node 8 ring_attention.py --seq-len 131072 --heads 32 --kv-heads 8 \\
@@ -61,8 +65,8 @@ class BenchConfig:
     heads: int = field(default=8, metadata={"help": "query heads Hq"})
     kv_heads: int = field(default=2, metadata={"help": "key/value heads Hkv (GQA when < heads)"})
     head_dim: int = field(default=64, metadata={"help": "head dimension D"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
-    kernel: str = field(default="auto", metadata={"help": "auto | flash | torch | plain"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | float64"})
+    kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
     iters: int = field(default=2, metadata={"help": "timed iterations (after one warm-up)"})
     threads: int = field(default=0, metadata={"help": "torch threads per process (0: default)"})
     seed: int = field(default=0, metadata={"help": "seed of the random inputs (same on all ranks)"})
@@ -116,10 +120,13 @@ def zigzag_unshard(x_local, group=None, dim=1):
 
 # ----------------------------------------------------------------------------- block kernels
 # A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
-#   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32
-#   bwd(dout, q, k, v, out, lse, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
+#   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32, aux
+#   bwd(dout, q, k, v, out, lse, aux, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
 # `causal` is only used with Tq == Tk (the diagonal block). In bwd, out and lse are the GLOBAL
 # (merged) ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax.
+# aux is what a fused kernel's backward needs from its own forward (sequence bookkeeping, RNG
+# state; None for most): the ring keeps it per step, so no forward ever runs twice.
+# PyTorch's fused ops use the layout (B, H, T, D): they get transposed views, no copies.
 
 def _plain_scores(q, k, scale, causal):
     """fp32 (fp64 for fp64 inputs) scores, grouped for GQA: (B, Hkv, G, Tq, Tk)."""
@@ -139,10 +146,10 @@ def plain_fwd(q, k, v, scale, causal):
     lse = s.logsumexp(-1)  # (B, Hkv, G, Tq)
     p = torch.exp(s - lse.unsqueeze(-1))
     out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(s.dtype)).reshape(B, Tq, Hq, D)
-    return out, lse.reshape(B, Hq, Tq)  # fp32 (fp64 for fp64 inputs)
+    return out, lse.reshape(B, Hq, Tq), None  # fp32 (fp64 for fp64 inputs)
 
 
-def plain_bwd(dout, q, k, v, out, lse, scale, causal):
+def plain_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
     s = _plain_scores(q, k, scale, causal)
@@ -159,27 +166,57 @@ def plain_bwd(dout, q, k, v, out, lse, scale, causal):
     return dq, dk, dv
 
 
-def torch_fwd(q, k, v, scale, causal):
-    # PyTorch's fused (flash-style, tiled) CPU attention; GQA natively; layout (B, H, T, D)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
-    return out.transpose(1, 2), lse
+def _bhtd(*xs):
+    return [x.transpose(1, 2) for x in xs]  # (B, T, H, D) <-> (B, H, T, D) views
 
 
-def torch_bwd(dout, q, k, v, out, lse, scale, causal):
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        out.transpose(1, 2), lse.to(_acc_dtype(q)).contiguous(), 0.0, causal, scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+def cpu_fwd(q, k, v, scale, causal):
+    # PyTorch's fused (flash-style, tiled) CPU attention; GQA natively
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_bhtd(q, k, v), 0.0, causal, scale=scale)
+    return out.transpose(1, 2), lse, None
 
 
-def flash_fwd(q, k, v, scale, causal):
+def cpu_bwd(dout, q, k, v, out, lse, aux, scale, causal):
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *_bhtd(dout, q, k, v, out), lse.to(_acc_dtype(q)).contiguous(), 0.0, causal, scale=scale)
+    return _bhtd(*grads)
+
+
+def cudnn_fwd(q, k, v, scale, causal):
+    # PyTorch's cuDNN attention (CUDA, fp16/bf16); GQA natively; lse (B, H, T, 1) fp32
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(*_bhtd(q, k, v), None, True, 0.0, causal, False, scale=scale)
+    return r[0].transpose(1, 2), r[1].squeeze(-1), r[2:8]  # aux: cum_seq_q/k, max_q/k, philox seed/offset
+
+
+def cudnn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *_bhtd(dout, q, k, v, out), lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
+        max_q, max_k, 0.0, causal, scale=scale)
+    return _bhtd(*grads)
+
+
+def sdpa_flash_fwd(q, k, v, scale, causal):
+    # PyTorch's own FlashAttention-2 op (CUDA, fp16/bf16); GQA natively; lse (B, H, T) fp32
+    r = torch.ops.aten._scaled_dot_product_flash_attention(*_bhtd(q, k, v), 0.0, causal, False, scale=scale)
+    return r[0].transpose(1, 2), r[1], r[2:8]  # aux: cum_seq_q/k, max_q/k, rng state
+
+
+def sdpa_flash_bwd(dout, q, k, v, out, lse, aux, scale, causal):
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        *_bhtd(dout, q, k, v, out), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
+        scale=scale)
+    return _bhtd(*grads)
+
+
+def flash_attn_fwd(q, k, v, scale, causal):
     from flash_attn.flash_attn_interface import _flash_attn_forward  # the signature of flash-attn >= 2.7
     out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
-    return out, lse
+    return out, lse, None
 
 
-def flash_bwd(dout, q, k, v, out, lse, scale, causal):
+def flash_attn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     from flash_attn.flash_attn_interface import _flash_attn_backward
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _flash_attn_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv,
@@ -187,8 +224,14 @@ def flash_bwd(dout, q, k, v, out, lse, scale, causal):
     return dq, dk, dv
 
 
-KERNELS = {"flash": (flash_fwd, flash_bwd), "torch": (torch_fwd, torch_bwd),
+KERNELS = {"cudnn": (cudnn_fwd, cudnn_bwd), "sdpa_flash": (sdpa_flash_fwd, sdpa_flash_bwd),
+           "flash_attn": (flash_attn_fwd, flash_attn_bwd), "cpu": (cpu_fwd, cpu_bwd),
            "plain": (plain_fwd, plain_bwd)}
+# What `auto` tries, in order, per device type: fastest first. Measured on an H100 (bf16, fwd+bwd,
+# shared/docs/gpu.md): cuDNN 550-590 TFLOP/s, PyTorch's flash op 316-326, flash-attn 2 about 330-350
+# as published; the flash op runs where cuDNN refuses the inputs (pre-Hopper/Ampere limits, head dims).
+AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash", "flash_attn"), "cpu": ("cpu",)}
+PLAIN_MAX_SCORE_BYTES = 1 << 30  # beyond this the plain kernel's T x T scores are an error, not a fallback
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,24 +244,63 @@ def flash_attn_available():
     return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 7)
 
 
-def pick_kernel(q, kernel="auto"):
-    """The block kernel for q's device and dtype: flash on CUDA, fused torch on CPU, else plain."""
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if kernel == "auto":
-        if q.is_cuda and half and flash_attn_available():
-            return "flash"
-        if q.device.type != "cpu":
-            warnings.warn("ring_attention: no flash-attn >= 2.7 for these CUDA tensors; the plain kernel "
-                          "materialises T x T scores per block (pip install 'flash-attn>=2.7')")
-        return "torch" if q.device.type == "cpu" else "plain"
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
-    if kernel == "flash" and not (q.is_cuda and half and flash_attn_available()):
-        raise ValueError("kernel='flash' needs CUDA fp16/bf16 tensors and flash-attn >= 2.7 "
-                         "(pip install flash-attn --no-build-isolation); use kernel='auto'")
-    if kernel == "torch" and q.device.type != "cpu":
-        raise ValueError("kernel='torch' is PyTorch's fused CPU attention; use kernel='auto' on GPU")
-    return kernel
+def _rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_works(name, device, dtype, heads, kv_heads, head_dim):
+    """Whether kernel `name` handles this device, dtype and head shape: a causal and a rectangular
+    block, forward and backward, checked once per configuration against the plain kernel (a fused
+    op may refuse inputs, e.g. cuDNN on older GPUs, or change its private signature)."""
+    if name == "flash_attn" and not flash_attn_available():
+        return False
+    fwd, bwd = KERNELS[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        for tq, tk, causal in ((128, 128, True), (64, 128, False)):
+            q, dout = (torch.randn(1, tq, heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+            k, v = (torch.randn(1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+            out, lse, aux = fwd(q, k, v, head_dim ** -0.5, causal)
+            want_out, want_lse, _ = plain_fwd(q, k, v, head_dim ** -0.5, causal)
+            got = [out, lse, *bwd(dout, q, k, v, out.to(dtype), lse, aux, head_dim ** -0.5, causal)]
+            want = [want_out, want_lse, *plain_bwd(dout, q, k, v, want_out.to(dtype), want_lse, None, head_dim ** -0.5, causal)]
+            errors = [_rel_err(a, b) for a, b in zip(got, want)]
+            if max(errors) > 0.05:  # bf16 is within 1e-2; a wrong layout or mask is off by O(1)
+                raise RuntimeError(f"wrong results (max relative error {max(errors):.2g})")
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
+        warnings.warn(f"ring_attention: kernel {name!r} does not handle {dtype} with {heads}/{kv_heads} heads "
+                      f"of {head_dim} on {device} ({str(e).splitlines()[0][:160]}); trying the next kernel")
+        return False
+    return True
+
+
+def pick_kernel(q, kernel="auto", kv_heads=None):
+    """The block kernel for q (B, T, Hq, D) of the LOCAL sequence: the first of AUTO_ORDER that works
+    for its device, dtype and heads; the plain kernel only for short sequences (or when asked)."""
+    B, T, Hq, D = q.shape
+    if kernel != "auto":
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
+        if kernel != "plain" and not kernel_works(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D):
+            missing = kernel == "flash_attn" and not flash_attn_available()
+            raise ValueError(f"kernel={kernel!r} cannot run {q.dtype} on {q.device.type}"
+                             + (": flash-attn >= 2.7 is not installed (pip install flash-attn --no-build-isolation)"
+                                if missing else " (see the warning above)") + "; use kernel='auto'")
+        return kernel
+    for name in AUTO_ORDER.get(q.device.type, ()):
+        if kernel_works(name, q.device, q.dtype, Hq, kv_heads or Hq, D):
+            return name
+    score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
+    if score_bytes > PLAIN_MAX_SCORE_BYTES:
+        raise ValueError(
+            f"ring_attention: no fused kernel runs {q.dtype} with head dim {D} on {q.device.type}, and the "
+            f"plain kernel would hold {score_bytes / 2**30:.1f} GiB of scores for {T} local tokens: use "
+            "bfloat16 or float16 (--dtype bfloat16 / auto), install flash-attn >= 2.7, or more SP ranks")
+    if q.device.type != "cpu":
+        warnings.warn(f"ring_attention: no fused kernel for {q.dtype} on {q.device.type}; the plain kernel "
+                      f"materialises {T} x {T} scores per block (fine only for short sequences)")
+    return "plain"
 
 
 # ----------------------------------------------------------------------------- merging blocks
@@ -282,24 +364,28 @@ def _ring_forward(q, k, v, scale, group, kernel):
     ring, c = _Ring(group), q.shape[1] // 2
     kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
     out = lse = None
+    auxes = []  # per step, what the kernel's backward needs from its forward
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
         case = _visitor(ring, step)
         if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
-            block_out, block_lse = fwd(q, kv[0], kv[1], scale, True)
+            block_out, block_lse, aux = fwd(q, kv[0], kv[1], scale, True)
             out, lse = block_out.to(_acc_dtype(q)), block_lse.to(_acc_dtype(q)).contiguous()  # all rows see themselves
         elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
-            merge_(out, lse, *fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False))
+            block_out, block_lse, aux = fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False)
+            merge_(out, lse, block_out, block_lse)
         else:  # higher rank: all of it is in the past of our second chunk only
-            merge_(out[:, c:], lse[:, :, c:], *fwd(q[:, c:], kv[0], kv[1], scale, False))
+            block_out, block_lse, aux = fwd(q[:, c:], kv[0], kv[1], scale, False)
+            merge_(out[:, c:], lse[:, :, c:], block_out, block_lse)
+        auxes.append(aux)
         if step + 1 < ring.world_size:
             ring.wait(requests)
             kv = kv_next
-    return out, lse
+    return out, lse, auxes
 
 
-def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel):
+def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel):
     bwd = KERNELS[kernel][1]
     ring, c = _Ring(group), q.shape[1] // 2
     kv = torch.stack([k, v])
@@ -310,16 +396,16 @@ def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel):
             kv_requests, kv_next = ring.send_recv(kv)
         case = _visitor(ring, step)
         if case == "diagonal":
-            dq_b, dk_b, dv_b = bwd(dout, q, k, v, out, lse, scale, True)
+            dq_b, dk_b, dv_b = bwd(dout, q, k, v, out, lse, auxes[step], scale, True)
             dq += dq_b
             kv_rows = slice(None)
         elif case == "first_kv_chunk":
-            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, scale, False)
+            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, auxes[step], scale, False)
             dq += dq_b
             kv_rows = slice(0, c)
         else:
             dq_b, dk_b, dv_b = bwd(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[:, :, c:],
-                                   scale, False)
+                                   auxes[step], scale, False)
             dq[:, c:] += dq_b
             kv_rows = slice(None)
         # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
@@ -345,16 +431,16 @@ def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel):
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, kernel):
-        out, lse = _ring_forward(q, k, v, scale, group, kernel)
+        out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)  # q, k, v are the caller's: never ring buffers
-        ctx.scale, ctx.group, ctx.kernel = scale, group, kernel
+        ctx.scale, ctx.group, ctx.kernel, ctx.auxes = scale, group, kernel, auxes
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.group,
+        dq, dk, dv = _ring_backward(dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group,
                                     ctx.kernel)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -386,7 +472,7 @@ def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto"):
     dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence."""
     _check_inputs(q, k, v)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel))
+    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]))
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -419,18 +505,23 @@ _register_with_transformers()
 
 # ----------------------------------------------------------------------------- distributed glue
 
-def init_distributed(timeout_minutes=30):
+def init_distributed(timeout_minutes=30, group_of_one=False):
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them); nccl on CUDA, gloo on
-    CPU; every group with a timeout. Returns (rank, world_size, device)."""
+    CPU; every group with a timeout. group_of_one: a process group even for one process without
+    torchrun (FSDP2, which training uses for mixed precision, needs one). Returns (rank, world_size,
+    device)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        if world_size > 1:
+            dist.init_process_group(backend, timeout=timeout)
+        elif group_of_one:  # an in-process store: no address or port to agree on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return rank, world_size, device
 
 
@@ -449,39 +540,67 @@ def _timed(fn, device):
     return result, time.perf_counter() - t0
 
 
-def _full_attention_fwd_bwd(q, k, v, dout, kernel):
-    """Reference and timing baseline: the same block kernel over the whole sequence, one process."""
-    fwd, bwd = KERNELS[kernel]
-    scale = q.shape[-1] ** -0.5
-    out, lse = fwd(q, k, v, scale, True)
-    out = out.to(q.dtype)
-    return (out, *bwd(dout, q, k, v, out, lse, scale, True))
+def _sdpa_fwd_bwd(q, k, v, dout, repeat_kv=False):
+    """F.scaled_dot_product_attention (causal) forward and backward on (B, H, N, D) tensors: what a
+    user runs without sequence parallelism. repeat_kv repeats the K/V heads instead of enable_gqa
+    (PyTorch's memory-efficient kernel takes fp32 but not GQA: the fp32 reference at 128K on a GPU)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)) if repeat_kv else (k, v)
+    out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not repeat_kv)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
 
 
-def _relative_error(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+def usage_error(message):
+    """A user's mistake: one line on stderr, exit status 2 (argparse's convention), no traceback."""
+    import sys
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def check_bench_config(cfg, world_size):
+    if cfg.dtype not in DTYPES:
+        usage_error(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    if cfg.kernel != "auto" and cfg.kernel not in KERNELS:
+        usage_error(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(KERNELS)}")
+    for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"):
+        if getattr(cfg, name) < 1:
+            usage_error(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    if cfg.seq_len % (2 * world_size):
+        usage_error(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
+                    f"(zigzag chunks), e.g. {-(-cfg.seq_len // (2 * world_size)) * 2 * world_size}")
+    if cfg.heads % cfg.kv_heads:
+        usage_error(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
 
 
 def main(cfg):
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_bench_config(cfg, world_size)  # before any process group or allocation
     rank, world_size, device = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     print0(f"config: {dataclasses.asdict(cfg)}  world_size={world_size}  device={device}  "
            f"threads/process={torch.get_num_threads()}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     gen = torch.Generator().manual_seed(cfg.seed)  # identical full tensors on every rank
     shape_q, shape_kv = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
     q, dout = (torch.randn(shape_q, generator=gen).to(device, dtype) for _ in range(2))
     k, v = (torch.randn(shape_kv, generator=gen).to(device, dtype) for _ in range(2))
-    kernel = pick_kernel(q, cfg.kernel)
-
-    # Reference in fp32 with the same kernel family on the whole sequence (fp32 upcast of inputs)
-    ref_kernel = pick_kernel(q.float(), "auto")
-    ref = _full_attention_fwd_bwd(q.float(), k.float(), v.float(), dout.float(), ref_kernel)
-    full_times = [_timed(lambda: _full_attention_fwd_bwd(q, k, v, dout, kernel), device)[1]
-                  for _ in range(cfg.iters + 1)][1:]
-
     shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
+    kernel = pick_kernel(shard(q), cfg.kernel, cfg.kv_heads)
+
+    # Reference: the whole sequence in fp32 (fp64 for fp64) by SDPA; baseline: SDPA in the run's
+    # dtype with native GQA on contiguous (B, H, N, D) inputs, in one process
+    bhnd = [t.transpose(1, 2).contiguous() for t in (q, k, v, dout)]
+    ref_dtype = torch.promote_types(dtype, torch.float32)
+    ref = [t.transpose(1, 2) for t in _sdpa_fwd_bwd(*(t.to(ref_dtype) for t in bhnd), repeat_kv=True)]
+    full_times = [_timed(lambda: _sdpa_fwd_bwd(*bhnd), device)[1] for _ in range(cfg.iters + 1)][1:]
+    del bhnd
+
     q_l, k_l, v_l = (shard(t).detach().requires_grad_() for t in (q, k, v))
     fwd_times, bwd_times = [], []
     for _ in range(cfg.iters + 1):
@@ -492,22 +611,25 @@ def main(cfg):
         _, t_bwd = _timed(lambda: out_l.backward(shard(dout)), device)
         fwd_times.append(t_fwd)
         bwd_times.append(t_bwd)
-    errors = [_relative_error(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
+    errors = [_rel_err(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
     t_full, t_fwd, t_bwd = min(full_times), min(fwd_times[1:]), min(bwd_times[1:])
     row = torch.tensor([rank, *errors, t_fwd, t_bwd, t_full], dtype=torch.float64, device=device)
     rows = [row]  # collectives on the device: nccl takes no CPU tensors
     if dist.is_initialized():
         rows = [torch.zeros_like(row) for _ in range(world_size)]
         dist.all_gather(rows, row)
-    print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  "
-           f"(errors: max|ring - fp32 reference| / max|reference|; times: best of {cfg.iters}, s)")
-    print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} "
-           f"{'ring fwd':>9} {'ring bwd':>9} {'ring f+b':>9} {'full f+b':>9} {'ring/(full/W)':>13}")
+    # causal attention: forward 2 matmuls of N^2/2 x D per head, backward 2.5x the forward
+    flops = 3.5 * 2 * 2 * cfg.batch * cfg.heads * cfg.seq_len ** 2 / 2 * cfg.head_dim
+    print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  (errors: max|ring - "
+           f"{ref_dtype} reference| / max|reference|; times: best of {cfg.iters}, s; full = SDPA, one process)")
+    print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} {'ring fwd':>9} {'ring bwd':>9} "
+           f"{'ring f+b':>9} {'full f+b':>9} {'ring/(full/W)':>13} {'ring TFLOP/s':>12} {'full TFLOP/s':>12}")
     for r in rows:
         r = r.tolist()
         ring_total = r[5] + r[6]
-        print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} "
-               f"{r[6]:9.3f} {ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f}")
+        print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} {r[6]:9.3f} "
+               f"{ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f} "
+               f"{flops / world_size / ring_total / 1e12:12.2f} {flops / r[7] / 1e12:12.2f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -3,7 +3,8 @@
 Every check compares against an independent slow reference (float64, written out here in the
 most direct form) on fresh random inputs, forward AND gradients. Distributed checks spawn gloo
 processes on CPU with a free port and a timeout, each doing several checks because start-up
-dominates. Run:  python -m pytest -q test_longpo.py
+dominates. Tests that need a CUDA GPU are skipped without one, with the reason shown.
+Run:  python -m pytest -q -rs test_longpo.py
 """
 import copy
 import datetime
@@ -79,11 +80,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, fn, args, results, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
         fn(rank, world_size, *args)
         results.put((rank, None))
@@ -94,11 +95,12 @@ def _worker(rank, world_size, port, fn, args, results):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size, *args, timeout=240):
-    """Run fn(rank, world_size, *args) in world_size gloo processes; fail on any error or hang."""
+def run_distributed(fn, world_size, *args, timeout=240, backend="gloo"):
+    """Run fn(rank, world_size, *args) in world_size processes (gloo; nccl for CUDA tests); fail on
+    any error or hang."""
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -140,44 +142,80 @@ def test_zigzag_shard_layout_and_errors():
         zigzag_shard(torch.zeros(1, 8), 2, 2)
 
 
-@pytest.mark.parametrize("kernel", ["plain", "torch"])
-def test_block_kernels_and_merge(kernel):
-    """Each kernel alone, and the property the ring rests on: blocks merged by log-sum-exp equal
-    attention over the union, and each block's backward with the GLOBAL out/lse sums to the
-    full gradients."""
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run this suite on one to check the GPU path)")
+BLOCK_KERNELS = [("plain", "cpu", torch.float32), ("cpu", "cpu", torch.float32), ("plain", "cuda", torch.bfloat16),
+                 ("cudnn", "cuda", torch.bfloat16), ("sdpa_flash", "cuda", torch.bfloat16),
+                 ("flash_attn", "cuda", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kernel,device,dtype", BLOCK_KERNELS, ids=lambda x: str(x).replace("torch.", ""))
+def test_block_kernels_and_merge(kernel, device, dtype):
+    """Each kernel alone (out, lse, dq, dk, dv; GQA; a causal diagonal and a rectangular block),
+    and the property the ring rests on: blocks merged by log-sum-exp equal attention over the
+    union, and each block's backward with the GLOBAL (merged) out/lse sums to the full gradients.
+    Against float64 on the same (dtype-rounded) inputs."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if kernel == "flash_attn" and not ra.flash_attn_available():
+        pytest.skip("flash-attn >= 2.7 is not installed")
     gen = torch.Generator().manual_seed(1)
     fwd, bwd = ra.KERNELS[kernel]
-    B, Tq, Hq, Hkv, D, scale = 2, 12, 6, 2, 16, 0.3
-    q = torch.randn(B, Tq, Hq, D, generator=gen)
-    dout = torch.randn(B, Tq, Hq, D, generator=gen)
-    k1, v1 = (torch.randn(B, 20, Hkv, D, generator=gen) for _ in range(2))  # past: seen fully
-    k2, v2 = (torch.randn(B, Tq, Hkv, D, generator=gen) for _ in range(2))  # diagonal: causal
+    B, Tq, Hq, Hkv, D, scale = 2, 48, 8, 2, 64, 0.3
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    q, dout = (torch.randn(B, Tq, Hq, D, generator=gen).to(device, dtype) for _ in range(2))
+    k1, v1 = (torch.randn(B, 80, Hkv, D, generator=gen).to(device, dtype) for _ in range(2))  # past: seen fully
+    k2, v2 = (torch.randn(B, Tq, Hkv, D, generator=gen).to(device, dtype) for _ in range(2))  # diagonal: causal
     # keys [k1; k2] with the mask aligned at the end = k1 fully visible, k2 causal
     k, v = torch.cat([k1, k2], 1), torch.cat([v1, v2], 1)
     want = reference_attention(q, k, v, scale)
 
-    out1, lse1 = fwd(q, k1, v1, scale, False)
-    assert_close(out1, reference_attention(q, k1, v1, scale, causal=False), 1e-5, "block out")
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k1.double().repeat_interleave(3, 2)) * scale
-    assert_close(lse1, s.logsumexp(-1), 1e-5, "block lse")
-    out2, lse2 = fwd(q, k2, v2, scale, True)
+    out1, lse1, aux1 = fwd(q, k1, v1, scale, False)
+    assert_close(out1, reference_attention(q, k1, v1, scale, causal=False), tol, f"{kernel} block out")
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k1.double().repeat_interleave(Hq // Hkv, 2)) * scale
+    assert_close(lse1, s.logsumexp(-1), 1e-5, f"{kernel} block lse")  # fp32 in every kernel
+    out2, lse2, aux2 = fwd(q, k2, v2, scale, True)
     out, lse = out1.float().clone(), lse1.float().clone()
     ra.merge_(out, lse, out2, lse2)
-    assert_close(out, want, 1e-5, "merged out")
+    assert_close(out, want, tol, f"{kernel} merged out")
 
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     reference_attention(qd, kd, vd, scale).backward(dout.double())
-    dq1, dk1, dv1 = bwd(dout, q, k1, v1, out, lse, scale, False)
-    dq2, dk2, dv2 = bwd(dout, q, k2, v2, out, lse, scale, True)
-    assert_close(dq1 + dq2, qd.grad, 1e-5, "dq")
-    assert_close(torch.cat([dk1, dk2], 1), kd.grad, 1e-5, "dk")
-    assert_close(torch.cat([dv1, dv2], 1), vd.grad, 1e-5, "dv")
+    out = out.to(dtype)
+    dq1, dk1, dv1 = bwd(dout, q, k1, v1, out, lse, aux1, scale, False)
+    dq2, dk2, dv2 = bwd(dout, q, k2, v2, out, lse, aux2, scale, True)
+    assert dk1.shape == k1.shape and dv2.shape == v2.shape  # GQA: gradients of the Hkv heads only
+    assert_close(dq1.double() + dq2.double(), qd.grad, 2 * tol, f"{kernel} dq")
+    assert_close(torch.cat([dk1, dk2], 1), kd.grad, 2 * tol, f"{kernel} dk")
+    assert_close(torch.cat([dv1, dv2], 1), vd.grad, tol, f"{kernel} dv")
+
+
+def test_kernel_choice_probes_and_refuses_quadratic_fallbacks(monkeypatch):
+    """auto takes the first kernel of its device's list that passes a small fwd/bwd check against
+    the plain kernel (a fused op that refuses the inputs or computes wrong results is skipped with
+    a warning); with none, the plain kernel only for short sequences, else a clear error."""
+    def wrong_fwd(q, k, v, scale, causal):
+        out, lse, aux = ra.plain_fwd(q, k, v, scale, causal)
+        return out.flip(1), lse, aux
+    monkeypatch.setitem(ra.KERNELS, "wrong", (wrong_fwd, ra.plain_bwd))
+    monkeypatch.setitem(ra.AUTO_ORDER, "cpu", ("wrong", "cpu"))
+    ra.kernel_works.cache_clear()
+    q = torch.randn(1, 64, 4, 16)
+    with pytest.warns(UserWarning, match="'wrong' does not handle"):
+        assert ra.pick_kernel(q, "auto", 2) == "cpu"
+    monkeypatch.setitem(ra.AUTO_ORDER, "cpu", ("wrong",))
+    assert ra.pick_kernel(q, "auto", 2) == "plain"  # short: the plain kernel is fine
+    long_q = torch.empty(1, 16384, 4, 16)  # 4 heads x 16K x 16K fp32 scores = 4 GiB
+    with pytest.raises(ValueError, match="4.0 GiB of scores.*bfloat16"):
+        ra.pick_kernel(long_q, "auto", 2)
+    assert ra.pick_kernel(long_q, "plain", 2) == "plain"  # asked for by name: the user's choice
+    ra.kernel_works.cache_clear()
 
 
 def check_ring_against_reference(rank, world_size, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     """out, dq, dk, dv of the ring on this rank equal the float64 full attention's shard."""
     shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
-    for kernel in ("plain", "torch"):
+    for kernel in ("plain", "cpu"):
         for heads, kv_heads in ((4, 4), (8, 2)):
             for dtype in dtypes:
                 gen = torch.Generator().manual_seed(100 * heads + kv_heads)  # same on every rank
@@ -201,7 +239,7 @@ def check_causal_at_chunk_borders(rank, world_size):
     chunk = 4
     gen = torch.Generator().manual_seed(7)
     q, k, v, _ = random_qkv(gen, 1, 2 * world_size * chunk, 4, 2, 8, torch.float32)
-    for kernel in ("plain", "torch"):
+    for kernel in ("plain", "cpu"):
         base = zigzag_unshard(ring_attention(shard(q), shard(k), shard(v), kernel=kernel))
         for border in range(1, 2 * world_size):
             p = border * chunk
@@ -235,6 +273,29 @@ def test_ring_distributed(world_size):
     run_distributed(ring_worker, world_size)
 
 
+@needs_cuda
+def test_ring_on_cuda_equals_full_attention_without_quadratic_memory():
+    """W = 1 on a GPU, the auto kernel, bf16, Mistral-7B's heads (32 query / 8 KV of 128) at 16K
+    tokens: out and gradients against an fp32 SDPA reference, a fused kernel chosen, and a peak far
+    below one head's 16K x 16K fp32 scores (1 GiB; all heads: 32 GiB)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (t.cuda() for t in random_qkv(gen, 1, 16384, 32, 8, 128, torch.bfloat16))
+    ref = ra._sdpa_fwd_bwd(*(t.float().transpose(1, 2).contiguous() for t in (q, k, v, dout)), repeat_kv=True)
+    ref = [t.transpose(1, 2) for t in ref]
+    assert ra.pick_kernel(q, "auto", 8) != "plain"
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = ring_attention(q, k, v)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref):
+        assert_close(got, want, TOL[torch.bfloat16] * (1 if name == "out" else 2), f"cuda ring {name}")
+    assert peak < 2**30, f"peak {peak / 2**30:.2f} GiB: something materialised T x T scores"
+
+
 def test_ring_bad_inputs():
     q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
     cases = [
@@ -248,8 +309,11 @@ def test_ring_bad_inputs():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             ring_attention(*args)
-    with pytest.raises(ValueError, match="flash-attn"):
-        ring_attention(q, k, k, kernel="flash")
+    if not ra.flash_attn_available():
+        with pytest.raises(ValueError, match="flash-attn >= 2.7 is not installed"):
+            ring_attention(q, k, k, kernel="flash_attn")
+    with pytest.warns(UserWarning, match="'cudnn' does not handle"), pytest.raises(ValueError, match="cannot run"):
+        ring_attention(q, k, k, kernel="cudnn")  # a CUDA kernel, CPU tensors
     with pytest.raises(ValueError, match="choose one of"):
         ring_attention(q, k, k, kernel="triton")
     module = torch.nn.Module()
@@ -806,6 +870,46 @@ def test_grad_accumulation_averages_samples():
         longpo.micro_step(model, None, ex, rf, cfg, single, pad_id=0)
     for name, p in model.named_parameters():
         assert_close(p.grad, mean[name], 1e-10, f"accumulated grad {name}")
+
+
+def mixed_precision_worker(rank, world_size, device):
+    """One LongPO micro-step of the tiny model as one process trains on a GPU: FSDP2 mixed precision
+    on a process group of one (bf16 compute, fp32 master weights and gradients), against the same
+    step in fp32 on the CPU. Tolerance: bf16 keeps 8 significant bits (unit roundoff 2e-3) and every
+    matmul input is rounded to it; the head and log-softmax stay fp32. Measured with bf16 on the CPU
+    (791 tokens, 63 answer tokens): 5e-5 relative on the loss and log-probs (rounding errors average
+    out over the sums), 2.1e-2 on the worst gradient (max error / max entry; median 7e-3). Bounds
+    1e-2 and 6e-2 leave room for GPU kernels that round attention probabilities to bf16; a wrong
+    mask, scaling or dropped term moves these by O(1). The dtype checks fail for pure-bf16 weights
+    or fp32 compute."""
+    tokenizer = longpo.build_tiny_tokenizer()
+    rec = make_records(1, seed=5, with_ref=True)[0]
+    example, refs = longpo.build_example(rec, tokenizer), (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
+    cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=1)
+    cpu = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    want_model = perturbed_tiny(0.02, seed=1)[0].float()
+    want, _ = longpo.micro_step(want_model, None, example, refs, cfg, cpu, pad_id=0)
+    par = longpo.setup_parallel(1, rank, world_size, torch.device(device))
+    model = longpo.setup_model(perturbed_tiny(0.02, seed=1)[0].float(), par, torch.bfloat16, True)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    got, _ = longpo.micro_step(model, None, example, refs, cfg, par, pad_id=0)
+    assert seen and set(seen) == {torch.bfloat16}, f"compute dtype {set(seen)}"
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, f"{name}: master {p.dtype}"
+    for key in ("loss", "nll", "logps/chosen", "logps/rejected"):
+        assert math.isclose(got[key], want[key], rel_tol=1e-2), f"{key}: {got[key]} vs fp32 {want[key]}"
+    for (name, p), (_, p32) in zip(model.named_parameters(), want_model.named_parameters()):
+        assert_close(p.grad.full_tensor().cpu(), p32.grad, 6e-2, f"mixed-precision grad {name}")
+
+
+def test_mixed_precision_in_one_process():
+    run_distributed(mixed_precision_worker, 1, "cpu")
+
+
+@needs_cuda
+def test_mixed_precision_on_cuda_against_fp32_on_cpu():
+    run_distributed(mixed_precision_worker, 1, "cuda", backend="nccl")
 
 
 def test_sp2_equals_sp1_losses_and_every_gradient():
