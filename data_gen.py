@@ -40,10 +40,12 @@ import bisect
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -53,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 import longpo
-from ring_attention import config_from_cli, init_distributed, print0
+from ring_attention import UsageError, init_distributed, print0, run_cli
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -66,7 +68,7 @@ class DataGenConfig:
     """Generate LongPO preference data (paper Sec. 3.3). Size flags left at 0 / -1 come from a
     profile: the paper's for real models, a small one for --model tiny."""
     model: str = field(default="tiny", metadata={"help": "pi_S: hub id, local dir, or 'tiny'"})
-    docs: str = field(default="demo", metadata={"help": "JSONL with a 'text' field (optional 'id'), a folder of .txt files, or 'demo'"})
+    docs: str = field(default="demo", metadata={"help": "JSONL with a 'text' field (optional 'id'), a folder of .txt files, one .txt file, or 'demo'"})
     out: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "output JSONL (longpo.py's default input)"})
     chunk_min: int = field(default=0, metadata={"help": "fewest tokens in a chunk (0: profile; paper 16384)"})
     chunk_max: int = field(default=0, metadata={"help": "most tokens in a chunk (0: profile; paper <= 32768, code 30720)"})
@@ -80,6 +82,8 @@ class DataGenConfig:
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
     batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
     skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/ (otherwise a rerun continues the same run and refuses other arguments)"})
+    allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
     seed: int = field(default=0, metadata={"help": "seed of chunk choice, question choice and sampling"})
 
 
@@ -220,10 +224,16 @@ def template_questions(chunk_text, facts):
 
 # ----------------------------------------------------------------------------- input
 
+def text_id(text):
+    """The id of a document without one: a hash of its text, so that a resumed run recognises it
+    wherever it moved in the file."""
+    return "sha1-" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 class Docs:
     """The input documents by index, each read from disk when needed (a corpus of long documents need
-    not fit in memory): the built-in demo corpus, a folder of .txt files, or a JSONL file with a
-    'text' field (optional 'id'), validated line by line once."""
+    not fit in memory): the built-in demo corpus, a folder of .txt files, one .txt file, or a JSONL
+    file with a 'text' field (optional 'id'; else a hash of the text), validated line by line once."""
 
     def __init__(self, spec, skip_bad=False):
         self.spec, self.bad_lines = spec, 0
@@ -233,14 +243,21 @@ class Docs:
         elif os.path.isdir(spec):
             self.sources = sorted(glob.glob(os.path.join(spec, "*.txt")))
             if not self.sources:
-                raise ValueError(f"--docs {spec}: the folder holds no .txt files")
+                raise UsageError(f"--docs {spec}: the folder holds no .txt files")
             self.ids = [os.path.splitext(os.path.basename(p))[0] for p in self.sources]
+        elif os.path.isfile(spec) and spec.endswith(".txt"):  # one document
+            self.sources, self.ids = [spec], [os.path.splitext(os.path.basename(spec))[0]]
         elif os.path.isfile(spec):
             self.sources, self.ids = self._index_jsonl(spec, skip_bad)
         else:
-            raise FileNotFoundError(f"--docs {spec}: no such file or folder (give a JSONL file, a folder of .txt files, or 'demo')")
-        if len(set(self.ids)) != len(self.ids):
-            raise ValueError(f"--docs {spec}: document ids are not unique; resuming needs unique ids")
+            raise UsageError(f"--docs {spec}: no such file or folder (give a JSONL file, a .txt file, a folder of "
+                             ".txt files, or 'demo')")
+        seen = {}
+        for i, doc_id in enumerate(self.ids):
+            if doc_id in seen:
+                raise UsageError(f"--docs {spec}: documents {seen[doc_id] + 1} and {i + 1} have the same id {doc_id!r} "
+                                 "(the same text, when they have no id); resuming needs unique ids: remove the duplicate")
+            seen[doc_id] = i
 
     def _index_jsonl(self, spec, skip_bad):
         offsets, ids, offset = [], [], 0
@@ -255,11 +272,11 @@ class Docs:
                         raise ValueError("needs a string field 'text'")
                 except ValueError as e:  # bad JSON, bad UTF-8, or no text
                     if not skip_bad:
-                        raise ValueError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
+                        raise UsageError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
                     self.bad_lines += 1
                     continue
                 offsets.append(start)
-                ids.append(str(rec.get("id", f"line-{lineno}")))
+                ids.append(str(rec["id"]) if rec.get("id") is not None else text_id(rec["text"]))
         return offsets, ids
 
     def __len__(self):
@@ -285,16 +302,21 @@ def resolve(cfg):
     if cfg.questions == "auto":
         cfg = dataclasses.replace(cfg, questions="template" if cfg.docs == "demo" else "model")
     if cfg.questions not in ("model", "template"):
-        raise ValueError(f"--questions {cfg.questions!r}: choose auto, model or template")
+        raise UsageError(f"--questions {cfg.questions!r}: choose auto, model or template")
     if cfg.questions == "template" and cfg.docs != "demo":
-        raise ValueError("--questions template needs the facts of the built-in corpus (--docs demo); "
+        raise UsageError("--questions template needs the facts of the built-in corpus (--docs demo); "
                          "real documents need --questions model")
     if not 0 < cfg.chunk_min <= cfg.chunk_max:
-        raise ValueError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
-    if cfg.min_doc_len > cfg.max_doc_len:
-        raise ValueError(f"--min-doc-len {cfg.min_doc_len} > --max-doc-len {cfg.max_doc_len}")
-    if cfg.turns < 1:
-        raise ValueError("--turns must be >= 1")
+        raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
+    if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
+        raise UsageError(f"need 0 <= --min-doc-len ({cfg.min_doc_len}) <= --max-doc-len ({cfg.max_doc_len})")
+    for name in ("turns", "max_new_tokens", "question_tokens", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
+        raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
+    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
+        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'longpo.jsonl')}")
     return cfg
 
 
@@ -312,10 +334,21 @@ def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
     return texts, n_new
 
 
+@functools.lru_cache(maxsize=4)
+def longest_token(tokenizer):
+    """Characters in the longest vocabulary entry: no token covers more of a text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
 def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     """(record or None, why dropped, turns filtered by reason); counts collects generated tokens."""
     model, long_model = models
     text = doc["text"]
+    # Cheap bounds before tokenizing: a token covers at least one UTF-8 byte (plus a BOS or dummy
+    # prefix) and at most its longest vocabulary entry, so a document far outside the length range
+    # (a 20 MB one-line file) is dropped in microseconds instead of a minute and gigabytes.
+    if len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len or len(text) > cfg.max_doc_len * longest_token(tokenizer):
+        return None, "doc_length", {}
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     n_tokens = len(enc["input_ids"])
     if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
@@ -404,21 +437,44 @@ def open_part(path):
     return open(path, "a", encoding="utf-8")
 
 
-def check_same_arguments(folder, cfg):
-    """A restart must use the arguments of the run whose parts it continues."""
+HARMLESS = ("batch_size", "overwrite", "allow_empty")  # may change when a run is continued
+
+
+def run_arguments(cfg):
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in HARMLESS}
+
+
+def check_out(cfg):
+    """Every rank, before any work: <out>.parts/ may only be continued with the arguments that started
+    it, and an --out that no run of these arguments wrote is never replaced without --overwrite."""
+    folder = cfg.out + ".parts"
     path = os.path.join(folder, "args.json")
-    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    if cfg.overwrite:
+        return
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = {k: (before.get(k), v) for k, v in args.items() if before.get(k) != v}
+        changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in run_arguments(cfg).items() if before.get(k) != v]
         if changed:
-            raise ValueError(f"{folder} holds work done with other arguments {changed}; rerun with "
-                             f"the same arguments to resume, or delete {folder} to start over")
-    else:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(args, f, indent=2)
+            raise UsageError(f"{folder} holds work done with other arguments ({'; '.join(changed)}); rerun with "
+                             "the same arguments to continue it, or pass --overwrite to start over")
+    elif os.path.exists(cfg.out):
+        raise UsageError(f"--out {cfg.out} exists and no run with these arguments wrote it (no {path}); pass "
+                         "--overwrite to replace it, or choose another --out")
+
+
+def start_parts(cfg):
+    """Rank 0: the parts folder with the run's arguments; --overwrite first removes earlier results."""
+    folder = cfg.out + ".parts"
+    if cfg.overwrite:
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in (cfg.out, cfg.out + ".meta.json"):
+            if os.path.exists(path):
+                os.remove(path)
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(folder, "args.json")):
+        with open(os.path.join(folder, "args.json"), "w") as f:
+            json.dump(run_arguments(cfg), f, indent=2)
 
 
 def summarise(records, dropped, n_docs, bad_lines):
@@ -460,12 +516,14 @@ def merge(cfg, n_docs, bad_lines, stats):
 
 def main(cfg):
     cfg = resolve(cfg)
-    rank, world_size, device = init_distributed()
+    longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
     docs = Docs(cfg.docs, cfg.skip_bad)
+    check_out(cfg)
+    rank, world_size, device = init_distributed()
     folder = cfg.out + ".parts"
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        check_same_arguments(folder, cfg)
+        start_parts(cfg)
     if world_size > 1:
         dist.barrier()
     records, dropped = read_parts(folder)
@@ -502,9 +560,13 @@ def main(cfg):
             "generated_tokens_this_run": int(generated),
             "generated_tokens_per_s": round(generated / max(seconds / world_size, 1e-9), 1)})
         print0(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}")
+        if not summary["kept"] and not cfg.allow_empty:
+            raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: {summary['dropped_documents']}, "
+                             f"turns filtered: {summary['turns_filtered']}); check --min-doc-len/--max-doc-len and "
+                             "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(config_from_cli(DataGenConfig))
+    run_cli(main, DataGenConfig)

@@ -30,6 +30,7 @@ Commands:
         --infbench data/infbench --mc data/mmlu.jsonl,data/arc_c.jsonl --pref-data data/heldout.jsonl
 """
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -43,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import longpo
-from ring_attention import config_from_cli, init_distributed, print0
+from ring_attention import UsageError, init_distributed, print0, run_cli
 
 
 @dataclass
@@ -65,7 +66,8 @@ class EvalConfig:
     max_pairs: int = field(default=16, metadata={"help": "at most this many preference records"})
     beta: float = field(default=0.1, metadata={"help": "beta of the rewards in the pref task"})
     sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long-input scoring (0: all ranks)"})
-    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores and settings"})
+    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores and settings, rewritten after each finished task (an existing one is kept: the next free name eval-1.json, ... is used)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and --heatmap instead of writing to a new name"})
     heatmap: str = field(default="runs/needle_heatmap.png", metadata={"help": "needle heatmap PNG (needs matplotlib; '' to skip)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic tasks"})
 
@@ -138,8 +140,8 @@ def parse_lengths(spec):
     out = []
     for item in spec.split(","):
         item = item.strip().lower()
-        if not re.fullmatch(r"\d+k?", item):
-            raise ValueError(f"--lengths: {item!r} is not a length like 4096 or 4k")
+        if not re.fullmatch(r"\d+k?", item) or not int(item.rstrip("k")):
+            raise UsageError(f"--lengths: {item!r} is not a length like 4096 or 4k")
         out.append(int(item[:-1]) * 1024 if item.endswith("k") else int(item))
     return out
 
@@ -147,8 +149,8 @@ def parse_lengths(spec):
 def haystack_sentences(path):
     text = FILLER
     if path:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--haystack {path} does not exist")
+        if not os.path.isfile(path):
+            raise UsageError(f"--haystack {path} is not a file")
         with open(path, encoding="utf-8") as f:
             raw = f.read()
         text = " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip()) if path.endswith(".jsonl") else raw
@@ -220,9 +222,8 @@ def greedy(model, tokenizer, ids, max_new_tokens):
     return longpo.generate(model, tokenizer, [ids], max_new_tokens)[0][0]
 
 
-def eval_ruler(model, tokenizer, cfg):
+def eval_ruler(model, tokenizer, sentences, lengths, cfg):
     """Scores per task and length (mean over depths and samples) and the single-needle heatmap."""
-    sentences, lengths = haystack_sentences(cfg.haystack), parse_lengths(cfg.lengths)
     depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
     scores, heat = {}, {}
     from tqdm import tqdm
@@ -258,20 +259,27 @@ def truncate_middle(ids, max_len):
     return ids[:max_len // 2] + ids[len(ids) - (max_len - max_len // 2):]
 
 
-def eval_infbench(model, tokenizer, cfg):
-    scores = {}
-    for task, (name, template, max_new) in INFBENCH.items():
+def load_infbench(cfg):
+    """{task: examples} of the InfiniteBench files in --infbench, checked line by line up front."""
+    if not os.path.isdir(cfg.infbench):
+        raise UsageError(f"--infbench {cfg.infbench} is not a folder (it holds {', '.join(v[0] for v in INFBENCH.values())})")
+    tasks = {}
+    for task, (name, _, _) in INFBENCH.items():
         path = os.path.join(cfg.infbench, name)
-        if not os.path.exists(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            items = [json.loads(line) for line in f if line.strip()]
-        items = items[:cfg.infbench_limit or len(items)]
+        if os.path.exists(path):
+            tasks[task] = read_jsonl(path, ("context", "answer") + (("options",) if task == "en_mc" else ()))
+            tasks[task] = tasks[task][:cfg.infbench_limit or len(tasks[task])]
+    if not tasks:
+        raise UsageError(f"--infbench {cfg.infbench}: none of {', '.join(v[0] for v in INFBENCH.values())} found")
+    return tasks
+
+
+def eval_infbench(model, tokenizer, cfg, tasks):
+    scores = {}
+    for task, items in tasks.items():
+        _, template, max_new = INFBENCH[task]
         values = []
-        for lineno, ex in enumerate(items, 1):
-            for key in ("context", "answer") + (("options",) if task == "en_mc" else ()):
-                if key not in ex:
-                    raise ValueError(f"{path}:{lineno}: field '{key}' is missing")
+        for ex in items:
             answers = ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]]
             options = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ex.get("options", [])))
             instruction = template.format(input=ex.get("input", ""), options=options)
@@ -289,8 +297,6 @@ def eval_infbench(model, tokenizer, cfg):
                 values.append(max(rouge_l(pred, str(a)) for a in answers))
         if values:
             scores[task] = sum(values) / len(values)
-    if not scores:
-        raise ValueError(f"--infbench {cfg.infbench}: none of {', '.join(v[0] for v in INFBENCH.values())} found")
     return scores
 
 
@@ -309,29 +315,57 @@ def demo_mc(seed=0, n=24):
     return items
 
 
+def read_jsonl(path, fields):
+    """The objects of a JSONL file; a bad line or a missing field names the file and line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} does not exist")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            missing = [k for k in fields if not isinstance(ex, dict) or k not in ex]
+            if missing:
+                raise UsageError(f"{path}:{lineno}: field '{missing[0]}' is missing (needs {', '.join(fields)})")
+            items.append(ex)
+    if not items:
+        raise UsageError(f"{path} holds no examples")
+    return items
+
+
+def mc_answer(answer, choices):
+    """Index of the right choice: an int index, the text of a choice ("8" among "6", "8", "10"), or a
+    letter A, B, ...; None if it names none."""
+    if type(answer) is int:
+        return answer if 0 <= answer < len(choices) else None
+    if not isinstance(answer, str):
+        return None
+    texts = [str(c).strip() for c in choices]
+    if answer.strip() in texts:
+        return texts.index(answer.strip())
+    letter = answer.strip().upper()
+    return ord(letter) - 65 if len(letter) == 1 and 0 <= ord(letter) - 65 < len(choices) else None
+
+
 def load_mc(spec):
     sets = {}
     for path in spec.split(","):
         if path == "demo":
             sets["demo_mc"] = demo_mc()
             continue
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--mc {path} does not exist")
         items = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                ex = json.loads(line)
-                for key in ("question", "choices", "answer"):
-                    if key not in ex:
-                        raise ValueError(f"{path}:{lineno}: field '{key}' is missing (format: question, choices, answer)")
-                answer = ex["answer"]
-                if isinstance(answer, str):
-                    answer = ord(answer.strip().upper()) - 65 if len(answer.strip()) == 1 else ex["choices"].index(answer)
-                if not 0 <= answer < len(ex["choices"]):
-                    raise ValueError(f"{path}:{lineno}: field 'answer' = {ex['answer']!r} names no choice")
-                items.append({"question": ex["question"], "choices": ex["choices"], "answer": answer})
+        for lineno, ex in enumerate(read_jsonl(path, ("question", "choices", "answer")), 1):
+            if not (isinstance(ex["choices"], list) and len(ex["choices"]) >= 2):
+                raise UsageError(f"{path}: example {lineno}: field 'choices' must be a list of at least 2 answers")
+            answer = mc_answer(ex["answer"], ex["choices"])
+            if answer is None:
+                raise UsageError(f"{path}: example {lineno}: field 'answer' = {ex['answer']!r} names no choice "
+                                 "(an index, a letter, or the text of a choice)")
+            items.append({"question": ex["question"], "choices": ex["choices"], "answer": answer})
         sets[os.path.splitext(os.path.basename(path))[0]] = items
     return sets
 
@@ -399,18 +433,61 @@ def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
 
 # ----------------------------------------------------------------------------- glue
 
-def check_inputs(cfg, tasks):
+def check_model_flag(flag, name):
+    if name.startswith("runs/") and not os.path.exists(name):
+        raise UsageError(f"{flag} {name} does not exist: train it first with `torchrun --nproc_per_node 2 "
+                         "longpo.py --sp-size 2` (after `python data_gen.py`)")
+    longpo.check_model(name, flag)
+
+
+def free_name(path, overwrite):
+    """path, or, when it exists and overwrite is off, the first free path-1.ext, path-2.ext, ..."""
+    if overwrite or not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    return next(f"{stem}-{i}{ext}" for i in itertools.count(1) if not os.path.exists(f"{stem}-{i}{ext}"))
+
+
+def prepare_inputs(cfg, tasks):
+    """Every flag and input file checked and read before any model is loaded: a mistake found after
+    hours of generation at 128K would lose them. Returns the inputs of the tasks and the output paths."""
     unknown = set(tasks) - {"ruler", "infbench", "mc", "kl", "pref"}
-    if unknown:
-        raise ValueError(f"--tasks: unknown {sorted(unknown)}; choose from ruler, infbench, mc, kl, pref")
-    if "infbench" in tasks and not cfg.infbench:
-        raise ValueError("--tasks infbench needs --infbench DIR")
-    if cfg.model != "tiny" and not os.path.exists(cfg.model) and cfg.model.startswith("runs/"):
-        raise FileNotFoundError(f"--model {cfg.model} does not exist: train it first with "
-                                "`torchrun --nproc_per_node 2 longpo.py --sp-size 2` (after `python data_gen.py`)")
-    if {"kl", "pref"} & set(tasks) and not os.path.exists(cfg.pref_data):
-        raise FileNotFoundError(f"--pref-data {cfg.pref_data} does not exist: create it first with "
-                                "`python data_gen.py`, or drop kl and pref from --tasks")
+    if unknown or not tasks:
+        raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, infbench, mc, kl, pref")
+    for name in ("depths", "samples", "max_pairs", "infbench_max_len"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    if cfg.infbench_limit < 0 or not cfg.beta > 0 or cfg.sp_size < 0:
+        raise UsageError("--infbench-limit and --sp-size must be >= 0 and --beta > 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % (cfg.sp_size or world):
+        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world}")
+    for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        if name:
+            check_model_flag(flag, name)
+    inputs = {}
+    if "ruler" in tasks:
+        inputs["lengths"], inputs["sentences"] = parse_lengths(cfg.lengths), haystack_sentences(cfg.haystack)
+    if "infbench" in tasks:
+        if not cfg.infbench:
+            raise UsageError("--tasks infbench needs --infbench DIR")
+        inputs["infbench"] = load_infbench(cfg)
+    if "mc" in tasks:
+        inputs["mc"] = load_mc(cfg.mc)
+    inputs["records"] = []
+    if {"kl", "pref"} & set(tasks):
+        if not os.path.exists(cfg.pref_data):
+            raise UsageError(f"--pref-data {cfg.pref_data} does not exist: create it first with `python data_gen.py`, "
+                             "or drop kl and pref from --tasks")
+        inputs["records"] = longpo.load_records(cfg.pref_data, need_ref=True)[:cfg.max_pairs]
+    for flag, path in (("--out", cfg.out), ("--heatmap", cfg.heatmap)):
+        if path and (os.path.isdir(path) or path.endswith(os.sep)):
+            raise UsageError(f"{flag} {path} is a folder; give a file name")
+    inputs["out"] = free_name(cfg.out, cfg.overwrite)
+    inputs["heatmap"] = cfg.heatmap and free_name(cfg.heatmap, cfg.overwrite)
+    if inputs["out"] != cfg.out:
+        print0(f"{cfg.out} exists: writing {inputs['out']} instead (--overwrite replaces it)")
+    return inputs
 
 
 def resolve_baseline(cfg):
@@ -429,18 +506,23 @@ def load(name, device):
     return model.to(device).eval(), tokenizer
 
 
-def single_device_tasks(model, tokenizer, ref_model, tasks, records, cfg):
-    """Everything but the SP scoring, on one device: RULER, InfiniteBench, multiple choice, KL."""
-    results, heat = {}, None
+def single_device_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save):
+    """Everything but the SP scoring, on one device: RULER, InfiniteBench, multiple choice, KL; each
+    task's scores go into results and to disk (save) as soon as it finishes."""
+    heat = None
     if "ruler" in tasks:
-        results["ruler"], heat = eval_ruler(model, tokenizer, cfg)
+        results["ruler"], heat = eval_ruler(model, tokenizer, inputs["sentences"], inputs["lengths"], cfg)
+        save()
     if "infbench" in tasks:
-        results["infbench"] = eval_infbench(model, tokenizer, cfg)
+        results["infbench"] = eval_infbench(model, tokenizer, cfg, inputs["infbench"])
+        save()
     if "mc" in tasks:
-        results["mc"] = {set_name: eval_mc(model, tokenizer, items) for set_name, items in load_mc(cfg.mc).items()}
+        results["mc"] = {set_name: eval_mc(model, tokenizer, items) for set_name, items in inputs["mc"].items()}
+        save()
     if "kl" in tasks:
-        results["kl"] = eval_kl(model, ref_model, tokenizer, records)
-    return results, heat
+        results["kl"] = eval_kl(model, ref_model, tokenizer, inputs["records"])
+        save()
+    return heat
 
 
 def summary_row(res):
@@ -495,32 +577,48 @@ def save_heatmap(heat_by_model, path):
     print0(f"needle heatmap: {path}")
 
 
+def write_json(path, payload):
+    """Atomically (a temporary file, then a rename): a kill never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main(cfg):
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    check_inputs(cfg, tasks)
+    inputs = prepare_inputs(cfg, tasks)  # every rank, before any process group or model
+    baseline = resolve_baseline(cfg)
+    if baseline:
+        check_model_flag("--baseline", baseline)
     rank, world_size, device = init_distributed()
     par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
-    baseline = resolve_baseline(cfg)
     models = {cfg.model: cfg.model}  # table label -> model
     if baseline:
         models = {(baseline if baseline != cfg.model else f"{baseline} (baseline)"): baseline, **models}
     ref_name = cfg.ref_model or baseline or cfg.model
-    records = longpo.load_records(cfg.pref_data, need_ref=True)[:cfg.max_pairs] if {"kl", "pref"} & set(tasks) else []
     results = {label: {} for label in models}
+    settings = {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
+                "world_size": world_size}
+
+    def save(table=None):  # rank 0; "complete" is false until every task of every model finished
+        if rank == 0:
+            write_json(inputs["out"], {"settings": settings, "complete": table is not None, "results": results,
+                                       **({"table": table} if table else {})})
     loaded = {name: load(name, device) for name in dict.fromkeys(models.values())}  # each model once
     if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
         for label, name in models.items():
             model, tokenizer = loaded[name]
             if par.sp_size > 1:
                 model.set_attn_implementation("ring_attention")
-            results[label]["pref"] = eval_pref(model, tokenizer, records, par, cfg.beta)
+            results[label]["pref"] = eval_pref(model, tokenizer, inputs["records"], par, cfg.beta)
             model.set_attn_implementation("sdpa")  # generation below runs on one device
+            save()
     if rank == 0:  # phase 2, one device: generation and short-input scoring
         heat = {}
         ref_model = (loaded.get(ref_name) or load(ref_name, device))[0] if "kl" in tasks else None
         for label, name in models.items():
-            res, heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, records, cfg)
-            results[label].update(res)
+            heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save)
         rows = {label: summary_row(res) for label, res in results.items()}
         if len(rows) == 2:
             first, second = rows.values()
@@ -531,17 +629,13 @@ def main(cfg):
             for label in models:
                 for task, by_len in results[label]["ruler"].items():
                     print(f"  {label} {task}: " + ", ".join(f"{n}: {v:.3f}" for n, v in by_len.items() if n != "avg"))
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out, "w") as f:
-            json.dump({"settings": {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
-                                    "world_size": world_size},
-                       "results": results, "table": rows}, f, indent=2)
-        print(f"scores: {cfg.out}")
-        if "ruler" in tasks and cfg.heatmap:
-            save_heatmap(heat, cfg.heatmap)
+        save(table=rows)
+        print(f"scores: {inputs['out']}")
+        if "ruler" in tasks and inputs["heatmap"]:
+            save_heatmap(heat, inputs["heatmap"])
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(config_from_cli(EvalConfig))
+    run_cli(main, EvalConfig)

@@ -37,10 +37,12 @@ Commands (after `python data_gen.py`, whose output is the default --data):
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -51,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_attention  # noqa: F401  (registers attn_implementation "ring_attention")
-from ring_attention import config_from_cli, init_distributed, print0, zigzag_shard
+from ring_attention import UsageError, init_distributed, print0, run_cli, zigzag_shard
 
 # FSDP2 warns that the root module returns a view (we read hidden_states[-1]); we never modify it
 # in place, which is the case the warning is about.
@@ -87,7 +89,8 @@ class TrainConfig:
     logprob_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of the log-softmax"})
     seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its last checkpoint (its run-defining arguments and data must be the same)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run held in --output-dir (its final model, metrics and checkpoints are deleted)"})
     stop_after: int = field(default=0, metadata={"help": "save a checkpoint and stop after N steps of this invocation (time-limited jobs; continue with --resume)"})
     bench_tokens: int = field(default=0, metadata={"help": "benchmark: train on one synthetic pair of about this many tokens; print per-rank step time and peak tracked memory; writes nothing"})
     plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
@@ -195,7 +198,7 @@ def encode_after(tokenizer, before, text):
     starts = [a for a, _ in enc["offset_mapping"]]
     ends = [b for _, b in enc["offset_mapping"]]
     if any(a < len(anchor) < b for a, b in zip(starts, ends)):
-        raise ValueError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
+        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
                          "format_dialogue cannot split such a template turn by turn")
     return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
 
@@ -219,7 +222,7 @@ def split_answer(segment, answer, specials):
     core = answer.strip()
     head = segment[:len(segment) - len(segment.lstrip())]
     if not segment[len(head):].startswith(core):
-        raise ValueError("the chat template alters the assistant text (it renders "
+        raise UsageError("the chat template alters the assistant text (it renders "
                          f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
     tail = segment[len(head) + len(core):]
     cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
@@ -249,7 +252,7 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         messages.append({"role": "user", "content": text})
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not prompt.startswith(done):
-            raise ValueError("the chat template does not render turn by turn as a prefix of the "
+            raise UsageError("the chat template does not render turn by turn as a prefix of the "
                              "whole dialogue; format_dialogue needs such a template")
         pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
         done = prompt
@@ -258,7 +261,7 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         messages.append({"role": "assistant", "content": turn[answer_key]})
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
-            raise ValueError("the chat template renders the dialogue differently from its generation "
+            raise UsageError("the chat template renders the dialogue differently from its generation "
                              "prompt; cannot locate the answer tokens")
         span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
         pieces.append((span, True))
@@ -288,9 +291,9 @@ REQUIRED_TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
 
 
 def validate_record(rec, where, need_ref):
-    """Raise ValueError naming the line and field when a record breaks the design.md format."""
+    """Raise UsageError naming the line and field when a record breaks the design.md format."""
     def bad(field_, problem):
-        raise ValueError(f"{where}: field '{field_}' {problem}")
+        raise UsageError(f"{where}: field '{field_}' {problem}")
     if not isinstance(rec, dict):
         bad("<record>", "must be a JSON object")
     if not isinstance(rec.get("document"), str) or not rec["document"]:
@@ -298,11 +301,13 @@ def validate_record(rec, where, need_ref):
     if not isinstance(rec.get("turns"), list) or not rec["turns"]:
         bad("turns", "is missing or empty: a record needs at least one turn")
     for i, turn in enumerate(rec["turns"]):
+        if not isinstance(turn, dict):
+            bad(f"turns[{i}]", f"= {turn!r} must be an object with {', '.join(REQUIRED_TURN_FIELDS)}")
         for name in REQUIRED_TURN_FIELDS:
             if name not in turn:
                 bad(f"turns[{i}].{name}", "is missing")
         span = turn["chunk"]
-        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
                 and 0 <= span[0] < span[1] <= len(rec["document"])):
             bad(f"turns[{i}].chunk", f"= {span} is not a character span [start, end) inside the "
                 f"document of {len(rec['document'])} characters")
@@ -310,7 +315,7 @@ def validate_record(rec, where, need_ref):
             if not isinstance(turn[name], str) or not turn[name].strip():
                 bad(f"turns[{i}].{name}", "must be a non-empty string")
     for name in ("ref_chosen_logp", "ref_rejected_logp"):
-        if name in rec and not (isinstance(rec[name], (int, float)) and math.isfinite(rec[name])):
+        if name in rec and not (type(rec[name]) in (int, float) and math.isfinite(rec[name])):  # bool is no number
             bad(name, f"= {rec[name]!r} is not a finite number")
         if need_ref and name not in rec:
             bad(name, "is missing; give --ref-model to compute it on the short inputs, or "
@@ -323,8 +328,9 @@ class Records:
     None where the file has none."""
 
     def __init__(self, path, need_ref=False):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--data {path} does not exist; create it first with: python data_gen.py --out {path}")
+        if not os.path.isfile(path):
+            raise UsageError(f"--data {path} " + ("is a folder; give the preference JSONL file" if os.path.isdir(path) else
+                             f"does not exist; create it first with: python data_gen.py --out {path}"))
         self.path, self.offsets, self.refs = path, [], []
         with open(path, "rb") as f:
             offset = 0
@@ -333,13 +339,13 @@ class Records:
                     try:
                         rec = json.loads(line)
                     except ValueError as e:  # bad JSON or bad UTF-8
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                        raise UsageError(f"{path}:{lineno}: not valid JSON ({e})") from None
                     validate_record(rec, f"{path}:{lineno}", need_ref)
                     self.offsets.append(offset)
                     self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
                 offset += len(line)
         if not self.offsets:
-            raise ValueError(f"{path} holds no records")
+            raise UsageError(f"--data {path} holds no records")
 
     def __len__(self):
         return len(self.offsets)
@@ -462,6 +468,40 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model(name, flag="--model"):
+    """Fail at once, in one line, on a model that cannot load: a missing local folder, a training
+    checkpoint (sharded weights, not a model), a folder without config.json, or a hub id that is
+    neither cached nor on the hub (asked with a short timeout)."""
+    if name == "tiny":
+        return
+    if os.path.isdir(name):
+        if any(os.path.exists(os.path.join(name, f)) for f in ("trainer_state.json", ".metadata")):
+            raise UsageError(f"{flag} {name} is a training checkpoint (sharded weights and optimiser state), not a "
+                             "model: give the run's final/ folder, or continue training it with --resume")
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UsageError(f"{flag} {name} holds no config.json: not a model folder (save_pretrained writes one, "
+                             "e.g. a run's final/)")
+        return
+    if not HUB_ID.match(name) or os.path.isdir(name.split("/")[0]):
+        raise UsageError(f"{flag} {name}: no such folder (nor a hub id of the form org/name)")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(name, timeout=8)
+    except GatedRepoError:
+        return  # exists; loading says how to get access
+    except RepositoryNotFoundError:
+        raise UsageError(f"{flag} {name}: no such local folder, and no such model on the hub (check the spelling)") from None
+    except Exception as e:  # no network, proxy, timeout
+        raise UsageError(f"{flag} {name}: no such local folder, not in the local hub cache, and the hub cannot be "
+                         f"reached ({type(e).__name__}); download it first or give a local folder") from None
+
+
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
     """`tiny` (random weights from a FIXED seed: data_gen, longpo and eval see the same model), a hub
     id or a local directory. rope_theta > 0 replaces the model's RoPE theta (policy only)."""
@@ -512,7 +552,7 @@ class Parallel:
 def setup_parallel(sp_size, rank, world_size, device):
     sp_size = sp_size or world_size  # 0: one ring over all ranks
     if sp_size < 1 or world_size % sp_size:
-        raise ValueError(f"--sp-size {sp_size} must divide the world size {world_size} "
+        raise UsageError(f"--sp-size {sp_size} must divide the world size {world_size} "
                          f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
     sp_group = None
     for first in range(0, world_size if sp_size > 1 else 0, sp_size):
@@ -689,6 +729,62 @@ def last_checkpoint(output_dir):
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
+# What defines a run: --resume must continue with the same (save_every, stop_after, logprob_chunk,
+# grad_checkpointing and the like may change; they do not change what is computed).
+RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "lr", "warmup_ratio",
+                "weight_decay", "max_grad_norm", "max_steps", "grad_accum", "max_length", "rope_theta", "dtype", "seed")
+
+
+def run_identity(cfg, world_size, sp_size):
+    """The run-defining arguments, the world and sp sizes, and the data's size and a hash of its first
+    records (resuming on another file would silently train on other data)."""
+    digest = hashlib.sha256()
+    with open(cfg.data, "rb") as f:
+        for _, line in zip(range(8), f):
+            digest.update(line)
+    return {**{k: getattr(cfg, k) for k in RUN_DEFINING}, "world_size": world_size, "sp_size": sp_size,
+            "data_bytes": os.path.getsize(cfg.data), "data_sha256_first_records": digest.hexdigest()}
+
+
+def check_output_dir(cfg, identity):
+    """'fresh' (start in --output-dir), 'resume' (continue the run it holds) or 'finished' (that run
+    wrote its final model). Refuses to overwrite a run's work without --overwrite, and to resume a
+    run with other run-defining arguments, naming each difference."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output-dir {out} is a file; give a folder")
+    held = [n for n in ("final/", "metrics.jsonl") if os.path.exists(os.path.join(out, n))]
+    held += ["checkpoints"] if last_checkpoint(out) else []
+    if cfg.overwrite or not (held or cfg.resume):
+        return "fresh"
+    if not cfg.resume:
+        raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(held)}); pass --resume to continue "
+                         "it, --overwrite to replace it, or choose another --output-dir")
+    path = os.path.join(out, "config.json")
+    before = None
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f).get("identity")
+    if before is None:
+        if not held:
+            return "fresh"  # nothing of a run there yet
+        raise UsageError(f"--resume: {path} does not record the run's arguments, so it cannot be checked; "
+                         "start a new run (--overwrite or another --output-dir)")
+    changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in identity.items() if before.get(k) != v]
+    if changed:
+        raise UsageError(f"--resume: {out} holds a run with other arguments ({'; '.join(changed)}); resume it with "
+                         "the same ones, or start a new run (--overwrite or another --output-dir)")
+    return "finished" if os.path.isdir(os.path.join(out, "final")) else "resume"
+
+
+def clear_output_dir(out):
+    """--overwrite: remove a previous run's config, metrics, checkpoints and final model."""
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        if name in ("config.json", "metrics.jsonl", "final") or name.startswith("checkpoint-"):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
     """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and every
     rank's RNG, written to a temporary folder and renamed: a crash never leaves half a checkpoint."""
@@ -817,10 +913,9 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
             "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
 
 
-def prepare_data(cfg, par, tokenizer, compute_dtype):
+def prepare_data(records, cfg, par, tokenizer, compute_dtype):
     """Records filtered by --max-length and their reference log-probs (computed on the SHORT inputs
     where the file has none). Every rank ends with the same records."""
-    records = load_records(cfg.data)
     if cfg.max_length:
         def length(i):
             rec = records[i]
@@ -831,7 +926,7 @@ def prepare_data(cfg, par, tokenizer, compute_dtype):
         print0(f"--max-length {cfg.max_length}: kept {len(kept)} of {len(records)} records "
                f"({len(records) - len(kept)} longer ones skipped)")
         if not kept:
-            raise ValueError(f"no record fits --max-length {cfg.max_length}; raise it")
+            raise UsageError(f"no record of --data {cfg.data} fits --max-length {cfg.max_length}; raise it")
         records = records.select(kept)
     missing = [i for i, ref in enumerate(records.refs) if None in ref]
     if cfg.loss == "longpo" and missing:
@@ -861,10 +956,10 @@ def open_metrics(cfg, start_step, par):
     return open(path, "a")
 
 
-def train(cfg, par):
+def train(cfg, par, records):
     master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
-    data = prepare_data(cfg, par, tokenizer, compute_dtype)
+    data = prepare_data(records, cfg, par, tokenizer, compute_dtype)
     ref_model = None
     if cfg.loss == "dpo":
         ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]
@@ -920,7 +1015,7 @@ def memory_plan(cfg):
     W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
     T = -(-cfg.max_length // sp)  # tokens per GPU
     if W % sp:
-        raise ValueError(f"--sp-size {sp} must divide --world-size {W}")
+        raise UsageError(f"--sp-size {sp} must divide --world-size {W}")
     bf16, fp32 = 2, 4
     rows = [
         ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
@@ -1032,12 +1127,26 @@ def check_config(cfg):
                "dtype": ("auto", "float32", "float64", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("grad_accum", "logprob_chunk", "sp_size"):
-        if getattr(cfg, name) < (0 if name == "sp_size" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1" + (" (or 0: all ranks)" if name == "sp_size" else ""))
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("grad_accum", "logprob_chunk", "world_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    for name in ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length", "rope_theta",
+                 "save_every", "stop_after", "bench_tokens"):
+        if not getattr(cfg, name) >= 0:  # also NaN
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0 (0: the default behaviour)")
+    if not cfg.beta > 0:
+        raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise UsageError(f"--warmup-ratio {cfg.warmup_ratio} must be within [0, 1]")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if cfg.plan and cfg.max_length < 1:
-        raise ValueError("--plan needs --max-length (tokens of one sequence), e.g. --max-length 524288")
+        raise UsageError("--plan needs --max-length (tokens of one sequence), e.g. --max-length 524288")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if not (cfg.plan or cfg.bench_tokens) and world % (cfg.sp_size or world):
+        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
 
 
 def resolve_defaults(cfg):
@@ -1052,28 +1161,38 @@ def resolve_defaults(cfg):
 def main(cfg):
     cfg = resolve_defaults(cfg)
     check_config(cfg)
+    for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        if name:
+            check_model(name, flag)
     if cfg.plan:
         print(memory_plan(cfg))
         return
-    if not (cfg.resume or cfg.bench_tokens) and last_checkpoint(cfg.output_dir):  # every rank, before any collective
-        raise FileExistsError(f"{cfg.output_dir} holds checkpoints of an earlier run; pass --resume to continue "
-                              "it, or choose another --output-dir (nothing is overwritten)")
+    state, records = "bench", None
+    if not cfg.bench_tokens:  # every rank, before any process group or model: all or none stop here
+        records = load_records(cfg.data)  # validates every record: errors name the line and field
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        identity = run_identity(cfg, world, cfg.sp_size or world)
+        state = check_output_dir(cfg, identity)
+        if state == "finished":
+            print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
+            return
     rank, world_size, device = init_distributed(group_of_one=True)
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree
-    if rank == 0 and not cfg.bench_tokens:
+    if rank == 0 and state == "fresh":
+        clear_output_dir(cfg.output_dir)  # --overwrite, or leftovers of a run that never started
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "world_size_actual": world_size}, f, indent=2)
+            json.dump({**dataclasses.asdict(cfg), "identity": identity}, f, indent=2)
     if cfg.bench_tokens:
         bench(cfg, par)
     else:
         print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        train(cfg, par)
+        train(cfg, par, records)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(config_from_cli(TrainConfig))
+    run_cli(main, TrainConfig)

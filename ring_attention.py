@@ -72,6 +72,24 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random inputs (same on all ranks)"})
 
 
+class UsageError(ValueError):
+    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
+    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
+
+
+def run_cli(main, cls):
+    """main(config from the command line); a UsageError becomes one line on stderr and exit 2.
+    Every rank checks the same flags and files, so rank 0 speaks for all."""
+    import sys
+    cfg = config_from_cli(cls)
+    try:
+        main(cfg)
+    except UsageError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def config_from_cli(cls, argv=None):
     """Build --help and an argparse parser from a config dataclass (used by every script here)."""
     import argparse
@@ -526,7 +544,7 @@ def init_distributed(timeout_minutes=30, group_of_one=False):
 
 
 def print0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -552,29 +570,22 @@ def _sdpa_fwd_bwd(q, k, v, dout, repeat_kv=False):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def usage_error(message):
-    """A user's mistake: one line on stderr, exit status 2 (argparse's convention), no traceback."""
-    import sys
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def check_bench_config(cfg, world_size):
     if cfg.dtype not in DTYPES:
-        usage_error(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
     if cfg.kernel != "auto" and cfg.kernel not in KERNELS:
-        usage_error(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(KERNELS)}")
+        raise UsageError(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(KERNELS)}")
     for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"):
         if getattr(cfg, name) < 1:
-            usage_error(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if cfg.seq_len % (2 * world_size):
-        usage_error(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
+        raise UsageError(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
                     f"(zigzag chunks), e.g. {-(-cfg.seq_len // (2 * world_size)) * 2 * world_size}")
     if cfg.heads % cfg.kv_heads:
-        usage_error(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
+        raise UsageError(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
 
 
 def main(cfg):
@@ -635,4 +646,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(config_from_cli(BenchConfig))
+    run_cli(main, BenchConfig)

@@ -7,6 +7,7 @@ dominates. Tests that need a CUDA GPU are skipped without one, with the reason s
 Run:  python -m pytest -q -rs test_longpo.py
 """
 import copy
+import dataclasses
 import datetime
 import functools
 import multiprocessing as mp
@@ -761,7 +762,7 @@ def test_bad_records_name_line_and_field(tmp_path):
     (tmp_path / "broken.jsonl").write_text(json.dumps(good[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
         longpo.load_records(str(tmp_path / "broken.jsonl"))
-    with pytest.raises(FileNotFoundError, match="python data_gen.py"):
+    with pytest.raises(ValueError, match="python data_gen.py"):
         longpo.load_records(str(tmp_path / "missing.jsonl"))
 
 
@@ -1115,13 +1116,21 @@ def test_bad_document_lines(tmp_path):
     with pytest.raises(ValueError, match=r"docs.jsonl:2: .*--skip-bad"):
         data_gen.Docs(str(path), skip_bad=False)
     docs = data_gen.Docs(str(path), skip_bad=True)
-    assert docs.ids == ["line-1"] and docs.bad_lines == 2 and docs[0] == {"id": "line-1", "text": "a"}
+    key = data_gen.text_id("a")  # no id: a hash of the text, wherever the line moves
+    assert docs.ids == [key] and docs.bad_lines == 2 and docs[0] == {"id": key, "text": "a"}
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ("new", "a", "b")) + "\n")
+    assert data_gen.Docs(str(path)).ids[1] == key and len(set(data_gen.Docs(str(path)).ids)) == 3
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ("a", "b", "a")) + "\n")
+    with pytest.raises(ValueError, match="documents 1 and 3 have the same id"):
+        data_gen.Docs(str(path))
     folder = tmp_path / "txt"
     folder.mkdir()
     (folder / "b.txt").write_text("second")
     (folder / "a.txt").write_text("first")
     assert data_gen.Docs(str(folder)).ids == ["a", "b"] and data_gen.Docs(str(folder))[1]["text"] == "second"
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    one = data_gen.Docs(str(folder / "b.txt"))  # one .txt file is one document
+    assert one.ids == ["b"] and one[0]["text"] == "second"
+    with pytest.raises(ValueError, match="no such file or folder"):
         data_gen.Docs(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="template needs"):
         data_gen.resolve(data_gen.DataGenConfig(docs=str(path), questions="template"))
@@ -1196,7 +1205,8 @@ def test_data_gen_model_questions_path(tmp_path):
     """--questions model: the tiny random model cannot write a numbered list of 4 questions, so
     every chunk is dropped and counted: the path runs, nothing passes silently."""
     out = str(tmp_path / "q.jsonl")
-    run_script(["data_gen.py", "--out", out, "--questions", "model", "--question-tokens", "48", "--turns", "2"])
+    run_script(["data_gen.py", "--out", out, "--questions", "model", "--question-tokens", "48", "--turns", "2",
+                "--allow-empty"])
     summary = json.load(open(out + ".meta.json"))["summary"]
     assert summary["kept"] == 0 and summary["dropped_documents"] == {"questions": 4}
     assert summary["turns_filtered"] == {"questions": 8} and summary["generated_tokens_this_run"] > 0
@@ -1298,6 +1308,7 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
                          "--infbench-max-len", "300", "--out", out, "--heatmap", ""])
     assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
     scores = json.load(open(out))
+    assert scores["complete"] is True
     tiny = scores["results"]["tiny"]
     assert set(scores["results"]) == {"tiny (baseline)", "tiny"}
     assert set(tiny["infbench"]) == {"en_qa", "en_mc", "en_sum"} and set(tiny["ruler"]) == set(evaluation.RULER_TASKS)
@@ -1338,7 +1349,7 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     assert lengths[1] > max(lengths[0], lengths[2])
     cfg = longpo.TrainConfig(data=path, max_length=max(lengths[0], lengths[2]), grad_accum=1)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    kept, refs, _ = longpo.prepare_data(cfg, single, tokenizer, torch.float32)
+    kept, refs, _ = longpo.prepare_data(longpo.load_records(path), cfg, single, tokenizer, torch.float32)
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
     assert kept[1] == records[2] and kept[-1:] == [records[2]]  # read back from the file on demand
@@ -1356,3 +1367,132 @@ def test_data_gen_long_model_answers_only_the_long_inputs():
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
     assert [t["rejected"] for t in same["turns"]] != [t["rejected"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
+    """Each script, run as a user would: a bad flag or input prints ONE line `error: ...` naming
+    it, exits 2, shows no traceback, within 10 s (before any model is loaded)."""
+    (tmp_path / "folder").mkdir()
+    cases = [["longpo.py", "--beta", "0"], ["longpo.py", "--data", str(tmp_path / "folder")],
+             ["data_gen.py", "--out", str(tmp_path / "folder")], ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
+             ["eval.py", "--lengths", "0", "--out", str(tmp_path / "e.json")],
+             ["eval.py", "--model", str(tmp_path / "missing_model"), "--out", str(tmp_path / "e.json")],
+             ["ring_attention.py", "--seq-len", "0"], ["ring_attention.py", "--dtype", "float65"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in cases]
+    for args, proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert args[1] in lines[0] and "Traceback" not in err, (args, err)
+    assert time.time() - start < 10 * len(cases) / 2, "8 runs on 2 cores: each within 10 s"
+
+
+def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
+    UsageError = ra.UsageError
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for name, message in [(str(tmp_path / "runs" / "nothing"), "no such folder"),
+                          (str(tmp_path / "ckpt"), "training checkpoint.*final/"),
+                          (str(tmp_path / "empty"), "no config.json"),
+                          ("nobody-xyz/no-such-model-7b", "no such model on the hub|hub cannot be reached")]:
+        with pytest.raises(UsageError, match=f"--model .*({message})"):
+            longpo.check_model(name)
+    for field_name, spoil in {"turns[0]": lambda r: r.__setitem__("turns", [7]),
+                              "ref_chosen_logp": lambda r: r.__setitem__("ref_chosen_logp", True)}.items():
+        records = make_records(2, seed=1)
+        spoil(records[1])
+        path = write_jsonl(tmp_path / "bad.jsonl", records)
+        with pytest.raises(UsageError, match=r"bad.jsonl:2: field '" + re.escape(field_name)):
+            longpo.load_records(path)
+    for flags, message in [({"beta": 0.0}, "--beta"), ({"warmup_ratio": 2.0}, "--warmup-ratio"),
+                           ({"resume": True, "overwrite": True}, "contradict"), ({"lr": float("nan")}, "--lr")]:
+        with pytest.raises(UsageError, match=message):
+            longpo.check_config(longpo.resolve_defaults(longpo.TrainConfig(**flags)))
+
+
+def test_finished_runs_are_never_overwritten_and_resume_checks_the_run(tmp_path, monkeypatch):
+    """A finished run is refused without --resume or --overwrite; --resume of it does nothing and
+    rewrites nothing; --resume with another lr, data file or world size names the difference."""
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=3, with_ref=True))
+    out = str(tmp_path / "run")
+    argv = ["--data", data, "--output-dir", out, "--max-steps", "1"]
+    run_script(["longpo.py"] + argv)
+    before = {name: open(os.path.join(out, name)).read() for name in ("config.json", "metrics.jsonl")}
+    main = lambda *extra: longpo.main(ra.config_from_cli(longpo.TrainConfig, argv + list(extra)))  # noqa: E731
+    with pytest.raises(ra.UsageError, match="holds an earlier run .*final/.*--resume.*--overwrite"):
+        main()
+    assert main("--resume") is None  # finished: nothing to do, before any process group
+    with pytest.raises(ra.UsageError, match=r"lr: 0.0001 there, 0.002 now"):
+        main("--resume", "--lr", "2e-3")
+    with open(data, "a") as f:
+        f.write(json.dumps(make_records(1, seed=4, with_ref=True)[0]) + "\n")
+    with pytest.raises(ra.UsageError, match="data_bytes"):
+        main("--resume")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ra.UsageError, match="world_size: 1 there, 2 now"):
+        main("--resume", "--data", write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=3, with_ref=True)))
+    assert {name: open(os.path.join(out, name)).read() for name in before} == before
+    assert not dist.is_initialized()
+
+
+def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
+    UsageError = ra.UsageError
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("finished work\n")
+    cfg = data_gen.resolve(data_gen.DataGenConfig(out=str(out)))
+    with pytest.raises(UsageError, match="exists and no run with these arguments wrote it.*--overwrite"):
+        data_gen.check_out(cfg)
+    data_gen.check_out(dataclasses.replace(cfg, overwrite=True))
+    data_gen.start_parts(cfg)  # a run with these arguments owns it now; another may not continue it
+    with pytest.raises(UsageError, match="other arguments \\(turns: 4 there, 2 now\\)"):
+        data_gen.check_out(dataclasses.replace(cfg, turns=2))
+    with pytest.raises(UsageError, match="is a folder"):
+        data_gen.resolve(data_gen.DataGenConfig(out=str(tmp_path)))
+    # a 20 MB one-line document is dropped by the cheap length bound, without tokenizing it
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    huge = {"id": "huge", "text": "word " * 4_000_000}
+    t0 = time.perf_counter()
+    assert data_gen.make_record(huge, 0, (model, model), tokenizer, cfg, {"generated": 0})[1] == "doc_length"
+    assert time.perf_counter() - t0 < 1.0
+    tiny_doc = {"id": "small", "text": "short"}
+    assert data_gen.make_record(tiny_doc, 0, (model, model), tokenizer, cfg, {"generated": 0})[1] == "doc_length"
+    # no record kept: an error unless --allow-empty
+    empty = str(tmp_path / "empty.jsonl")
+    with pytest.raises(AssertionError, match="no document of --docs demo gave a record"):
+        run_script(["data_gen.py", "--out", empty, "--min-doc-len", "1000000", "--max-doc-len", "2000000"])
+    run_script(["data_gen.py", "--out", empty, "--min-doc-len", "1000000", "--max-doc-len", "2000000", "--allow-empty"])
+
+
+def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
+    UsageError = ra.UsageError
+    base = dict(model="tiny", baseline="", heatmap="", out=str(tmp_path / "eval.json"))
+    for flags, message in [({"lengths": "0"}, "--lengths"), ({"depths": 0}, "--depths"), ({"samples": 0}, "--samples"),
+                           ({"mc": str(tmp_path / "no.jsonl")}, "no.jsonl does not exist"),
+                           ({"tasks": "infbench", "infbench": str(tmp_path / "nope")}, "--infbench .* not a folder"),
+                           ({"out": str(tmp_path)}, "--out .* is a folder")]:
+        with pytest.raises(UsageError, match=message):
+            evaluation.prepare_inputs(evaluation.EvalConfig(**{**base, **flags}), (flags.get("tasks") or "ruler,mc").split(","))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8", "10", "4"], "answer": "8"}) + "\n"
+                  + json.dumps({"question": "Pick B", "choices": ["x", "y"], "answer": "B"}) + "\n"
+                  + json.dumps({"question": "Index", "choices": ["x", "y"], "answer": 0}) + "\n")
+    assert [ex["answer"] for ex in evaluation.load_mc(str(mc))["mc"]] == [1, 1, 0]  # text, letter, index
+    with open(mc, "a") as f:
+        f.write("{broken\n")
+    with pytest.raises(UsageError, match="mc.jsonl:4: not valid JSON"):
+        evaluation.load_mc(str(mc))
+    # each finished task is on disk at once: a late failure keeps the finished ones
+    monkeypatch.setattr(evaluation, "eval_mc", lambda *a: (_ for _ in ()).throw(RuntimeError("late failure")))
+    cfg = evaluation.EvalConfig(**{**base, "tasks": "ruler,mc", "lengths": "200", "depths": 1})
+    with pytest.raises(RuntimeError, match="late failure"):
+        evaluation.main(cfg)
+    saved = json.load(open(cfg.out))
+    assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler"}
+    assert evaluation.prepare_inputs(cfg, ["ruler"])["out"] == str(tmp_path / "eval-1.json")  # never replaced
+    assert evaluation.prepare_inputs(dataclasses.replace(cfg, overwrite=True), ["ruler"])["out"] == cfg.out
