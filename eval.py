@@ -462,12 +462,13 @@ def prepare_inputs(cfg, tasks):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world % (cfg.sp_size or world):
         raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world}")
+    lengths = parse_lengths(cfg.lengths) if "ruler" in tasks else None
     for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
         if name:
             check_model_flag(flag, name)
     inputs = {}
     if "ruler" in tasks:
-        inputs["lengths"], inputs["sentences"] = parse_lengths(cfg.lengths), haystack_sentences(cfg.haystack)
+        inputs["lengths"], inputs["sentences"] = lengths, haystack_sentences(cfg.haystack)
     if "infbench" in tasks:
         if not cfg.infbench:
             raise UsageError("--tasks infbench needs --infbench DIR")
