@@ -125,7 +125,7 @@ def zigzag_unshard(x_local, group=None, dim=1):
     """Inverse of zigzag_shard: gather every rank's shard, return the full tensor in original order.
 
     A collective (every rank of `group` must call it); not differentiable, for outputs and checks."""
-    world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+    world_size = _group_size_rank(group)[0]
     if world_size == 1:
         return x_local
     shards = [torch.empty_like(x_local) for _ in range(world_size)]
@@ -299,10 +299,10 @@ def pick_kernel(q, kernel="auto", kv_heads=None):
     B, T, Hq, D = q.shape
     if kernel != "auto":
         if kernel not in KERNELS:
-            raise ValueError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
+            raise UsageError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
         if kernel != "plain" and not kernel_works(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D):
             missing = kernel == "flash_attn" and not flash_attn_available()
-            raise ValueError(f"kernel={kernel!r} cannot run {q.dtype} on {q.device.type}"
+            raise UsageError(f"kernel={kernel!r} cannot run {q.dtype} on {q.device.type}"
                              + (": flash-attn >= 2.7 is not installed (pip install flash-attn --no-build-isolation)"
                                 if missing else " (see the warning above)") + "; use kernel='auto'")
         return kernel
@@ -311,7 +311,7 @@ def pick_kernel(q, kernel="auto", kv_heads=None):
             return name
     score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
     if score_bytes > PLAIN_MAX_SCORE_BYTES:
-        raise ValueError(
+        raise UsageError(
             f"ring_attention: no fused kernel runs {q.dtype} with head dim {D} on {q.device.type}, and the "
             f"plain kernel would hold {score_bytes / 2**30:.1f} GiB of scores for {T} local tokens: use "
             "bfloat16 or float16 (--dtype bfloat16 / auto), install flash-attn >= 2.7, or more SP ranks")
@@ -343,13 +343,22 @@ def merge_(out, lse, block_out, block_lse):
 
 # ----------------------------------------------------------------------------- the ring
 
+# A group of one: the whole sequence is in this process (SP size 1), whatever the world size.
+LOCAL = "local"
+
+
+def _group_size_rank(group):
+    if group == LOCAL or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
 class _Ring:
     """Send to the next rank of the group and receive from the previous one."""
 
     def __init__(self, group):
         self.group = group
-        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size, self.rank = _group_size_rank(group)
         if self.world_size > 1:
             g = group if group is not None else dist.group.WORLD
             self.next = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
@@ -368,6 +377,42 @@ class _Ring:
         for req in requests:
             req.wait()
 
+    def gather(self, x, dim):
+        """Every rank's x concatenated along dim, in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim)
+
+    def sum(self, x):
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """A shared prefix followed by branches (LongPO: the document, then the chosen and the rejected
+    answers). Local tokens = [this rank's zigzag shard of the prefix (n_prefix) | its slice of the
+    branch region]. The branch region, over all ranks, is `segments` (token counts, e.g. chosen,
+    rejected, padding) in order; rank r holds its tokens [r * n_branch, (r + 1) * n_branch). A branch
+    token sees the whole prefix and the earlier tokens of its own segment, never another segment;
+    prefix tokens are causal among themselves and never see a branch."""
+    n_prefix: int
+    segments: tuple
+    n_branch: int
+
+    def blocks(self, rank):
+        """Per segment meeting this rank's slice: (segment, local query rows, the segment's earlier
+        rows of the region (seen fully), the same rows of the region (the causal diagonal))."""
+        s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
+        for g, n in enumerate(self.segments):
+            a, b = max(s0, g0), min(s1, g0 + n)
+            if a < b:
+                yield g, slice(a - s0, b - s0), slice(g0, a), slice(a, b)
+            g0 += n
+
 
 def _visitor(ring, step):
     """Which part of the local queries meets which part of the visiting block at this step."""
@@ -377,54 +422,76 @@ def _visitor(ring, step):
     return "first_kv_chunk" if source < ring.rank else "second_q_chunk"
 
 
-def _ring_forward(q, k, v, scale, group, kernel):
+def _ring_forward(q, k, v, scale, group, kernel, layout):
+    """(out, lse, auxes) of the local prefix shard and, with a layout, of the branch slice after it."""
     fwd = KERNELS[kernel][0]
-    ring, c = _Ring(group), q.shape[1] // 2
-    kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
-    out = lse = None
-    auxes = []  # per step, what the kernel's backward needs from its forward
+    ring, n = _Ring(group), (layout.n_prefix if layout else q.shape[1])
+    qp, qb, c = q[:, :n], q[:, n:], n // 2
+    kv = torch.stack([k[:, :n], v[:, :n]])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
+    auxes = {}  # what each block's backward needs from its forward, by (part, step or segment)
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
         case = _visitor(ring, step)
         if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
-            block_out, block_lse, aux = fwd(q, kv[0], kv[1], scale, True)
+            block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0], kv[1], scale, True)
             out, lse = block_out.to(_acc_dtype(q)), block_lse.to(_acc_dtype(q)).contiguous()  # all rows see themselves
         elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
-            block_out, block_lse, aux = fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False)
+            block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0, :, :c], kv[1, :, :c], scale, False)
             merge_(out, lse, block_out, block_lse)
         else:  # higher rank: all of it is in the past of our second chunk only
-            block_out, block_lse, aux = fwd(q[:, c:], kv[0], kv[1], scale, False)
+            block_out, block_lse, auxes["ring", step] = fwd(qp[:, c:], kv[0], kv[1], scale, False)
             merge_(out[:, c:], lse[:, :, c:], block_out, block_lse)
-        auxes.append(aux)
+        if layout:  # branch queries: every prefix token is in their past, the whole block
+            block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
+            if step == 0:
+                out_b, lse_b = block_out.to(out.dtype), block_lse.to(lse.dtype).contiguous()
+            else:
+                merge_(out_b, lse_b, block_out, block_lse)
         if step + 1 < ring.world_size:
             ring.wait(requests)
             kv = kv_next
-    return out, lse, auxes
+    if not layout:
+        return out, lse, auxes
+    _branch_forward(qb, k[:, n:], v[:, n:], out_b, lse_b, layout, ring, fwd, scale, auxes)
+    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), auxes
 
 
-def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel):
+def _branch_forward(qb, kb, vb, out_b, lse_b, layout, ring, fwd, scale, auxes):
+    """Branch queries against the branch region, gathered from every rank (small next to the prefix):
+    the earlier tokens of their own segment in full, then the causal diagonal; merged into out_b."""
+    kv = ring.gather(torch.stack([kb, vb]), 2)  # (2, B, whole region, Hkv, D)
+    for g, rows, past, diag in layout.blocks(ring.rank):
+        if past.stop > past.start:
+            block_out, block_lse, auxes["past", g] = fwd(qb[:, rows], kv[0, :, past], kv[1, :, past], scale, False)
+            merge_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+        block_out, block_lse, auxes["diag", g] = fwd(qb[:, rows], kv[0, :, diag], kv[1, :, diag], scale, True)
+        merge_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+
+
+def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout):
     bwd = KERNELS[kernel][1]
-    ring, c = _Ring(group), q.shape[1] // 2
-    kv = torch.stack([k, v])
+    ring, n = _Ring(group), (layout.n_prefix if layout else q.shape[1])
+    qp, c = q[:, :n], n // 2
+    kv = torch.stack([k[:, :n], v[:, :n]])
     dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
     dkv_requests = dkv_in = None  # the travelling dk/dv accumulator, posted at the end of each step
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             kv_requests, kv_next = ring.send_recv(kv)
         case = _visitor(ring, step)
+        aux = auxes["ring", step]
         if case == "diagonal":
-            dq_b, dk_b, dv_b = bwd(dout, q, k, v, out, lse, auxes[step], scale, True)
-            dq += dq_b
+            dq_b, dk_b, dv_b = bwd(dout[:, :n], qp, kv[0], kv[1], out[:, :n], lse[:, :, :n], aux, scale, True)
+            dq[:, :n] += dq_b
             kv_rows = slice(None)
         elif case == "first_kv_chunk":
-            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, auxes[step], scale, False)
-            dq += dq_b
+            dq_b, dk_b, dv_b = bwd(dout[:, :n], qp, kv[0, :, :c], kv[1, :, :c], out[:, :n], lse[:, :, :n], aux, scale, False)
+            dq[:, :n] += dq_b
             kv_rows = slice(0, c)
         else:
-            dq_b, dk_b, dv_b = bwd(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[:, :, c:],
-                                   auxes[step], scale, False)
-            dq[:, c:] += dq_b
+            dq_b, dk_b, dv_b = bwd(dout[:, c:n], qp[:, c:], kv[0], kv[1], out[:, c:n], lse[:, :, c:n], aux, scale, False)
+            dq[:, c:n] += dq_b
             kv_rows = slice(None)
         # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
         # far. It arrived from the previous rank during our compute; add our share, pass it on.
@@ -435,6 +502,12 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel):
             dkv = dkv_in
         dkv[0, :, kv_rows] += dk_b
         dkv[1, :, kv_rows] += dv_b
+        if layout:  # the branch queries' share of this prefix block
+            dq_b, dk_b, dv_b = bwd(dout[:, n:], q[:, n:], kv[0], kv[1], out[:, n:], lse[:, :, n:],
+                                   auxes["prefix", step], scale, False)
+            dq[:, n:] += dq_b
+            dkv[0] += dk_b
+            dkv[1] += dv_b
         if ring.world_size > 1:  # after the last step this is the hop home to the block's owner
             dkv_requests, dkv_in = ring.send_recv(dkv)
         if step + 1 < ring.world_size:
@@ -443,27 +516,48 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel):
     if ring.world_size > 1:
         ring.wait(dkv_requests)
         dkv = dkv_in  # our own block's dk, dv, summed over every rank's queries
-    return dq, dkv[0], dkv[1]
+    if not layout:
+        return dq, dkv[0], dkv[1]
+    dkv_b = _branch_backward(dout[:, n:], q[:, n:], k[:, n:], v[:, n:], out[:, n:], lse[:, :, n:], dq[:, n:],
+                             layout, ring, bwd, scale, auxes)
+    return dq, torch.cat([dkv[0], dkv_b[0]], 1), torch.cat([dkv[1], dkv_b[1]], 1)
+
+
+def _branch_backward(dout_b, qb, kb, vb, out_b, lse_b, dq_b, layout, ring, bwd, scale, auxes):
+    """The branch-region blocks' backward: dq into dq_b (in place), dk/dv of the whole region summed
+    over the ranks, then this rank's slice of it (the gradient goes home to each key's owner)."""
+    kv = ring.gather(torch.stack([kb, vb]), 2)
+    dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
+    for g, rows, past, diag in layout.blocks(ring.rank):
+        blocks = ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]
+        for part, keys, causal in blocks:
+            dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
+                                lse_b[:, :, rows], auxes[part, g], scale, causal)
+            dq_b[:, rows] += dq_
+            dkv[0, :, keys] += dk_
+            dkv[1, :, keys] += dv_
+    mine = slice(ring.rank * layout.n_branch, (ring.rank + 1) * layout.n_branch)
+    return ring.sum(dkv)[:, :, mine]
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, group, kernel):
-        out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
+    def forward(ctx, q, k, v, scale, group, kernel, layout):
+        out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel, layout)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)  # q, k, v are the caller's: never ring buffers
-        ctx.scale, ctx.group, ctx.kernel, ctx.auxes = scale, group, kernel, auxes
+        ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group,
-                                    ctx.kernel)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                                    ctx.kernel, ctx.layout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _check_inputs(q, k, v):
+def _check_inputs(q, k, v, layout):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -475,31 +569,40 @@ def _check_inputs(q, k, v):
                          "batch, local length and head dim (layout (B, T, H, D), not (B, H, T, D))")
     if Hq % Hkv:
         raise ValueError(f"ring_attention: {Hq} query heads is not a multiple of {Hkv} key/value heads")
-    if T % 2:
-        raise ValueError(f"ring_attention: local length {T} is odd; the input must be a zigzag shard "
-                         "(two equal chunks): pad the whole sequence to a multiple of 2*world_size "
-                         "and cut it with zigzag_shard")
+    n = layout.n_prefix if layout else T
+    if n % 2 or n < 2:
+        raise ValueError(f"ring_attention: local {'prefix ' if layout else ''}length {n} is odd or 0; the input "
+                         "must be a zigzag shard (two equal chunks): pad the whole sequence to a multiple of "
+                         "2*world_size and cut it with zigzag_shard")
+    if layout and n + layout.n_branch != T:
+        raise ValueError(f"ring_attention: {T} local tokens, but the layout has {n} prefix + {layout.n_branch} "
+                         "branch tokens")
     if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
         raise ValueError("ring_attention: q, k, v must share dtype and device")
 
 
-def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto"):
-    """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world).
+def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layout=None):
+    """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world; LOCAL:
+    this process alone).
 
     q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D) in q's
-    dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence."""
-    _check_inputs(q, k, v)
+    dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
+    BranchLayout the local tokens are a prefix shard followed by a slice of branches that share the
+    prefix (LongPO's chosen and rejected answers after one document), and the mask is the
+    layout's: prefix causal, each branch sees the whole prefix and its own past only."""
+    _check_inputs(q, k, v, layout)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]))
+    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
 
 
 # ----------------------------------------------------------------------------- transformers
 
 def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              sliding_window=None, ring_group=None, **kwargs):
+                              sliding_window=None, ring_group=None, ring_layout=None, **kwargs):
     """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
-    passes it; pass `ring_group=` to model(...) for an SP group other than the whole world."""
-    world_size = dist.get_world_size(ring_group) if dist.is_initialized() else 1
+    passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
+    for none) and `ring_layout=` for a shared prefix with branches."""
+    world_size = _group_size_rank(ring_group)[0]
     if attention_mask is not None:
         raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
                          "sequence; pad at the end (labels -100) and do not pass attention_mask")
@@ -509,7 +612,7 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
         raise ValueError(f"ring_attention computes full causal attention but the config has "
                          f"sliding_window={sliding_window}; set config.sliding_window = None")
     out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         group=ring_group, softmax_scale=scaling)
+                         group=ring_group, softmax_scale=scaling, layout=ring_layout)
     return out, None  # (B, T, Hq, D), no attention weights
 
 

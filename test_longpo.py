@@ -259,14 +259,60 @@ def check_zigzag_round_trip(rank, world_size):
     assert torch.equal(zigzag_unshard(zigzag_shard(x, rank, world_size, dim=1), dim=1), x)
 
 
+def branch_mask(n_prefix, segments):
+    """The dense mask of a shared prefix with branches: prefix causal; a branch token sees the whole
+    prefix and its own segment's past; nothing else (written out directly, as the reference)."""
+    seg = [-1] * n_prefix + [g for g, n in enumerate(segments) for _ in range(n)]
+    pos = list(range(n_prefix)) + [n_prefix + i for n in segments for i in range(n)]
+    N = len(seg)
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        for j in range(N):
+            mask[i, j] = (seg[j] == -1 and (seg[i] != -1 or j <= i)) or (seg[j] == seg[i] != -1 and pos[j] <= pos[i])
+    return mask
+
+
+def check_ring_with_branches(rank, world_size, group=None):
+    """out, dq, dk, dv of the ring with a BranchLayout on this rank equal dense masked attention of
+    the whole packed sequence (float64), for two branch splits and both CPU kernels, MHA and GQA."""
+    for segments in ((7, 5), (1, 3 * world_size + 2, 2)):
+        n_branch = -(-sum(segments) // world_size)
+        segments_padded = segments + (world_size * n_branch - sum(segments),)
+        n_prefix = 2 * world_size * 3
+        for kernel, (heads, kv_heads) in (("cpu", (4, 4)), ("plain", (8, 2)), ("cpu", (8, 2))):
+            gen = torch.Generator().manual_seed(sum(segments) + heads)
+            N = n_prefix + world_size * n_branch
+            q, k, v, dout = random_qkv(gen, 2, N, heads, kv_heads, 16, torch.float64)
+            qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+            groups = heads // kv_heads
+            scores = torch.einsum("bqhd,bkhd->bhqk", qd, kd.repeat_interleave(groups, 2)) * 16 ** -0.5
+            scores = scores.masked_fill(~branch_mask(n_prefix, segments_padded), float("-inf"))
+            want = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vd.repeat_interleave(groups, 2))
+            want.backward(dout)
+
+            def local(t):  # this rank's zigzag shard of the prefix, then its slice of the branch region
+                return torch.cat([zigzag_shard(t[:, :n_prefix], rank, world_size),
+                                  t[:, n_prefix + rank * n_branch:n_prefix + (rank + 1) * n_branch]], 1)
+            layout = ra.BranchLayout(n_prefix // world_size, segments_padded, n_branch)
+            q_l, k_l, v_l = (local(t).requires_grad_() for t in (q, k, v))
+            out = ring_attention(q_l, k_l, v_l, group=group, kernel=kernel, layout=layout)
+            out.backward(local(dout))
+            for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, q_l.grad, k_l.grad, v_l.grad),
+                                      (want, qd.grad, kd.grad, vd.grad)):
+                assert_close(got, local(ref), 1e-10, f"branches {segments} W={world_size} rank {rank} {kernel} "
+                             f"{heads}/{kv_heads} heads {name}")
+
+
 def ring_worker(rank, world_size):
     check_zigzag_round_trip(rank, world_size)
     check_ring_against_reference(rank, world_size)
     check_causal_at_chunk_borders(rank, world_size)
+    check_ring_with_branches(rank, world_size)
 
 
 def test_ring_single_process():
     ring_worker(0, 1)  # no process group: world size 1, no communication
+    check_ring_with_branches(0, 1, group=ra.LOCAL)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -1377,7 +1423,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
     (tmp_path / "folder").mkdir()
     cases = [["longpo.py", "--beta", "0"], ["longpo.py", "--data", str(tmp_path / "folder")],
              ["data_gen.py", "--out", str(tmp_path / "folder")], ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
-             ["eval.py", "--lengths", "0", "--out", str(tmp_path / "e.json")],
+             ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
              ["eval.py", "--model", str(tmp_path / "missing_model"), "--out", str(tmp_path / "e.json")],
              ["ring_attention.py", "--seq-len", "0"], ["ring_attention.py", "--dtype", "float65"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
