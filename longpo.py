@@ -16,10 +16,14 @@ What this file implements (method.md):
   * Sequence parallelism: world = dp x sp; an SP group (consecutive ranks) reads one sample, zigzag-
     shards it and runs the model with ring attention (see `setup_model`); log-probs are computed in
     chunks of tokens, never as full-vocabulary logits of the long sequence.
-  * Memory strategy for 512K (design.md, --plan): chosen and rejected are never held at once. The
-    pairwise loss gradient is a scalar weight times (grad log p_chosen - grad log p_rejected), so we
-    run: rejected without grad (its log-prob), chosen with grad (backward), rejected with grad
-    (backward), each backward using the other side's value as a constant.
+  * One pass over the document per pair (--pack shared-prefix, the default): chosen and rejected
+    share the document and first instruction, so they are packed as [prefix | chosen branch |
+    rejected branch]; ring attention lets each branch see the whole prefix and only its own past
+    (ring_attention.BranchLayout). One forward gives log pi(y_S|x_L), log pi(y_L|x_L) and the NLL,
+    one backward the exact gradient of Eq. 14: about 4 forward-equivalents of the sequence instead
+    of 9. --pack pairs keeps the reference path: chosen and rejected never held at once, rejected
+    without grad, chosen with grad, rejected with grad (the pair loss gradient is a scalar weight
+    times (grad log p_chosen - grad log p_rejected)). --plan prints the memory of either.
 
 Deliberate simplifications: one sample per micro-batch per DP group (the paper's batch of 8 is
 grad-accumulation); the reference log-probs are precomputed in the data (data_gen.py) or computed
@@ -37,6 +41,7 @@ Commands (after `python data_gen.py`, whose output is the default --data):
 """
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -76,6 +81,7 @@ class TrainConfig:
     beta: float = field(default=0.1, metadata={"help": "reward scale beta (paper 0.1; release code 0.01)"})
     lam: float = field(default=0.01, metadata={"help": "weight lambda of the preference term (paper and code 0.01)"})
     nll_target: str = field(default="sequence", metadata={"help": "sequence (paper: whole chosen long sequence) | responses (chosen answers only)"})
+    pack: str = field(default="shared-prefix", metadata={"help": "shared-prefix: chosen and rejected packed after ONE copy of the document, one forward and one backward (about half the compute) | pairs: one sequence after the other (the reference path); longpo and dpo"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: the paper's, 5e-7 for longpo/dpo and 2e-5 for its sft baseline; 1e-4 for --model tiny)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps, then cosine to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper 0; the release launch script uses rmsprop)"})
@@ -96,6 +102,7 @@ class TrainConfig:
     plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
     world_size: int = field(default=8, metadata={"help": "GPUs assumed by --plan"})
     gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU assumed by --plan"})
+    plan_branch_tokens: int = field(default=4608, metadata={"help": "--plan with --pack shared-prefix: tokens the rejected branch adds to the packed sequence (paper: up to 4 answers of 1024 tokens with their instructions)"})
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -583,54 +590,143 @@ def prepare_sequence(ids, masks, par, pad_id):
     return out
 
 
-def policy_logps(model, seq, par, chunk_size, nll_mask=None):
-    """Sum of answer-token log-probs of one (sharded) sequence, summed over the SP group: (1,).
-    With nll_mask, also the token-mean NLL over the positions of that mask."""
-    ring_kwargs = {"ring_group": par.sp_group} if par.sp_size > 1 else {}
+def pack_pair(example, sp_size, pad_id):
+    """The chosen and rejected long sequences packed to run the document ONCE: [prefix | chosen
+    branch | rejected branch | padding], as global (unsharded) lists, or None when the shared prompt
+    has fewer than 2*sp + 1 tokens (that pair then runs the 'pairs' way, with the same result).
+
+    The two sequences share their first prompt (document + first instruction). The prefix is the
+    longest multiple of 2*sp tokens of it (zigzag shards) that leaves at least its last token to the
+    branches, so the prefix's last token predicts the same next token in both; each branch repeats
+    the rest of the prompt (< 2*sp + 1 tokens) and continues the positions after the prefix. Labels
+    are each sequence's own next tokens: chosen and rejected answers, and the whole chosen sequence
+    for the NLL, exactly as in the two separate sequences."""
+    c, r = example["chosen"], example["rejected"]
+    first = c["is_answer"].index(True)  # the first answer token: the shared prompt ends before it
+    n = (first - 1) // (2 * sp_size) * 2 * sp_size
+    if n == 0 or c["ids"][:first] != r["ids"][:first]:
+        return None
+    lc, lr = len(c["ids"]) - n, len(r["ids"]) - n
+    n_branch = -(-(lc + lr) // sp_size)  # branch tokens per rank
+    pad = sp_size * n_branch - lc - lr
+    t_c, a_c = shifted_targets(c["ids"], c["is_answer"])
+    t_r, a_r = shifted_targets(r["ids"], r["is_answer"])
+    seq_c = shifted_targets(c["ids"], [True] * len(c["ids"]))[1]
+    zeros = lambda k: torch.zeros(k, dtype=torch.bool)  # noqa: E731
+    return {"input_ids": torch.tensor(c["ids"] + r["ids"][n:] + [pad_id] * pad),
+            "position_ids": torch.cat([torch.arange(n + lc), torch.arange(n, n + lr), torch.arange(n, n + pad)]),
+            "targets": torch.cat([t_c, t_r[n:], torch.zeros(pad, dtype=t_c.dtype)]),
+            "chosen": torch.cat([a_c, zeros(lr + pad)]),
+            "rejected": torch.cat([a_r[:n], zeros(lc), a_r[n:], zeros(pad)]),
+            "seq": torch.cat([seq_c, zeros(lr + pad)]),
+            "layout": ring_attention.BranchLayout(n // sp_size, (lc, lr, pad), n_branch)}
+
+
+def prepare_packed(example, par, pad_id):
+    """This rank's part of the packed pair: its zigzag shard of the prefix, then its contiguous slice
+    of the branch region; (1, T) tensors on the device and the BranchLayout, or None (pack_pair)."""
+    packed = pack_pair(example, par.sp_size, pad_id)
+    if packed is None:
+        return None
+    layout = packed.pop("layout")
+    n, nb = layout.n_prefix * par.sp_size, layout.n_branch
+    for key, t in packed.items():
+        prefix = zigzag_shard(t[:n].unsqueeze(0), par.sp_rank, par.sp_size)
+        branch = t[n + par.sp_rank * nb:n + (par.sp_rank + 1) * nb].unsqueeze(0)
+        packed[key] = torch.cat([prefix, branch], 1).to(par.device)  # (1, T)
+    return {**packed, "layout": layout}
+
+
+def policy_logps(model, seq, par, chunk_size, nll=None, sums=("answer",)):
+    """Sums of the log-probs at the positions of each mask named in sums (seq[name]: targets that
+    count) of one (sharded, possibly packed) sequence, summed over the SP group: (1,) each; and the
+    token-mean NLL over the positions of the mask named nll (None without). Returns (*sums, nll)."""
+    ring_kwargs = {}
+    if getattr(model.config, "_attn_implementation", None) == "ring_attention":
+        ring_kwargs = {"ring_group": par.sp_group if par.sp_size > 1 else ring_attention.LOCAL,
+                       "ring_layout": seq.get("layout")}
+    elif "layout" in seq or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
+        raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
     out = model(input_ids=seq["input_ids"], position_ids=seq["position_ids"], use_cache=False,
                 output_hidden_states=True, logits_to_keep=1, **ring_kwargs)
     hidden = out.hidden_states[-1]  # (1, T, H) after the final norm
     weight = model.get_output_embeddings().weight
-    mask = seq["answer"] if nll_mask is None else seq["answer"] | nll_mask
+    mask = functools.reduce(torch.logical_or, [seq[name] for name in sums + ((nll,) if nll else ())])
     # Every rank must backpropagate through every layer even when no labelled token landed in its
     # shard: other ranks' queries attended to its keys, and ring attention's backward (like FSDP's
     # gradient reduction) is a collective that all ranks of the group enter together.
     anchor = 0.0 * (hidden.sum() + weight.sum())
     logps = token_logps(hidden, weight, seq["targets"], mask, chunk_size) + anchor  # (1, T)
-    answer_logp = sp_sum((logps * seq["answer"]).sum(-1), par.sp_group)
-    if nll_mask is None:
-        return answer_logp, None
-    count = sp_sum(nll_mask.sum().float().detach(), par.sp_group).clamp_min(1)
-    nll = -sp_sum((logps * nll_mask).sum(), par.sp_group) / count
-    return answer_logp, nll
+    totals = [sp_sum((logps * seq[name]).sum(-1), par.sp_group) for name in sums]
+    if nll is None:
+        return (*totals, None)
+    count = sp_sum(seq[nll].sum().float().detach(), par.sp_group).clamp_min(1)
+    return (*totals, -sp_sum((logps * seq[nll]).sum(), par.sp_group) / count)
+
+
+def pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r):
+    return {"loss": loss.item(), "nll": nll.item(), "pref_loss": losses.mean().item(),
+            "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
 
 
 def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
-    """Forward and backward of one sample on this SP group; returns (detached metrics, tokens).
-    Chosen and rejected are never held in memory together (see the module docstring)."""
+    """Forward and backward of one sample on this SP group; returns (detached metrics, tokens)."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
     # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
+    n_tokens = len(example["chosen"]["ids"]) + (len(example["rejected"]["ids"]) if cfg.loss != "sft" else 0)
+    if cfg.loss != "sft" and cfg.pack == "shared-prefix":
+        packed = prepare_packed(example, par, pad_id)
+        if packed is not None:
+            return packed_step(model, ref_model, packed, ref_logps, cfg, par, grad_scale), n_tokens
     masks = {"answer": example["chosen"]["is_answer"], "seq": [True] * len(example["chosen"]["ids"])}
     chosen = prepare_sequence(example["chosen"]["ids"], masks, par, pad_id)
-    nll_mask = chosen["seq"] if (cfg.nll_target == "sequence" and cfg.loss != "sft") else chosen["answer"]
+    nll_name = "seq" if (cfg.nll_target == "sequence" and cfg.loss != "sft") else "answer"
     if cfg.loss == "sft":
-        logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_mask)
+        logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_name)
         (nll * grad_scale).backward()
-        return {"loss": nll.item(), "nll": nll.item(), "logps/chosen": logp_c.item()}, len(example["chosen"]["ids"])
+        return {"loss": nll.item(), "nll": nll.item(), "logps/chosen": logp_c.item()}, n_tokens
+    return pairs_step(model, ref_model, example, chosen, nll_name, ref_logps, cfg, par, pad_id, grad_scale), n_tokens
+
+
+def reference_logps(ref_model, seqs, ref_logps, cfg, par):
+    """(ref_chosen, ref_rejected) as (1,) tensors. LongPO: pi_S on the SHORT inputs, precomputed
+    (Eq. 13: summed over turns). DPO: the frozen model on the LONG input (seqs, as the policy sees them)."""
+    if cfg.loss != "dpo":
+        return tuple(torch.tensor([x], dtype=torch.float64, device=par.device) for x in ref_logps)
+    with torch.no_grad():
+        if len(seqs) == 1:  # the packed pair
+            return policy_logps(ref_model, seqs[0], par, cfg.logprob_chunk, sums=("chosen", "rejected"))[:2]
+        return tuple(policy_logps(ref_model, seq, par, cfg.logprob_chunk)[0] for seq in seqs)
+
+
+def packed_step(model, ref_model, packed, ref_logps, cfg, par, grad_scale):
+    """The shared-prefix step: one forward of the packed pair gives log pi(y_S|x_L), log pi(y_L|x_L)
+    and the Eq. 14 NLL, one backward the exact gradient of Eq. 14; the document runs once."""
+    ref_c, ref_r = reference_logps(ref_model, [packed], ref_logps, cfg, par)
+    nll_name = "seq" if cfg.nll_target == "sequence" else "chosen"
+    logp_c, logp_r, nll = policy_logps(model, packed, par, cfg.logprob_chunk, nll_name, sums=("chosen", "rejected"))
+    losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
+    loss = total_loss(losses, nll, cfg.lam, cfg.loss)
+    (loss * grad_scale).backward()
+    return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
+
+
+def pairs_step(model, ref_model, example, chosen, nll_name, ref_logps, cfg, par, pad_id, grad_scale):
+    """The reference path (--pack pairs): chosen and rejected one after the other, never in memory
+    together. The pair loss gradient is a scalar weight times (grad log p_chosen - grad log
+    p_rejected), so: rejected without grad (its log-prob), chosen with grad, rejected with grad,
+    each backward with the other side's value as a constant."""
     rejected = prepare_sequence(example["rejected"]["ids"], {"answer": example["rejected"]["is_answer"]},
                                 par, pad_id)
-    n_tokens = len(example["chosen"]["ids"]) + len(example["rejected"]["ids"])
-    if cfg.loss == "dpo":  # reference = the frozen model on the LONG input
-        with torch.no_grad():
-            ref_c, _ = policy_logps(ref_model, chosen, par, cfg.logprob_chunk)
-            ref_r, _ = policy_logps(ref_model, rejected, par, cfg.logprob_chunk)
-    else:  # LongPO: pi_S on the SHORT inputs, precomputed (Eq. 13: summed over turns)
-        ref_c, ref_r = (torch.tensor([x], dtype=torch.float64, device=par.device) for x in ref_logps)
+    ref_c, ref_r = reference_logps(ref_model, [chosen, rejected], ref_logps, cfg, par)
     with torch.no_grad():
         logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)[0]
     # chosen pass: d/dtheta of lam * L_pref(logp_c, logp_r = const) + NLL
-    logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_mask)
+    logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_name)
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
     loss = total_loss(losses, nll, cfg.lam, cfg.loss)
     (loss * grad_scale).backward()
@@ -638,13 +734,7 @@ def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
     logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)[0]
     losses_r = longpo_loss(logp_c.detach(), logp_r, ref_c, ref_r, cfg.beta)[0]
     (cfg.lam * losses_r.mean() * grad_scale).backward()
-    metrics = {"loss": loss.item(), "nll": nll.item(), "pref_loss": losses.mean().item(),
-               "rewards/chosen": chosen_rewards.mean().item(),
-               "rewards/rejected": rejected_rewards.mean().item(),
-               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-               "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
-    return metrics, n_tokens
+    return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
 
 
 @torch.no_grad()
@@ -686,9 +776,9 @@ def resolve_dtypes(cfg, device):
 def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True):
     """Ring attention, activation checkpointing and FSDP2 full sharding on a loaded model."""
     model.config.use_cache = False
-    if par.sp_size > 1:
-        # THE swap: every attention layer now runs zigzag ring attention over the SP group
-        model.set_attn_implementation("ring_attention")
+    # THE swap: every attention layer now runs zigzag ring attention over the SP group (a group of
+    # one at SP size 1: the same block kernels, and the branch mask of a packed pair)
+    model.set_attn_implementation("ring_attention")
     if grad_checkpointing and trainable:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.to(par.device)
@@ -1002,8 +1092,9 @@ def train(cfg, par, records):
 
 def memory_plan(cfg):
     """Per-GPU memory of the strategy train() uses: FSDP full sharding over all GPUs, bf16 compute,
-    fp32 master weights/grads/AdamW, activation checkpoints at every decoder layer, chosen and
-    rejected one after the other, ring attention over sp GPUs, chunked log-softmax."""
+    fp32 master weights/grads/AdamW, activation checkpoints at every decoder layer, ring attention
+    over sp GPUs, chunked log-softmax; chosen and rejected packed after one copy of the document
+    (--pack shared-prefix: one graph of max_length + the rejected branch) or one after the other."""
     from transformers import AutoConfig
     c = tiny_config(261) if cfg.model == "tiny" else AutoConfig.from_pretrained(cfg.model)
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
@@ -1013,7 +1104,9 @@ def memory_plan(cfg):
     root = vocab * H * (1 if c.tie_word_embeddings else 2) + H
     params = n_layers * layer + root
     W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
-    T = -(-cfg.max_length // sp)  # tokens per GPU
+    packed = cfg.pack == "shared-prefix"
+    length = cfg.max_length + (cfg.plan_branch_tokens if packed else 0)  # one graph's tokens
+    T = -(-length // sp)  # tokens per GPU
     if W % sp:
         raise UsageError(f"--sp-size {sp} must divide --world-size {W}")
     bf16, fp32 = 2, 4
@@ -1021,22 +1114,29 @@ def memory_plan(cfg):
         ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
         ("bf16 weights of 2 decoder layers gathered (current + prefetch)", 2 * layer * bf16),
         ("bf16 embedding + output head gathered (root), and their grads", 2 * root * bf16),
-        (f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H} (one sequence)", n_layers * T * H * bf16),
+        (f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H} ({'the packed pair' if packed else 'one sequence'})",
+         n_layers * T * H * bf16),
         ("one layer recomputed in backward: 4H + 2 Hq D + 3 Hkv D + 4 I per token", T * (4 * H + 2 * hq * d + 3 * hkv * d + 4 * inter) * bf16),
         ("  + activation grads in flight in that layer (2 x I per token)", T * 2 * inter * bf16),
         ("ring: K/V blocks (held + in flight), fp32 out/lse/dq, fp32 dK/dV (held + in flight)",
          2 * 2 * T * hkv * d * bf16 + 2 * T * hq * d * fp32 + 2 * 2 * T * hkv * d * fp32),
+        ("branches: K/V of both branches gathered on every GPU, and their fp32 dK/dV",
+         (2 * 2 * cfg.plan_branch_tokens * hkv * d * (bf16 + fp32)) if packed else 0),
         (f"log-probs: {cfg.logprob_chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 head and its grad; fp32 grad of final hidden",
          3 * cfg.logprob_chunk * vocab * fp32 + 2 * vocab * H * fp32 + T * H * fp32),
     ]
     peak = sum(b for _, b in rows)
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
              f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
-             f"sequence {cfg.max_length} tokens on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
-             "strategy: FSDP full sharding, bf16 compute, checkpoint every layer, chosen and rejected in turn"]
-    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows]
-    both = n_layers * T * H * bf16
-    lines.append(f"  (holding chosen and rejected graphs at once, as a batch of 2, would add {both / 1e9:.2f} GB)")
+             f"sequence {cfg.max_length} tokens" + (f" + {cfg.plan_branch_tokens} of the rejected branch" if packed else "")
+             + f" on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
+             "strategy: FSDP full sharding, bf16 compute, checkpoint every layer, " +
+             ("chosen and rejected packed after one copy of the document (--pack shared-prefix)" if packed
+              else "chosen and rejected in turn (--pack pairs)")]
+    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows if b]
+    if not packed:
+        both = n_layers * T * H * bf16
+        lines.append(f"  (holding chosen and rejected graphs at once, as a batch of 2, would add {both / 1e9:.2f} GB)")
     verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
     lines.append(f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation")
     lines.append(f"peak per GPU: {peak / 1e9:.2f} GB")
@@ -1112,8 +1212,8 @@ def bench(cfg, par):
     if par.world_size > 1:
         dist.all_gather(rows, row)
     print0(f"bench: {cfg.model}, long sequences of {len(example['chosen']['ids'])} (chosen) and "
-           f"{len(example['rejected']['ids'])} (rejected) tokens, world {par.world_size}, sp {par.sp_size}, "
-           f"{torch.get_num_threads()} threads per process")
+           f"{len(example['rejected']['ids'])} (rejected) tokens, --pack {cfg.pack}, world {par.world_size}, "
+           f"sp {par.sp_size}, {torch.get_num_threads()} threads per process")
     kind = "peak allocated" if par.device.type == "cuda" else "peak RSS rise"
     print0(f"{'rank':>4} {'step time (s)':>14} {kind + ' in a step (MB)':>30}")
     for r in (r.tolist() for r in rows):
@@ -1124,11 +1224,11 @@ def bench(cfg, par):
 
 def check_config(cfg):
     choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("sequence", "responses"),
-               "dtype": ("auto", "float32", "float64", "bfloat16")}
+               "dtype": ("auto", "float32", "float64", "bfloat16"), "pack": ("shared-prefix", "pairs")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("grad_accum", "logprob_chunk", "world_size"):
+    for name in ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     for name in ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length", "rope_theta",

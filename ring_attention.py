@@ -20,6 +20,11 @@ The algorithm (design.md, "Ring attention"):
     dv accumulate in fp32 and travel around the ring with their K/V block, plus one hop home.
   * The next block's send/recv is posted before the current block is computed (overlap).
   * Only the Hkv key/value heads travel (GQA); world size 1 does no communication at all.
+  * A shared prefix with branches (BranchLayout; LongPO's chosen and rejected answers after one
+    copy of the document): the prefix is zigzag-sharded as above, the branch tokens are split
+    evenly over the ranks. Branch queries attend to every prefix block that visits (all of it is in
+    their past) and to their own branch's earlier tokens, gathered from all ranks (small), merged
+    by the same lse rule; their K/V gradients are summed over the group and kept by the owners.
 
 Block kernels (`KERNELS`), chosen per device, dtype and head shape by `pick_kernel`: on CUDA
 PyTorch's own fused ops, which return the lse and take a given out/lse in the backward (cuDNN
