@@ -80,8 +80,10 @@ class DataGenConfig:
     question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
     questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
+    sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input (rejected) answer together, sequence-parallel (ring-attention prefill, K/V sharded); must divide the number of processes; short-input work stays one document per rank"})
     batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
     skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
+    bench_tokens: int = field(default=0, metadata={"help": "benchmark: greedy decoding of --max-new-tokens tokens after a synthetic prompt of about this many tokens, sequence-parallel over --sp-size ranks (1: one process, the same code); prints each rank's cache bytes, prefill seconds and decoding tokens/s; writes nothing"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/ (otherwise a rerun continues the same run and refuses other arguments)"})
     allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
     seed: int = field(default=0, metadata={"help": "seed of chunk choice, question choice and sampling"})
@@ -310,11 +312,17 @@ def resolve(cfg):
         raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
     if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
         raise UsageError(f"need 0 <= --min-doc-len ({cfg.min_doc_len}) <= --max-doc-len ({cfg.max_doc_len})")
+    if cfg.bench_tokens < 0:
+        raise UsageError(f"--bench-tokens {cfg.bench_tokens} must be >= 0")
     for name in ("turns", "max_new_tokens", "question_tokens", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.sp_size < 1 or world % cfg.sp_size:
+        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world} "
+                         "(torchrun --nproc_per_node x nodes)")
     if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
         raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'longpo.jsonl')}")
     return cfg
@@ -341,8 +349,23 @@ def longest_token(tokenizer):
 
 
 def make_record(doc, doc_index, models, tokenizer, cfg, counts):
-    """(record or None, why dropped, turns filtered by reason); counts collects generated tokens."""
+    """(record or None, why dropped, turns filtered by reason); counts collects generated tokens.
+    One process writes the rejected answers itself; under --sp-size the SP group does (main)."""
     model, long_model = models
+    state = start_record(doc, doc_index, model, tokenizer, cfg, counts)
+    if not isinstance(state, dict):
+        return state
+    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(state["turns"]),
+                      [t["instruction"] for t in state["turns"]], cfg, False,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
+    counts["generated"] += n
+    return finish_record(state, rejected, model, tokenizer, cfg)
+
+
+def start_record(doc, doc_index, model, tokenizer, cfg, counts):
+    """Everything on SHORT inputs: length filter, chunks, questions, chosen answers. Returns the
+    record so far (a dict with the turns still to answer on the long input), or (None, why dropped,
+    turns filtered) as make_record does."""
     text = doc["text"]
     # Cheap bounds before tokenizing: a token covers at least one UTF-8 byte (plus a BOS or dummy
     # prefix) and at most its longest vocabulary entry, so a document far outside the length range
@@ -376,14 +399,18 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
         turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), rng.choice(questions[:4])), "chunk": [a, b]})
     if not turns:
         return None, "questions", filtered
-    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    chosen, n1 = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                     [t["instruction"] for t in turns], cfg, True, **sampling)
-    rejected, n2 = ask(long_model, tokenizer, [text] * len(turns), [t["instruction"] for t in turns],
-                       cfg, False, **sampling)  # long prompts one at a time
-    counts["generated"] += n1 + n2
-    kept = []
-    for turn, c, r in zip(turns, chosen, rejected):
+    chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
+                    [t["instruction"] for t in turns], cfg, True, max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature)
+    counts["generated"] += n
+    return {"doc": doc, "doc_index": doc_index, "turns": turns, "chosen": chosen, "filtered": filtered,
+            "doc_tokens": n_tokens, "starts": starts}
+
+
+def finish_record(state, rejected, model, tokenizer, cfg):
+    """The filters, the record and its reference log-probs, given the rejected (long-input) answers."""
+    kept, filtered = [], state["filtered"]
+    for turn, c, r in zip(state["turns"], state["chosen"], rejected):
         reason = filter_reason(c) or filter_reason(r)
         if reason:
             filtered[reason] = filtered.get(reason, 0) + 1
@@ -391,16 +418,39 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
             kept.append({**turn, "chosen": c, "rejected": r})
     if not kept:
         return None, "all_turns_filtered", filtered
-    rec = {"id": doc["id"], "document": text, "turns": kept,
-           "meta": {"doc_index": doc_index, "generator": cfg.model, "questions": cfg.questions,
-                    "doc_tokens": n_tokens, "filtered_turns": filtered,
-                    "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in kept],
+    rec = {"id": state["doc"]["id"], "document": state["doc"]["text"], "turns": kept,
+           "meta": {"doc_index": state["doc_index"], "generator": cfg.model, "questions": cfg.questions,
+                    "doc_tokens": state["doc_tokens"], "filtered_turns": filtered,
+                    "chunk_tokens": [tokens_in(state["starts"], *t["chunk"]) for t in kept],
                     "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
     # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
     device = next(model.parameters()).device
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_ref_logps(
         model, longpo.build_example(rec, tokenizer), device)
     return rec, None, filtered
+
+
+def sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts):
+    """--sp-size: the SP group writes the rejected answers of every member's document together. Each
+    rank did its own document's short-input work (data-parallel, as with one process per document);
+    the long prompts of all members are gathered and each is decoded by the whole group
+    (longpo.generate_sp); each rank keeps its own answers."""
+    prompts = []
+    if isinstance(state, dict):
+        text = state["doc"]["text"]
+        prompts = [(longpo.format_dialogue(tokenizer, text, [{"instruction": t["instruction"]}])[0],
+                    cfg.seed * 1_000_003 + state["doc_index"] * 64 + i) for i, t in enumerate(state["turns"])]
+    everyone = [None] * par.sp_size
+    dist.all_gather_object(everyone, prompts, group=par.sp_group)
+    mine = []
+    for member, member_prompts in enumerate(everyone):  # the same order on every rank: lockstep
+        for prompt, seed in member_prompts:
+            text, n = longpo.generate_sp(long_model, tokenizer, prompt, cfg.max_new_tokens, par, cfg.temperature,
+                                         seed=seed)
+            if member == par.sp_rank:
+                mine.append(text)
+                counts["generated"] += n
+    return mine
 
 
 # ----------------------------------------------------------------------------- never losing work
@@ -514,9 +564,35 @@ def merge(cfg, n_docs, bad_lines, stats):
 
 # ----------------------------------------------------------------------------- main
 
+def bench(cfg, par, device):
+    """Sequence-parallel generation of one long prompt: what each rank holds and how long it takes."""
+    model, tokenizer = longpo.load_model_and_tokenizer(cfg.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(device).eval()
+    rec = longpo.synthetic_record(tokenizer, cfg.bench_tokens)
+    prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
+    longpo.generate_sp(model, tokenizer, prompt[:256], 4, par)  # warm-up
+    stats = {}
+    longpo.generate_sp(model, tokenizer, prompt, cfg.max_new_tokens, par, stats=stats)
+    row = torch.tensor([par.rank, stats["cache_bytes"] / 1e6, stats["prefill_s"], stats["new_tokens"], stats["decode_s"]],
+                       dtype=torch.float64, device=device)
+    rows = [row.clone() for _ in range(par.world_size)]
+    if par.world_size > 1:
+        dist.all_gather(rows, row)
+    print0(f"bench: {cfg.model}, prompt of {len(prompt)} tokens, sp {par.sp_size}, {torch.get_num_threads()} threads per process")
+    print0(f"{'rank':>4} {'cache (MB)':>11} {'prefill (s)':>12} {'new tokens':>11} {'decode tokens/s':>16}")
+    for r in (r.tolist() for r in rows):
+        print0(f"{int(r[0]):>4} {r[1]:11.2f} {r[2]:12.3f} {int(r[3]):>11} {r[3] / max(r[4], 1e-9):16.1f}")
+
+
+
 def main(cfg):
     cfg = resolve(cfg)
     longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
+    if cfg.bench_tokens:
+        rank, world_size, device = init_distributed()
+        par = (longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
+               else longpo.Parallel(0, 1, 1, None, device))
+        return bench(cfg, par, device)
     docs = Docs(cfg.docs, cfg.skip_bad)
     check_out(cfg)
     rank, world_size, device = init_distributed()
@@ -539,16 +615,31 @@ def main(cfg):
         long_model = longpo.load_model_and_tokenizer(cfg.model, dtype, cfg.rope_theta)[0].to(device).eval()
     from tqdm import tqdm
     counts, t0 = {"generated": 0}, time.perf_counter()
+    par, rounds = None, len(mine)
+    if cfg.sp_size > 1:  # rounds: every member of an SP group takes part in each long generation
+        par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+        longest = torch.tensor([len(mine)], device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
+        rounds = int(longest)
     with open_part(os.path.join(folder, f"rank{rank}.jsonl")) as part:
-        bar = tqdm(mine, desc="documents", disable=rank != 0)
-        for k, i in enumerate(bar, 1):
-            doc = docs[i]
-            rec, reason, filtered = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
+        bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
+        for k in bar:
+            i = mine[k] if k < len(mine) else None
+            doc = docs[i] if i is not None else None
+            if par is None:
+                result = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
+            else:
+                state = start_record(doc, i, model, tokenizer, cfg, counts) if doc else None
+                rejected = sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts)
+                result = finish_record(state, rejected, model, tokenizer, cfg) if isinstance(state, dict) else state
+            if doc is None:
+                continue
+            rec, reason, filtered = result
             entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
             part.flush()  # finished work is on disk before the next document starts
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(docs_per_s=f"{k / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
+            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
     elapsed = time.perf_counter() - t0
     stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64, device=device)  # nccl: on the GPU
     if world_size > 1:

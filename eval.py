@@ -218,11 +218,12 @@ def build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, r
     return assemble(lo, tail[:a])
 
 
-def greedy(model, tokenizer, ids, max_new_tokens):
-    return longpo.generate(model, tokenizer, [ids], max_new_tokens)[0][0]
+def greedy(model, tokenizer, ids, max_new_tokens, par=None):
+    """Greedy answer to one prompt: on one device, or sequence-parallel over par's SP group."""
+    return longpo.generate(model, tokenizer, [ids], max_new_tokens, par=par)[0][0]
 
 
-def eval_ruler(model, tokenizer, sentences, lengths, cfg):
+def eval_ruler(model, tokenizer, sentences, lengths, cfg, par=None):
     """Scores per task and length (mean over depths and samples) and the single-needle heatmap."""
     depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
     scores, heat = {}, {}
@@ -232,7 +233,7 @@ def eval_ruler(model, tokenizer, sentences, lengths, cfg):
         rng = random.Random(f"{cfg.seed}-{task}-{length}-{depth}-{s}")
         needles, question, expected, max_new = ruler_sample(task, rng)
         ids, _ = build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, rng)
-        score = recall_score(greedy(model, tokenizer, ids, max_new), expected)
+        score = recall_score(greedy(model, tokenizer, ids, max_new, par), expected)
         scores.setdefault(task, {}).setdefault(str(length), []).append(score)
         if task == "niah_single":
             heat.setdefault(f"{depth:.2f}", {}).setdefault(str(length), []).append(score)
@@ -274,7 +275,7 @@ def load_infbench(cfg):
     return tasks
 
 
-def eval_infbench(model, tokenizer, cfg, tasks):
+def eval_infbench(model, tokenizer, cfg, tasks, par=None):
     scores = {}
     for task, items in tasks.items():
         _, template, max_new = INFBENCH[task]
@@ -287,7 +288,7 @@ def eval_infbench(model, tokenizer, cfg, tasks):
             overhead = len(longpo.format_dialogue(tokenizer, "", [{"instruction": instruction}])[0])
             context = tokenizer.decode(truncate_middle(context_ids, max(0, cfg.infbench_max_len - overhead - max_new)))
             ids = longpo.format_dialogue(tokenizer, context, [{"instruction": instruction}])[0]
-            pred = greedy(model, tokenizer, ids, max_new)
+            pred = greedy(model, tokenizer, ids, max_new, par)
             if task == "en_qa":
                 values.append(max(token_f1(pred, str(a)) for a in answers))
             elif task == "en_mc":
@@ -507,15 +508,16 @@ def load(name, device):
     return model.to(device).eval(), tokenizer
 
 
-def single_device_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save):
-    """Everything but the SP scoring, on one device: RULER, InfiniteBench, multiple choice, KL; each
-    task's scores go into results and to disk (save) as soon as it finishes."""
+def single_device_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
+    """Everything but the SP scoring: RULER and InfiniteBench generation (on one device, or
+    sequence-parallel over par's SP group), multiple choice, KL; each task's scores go into results
+    and to disk (save) as soon as it finishes."""
     heat = None
     if "ruler" in tasks:
-        results["ruler"], heat = eval_ruler(model, tokenizer, inputs["sentences"], inputs["lengths"], cfg)
+        results["ruler"], heat = eval_ruler(model, tokenizer, inputs["sentences"], inputs["lengths"], cfg, par)
         save()
     if "infbench" in tasks:
-        results["infbench"] = eval_infbench(model, tokenizer, cfg, inputs["infbench"])
+        results["infbench"] = eval_infbench(model, tokenizer, cfg, inputs["infbench"], par)
         save()
     if "mc" in tasks:
         results["mc"] = {set_name: eval_mc(model, tokenizer, items) for set_name, items in inputs["mc"].items()}
@@ -615,11 +617,14 @@ def main(cfg):
             results[label]["pref"] = eval_pref(model, tokenizer, inputs["records"], par, cfg.beta)
             model.set_attn_implementation("sdpa")  # generation below runs on one device
             save()
-    if rank == 0:  # phase 2, one device: generation and short-input scoring
+    # phase 2: generation and short-input scoring; on rank 0 alone, or with an SP group of several,
+    # on every rank (each group decodes sequence-parallel, all compute the same scores, rank 0 writes)
+    if rank == 0 or par.sp_size > 1:
         heat = {}
         ref_model = (loaded.get(ref_name) or load(ref_name, device))[0] if "kl" in tasks else None
         for label, name in models.items():
-            heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save)
+            heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
+    if rank == 0:
         rows = {label: summary_row(res) for label, res in results.items()}
         if len(rows) == 2:
             first, second = rows.values()

@@ -450,10 +450,15 @@ def stop_token_ids(tokenizer, model=None):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0):
-    """Decode token-id prompts together (left-padded, KV cache), greedy at temperature 0, until an
-    end-of-turn token (stop_token_ids); returns (texts, number of new tokens). Used by data_gen.py
-    and eval.py."""
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, par=None, seed=0):
+    """Decode token-id prompts, greedy at temperature 0, until an end-of-turn token (stop_token_ids);
+    returns (texts, number of new tokens). Used by data_gen.py and eval.py. One process: together,
+    left-padded, with transformers' generate. With par of SP size > 1: one prompt at a time,
+    sequence-parallel over par's SP group (generate_sp), every rank returning the same texts."""
+    if par is not None and par.sp_size > 1:
+        results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed + i)
+                   for i, p in enumerate(prompts)]
+        return [text for text, _ in results], sum(n for _, n in results)
     from transformers import GenerationConfig
     width = max(map(len, prompts))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
@@ -465,6 +470,98 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     new = out[:, width:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], int((new != tokenizer.pad_token_id).sum())
+
+
+class PromptShardCache:
+    """The K/V cache of sequence-parallel generation, per layer: this rank's part of the prompt (the
+    prefill's zigzag shard without its padding), then the generated tokens (the same on every rank)
+    in room reserved up front, so that a decoding step copies nothing. The prefill's attention sees
+    the whole shard, padding included: padding sits at the end of the sequence, in every real
+    token's future, so it changes nothing there; decoding never sees it."""
+
+    def __init__(self, keep, room):
+        self.keep, self.room = keep, room  # keep: (T,) bool, the real prompt tokens of the shard
+        self.n_prompt = int(keep.sum())
+        self.keys, self.values, self.length = {}, {}, {}
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length.get(layer_idx, 0)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):  # key, value (B, Hkv, T, D)
+        if layer_idx not in self.keys:  # the prefill
+            shape = (*key.shape[:2], self.n_prompt + self.room, key.shape[3])
+            self.keys[layer_idx], self.values[layer_idx] = key.new_empty(shape), value.new_empty(shape)
+            self.keys[layer_idx][:, :, :self.n_prompt] = key[:, :, self.keep]
+            self.values[layer_idx][:, :, :self.n_prompt] = value[:, :, self.keep]
+            self.length[layer_idx] = self.n_prompt
+            return key, value
+        n, t = self.length[layer_idx], key.shape[2]
+        self.keys[layer_idx][:, :, n:n + t], self.values[layer_idx][:, :, n:n + t] = key, value
+        self.length[layer_idx] = n + t
+        return self.keys[layer_idx][:, :, :n + t], self.values[layer_idx][:, :, :n + t]
+
+
+def next_token(logits, temperature, top_p, generator):
+    """Greedy at temperature 0, else a sample of softmax(logits / T) cut to the top-p mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, top_p=1.0, seed=0, stats=None):
+    """One prompt decoded sequence-parallel over par's SP group; (text, new tokens), the same on every
+    rank. Prefill: the prompt, padded to a multiple of 2*sp and zigzag-sharded, runs through ring
+    attention and leaves each rank holding only ITS part of every layer's K/V (PromptShardCache).
+    Decoding: the new token's query attends to each rank's part and to the tokens generated so far
+    (counted once), merged across the group by the exact lse rule (ring_attention.decode_attention);
+    every rank then computes the same hidden state, logits and token (sampling draws from the same
+    seeded stream on every rank). stats (a dict), when given, receives the prefill
+    and decoding seconds and this rank's cache bytes (the benchmark in data_gen.py)."""
+    sp, rank, group = par.sp_size, par.sp_rank, par.sp_group if par.sp_size > 1 else ring_attention.LOCAL
+    length = len(prompt)
+    padded = -(-length // (2 * sp)) * 2 * sp
+    ids = zigzag_shard(torch.tensor([prompt + [tokenizer.pad_token_id] * (padded - length)]), rank, sp)
+    positions = zigzag_shard(torch.arange(padded).unsqueeze(0), rank, sp)
+    cache = PromptShardCache(positions[0] < length, max_new_tokens)
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("ring_attention")
+    decoder, head = model.get_decoder(), model.get_output_embeddings().weight
+    head = head.to(torch.promote_types(head.dtype, torch.float32))  # fp32 logits, as in training
+    kwargs = dict(cache=cache, use_cache=True, ring_group=group)
+    clock = time.perf_counter()
+    try:
+        hidden = decoder(input_ids=ids.to(par.device), position_ids=positions.to(par.device), **kwargs).last_hidden_state
+        last = (positions[0] == length - 1).nonzero()  # the rank holding the last prompt token
+        logits = torch.zeros(head.shape[0], dtype=head.dtype, device=par.device)
+        if len(last):
+            logits = F.linear(hidden[0, int(last[0])].to(head.dtype), head)
+        if sp > 1:  # from the owner of the last prompt token (chunk 2sp-1 or an earlier one) to all
+            owner = torch.tensor([rank if len(last) else -1], device=par.device)
+            dist.all_reduce(owner, op=dist.ReduceOp.MAX, group=group)
+            dist.broadcast(logits, dist.get_global_rank(group, int(owner)), group=group)
+        generator = torch.Generator(device=par.device).manual_seed(seed)
+        stops, new = set(stop_token_ids(tokenizer, model)), []
+        prefill, clock = time.perf_counter() - clock, time.perf_counter()
+        while len(new) < max_new_tokens:
+            new.append(next_token(logits, temperature, top_p, generator))
+            if new[-1] in stops or len(new) == max_new_tokens:
+                break
+            hidden = decoder(input_ids=torch.tensor([[new[-1]]], device=par.device),
+                             position_ids=torch.tensor([[length + len(new) - 1]], device=par.device),
+                             ring_decode=cache.n_prompt, **kwargs).last_hidden_state
+            logits = F.linear(hidden[0, -1].to(head.dtype), head)
+    finally:
+        model.set_attn_implementation(attn)
+    if stats is not None:
+        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=len(new),
+                     cache_bytes=sum(t.numel() * t.element_size() for t in [*cache.keys.values(), *cache.values.values()]))
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 def ensure_pad_token(tokenizer):
@@ -1140,6 +1237,18 @@ def memory_plan(cfg):
     verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
     lines.append(f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation")
     lines.append(f"peak per GPU: {peak / 1e9:.2f} GB")
+    # Generation (data_gen's rejected answers, eval), sequence-parallel over sp GPUs: no gradients,
+    # bf16 weights whole on every GPU, each GPU keeps its share of the prompt's K/V (generate_sp).
+    new_tokens, P = 1024, -(-cfg.max_length // sp)
+    kv_token = n_layers * 2 * hkv * d * bf16
+    gen = [("bf16 weights, whole on every GPU", params * bf16),
+           (f"K/V cache: {P} prompt tokens + {new_tokens} generated, {n_layers} layers", (P + new_tokens) * kv_token),
+           ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
+            P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
+    lines.append(f"generation of a {cfg.max_length}-token prompt with sp {sp} (the whole prompt's K/V: "
+                 f"{cfg.max_length * kv_token / 1e9:.2f} GB):")
+    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in gen]
+    lines.append(f"generation peak per GPU: {sum(b for _, b in gen) / 1e9:.2f} GB")
     return "\n".join(lines)
 
 

@@ -600,13 +600,59 @@ def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layou
     return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
 
 
+# ----------------------------------------------------------------------------- decoding
+
+def merge_across(out, lse, group):
+    """The exact lse merge of the partial (out, lse) of every rank of the group: each rank attended
+    to its own keys; every rank returns the attention over all of them. out (B, T, H, D) fp32,
+    lse (B, H, T); only these small tensors travel."""
+    world_size, _ = _group_size_rank(group)
+    if world_size == 1:
+        return out
+    outs, lses = [torch.empty_like(out) for _ in range(world_size)], [torch.empty_like(lse) for _ in range(world_size)]
+    dist.all_gather(outs, out.contiguous(), group=group)
+    dist.all_gather(lses, lse.contiguous(), group=group)
+    lses = torch.stack(lses)  # (W, B, H, T); -inf where a rank had no keys
+    weights = torch.exp(lses - lses.logsumexp(0)).transpose(2, 3).unsqueeze(-1)  # (W, B, T, H, 1)
+    return (weights * torch.stack(outs)).sum(0)
+
+
+def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
+    """Attention of new tokens during sequence-parallel generation. This rank's k, v (B, n_prefix + n,
+    Hkv, D): its part of the prompt (the prefill's zigzag shard, padding removed; all of it in the
+    past of the new tokens), then the n tokens generated so far, the same on every rank and counted
+    on the group's rank 0 only. q (B, Tq, Hq, D): the newest Tq tokens, the last of the generated
+    ones. Each rank attends to its keys, and the partial results are merged across the group with
+    the lse rule: the same queries-against-a-sharded-prefix merge as the branches of the ring."""
+    world_size, rank = _group_size_rank(group)
+    fwd = KERNELS[pick_kernel(q, kernel, k.shape[2])][0]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    B, Tq, Hq, D = q.shape
+    out = torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device)  # a rank without keys adds nothing
+    lse = torch.full((B, Hq, Tq), float("-inf"), dtype=out.dtype, device=q.device)
+    blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
+    if rank == 0:  # the generated tokens, causal among the newest queries (bottom-right aligned)
+        n = k.shape[1] - n_prefix
+        if n > Tq:
+            blocks.append((k[:, n_prefix:n_prefix + n - Tq], v[:, n_prefix:n_prefix + n - Tq], False))
+        blocks.append((k[:, k.shape[1] - Tq:], v[:, k.shape[1] - Tq:], True))
+    for i, (kb, vb, causal) in enumerate(blocks):
+        block_out, block_lse, _ = fwd(q, kb, vb, scale, causal)
+        if i == 0:
+            out, lse = block_out.to(out.dtype), block_lse.to(lse.dtype).contiguous()
+        else:
+            merge_(out, lse, block_out, block_lse)
+    return merge_across(out, lse, group).to(q.dtype)
+
+
 # ----------------------------------------------------------------------------- transformers
 
 def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              sliding_window=None, ring_group=None, ring_layout=None, **kwargs):
+                              sliding_window=None, ring_group=None, ring_layout=None, ring_decode=None, **kwargs):
     """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
     passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
-    for none) and `ring_layout=` for a shared prefix with branches."""
+    for none), `ring_layout=` for a shared prefix with branches, and `ring_decode=` (this rank's
+    number of prompt keys in the cache) for the decoding steps of sequence-parallel generation."""
     world_size = _group_size_rank(ring_group)[0]
     if attention_mask is not None:
         raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
@@ -616,6 +662,10 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
     if sliding_window is not None and sliding_window < world_size * query.shape[2]:
         raise ValueError(f"ring_attention computes full causal attention but the config has "
                          f"sliding_window={sliding_window}; set config.sliding_window = None")
+    if ring_decode is not None:
+        out = decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ring_decode,
+                               group=ring_group, softmax_scale=scaling)
+        return out, None
     out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                          group=ring_group, softmax_scale=scaling, layout=ring_layout)
     return out, None  # (B, T, Hq, D), no attention weights

@@ -307,7 +307,8 @@ def check_ring_with_branches(rank, world_size, group=None):
 
 def ring_worker(rank, world_size):
     check_zigzag_round_trip(rank, world_size)
-    check_ring_against_reference(rank, world_size)
+    check_ring_against_reference(rank, world_size, (torch.float32, torch.bfloat16) if world_size == 4 else
+                                 (torch.float32, torch.bfloat16, torch.float16))
     check_causal_at_chunk_borders(rank, world_size)
     check_ring_with_branches(rank, world_size)
 
@@ -375,6 +376,11 @@ def test_ring_bad_inputs():
         ra.hf_ring_attention_forward(module, hq, hk, hk, None, dropout=0.1)
     out, _ = ra.hf_ring_attention_forward(module, hq, hk, hk, None, sliding_window=8)  # >= N: full
     assert_close(out, reference_attention(q, k, k), 1e-5, "hf wrapper")
+    for flags, message in (({"seq_len": 0}, "--seq-len 0 must be >= 1"), ({"seq_len": 9}, "multiple of 2 x 1"),
+                           ({"dtype": "float65"}, "--dtype float65"), ({"kv_heads": 3}, "multiple of --kv-heads")):
+        with pytest.raises(ra.UsageError, match=message):  # the self-check's flags, before any work
+            ra.check_bench_config(ra.BenchConfig(**flags), 1)
+    ra.main(ra.BenchConfig(seq_len=64, dtype="float64", iters=1, heads=4))  # float64 is a valid choice
 
 
 # ----------------------------------------------------------------------------- transformers models
@@ -1025,6 +1031,44 @@ def test_shared_prefix_packing_equals_pairs():
     run_distributed(packing_worker, 3, timeout=300)  # SP = 2: in sp_equivalence_worker
 
 
+def sp_generation_worker(rank, world_size):
+    """Sequence-parallel generation over the whole world: greedy tokens equal transformers' generate
+    in one process, with and without a raised RoPE theta, on prompts of lengths not a multiple of
+    2W; sampling equals the one-process decode with the same seed; each rank's cache holds its
+    ~1/W of the prompt's K/V."""
+    par = longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu"))
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    caches, make_cache = [], longpo.PromptShardCache
+    longpo.PromptShardCache = lambda *args: caches.append(make_cache(*args)) or caches[-1]
+    tokenizer = longpo.build_tiny_tokenizer()
+    for theta in (0.0, 1e6):
+        model = longpo.load_model_and_tokenizer("tiny", torch.float64, theta)[0]
+        for n_words in ((9,) if theta else (23,)):
+            text = " ".join(WORDS[:n_words])
+            prompt = longpo.format_dialogue(tokenizer, text, [{"instruction": "Go on?"}])[0]
+            while not len(prompt) % (2 * world_size):  # a length that needs padding
+                text += "!"
+                prompt = longpo.format_dialogue(tokenizer, text, [{"instruction": "Go on?"}])[0]
+            want = longpo.generate(model, tokenizer, [prompt], 16)  # transformers, one process, greedy
+            caches.clear()
+            got = longpo.generate(model, tokenizer, [prompt], 16, par=par)
+            assert got == want, f"W={world_size} theta={theta}: {got} != {want}"
+            layer = caches[0].keys[0]  # (B, Hkv, prompt part + room for new tokens, D)
+            assert caches[0].n_prompt <= 2 * -(-len(prompt) // (2 * world_size))  # its two zigzag chunks
+            assert layer.shape[2] == caches[0].n_prompt + 16, layer.shape
+            sampled = longpo.generate_sp(model, tokenizer, prompt, 16, par, temperature=1.0, top_p=0.9, seed=5)
+            assert sampled == longpo.generate_sp(model, tokenizer, prompt, 16, single, temperature=1.0, top_p=0.9, seed=5)
+    counts = [torch.zeros(1) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([float(caches[0].n_prompt)]))
+    assert sum(c.item() for c in counts) == len(prompt)  # every prompt token cached exactly once
+    longpo.PromptShardCache = make_cache
+
+
+def test_sequence_parallel_generation():
+    run_distributed(sp_generation_worker, 2)
+    run_distributed(sp_generation_worker, 3)
+
+
 def test_pack_pair_layout_and_short_prefix_fallback():
     tokenizer = longpo.build_tiny_tokenizer()
     rec = make_records(1, seed=4, turns=2)[0]
@@ -1093,7 +1137,7 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
     data = write_jsonl(tmp_path / "data.jsonl", make_records(6, seed=5))  # no ref log-probs: computed
-    args = ["longpo.py", "--data", data, "--sp-size", "2", "--max-steps", "4", "--grad-accum", "2",
+    args = ["longpo.py", "--data", data, "--sp-size", "2", "--max-steps", "4", "--grad-accum", "1",
             "--lr", "1e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2)
@@ -1286,10 +1330,11 @@ def direct_short_logp(model, tokenizer, rec, side):
 
 
 def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
-    """Default run on the demo corpus: schema-valid records whose reference log-probs equal a direct
-    recomputation; a killed run resumes without loss or duplicates; 2 ranks give the same file."""
-    out = str(tmp_path / "full.jsonl")
-    run_script(["data_gen.py", "--out", out])
+    """A run on the demo corpus (greedy, short answers): schema-valid records whose reference
+    log-probs equal a direct recomputation; a killed run resumes without loss or duplicates; 2 ranks
+    give the same file, and so do 2 ranks decoding the long inputs sequence-parallel (--sp-size 2)."""
+    out, args = str(tmp_path / "full.jsonl"), ["--temperature", "0", "--max-new-tokens", "16"]
+    run_script(["data_gen.py", "--out", out] + args)
     records = longpo.load_records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 4 for r in records)
     meta = json.load(open(out + ".meta.json"))
@@ -1309,7 +1354,7 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     # a run killed after its first record, then restarted with the same arguments
     killed = str(tmp_path / "killed.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "data_gen.py", "--out", killed], cwd=HERE, env=env,
+    proc = subprocess.Popen([sys.executable, "data_gen.py", "--out", killed] + args, cwd=HERE, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = killed + ".parts/rank0.jsonl"
     deadline = time.time() + 120
@@ -1322,15 +1367,15 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     assert 1 <= open(part).read().count("\n") < 4
     with open(part, "a") as f:
         f.write('{"id": "demo-3", "document": "torn li')  # as if killed in the middle of a write
-    run_script(["data_gen.py", "--out", killed])
+    run_script(["data_gen.py", "--out", killed] + args)
     assert open(killed).read() == open(out).read()
     ids = [json.loads(line)["id"] for line in open(part)]
     assert len(ids) == len(set(ids)) == 4, ids
     with pytest.raises(AssertionError, match="other arguments"):
-        run_script(["data_gen.py", "--out", killed, "--turns", "2"])
+        run_script(["data_gen.py", "--out", killed, "--turns", "2"] + args)
 
-    two = str(tmp_path / "two.jsonl")
-    run_script(["data_gen.py", "--out", two], nproc=2)
+    two = str(tmp_path / "two.jsonl")  # 2 ranks: a document each for the short-input work, both for the long
+    run_script(["data_gen.py", "--out", two, "--sp-size", "2"] + args, nproc=2)
     assert open(two).read() == open(out).read()
 
 
@@ -1447,14 +1492,14 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     assert set(tiny["infbench"]) == {"en_qa", "en_mc", "en_sum"} and set(tiny["ruler"]) == set(evaluation.RULER_TASKS)
     assert tiny["kl"]["kl"] == 0.0 and 0 <= tiny["mc"]["demo_mc"]["acc"] <= 1
     assert all(v == 0.0 for v in scores["table"]["delta"].values())  # the same model twice
-    sp_out = str(tmp_path / "sp.json")
-    run_script(["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref",
-                "--sp-size", "2", "--out", sp_out], nproc=2)
-    one_out = str(tmp_path / "one.json")
-    run_script(["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref", "--out", one_out])
-    sp, one = (json.load(open(p))["results"]["tiny"]["pref"] for p in (sp_out, one_out))
-    assert sp["reward_accuracy"] == one["reward_accuracy"]
-    assert math.isclose(sp["reward_margin"], one["reward_margin"], rel_tol=1e-5), (sp, one)
+    sp_out, one_out = str(tmp_path / "sp.json"), str(tmp_path / "one.json")
+    args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,ruler",
+            "--lengths", "300", "--depths", "1", "--heatmap", ""]
+    run_script(args + ["--sp-size", "2", "--out", sp_out], nproc=2)  # SP scoring and SP decoding
+    run_script(args + ["--out", one_out])
+    sp, one = (json.load(open(p))["results"]["tiny"] for p in (sp_out, one_out))
+    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and sp["ruler"] == one["ruler"]
+    assert math.isclose(sp["pref"]["reward_margin"], one["pref"]["reward_margin"], rel_tol=1e-5), (sp, one)
     assert json.load(open(sp_out))["settings"]["world_size"] == 2
 
 
@@ -1510,8 +1555,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
     (tmp_path / "folder").mkdir()
     cases = [["longpo.py", "--data", str(tmp_path / "folder")],
              ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
-             ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
-             ["ring_attention.py", "--seq-len", "0"]]
+             ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
     procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
@@ -1521,7 +1565,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert args[1] in lines[0] and "Traceback" not in err, (args, err)
-    assert time.time() - start < 10 * len(cases) / 2, "4 runs on 2 cores: each within 10 s"
+    assert time.time() - start < 10 * len(cases) / 2, "3 runs on 2 cores: each within 10 s"
 
 
 def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
@@ -1586,6 +1630,8 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
         data_gen.check_out(dataclasses.replace(cfg, turns=2))
     with pytest.raises(UsageError, match="is a folder"):
         data_gen.resolve(data_gen.DataGenConfig(out=str(tmp_path)))
+    with pytest.raises(UsageError, match="--sp-size 3 must divide the number of processes 1"):
+        data_gen.resolve(data_gen.DataGenConfig(sp_size=3))
     # a 20 MB one-line document is dropped by the cheap length bound, without tokenizing it
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     huge = {"id": "huge", "text": "word " * 4_000_000}
