@@ -31,10 +31,17 @@ one; a restart with the same arguments skips every document already there, whate
 size; at the end rank 0 merges the parts into <out> in document order and writes <out>.meta.json
 (arguments, model, library versions, summary).
 
+Documents longer than one GPU can hold (512K tokens: the prompt's K/V alone is 69 GB for Mistral-7B):
+--sp-size W makes each group of W ranks decode every member's long prompts together, sequence-
+parallel (longpo.generate_sp: ring-attention prefill, each rank keeping its share of the K/V); the
+short-input work stays one document per rank.
+
 Commands:
     python data_gen.py                                        # tiny model, demo corpus, CPU
     torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
         --docs long_docs.jsonl --out data/longpo_128k.jsonl --rope-theta 1e7   # one 8-GPU node
+    torchrun --nproc_per_node 8 data_gen.py ... --sp-size 8   # 512K documents: long answers over 8 GPUs
+    torchrun --nproc_per_node 2 data_gen.py --bench-tokens 16384 --sp-size 2   # generation benchmark
 """
 import bisect
 import dataclasses

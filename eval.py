@@ -18,9 +18,10 @@ Short context:
 
 Output: a table like the paper's (rows models, columns tasks), --baseline MODEL side by side with
 deltas, every score and setting as JSON in --out, and a needle heatmap (depth x length) as PNG when
-matplotlib is installed. Deliberate limits: generation runs on one device (rank 0); only the
-preference scoring is sequence-parallel. The built-in haystack and the demo multiple-choice set are
-synthetic, so the tiny default shows the machinery, not a model's quality.
+matplotlib is installed. Long inputs are sequence-parallel under torchrun with --sp-size: the
+preference scoring (ring attention) and the RULER / InfiniteBench generation (longpo.generate_sp:
+each rank keeps its share of the prompt's K/V). The built-in haystack and the demo multiple-choice
+set are synthetic, so the tiny default shows the machinery, not a model's quality.
 
 Commands:
     python eval.py                                   # the tiny run's final model vs its base model

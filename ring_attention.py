@@ -609,12 +609,12 @@ def merge_across(out, lse, group):
     world_size, _ = _group_size_rank(group)
     if world_size == 1:
         return out
-    outs, lses = [torch.empty_like(out) for _ in range(world_size)], [torch.empty_like(lse) for _ in range(world_size)]
-    dist.all_gather(outs, out.contiguous(), group=group)
-    dist.all_gather(lses, lse.contiguous(), group=group)
-    lses = torch.stack(lses)  # (W, B, H, T); -inf where a rank had no keys
-    weights = torch.exp(lses - lses.logsumexp(0)).transpose(2, 3).unsqueeze(-1)  # (W, B, T, H, 1)
-    return (weights * torch.stack(outs)).sum(0)
+    both = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # (B, T, H, D + 1): one message per step
+    parts = [torch.empty_like(both) for _ in range(world_size)]
+    dist.all_gather(parts, both, group=group)
+    parts = torch.stack(parts)  # (W, B, T, H, D + 1); lse -inf where a rank had no keys
+    lses = parts[..., -1:]
+    return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0)
 
 
 def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
