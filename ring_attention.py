@@ -84,14 +84,17 @@ class UsageError(ValueError):
 
 def run_cli(main, cls):
     """main(config from the command line); a UsageError becomes one line on stderr and exit 2.
-    Every rank checks the same flags and files, so rank 0 speaks for all."""
+    Every rank checks the same flags and files, so rank 0 speaks for all: the others wait a moment
+    before they speak and exit, and torchrun, which stops every rank once one has failed, silences
+    them unless rank 0 did not stop (a mistake only they saw)."""
     import sys
     cfg = config_from_cli(cls)
     try:
         main(cfg)
     except UsageError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) != 0:
+            time.sleep(5)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
