@@ -592,6 +592,38 @@ def bench(cfg, par, device):
 
 
 
+def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device):
+    """This rank's documents, each record (or the reason it was dropped) appended to its part file
+    and flushed before the next starts. With --sp-size, in rounds: in each, every member of an SP
+    group does its next document's short-input work, then the group decodes all their long prompts."""
+    from tqdm import tqdm
+    (model, long_model), par, rounds, t0 = models, None, len(mine), time.perf_counter()
+    if cfg.sp_size > 1:
+        par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+        longest = torch.tensor([len(mine)], device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
+        rounds = int(longest)  # a member with fewer documents still takes part in the others' decoding
+    with open_part(os.path.join(cfg.out + ".parts", f"rank{rank}.jsonl")) as part:
+        bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
+        for k in bar:
+            i = mine[k] if k < len(mine) else None
+            doc = docs[i] if i is not None else None
+            if par is None:
+                result = make_record(doc, i, models, tokenizer, cfg, counts)
+            else:
+                state = start_record(doc, i, model, tokenizer, cfg, counts) if doc else None
+                rejected = sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts)
+                result = finish_record(state, rejected, model, tokenizer, cfg) if isinstance(state, dict) else state
+            if doc is None:
+                continue
+            rec, reason, filtered = result
+            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
+            part.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            part.flush()  # finished work is on disk before the next document starts
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
+
+
 def main(cfg):
     cfg = resolve(cfg)
     longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
@@ -620,33 +652,8 @@ def main(cfg):
     long_model = model
     if cfg.rope_theta:  # only the long-input generation sees the raised theta
         long_model = longpo.load_model_and_tokenizer(cfg.model, dtype, cfg.rope_theta)[0].to(device).eval()
-    from tqdm import tqdm
     counts, t0 = {"generated": 0}, time.perf_counter()
-    par, rounds = None, len(mine)
-    if cfg.sp_size > 1:  # rounds: every member of an SP group takes part in each long generation
-        par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
-        longest = torch.tensor([len(mine)], device=device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
-        rounds = int(longest)
-    with open_part(os.path.join(folder, f"rank{rank}.jsonl")) as part:
-        bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
-        for k in bar:
-            i = mine[k] if k < len(mine) else None
-            doc = docs[i] if i is not None else None
-            if par is None:
-                result = make_record(doc, i, (model, long_model), tokenizer, cfg, counts)
-            else:
-                state = start_record(doc, i, model, tokenizer, cfg, counts) if doc else None
-                rejected = sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts)
-                result = finish_record(state, rejected, model, tokenizer, cfg) if isinstance(state, dict) else state
-            if doc is None:
-                continue
-            rec, reason, filtered = result
-            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
-            part.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            part.flush()  # finished work is on disk before the next document starts
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
+    write_records(docs, mine, (model, long_model), tokenizer, cfg, counts, rank, world_size, device)
     elapsed = time.perf_counter() - t0
     stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64, device=device)  # nccl: on the GPU
     if world_size > 1:

@@ -1237,19 +1237,23 @@ def memory_plan(cfg):
     verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
     lines.append(f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation")
     lines.append(f"peak per GPU: {peak / 1e9:.2f} GB")
-    # Generation (data_gen's rejected answers, eval), sequence-parallel over sp GPUs: no gradients,
-    # bf16 weights whole on every GPU, each GPU keeps its share of the prompt's K/V (generate_sp).
-    new_tokens, P = 1024, -(-cfg.max_length // sp)
+    lines += generation_plan(cfg, params, n_layers, H, inter, hq, hkv, d, sp)
+    return "\n".join(lines)
+
+
+def generation_plan(cfg, params, n_layers, H, inter, hq, hkv, d, sp):
+    """Generation (data_gen's rejected answers, eval), sequence-parallel over sp GPUs: no gradients,
+    bf16 weights whole on every GPU, each GPU keeps its share of the prompt's K/V (generate_sp)."""
+    bf16, fp32, new_tokens, P = 2, 4, 1024, -(-cfg.max_length // sp)
     kv_token = n_layers * 2 * hkv * d * bf16
     gen = [("bf16 weights, whole on every GPU", params * bf16),
            (f"K/V cache: {P} prompt tokens + {new_tokens} generated, {n_layers} layers", (P + new_tokens) * kv_token),
            ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
             P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
-    lines.append(f"generation of a {cfg.max_length}-token prompt with sp {sp} (the whole prompt's K/V: "
-                 f"{cfg.max_length * kv_token / 1e9:.2f} GB):")
+    lines = [f"generation of a {cfg.max_length}-token prompt with sp {sp} (the whole prompt's K/V: "
+             f"{cfg.max_length * kv_token / 1e9:.2f} GB):"]
     lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in gen]
-    lines.append(f"generation peak per GPU: {sum(b for _, b in gen) / 1e9:.2f} GB")
-    return "\n".join(lines)
+    return lines + [f"generation peak per GPU: {sum(b for _, b in gen) / 1e9:.2f} GB"]
 
 
 # ----------------------------------------------------------------------------- benchmark
