@@ -1333,10 +1333,10 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     """A run on the demo corpus (greedy, short answers): schema-valid records whose reference
     log-probs equal a direct recomputation; a killed run resumes without loss or duplicates; 2 ranks
     give the same file, and so do 2 ranks decoding the long inputs sequence-parallel (--sp-size 2)."""
-    out, args = str(tmp_path / "full.jsonl"), ["--temperature", "0", "--max-new-tokens", "16"]
+    out, args = str(tmp_path / "full.jsonl"), ["--temperature", "0", "--max-new-tokens", "16", "--turns", "2"]
     run_script(["data_gen.py", "--out", out] + args)
     records = longpo.load_records(out, need_ref=True)  # the schema training validates
-    assert len(records) == 4 and all(len(r["turns"]) == 4 for r in records)
+    assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
     meta = json.load(open(out + ".meta.json"))
     assert meta["summary"]["kept"] == 4 and meta["args"]["questions"] == "template"
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
@@ -1372,7 +1372,7 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     ids = [json.loads(line)["id"] for line in open(part)]
     assert len(ids) == len(set(ids)) == 4, ids
     with pytest.raises(AssertionError, match="other arguments"):
-        run_script(["data_gen.py", "--out", killed, "--turns", "2"] + args)
+        run_script(["data_gen.py", "--out", killed] + args + ["--turns", "3"])
 
     two = str(tmp_path / "two.jsonl")  # 2 ranks: a document each for the short-input work, both for the long
     run_script(["data_gen.py", "--out", two, "--sp-size", "2"] + args, nproc=2)
