@@ -326,10 +326,9 @@ def resolve(cfg):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.sp_size < 1 or world % cfg.sp_size:
-        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world} "
-                         "(torchrun --nproc_per_node x nodes)")
+    if cfg.sp_size < 1:
+        raise UsageError(f"--sp-size {cfg.sp_size} must be >= 1")
+    longpo.check_sp_size(cfg.sp_size)
     if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
         raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'longpo.jsonl')}")
     return cfg
@@ -573,8 +572,7 @@ def merge(cfg, n_docs, bad_lines, stats):
 
 def bench(cfg, par, device):
     """Sequence-parallel generation of one long prompt: what each rank holds and how long it takes."""
-    model, tokenizer = longpo.load_model_and_tokenizer(cfg.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model.to(device).eval()
+    model, tokenizer = longpo.load_for_inference(cfg.model, device)
     rec = longpo.synthetic_record(tokenizer, cfg.bench_tokens)
     prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
     longpo.generate_sp(model, tokenizer, prompt[:256], 4, par)  # warm-up
@@ -646,12 +644,10 @@ def main(cfg):
     mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = longpo.load_model_and_tokenizer(cfg.model, dtype)
-    model.to(device).eval()
+    model, tokenizer = longpo.load_for_inference(cfg.model, device)
     long_model = model
     if cfg.rope_theta:  # only the long-input generation sees the raised theta
-        long_model = longpo.load_model_and_tokenizer(cfg.model, dtype, cfg.rope_theta)[0].to(device).eval()
+        long_model = longpo.load_for_inference(cfg.model, device, cfg.rope_theta)[0]
     counts, t0 = {"generated": 0}, time.perf_counter()
     write_records(docs, mine, (model, long_model), tokenizer, cfg, counts, rank, world_size, device)
     elapsed = time.perf_counter() - t0

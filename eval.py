@@ -459,11 +459,9 @@ def prepare_inputs(cfg, tasks):
     for name in ("depths", "samples", "max_pairs", "infbench_max_len"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
-    if cfg.infbench_limit < 0 or not cfg.beta > 0 or cfg.sp_size < 0:
-        raise UsageError("--infbench-limit and --sp-size must be >= 0 and --beta > 0")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world % (cfg.sp_size or world):
-        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world}")
+    if cfg.infbench_limit < 0 or not cfg.beta > 0:
+        raise UsageError("--infbench-limit must be >= 0 and --beta > 0")
+    longpo.check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if "ruler" in tasks else None
     for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
         if name:
@@ -504,12 +502,7 @@ def resolve_baseline(cfg):
     return ""
 
 
-def load(name, device):
-    model, tokenizer = longpo.load_model_and_tokenizer(name, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return model.to(device).eval(), tokenizer
-
-
-def single_device_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
+def answer_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
     """Everything but the SP scoring: RULER and InfiniteBench generation (on one device, or
     sequence-parallel over par's SP group), multiple choice, KL; each task's scores go into results
     and to disk (save) as soon as it finishes."""
@@ -609,7 +602,7 @@ def main(cfg):
         if rank == 0:
             write_json(inputs["out"], {"settings": settings, "complete": table is not None, "results": results,
                                        **({"table": table} if table else {})})
-    loaded = {name: load(name, device) for name in dict.fromkeys(models.values())}  # each model once
+    loaded = {name: longpo.load_for_inference(name, device) for name in dict.fromkeys(models.values())}  # each model once
     if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
         for label, name in models.items():
             model, tokenizer = loaded[name]
@@ -622,9 +615,9 @@ def main(cfg):
     # on every rank (each group decodes sequence-parallel, all compute the same scores, rank 0 writes)
     if rank == 0 or par.sp_size > 1:
         heat = {}
-        ref_model = (loaded.get(ref_name) or load(ref_name, device))[0] if "kl" in tasks else None
+        ref_model = (loaded.get(ref_name) or longpo.load_for_inference(ref_name, device))[0] if "kl" in tasks else None
         for label, name in models.items():
-            heat[label] = single_device_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
+            heat[label] = answer_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
     if rank == 0:
         rows = {label: summary_row(res) for label, res in results.items()}
         if len(rows) == 2:

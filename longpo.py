@@ -606,6 +606,22 @@ def check_model(name, flag="--model"):
                          f"reached ({type(e).__name__}); download it first or give a local folder") from None
 
 
+def load_for_inference(name, device, rope_theta=0.0):
+    """(model, tokenizer) for generation and scoring (data_gen.py, eval.py): bf16 on CUDA, fp32 on
+    CPU, on the device, in eval mode."""
+    model, tokenizer = load_model_and_tokenizer(name, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                                rope_theta)
+    return model.to(device).eval(), tokenizer
+
+
+def check_sp_size(sp_size):
+    """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if sp_size < 0 or world % (sp_size or world):
+        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
+
+
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
     """`tiny` (random weights from a FIXED seed: data_gen, longpo and eval see the same model), a hub
     id or a local directory. rope_theta > 0 replaces the model's RoPE theta (policy only)."""
@@ -714,7 +730,7 @@ def pack_pair(example, sp_size, pad_id):
             "position_ids": torch.cat([torch.arange(n + lc), torch.arange(n, n + lr), torch.arange(n, n + pad)]),
             "targets": torch.cat([t_c, t_r[n:], torch.zeros(pad, dtype=t_c.dtype)]),
             "chosen": torch.cat([a_c, zeros(lr + pad)]),
-            "rejected": torch.cat([a_r[:n], zeros(lc), a_r[n:], zeros(pad)]),
+            "rejected": torch.cat([zeros(n + lc), a_r[n:], zeros(pad)]),  # no answer in the prefix
             "seq": torch.cat([seq_c, zeros(lr + pad)]),
             "layout": ring_attention.BranchLayout(n // sp_size, (lc, lr, pad), n_branch)}
 
@@ -795,7 +811,7 @@ def reference_logps(ref_model, seqs, ref_logps, cfg, par):
     if cfg.loss != "dpo":
         return tuple(torch.tensor([x], dtype=torch.float64, device=par.device) for x in ref_logps)
     with torch.no_grad():
-        if len(seqs) == 1:  # the packed pair
+        if "layout" in seqs[0]:  # the packed pair
             return policy_logps(ref_model, seqs[0], par, cfg.logprob_chunk, sums=("chosen", "rejected"))[:2]
         return tuple(policy_logps(ref_model, seq, par, cfg.logprob_chunk)[0] for seq in seqs)
 
@@ -1356,10 +1372,8 @@ def check_config(cfg):
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if cfg.plan and cfg.max_length < 1:
         raise UsageError("--plan needs --max-length (tokens of one sequence), e.g. --max-length 524288")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if not (cfg.plan or cfg.bench_tokens) and world % (cfg.sp_size or world):
-        raise UsageError(f"--sp-size {cfg.sp_size} must divide the number of processes {world} "
-                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
+    if not (cfg.plan or cfg.bench_tokens):
+        check_sp_size(cfg.sp_size)
 
 
 def resolve_defaults(cfg):

@@ -336,6 +336,16 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def fold(acc, block_out, block_lse):
+    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
+    None, else acc with the block merged in place (merge_)."""
+    if acc is None:
+        dtype = _acc_dtype(block_out)
+        return block_out.to(dtype), block_lse.to(dtype).contiguous()
+    merge_(*acc, block_out, block_lse)
+    return acc
+
+
 def merge_(out, lse, block_out, block_lse):
     """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
 
@@ -436,14 +446,14 @@ def _ring_forward(q, k, v, scale, group, kernel, layout):
     ring, n = _Ring(group), (layout.n_prefix if layout else q.shape[1])
     qp, qb, c = q[:, :n], q[:, n:], n // 2
     kv = torch.stack([k[:, :n], v[:, :n]])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
-    auxes = {}  # what each block's backward needs from its forward, by (part, step or segment)
+    auxes, branch_acc = {}, None  # auxes: what each block's backward needs from its forward, by (part, step or segment)
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
         case = _visitor(ring, step)
         if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
             block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0], kv[1], scale, True)
-            out, lse = block_out.to(_acc_dtype(q)), block_lse.to(_acc_dtype(q)).contiguous()  # all rows see themselves
+            out, lse = fold(None, block_out, block_lse)  # every row sees itself: the accumulators start here
         elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
             block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0, :, :c], kv[1, :, :c], scale, False)
             merge_(out, lse, block_out, block_lse)
@@ -452,15 +462,13 @@ def _ring_forward(q, k, v, scale, group, kernel, layout):
             merge_(out[:, c:], lse[:, :, c:], block_out, block_lse)
         if layout:  # branch queries: every prefix token is in their past, the whole block
             block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
-            if step == 0:
-                out_b, lse_b = block_out.to(out.dtype), block_lse.to(lse.dtype).contiguous()
-            else:
-                merge_(out_b, lse_b, block_out, block_lse)
+            branch_acc = fold(branch_acc, block_out, block_lse)
         if step + 1 < ring.world_size:
             ring.wait(requests)
             kv = kv_next
     if not layout:
         return out, lse, auxes
+    out_b, lse_b = branch_acc
     _branch_forward(qb, k[:, n:], v[:, n:], out_b, lse_b, layout, ring, fwd, scale, auxes)
     return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), auxes
 
@@ -627,25 +635,23 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     on the group's rank 0 only. q (B, Tq, Hq, D): the newest Tq tokens, the last of the generated
     ones. Each rank attends to its keys, and the partial results are merged across the group with
     the lse rule: the same queries-against-a-sharded-prefix merge as the branches of the ring."""
-    world_size, rank = _group_size_rank(group)
+    _, rank = _group_size_rank(group)
     fwd = KERNELS[pick_kernel(q, kernel, k.shape[2])][0]
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     B, Tq, Hq, D = q.shape
-    out = torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device)  # a rank without keys adds nothing
-    lse = torch.full((B, Hq, Tq), float("-inf"), dtype=out.dtype, device=q.device)
     blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
     if rank == 0:  # the generated tokens, causal among the newest queries (bottom-right aligned)
         n = k.shape[1] - n_prefix
         if n > Tq:
             blocks.append((k[:, n_prefix:n_prefix + n - Tq], v[:, n_prefix:n_prefix + n - Tq], False))
         blocks.append((k[:, k.shape[1] - Tq:], v[:, k.shape[1] - Tq:], True))
-    for i, (kb, vb, causal) in enumerate(blocks):
-        block_out, block_lse, _ = fwd(q, kb, vb, scale, causal)
-        if i == 0:
-            out, lse = block_out.to(out.dtype), block_lse.to(lse.dtype).contiguous()
-        else:
-            merge_(out, lse, block_out, block_lse)
-    return merge_across(out, lse, group).to(q.dtype)
+    acc = None
+    for kb, vb, causal in blocks:
+        acc = fold(acc, *fwd(q, kb, vb, scale, causal)[:2])
+    if acc is None:  # a rank holding no prompt keys and not counting the generated ones adds nothing
+        acc = (torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device),
+               torch.full((B, Hq, Tq), float("-inf"), dtype=_acc_dtype(q), device=q.device))
+    return merge_across(*acc, group).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- transformers
