@@ -86,6 +86,9 @@ class DataGenConfig:
     temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature, 0 greedy (-1: profile; paper greedy, code 1.0)"})
     question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
     questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
+    answers: str = field(default="model", metadata={"help": "model: the model writes chosen (chunk) and rejected (whole document) answers, as the paper | gold: demo corpus only, chosen = the planted fact's number, rejected = another number of the document; no model runs and no reference log-probs are written (data to train the miniature's short-context model from scratch with --loss sft, README)"})
+    demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (the corpus is drawn from --seed)"})
+    demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs per document, two facts each (1 to 64), or a range A-B drawn per document (e.g. 1-4: short documents to learn from)"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
     sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input (rejected) answer together, sequence-parallel (ring-attention prefill, K/V sharded); must divide the number of processes; short-input work stays one document per rank"})
     batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
@@ -93,7 +96,7 @@ class DataGenConfig:
     bench_tokens: int = field(default=0, metadata={"help": "benchmark: greedy decoding of --max-new-tokens tokens after a synthetic prompt of about this many tokens, sequence-parallel over --sp-size ranks (1: one process, the same code); prints each rank's cache bytes, prefill seconds and decoding tokens/s; writes nothing"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/ (otherwise a rerun continues the same run and refuses other arguments)"})
     allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
-    seed: int = field(default=0, metadata={"help": "seed of chunk choice, question choice and sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of the demo corpus, chunk choice, question choice and sampling"})
 
 
 QUESTION_PROMPT = (
@@ -197,31 +200,49 @@ def with_lead_in(lead_in, question):
     return f"{lead_in} {question}"
 
 
+PLACE_HEADS = ["Al", "Bar", "Cor", "Dun", "El", "Fen", "Gal", "Har", "Ist", "Kel", "Lor", "Mor", "Nor", "Pel", "Ros", "Tam"]
+PLACE_TAILS = ["wick", "ford", "mere", "holt", "stead", "by", "ton", "dale"]
+PLACES = [a + b for a in PLACE_HEADS for b in PLACE_TAILS]  # 128 one-word names: Alwick, Barford, ...
+ITEMS = ["maps", "lanterns", "ledgers", "bells", "keys", "crates", "clocks", "banners", "barrels",
+         "compasses", "telescopes", "anchors"]
+FILLER = ["The morning fog lifted slowly over the valley.", "Travellers often stopped to rest by the old well.",
+          "Records from that season were kept with great care.", "The wind carried the smell of pine and salt.",
+          "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
+          "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
+MAX_DEMO_PARAGRAPHS = len(PLACES) // 2  # two facts a paragraph, no place twice in a document
+
+
+def parse_paragraphs(spec):
+    """--demo-paragraphs: "N" or "A-B" -> (A, B) within 1..MAX_DEMO_PARAGRAPHS."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(spec))
+    lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+    if not 1 <= lo <= hi <= MAX_DEMO_PARAGRAPHS:
+        raise UsageError(f"--demo-paragraphs {spec!r}: give N or A-B within 1..{MAX_DEMO_PARAGRAPHS} (two facts a "
+                         "paragraph, no place twice in a document)")
+    return lo, hi
+
+
 def demo_corpus(n_docs=4, paragraphs=24, seed=0):
-    """A few long synthetic documents with planted, checkable facts ("X keeps exactly N items.")."""
+    """Synthetic documents with planted, checkable facts: paragraphs of filler sentences, each with
+    two facts "The number of maps at Barwick is 57." (no place twice in a document, so every
+    question "How many maps are there at Barwick?" has one answer, a number from 10 to 99).
+    paragraphs: a count, or "A-B" (a count drawn per document)."""
+    lo, hi = parse_paragraphs(paragraphs)
     rng = random.Random(seed)
-    places = ["Kestrel Station", "the Amber Archive", "Port Halden", "the Glass Observatory", "Mirefield",
-              "the Copper Mill", "Aldwick Harbour", "the Salt Library", "Thornbury", "the North Lighthouse",
-              "Velmont Abbey", "the Iron Bridge"]
-    items = ["maps", "lanterns", "ledgers", "bells", "keys", "crates", "clocks", "banners", "barrels",
-             "compasses", "telescopes", "anchors"]
-    filler = ["The morning fog lifted slowly over the valley.", "Travellers often stopped to rest by the old well.",
-              "Records from that season were kept with great care.", "The wind carried the smell of pine and salt.",
-              "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
-              "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
     docs = []
     for d in range(n_docs):
-        pairs = rng.sample([(p, i) for p in places for i in items], 2 * paragraphs)
+        n_paragraphs = rng.randint(lo, hi) if hi > lo else lo
+        places = rng.sample(PLACES, 2 * n_paragraphs)
         paras, facts = [], []
-        for k in range(paragraphs):
-            sentences = [rng.choice(filler) for _ in range(rng.randint(3, 5))]
-            for place, thing in pairs[2 * k:2 * k + 2]:
-                n = rng.randint(3, 999)
-                fact = f"{place[0].upper() + place[1:]} keeps exactly {n} {thing}."
+        for k in range(n_paragraphs):
+            sentences = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
+            for place in places[2 * k:2 * k + 2]:
+                thing, n = rng.choice(ITEMS), rng.randint(10, 99)
+                fact = f"The number of {thing} at {place} is {n}."
                 sentences.insert(rng.randint(0, len(sentences)), fact)
-                facts.append({"sentence": fact, "question": f"How many {thing} does {place} keep?", "answer": str(n)})
+                facts.append({"sentence": fact, "question": f"How many {thing} are there at {place}?", "answer": str(n)})
             paras.append(" ".join(sentences))
-        docs.append({"id": f"demo-{d}", "text": "\n\n".join(paras), "facts": facts})
+        docs.append({"id": f"demo-{seed}-{d}" if seed else f"demo-{d}", "text": "\n\n".join(paras), "facts": facts})
     return docs
 
 
@@ -244,10 +265,10 @@ class Docs:
     not fit in memory): the built-in demo corpus, a folder of .txt files, one .txt file, or a JSONL
     file with a 'text' field (optional 'id'; else a hash of the text), validated line by line once."""
 
-    def __init__(self, spec, skip_bad=False):
+    def __init__(self, spec, skip_bad=False, demo=(4, 24, 0)):
         self.spec, self.bad_lines = spec, 0
         if spec == "demo":
-            self.sources = demo_corpus()
+            self.sources = demo_corpus(*demo)
             self.ids = [d["id"] for d in self.sources]
         elif os.path.isdir(spec):
             self.sources = sorted(glob.glob(os.path.join(spec, "*.txt")))
@@ -305,7 +326,7 @@ class Docs:
 
 def resolve(cfg):
     """Fill profile-dependent flags (0 / -1) and the question source; check the rest."""
-    profile = TINY if cfg.model == "tiny" else PAPER
+    profile = TINY if cfg.model in longpo.PRESETS else PAPER
     cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
                                       if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})
     if cfg.questions == "auto":
@@ -315,6 +336,14 @@ def resolve(cfg):
     if cfg.questions == "template" and cfg.docs != "demo":
         raise UsageError("--questions template needs the facts of the built-in corpus (--docs demo); "
                          "real documents need --questions model")
+    if cfg.answers not in ("model", "gold"):
+        raise UsageError(f"--answers {cfg.answers!r}: choose model or gold")
+    if cfg.answers == "gold" and (cfg.questions != "template" or cfg.sp_size > 1):
+        raise UsageError("--answers gold needs the facts of the built-in corpus (--docs demo, --questions template) "
+                         "and runs no model (--sp-size 1)")
+    if cfg.docs == "demo" and cfg.demo_docs < 1:
+        raise UsageError(f"--demo-docs {cfg.demo_docs} must be >= 1")
+    parse_paragraphs(cfg.demo_paragraphs)
     if not 0 < cfg.chunk_min <= cfg.chunk_max:
         raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
     if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
@@ -396,21 +425,41 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
         replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), cfg, True,
                          max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
         counts["generated"] += n
-    turns, filtered = [], {}
+    turns, asked, filtered = [], [], {}
     for (a, b), reply in zip(chunks, replies):
         questions = parse_questions(reply)
-        if len(questions) < 4:
+        if len(questions) < (1 if cfg.questions == "template" else 4):  # the template lists the chunk's facts
             filtered["questions"] = filtered.get("questions", 0) + 1
             continue
-        turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), rng.choice(questions[:4])), "chunk": [a, b]})
+        for question in questions if cfg.answers == "gold" else [rng.choice(questions[:4])]:  # gold: all facts
+            asked.append(question)
+            turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), question), "chunk": [a, b]})
     if not turns:
         return None, "questions", filtered
+    if cfg.answers == "gold":
+        return gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng)
     chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
                     [t["instruction"] for t in turns], cfg, True, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature)
     counts["generated"] += n
     return {"doc": doc, "doc_index": doc_index, "turns": turns, "chosen": chosen, "filtered": filtered,
             "doc_tokens": n_tokens, "starts": starts}
+
+
+def gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng):
+    """--answers gold: (record, None, filtered) with the planted answers as chosen and another number
+    of the document (the nearest mistake) as rejected; no reference log-probs (no model ran)."""
+    answer = {f["question"]: f["answer"] for f in doc["facts"]}
+    numbers = sorted({f["answer"] for f in doc["facts"]})
+    for turn, question in zip(turns, asked):
+        right = answer[question]
+        turn["chosen"] = right
+        turn["rejected"] = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
+    rec = {"id": doc["id"], "document": doc["text"], "turns": turns,
+           "meta": {"doc_index": doc_index, "generator": "gold", "questions": cfg.questions, "doc_tokens": n_tokens,
+                    "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in turns],
+                    "seed": cfg.seed}}
+    return rec, None, filtered
 
 
 def finish_record(state, rejected, model, tokenizer, cfg):
@@ -619,7 +668,7 @@ def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, 
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
             part.flush()  # finished work is on disk before the next document starts
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}")
+            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}", refresh=False)
 
 
 def main(cfg):
@@ -630,7 +679,7 @@ def main(cfg):
         par = (longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
                else longpo.Parallel(0, 1, 1, None, device))
         return bench(cfg, par, device)
-    docs = Docs(cfg.docs, cfg.skip_bad)
+    docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed))
     check_out(cfg)
     rank, world_size, device = init_distributed()
     folder = cfg.out + ".parts"
@@ -644,9 +693,12 @@ def main(cfg):
     mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
-    model, tokenizer = longpo.load_for_inference(cfg.model, device)
+    if cfg.answers == "gold":  # the planted answers: no model runs
+        model, tokenizer = None, longpo.load_tokenizer(cfg.model)
+    else:
+        model, tokenizer = longpo.load_for_inference(cfg.model, device)
     long_model = model
-    if cfg.rope_theta:  # only the long-input generation sees the raised theta
+    if cfg.rope_theta and model is not None:  # only the long-input generation sees the raised theta
         long_model = longpo.load_for_inference(cfg.model, device, cfg.rope_theta)[0]
     counts, t0 = {"generated": 0}, time.perf_counter()
     write_records(docs, mine, (model, long_model), tokenizer, cfg, counts, rank, world_size, device)

@@ -51,11 +51,11 @@ from ring_attention import UsageError, init_distributed, print0, run_cli
 @dataclass
 class EvalConfig:
     """Long-context gain and short-context retention of a model, optionally against a baseline."""
-    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model to evaluate (longpo.py's final model by default), hub id, dir or 'tiny'"})
+    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s) to evaluate, comma-separated (one table row each): longpo.py's final model by default, hub id, dir or a preset ('tiny', 'small')"})
     baseline: str = field(default="auto", metadata={"help": "model to compare with; auto: the base model of a longpo.py run (its config.json), '' for none"})
     ref_model: str = field(default="", metadata={"help": "reference for the KL check (default: the baseline, else --model)"})
-    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "comma list of ruler, infbench, mc, kl, pref"})
-    lengths: str = field(default="1k,2k", metadata={"help": "RULER prompt lengths in tokens (k = 1024), e.g. 4k,16k,64k,128k"})
+    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "comma list of ruler, facts, infbench, mc, kl, pref"})
+    lengths: str = field(default="1k,2k", metadata={"help": "RULER and facts prompt lengths in tokens (k = 1024), e.g. 4k,16k,64k,128k"})
     depths: int = field(default=5, metadata={"help": "needle depths spread over [0, 1]"})
     samples: int = field(default=1, metadata={"help": "RULER samples per task, length and depth"})
     haystack: str = field(default="", metadata={"help": "haystack text file or JSONL ('text'); default built-in filler"})
@@ -184,6 +184,64 @@ def ruler_sample(task, rng):
         passage = f"Records of the harbour of {place} show that it kept exactly {count} lanterns lit every night."
         return [passage], f"How many lanterns did the harbour of {place} keep lit every night?", [count], 24
     raise ValueError(f"unknown RULER task {task!r}")
+
+
+def facts_prompt(tokenizer, length, depth, seed):
+    """The miniature's task: a held-out demo document (data_gen.demo_corpus, facts "The number of maps
+    at Barwick is 57.") cut after the most paragraphs that fit a prompt of at most `length` tokens,
+    and a question about its fact nearest to `depth`. Returns (prompt ids, expected number)."""
+    import data_gen
+    doc = data_gen.demo_corpus(1, data_gen.MAX_DEMO_PARAGRAPHS, seed)[0]
+    paragraphs = doc["text"].split("\n\n")
+
+    def build(k):
+        fact = doc["facts"][round(depth * (2 * k - 1))]
+        question = data_gen.with_lead_in(data_gen.LEAD_INS[0], fact["question"])
+        ids = longpo.format_dialogue(tokenizer, "\n\n".join(paragraphs[:k]), [{"instruction": question}])[0]
+        return ids, fact["answer"]
+    lo, hi = 0, len(paragraphs) + 1  # the most paragraphs that fit: build(lo) fits, build(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(build(mid)[0]) <= length else (lo, mid)
+    if lo == 0:
+        raise UsageError(f"--lengths {length}: too short for a prompt with one paragraph of the facts task")
+    return build(lo)
+
+
+def facts_prompts(tokenizer, lengths, cfg):
+    """[(length, prompt ids, expected)] of the facts task: --depths fact positions x --samples
+    documents per length, drawn from --seed (seeds far from data_gen's: held-out documents)."""
+    depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
+    prompts = []
+    for length, depth, s in itertools.product(lengths, depths, range(cfg.samples)):
+        seed = random.Random(f"facts-{cfg.seed}-{length}-{depth}-{s}").randrange(1 << 30) + (1 << 30)
+        prompts.append((length, *facts_prompt(tokenizer, length, depth, seed)))
+    return prompts
+
+
+def check_facts(names, lengths, cfg):
+    """Before any model loads: every facts prompt, for each model's tokenizer (an error names a
+    length that does not fit). Returns {model name: prompts}."""
+    prompts = {}
+    for name in dict.fromkeys(names):
+        tokenizer = longpo.load_tokenizer(name)
+        longest = len(facts_prompt(tokenizer, 1 << 30, 0.0, 1 << 30)[0])
+        if max(lengths) > longest:
+            raise UsageError(f"--lengths {max(lengths)}: the facts task's documents hold at most {longest} tokens "
+                             f"with the tokenizer of {name}; give shorter --lengths")
+        prompts[name] = facts_prompts(tokenizer, lengths, cfg)
+    return prompts
+
+
+def eval_facts(model, tokenizer, prompts, par=None):
+    """Answer accuracy per prompt length: the first number of the greedy answer is the planted one."""
+    from tqdm import tqdm
+    scores = {}
+    for length, ids, expected in tqdm(prompts, desc="facts", leave=False):
+        numbers = re.findall(r"\d+", greedy(model, tokenizer, ids, 8, par))
+        scores.setdefault(str(length), []).append(float(numbers[:1] == [expected]))
+    per_length = {n: sum(v) / len(v) for n, v in scores.items()}
+    return {"avg": sum(per_length.values()) / len(per_length), **per_length}
 
 
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "qa")
@@ -453,22 +511,23 @@ def free_name(path, overwrite):
 def prepare_inputs(cfg, tasks):
     """Every flag and input file checked and read before any model is loaded: a mistake found after
     hours of generation at 128K would lose them. Returns the inputs of the tasks and the output paths."""
-    unknown = set(tasks) - {"ruler", "infbench", "mc", "kl", "pref"}
+    unknown = set(tasks) - {"ruler", "facts", "infbench", "mc", "kl", "pref"}
     if unknown or not tasks:
-        raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, infbench, mc, kl, pref")
+        raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, infbench, mc, kl, pref")
     for name in ("depths", "samples", "max_pairs", "infbench_max_len"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if cfg.infbench_limit < 0 or not cfg.beta > 0:
         raise UsageError("--infbench-limit must be >= 0 and --beta > 0")
     longpo.check_sp_size(cfg.sp_size)
-    lengths = parse_lengths(cfg.lengths) if "ruler" in tasks else None
-    for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
-        if name:
-            check_model_flag(flag, name)
-    inputs = {}
+    lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
+    for name in model_names(cfg):
+        check_model_flag("--model", name)
+    if cfg.ref_model:
+        check_model_flag("--ref-model", cfg.ref_model)
+    inputs = {"lengths": lengths}
     if "ruler" in tasks:
-        inputs["lengths"], inputs["sentences"] = lengths, haystack_sentences(cfg.haystack)
+        inputs["sentences"] = haystack_sentences(cfg.haystack)
     if "infbench" in tasks:
         if not cfg.infbench:
             raise UsageError("--tasks infbench needs --infbench DIR")
@@ -491,24 +550,35 @@ def prepare_inputs(cfg, tasks):
     return inputs
 
 
+def model_names(cfg):
+    names = [n.strip() for n in cfg.model.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--model is empty: give a model, or several separated by commas")
+    return list(dict.fromkeys(names))
+
+
 def resolve_baseline(cfg):
-    """auto: the --model of the longpo.py run whose final/ folder is being evaluated."""
+    """auto: the --model of the longpo.py run whose final/ folder is being evaluated (the first)."""
     if cfg.baseline != "auto":
         return cfg.baseline
-    run_config = os.path.join(os.path.dirname(os.path.abspath(cfg.model)), "config.json")
-    if os.path.isdir(cfg.model) and os.path.exists(run_config):
+    first = model_names(cfg)[0]
+    run_config = os.path.join(os.path.dirname(os.path.abspath(first)), "config.json")
+    if os.path.isdir(first) and os.path.exists(run_config):
         with open(run_config) as f:
             return json.load(f).get("model", "")
     return ""
 
 
-def answer_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
+def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
     """Everything but the SP scoring: RULER and InfiniteBench generation (on one device, or
     sequence-parallel over par's SP group), multiple choice, KL; each task's scores go into results
     and to disk (save) as soon as it finishes."""
     heat = None
     if "ruler" in tasks:
         results["ruler"], heat = eval_ruler(model, tokenizer, inputs["sentences"], inputs["lengths"], cfg, par)
+        save()
+    if "facts" in tasks:
+        results["facts"] = eval_facts(model, tokenizer, inputs["facts"][name], par)
         save()
     if "infbench" in tasks:
         results["infbench"] = eval_infbench(model, tokenizer, cfg, inputs["infbench"], par)
@@ -524,7 +594,7 @@ def answer_tasks(model, tokenizer, ref_model, tasks, inputs, cfg, results, save,
 
 def summary_row(res):
     """The paper-style columns of one model's results."""
-    row = {}
+    row = {f"facts/{n}": v for n, v in res.get("facts", {}).items()}
     for task, by_len in res.get("ruler", {}).items():
         row[f"ruler/{task}"] = by_len["avg"]
     if res.get("ruler"):  # the paper's RULER average: the mean of its three categories NIAH, VT, QA
@@ -588,12 +658,15 @@ def main(cfg):
     baseline = resolve_baseline(cfg)
     if baseline:
         check_model_flag("--baseline", baseline)
+    names = model_names(cfg)
+    if "facts" in tasks:
+        inputs["facts"] = check_facts(names + [baseline] * bool(baseline), inputs["lengths"], cfg)
     rank, world_size, device = init_distributed()
     par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
-    models = {cfg.model: cfg.model}  # table label -> model
+    models = {name: name for name in names}  # table label -> model
     if baseline:
-        models = {(baseline if baseline != cfg.model else f"{baseline} (baseline)"): baseline, **models}
-    ref_name = cfg.ref_model or baseline or cfg.model
+        models = {(baseline if baseline not in names else f"{baseline} (baseline)"): baseline, **models}
+    ref_name = cfg.ref_model or baseline or names[0]
     results = {label: {} for label in models}
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
                 "world_size": world_size}
@@ -617,10 +690,10 @@ def main(cfg):
         heat = {}
         ref_model = (loaded.get(ref_name) or longpo.load_for_inference(ref_name, device))[0] if "kl" in tasks else None
         for label, name in models.items():
-            heat[label] = answer_tasks(*loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
+            heat[label] = answer_tasks(name, *loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
     if rank == 0:
         rows = {label: summary_row(res) for label, res in results.items()}
-        if len(rows) == 2:
+        if baseline and len(rows) == 2:
             first, second = rows.values()
             rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
         print(format_table(rows), flush=True)

@@ -72,7 +72,7 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 class TrainConfig:
     """LongPO training (paper Eq. 12-14). Defaults follow the paper; the release code's values are
     noted in the help."""
-    model: str = field(default="tiny", metadata={"help": "hub id, local dir, or 'tiny' (built in)"})
+    model: str = field(default="tiny", metadata={"help": "hub id, local dir, or a built-in random model: 'tiny' (2 x 64) or 'small' (4 x 128, the miniature's, README)"})
     data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "preference JSONL (design.md format; data_gen.py writes it)"})
     output_dir: str = field(default="runs/longpo-tiny", metadata={"help": "config, metrics, checkpoints, final model"})
     ref_model: str = field(default="", metadata={"help": "reference pi_S: computes ref log-probs missing from the data (short inputs) and DPO's long-input reference; default: --model"})
@@ -80,7 +80,7 @@ class TrainConfig:
     loss: str = field(default="longpo", metadata={"help": "longpo | dpo | sft"})
     beta: float = field(default=0.1, metadata={"help": "reward scale beta (paper 0.1; release code 0.01)"})
     lam: float = field(default=0.01, metadata={"help": "weight lambda of the preference term (paper and code 0.01)"})
-    nll_target: str = field(default="sequence", metadata={"help": "sequence (paper: whole chosen long sequence) | responses (chosen answers only)"})
+    nll_target: str = field(default="auto", metadata={"help": "what the NLL term trains on: sequence (the whole chosen long sequence: the paper's longpo/dpo) | responses (the chosen answers: the paper's sft baseline) | auto: those defaults | a weight w in [0, 1]: answers weigh 1, every other token of the chosen sequence w (0: responses, 1: sequence; the miniature's base model learns with 0.1)"})
     pack: str = field(default="shared-prefix", metadata={"help": "shared-prefix: chosen and rejected packed after ONE copy of the document, one forward and one backward (about half the compute) | pairs: one sequence after the other (the reference path); longpo and dpo"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: the paper's, 5e-7 for longpo/dpo and 2e-5 for its sft baseline; 1e-4 for --model tiny)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps, then cosine to 0"})
@@ -378,16 +378,18 @@ def load_records(path, need_ref=False):
     return Records(path, need_ref)
 
 
-def build_example(rec, tokenizer):
+def build_example(rec, tokenizer, sides=("chosen", "rejected"), short=True):
     """Token sequences of one record: the chosen and rejected LONG dialogues, and per turn the SHORT
-    (chunk-only) single-turn sequences that the reference scores."""
+    (chunk-only) single-turn sequences that the reference scores (short=False: training, whose
+    reference log-probs are ready, skips them; sft reads the chosen side only)."""
     doc, turns = rec["document"], rec["turns"]
     ex = {}
-    for side in ("chosen", "rejected"):
+    for side in sides:
         ids, is_answer = format_dialogue(tokenizer, doc, turns, side)
         ex[side] = {"ids": ids, "is_answer": is_answer}
-        ex[f"short_{side}"] = [dict(zip(("ids", "is_answer"), format_dialogue(
-            tokenizer, doc[t["chunk"][0]:t["chunk"][1]], [t], side))) for t in turns]
+        if short:
+            ex[f"short_{side}"] = [dict(zip(("ids", "is_answer"), format_dialogue(
+                tokenizer, doc[t["chunk"][0]:t["chunk"][1]], [t], side))) for t in turns]
     return ex
 
 
@@ -435,6 +437,43 @@ def tiny_config(vocab_size):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def build_small_tokenizer():
+    """Byte-level BPE (about 730 tokens) trained here, deterministically, on the demo corpus of
+    data_gen.py (its names and two-digit numbers become single tokens), with tiny's specials and
+    chat template: the miniature reproduction's model reads its documents in ~4x fewer tokens
+    than bytes, and any other text still tokenizes (bytes)."""
+    import data_gen  # the corpus the vocabulary is made for (data_gen imports longpo: import here)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    docs = data_gen.demo_corpus(n_docs=8, paragraphs=24, seed=12345)
+    names = " ".join(f"{p} {n}" for p in data_gen.PLACES for n in range(10, 100))  # every name and number
+    texts = [names] * 3 + [d["text"] + "\n\n" + " ".join(data_gen.with_lead_in(lead, f["question"]) for lead in
+                                                          data_gen.LEAD_INS for f in d["facts"][:4]) for d in docs]
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def small_config(vocab_size):
+    """The miniature's short-context model: 4 layers of 128, trained from scratch (README)."""
+    from transformers import MistralConfig
+    return MistralConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+PRESETS = {"tiny": (build_tiny_tokenizer, tiny_config), "small": (build_small_tokenizer, small_config)}
 
 
 def stop_token_ids(tokenizer, model=None):
@@ -579,7 +618,7 @@ def check_model(name, flag="--model"):
     """Fail at once, in one line, on a model that cannot load: a missing local folder, a training
     checkpoint (sharded weights, not a model), a folder without config.json, or a hub id that is
     neither cached nor on the hub (asked with a short timeout)."""
-    if name == "tiny":
+    if name in PRESETS:
         return
     if os.path.isdir(name):
         if any(os.path.exists(os.path.join(name, f)) for f in ("trainer_state.json", ".metadata")):
@@ -622,20 +661,25 @@ def check_sp_size(sp_size):
                          f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
 
 
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    return PRESETS[name][0]() if name in PRESETS else ensure_pad_token(AutoTokenizer.from_pretrained(name))
+
+
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
-    """`tiny` (random weights from a FIXED seed: data_gen, longpo and eval see the same model), a hub
-    id or a local directory. rope_theta > 0 replaces the model's RoPE theta (policy only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        config = tiny_config(len(tokenizer))
+    """A preset, `tiny` or `small` (random weights from a FIXED seed: data_gen, longpo and eval see the
+    same model), a hub id or a local directory. rope_theta > 0 replaces the model's RoPE theta
+    (policy only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tokenizer = load_tokenizer(name)
+    if name in PRESETS:
+        config = PRESETS[name][1](len(tokenizer))
         if rope_theta:
             set_rope_theta(config, rope_theta)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         return model.to(dtype), tokenizer
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name))
     config = AutoConfig.from_pretrained(name)
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None  # LongPO trains full attention (Mistral v0.2 has none)
@@ -703,7 +747,7 @@ def prepare_sequence(ids, masks, par, pad_id):
     return out
 
 
-def pack_pair(example, sp_size, pad_id):
+def pack_pair(example, sp_size, pad_id, context_weight=1.0):
     """The chosen and rejected long sequences packed to run the document ONCE: [prefix | chosen
     branch | rejected branch | padding], as global (unsharded) lists, or None when the shared prompt
     has fewer than 2*sp + 1 tokens (that pair then runs the 'pairs' way, with the same result).
@@ -713,7 +757,7 @@ def pack_pair(example, sp_size, pad_id):
     branches, so the prefix's last token predicts the same next token in both; each branch repeats
     the rest of the prompt (< 2*sp + 1 tokens) and continues the positions after the prefix. Labels
     are each sequence's own next tokens: chosen and rejected answers, and the whole chosen sequence
-    for the NLL, exactly as in the two separate sequences."""
+    for the NLL (answers weigh 1, the rest context_weight), exactly as in the two separate sequences."""
     c, r = example["chosen"], example["rejected"]
     first = c["is_answer"].index(True)  # the first answer token: the shared prompt ends before it
     n = (first - 1) // (2 * sp_size) * 2 * sp_size
@@ -731,14 +775,14 @@ def pack_pair(example, sp_size, pad_id):
             "targets": torch.cat([t_c, t_r[n:], torch.zeros(pad, dtype=t_c.dtype)]),
             "chosen": torch.cat([a_c, zeros(lr + pad)]),
             "rejected": torch.cat([zeros(n + lc), a_r[n:], zeros(pad)]),  # no answer in the prefix
-            "seq": torch.cat([seq_c, zeros(lr + pad)]),
+            "nll": torch.cat([a_c + context_weight * (seq_c & ~a_c), torch.zeros(lr + pad)]),
             "layout": ring_attention.BranchLayout(n // sp_size, (lc, lr, pad), n_branch)}
 
 
-def prepare_packed(example, par, pad_id):
+def prepare_packed(example, par, pad_id, context_weight=1.0):
     """This rank's part of the packed pair: its zigzag shard of the prefix, then its contiguous slice
     of the branch region; (1, T) tensors on the device and the BranchLayout, or None (pack_pair)."""
-    packed = pack_pair(example, par.sp_size, pad_id)
+    packed = pack_pair(example, par.sp_size, pad_id, context_weight)
     if packed is None:
         return None
     layout = packed.pop("layout")
@@ -753,7 +797,8 @@ def prepare_packed(example, par, pad_id):
 def policy_logps(model, seq, par, chunk_size, nll=None, sums=("answer",)):
     """Sums of the log-probs at the positions of each mask named in sums (seq[name]: targets that
     count) of one (sharded, possibly packed) sequence, summed over the SP group: (1,) each; and the
-    token-mean NLL over the positions of the mask named nll (None without). Returns (*sums, nll)."""
+    token-mean NLL over the positions of the mask named nll, weighted by its values (None without).
+    Returns (*sums, nll)."""
     ring_kwargs = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
         ring_kwargs = {"ring_group": par.sp_group if par.sp_size > 1 else ring_attention.LOCAL,
@@ -773,7 +818,7 @@ def policy_logps(model, seq, par, chunk_size, nll=None, sums=("answer",)):
     totals = [sp_sum((logps * seq[name]).sum(-1), par.sp_group) for name in sums]
     if nll is None:
         return (*totals, None)
-    count = sp_sum(seq[nll].sum().float().detach(), par.sp_group).clamp_min(1)
+    count = sp_sum(seq[nll].sum().float().detach(), par.sp_group).clamp_min(1e-12)
     return (*totals, -sp_sum((logps * seq[nll]).sum(), par.sp_group) / count)
 
 
@@ -785,6 +830,12 @@ def pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, lo
             "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
 
 
+def nll_weight(cfg):
+    """--nll-target as the weight of the non-answer tokens in the NLL (answers weigh 1)."""
+    target = cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
+    return {"sequence": 1.0, "responses": 0.0}[target] if target in ("sequence", "responses") else float(target)
+
+
 def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
     """Forward and backward of one sample on this SP group; returns (detached metrics, tokens)."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
@@ -792,12 +843,13 @@ def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
     grad_scale = par.sp_size / cfg.grad_accum
     n_tokens = len(example["chosen"]["ids"]) + (len(example["rejected"]["ids"]) if cfg.loss != "sft" else 0)
     if cfg.loss != "sft" and cfg.pack == "shared-prefix":
-        packed = prepare_packed(example, par, pad_id)
+        packed = prepare_packed(example, par, pad_id, nll_weight(cfg))
         if packed is not None:
             return packed_step(model, ref_model, packed, ref_logps, cfg, par, grad_scale), n_tokens
-    masks = {"answer": example["chosen"]["is_answer"], "seq": [True] * len(example["chosen"]["ids"])}
+    w = nll_weight(cfg)
+    masks = {"answer": example["chosen"]["is_answer"], "nll": [1.0 if a else w for a in example["chosen"]["is_answer"]]}
     chosen = prepare_sequence(example["chosen"]["ids"], masks, par, pad_id)
-    nll_name = "seq" if (cfg.nll_target == "sequence" and cfg.loss != "sft") else "answer"
+    nll_name = "nll"
     if cfg.loss == "sft":
         logp_c, nll = policy_logps(model, chosen, par, cfg.logprob_chunk, nll_name)
         (nll * grad_scale).backward()
@@ -820,8 +872,7 @@ def packed_step(model, ref_model, packed, ref_logps, cfg, par, grad_scale):
     """The shared-prefix step: one forward of the packed pair gives log pi(y_S|x_L), log pi(y_L|x_L)
     and the Eq. 14 NLL, one backward the exact gradient of Eq. 14; the document runs once."""
     ref_c, ref_r = reference_logps(ref_model, [packed], ref_logps, cfg, par)
-    nll_name = "seq" if cfg.nll_target == "sequence" else "chosen"
-    logp_c, logp_r, nll = policy_logps(model, packed, par, cfg.logprob_chunk, nll_name, sums=("chosen", "rejected"))
+    logp_c, logp_r, nll = policy_logps(model, packed, par, cfg.logprob_chunk, "nll", sums=("chosen", "rejected"))
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
     loss = total_loss(losses, nll, cfg.lam, cfg.loss)
     (loss * grad_scale).backward()
@@ -1090,7 +1141,8 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     for micro in range(cfg.grad_accum):
         k = (step * cfg.grad_accum + micro) * par.dp_size + par.dp_rank
         idx = record_index(k, len(records), cfg.seed)
-        metrics, n = micro_step(model, ref_model, build_example(records[idx], tokenizer), refs[idx],
+        sides = ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected")
+        metrics, n = micro_step(model, ref_model, build_example(records[idx], tokenizer, sides, short=False), refs[idx],
                                 cfg, par, tokenizer.pad_token_id)
         bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
         if par.world_size > 1:
@@ -1209,7 +1261,7 @@ def memory_plan(cfg):
     over sp GPUs, chunked log-softmax; chosen and rejected packed after one copy of the document
     (--pack shared-prefix: one graph of max_length + the rejected branch) or one after the other."""
     from transformers import AutoConfig
-    c = tiny_config(261) if cfg.model == "tiny" else AutoConfig.from_pretrained(cfg.model)
+    c = PRESETS[cfg.model][1](len(PRESETS[cfg.model][0]())) if cfg.model in PRESETS else AutoConfig.from_pretrained(cfg.model)
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
@@ -1352,7 +1404,12 @@ def bench(cfg, par):
 # ----------------------------------------------------------------------------- main
 
 def check_config(cfg):
-    choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("sequence", "responses"),
+    try:
+        if not 0 <= nll_weight(cfg) <= 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--nll-target {cfg.nll_target!r}: choose sequence, responses, auto or a weight in [0, 1]") from None
+    choices = {"loss": ("longpo", "dpo", "sft"),
                "dtype": ("auto", "float32", "float64", "bfloat16"), "pack": ("shared-prefix", "pairs")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

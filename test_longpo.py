@@ -1084,7 +1084,7 @@ def test_pack_pair_layout_and_short_prefix_fallback():
     assert ids[:n + lc] == c["ids"] and ids[n + lc:n + lc + lr] == r["ids"][n:]
     assert packed["position_ids"][n + lc:n + lc + lr].tolist() == list(range(n, len(r["ids"])))
     assert int(packed["chosen"].sum()) == sum(c["is_answer"][1:]) and int(packed["rejected"].sum()) == sum(r["is_answer"][1:])
-    assert int(packed["seq"].sum()) == len(c["ids"]) - 1  # the chosen sequence's NLL targets, once each
+    assert int(packed["nll"].sum()) == len(c["ids"]) - 1  # the chosen sequence's NLL targets, once each
     assert longpo.pack_pair(example, (first - 1) // 2 + 1, pad_id=0) is None  # shared prompt < 2*sp + 1 tokens
     short = longpo.Parallel(0, 1, first, None, torch.device("cpu"))  # an SP size that leaves no prefix
     assert longpo.prepare_packed(example, short, 0) is None  # micro_step then takes the pairs path
@@ -1347,9 +1347,9 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
             assert math.isclose(rec[f"ref_{side}_logp"], direct_short_logp(model, tokenizer, rec, side), rel_tol=1e-5)
         for turn in rec["turns"]:
             assert turn["instruction"].split(",")[0] + "," in data_gen.LEAD_INS
-            thing, place = re.search(r"how many (\w+) does (.+) keep\?", turn["instruction"]).groups()
+            thing, place = re.search(r"how many (\w+) are there at (\w+)\?", turn["instruction"]).groups()
             chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
-            assert re.search(rf"{place} keeps exactly \d+ {thing}", chunk, re.I), "the fact is in the chunk"
+            assert f"The number of {thing} at {place} is " in chunk, "the fact is in the chunk"
 
     # a run killed after its first record, then restarted with the same arguments
     killed = str(tmp_path / "killed.jsonl")
@@ -1674,3 +1674,73 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler"}
     assert evaluation.prepare_inputs(cfg, ["ruler"])["out"] == str(tmp_path / "eval-1.json")  # never replaced
     assert evaluation.prepare_inputs(dataclasses.replace(cfg, overwrite=True), ["ruler"])["out"] == cfg.out
+
+
+# ----------------------------------------------------------------------------- the miniature reproduction
+
+def test_demo_corpus_and_facts_prompts_are_answerable():
+    """Every demo fact is in its document once, with one answer per question (no place twice); the
+    facts task's prompts fit their length, hold the asked fact, and move it with the depth."""
+    for doc in data_gen.demo_corpus(6, "1-30", seed=5):
+        places = [re.search(r"at (\w+)\?", f["question"]).group(1) for f in doc["facts"]]
+        assert len(places) == len(set(places)) and 2 <= len(places) <= 60
+        for f in doc["facts"]:
+            thing, place = re.search(r"How many (\w+) are there at (\w+)\?", f["question"]).groups()
+            assert re.findall(rf"The number of \w+ at {place} is (\d+)\.", doc["text"]) == [f["answer"]]
+            assert f"The number of {thing} at {place} is {f['answer']}." == f["sentence"]
+    tokenizer = longpo.build_small_tokenizer()
+    for length in (200, 700, 1500):
+        where = []
+        for depth in (0.0, 0.5, 1.0):
+            ids, expected = evaluation.facts_prompt(tokenizer, length, depth, seed=11)
+            text = tokenizer.decode(ids)
+            assert length - 120 < len(ids) <= length  # within one paragraph of the length
+            place = re.search(r"are there at (\w+)\?", text).group(1)
+            fact = f"at {place} is {expected}."
+            assert text.count(fact) == 1
+            where.append(text.index(fact) / len(text))
+        assert where == sorted(where) and where[-1] - where[0] > 0.5, where
+    with pytest.raises(ra.UsageError, match="--demo-paragraphs '0-3'"):
+        data_gen.demo_corpus(1, "0-3")
+
+
+def test_miniature_recipe_end_to_end(tmp_path):
+    """The README's miniature reproduction at toy scale, every step in-process with the README's flags:
+    gold short data -> the small model trained from scratch (sft) -> its own short-to-long pairs ->
+    longpo, sft and dpo -> one eval table (facts accuracy per length, KL, reward accuracy)."""
+    def run(module, config, *argv):
+        return module.main(ra.config_from_cli(config, [str(a) for a in argv]))
+    gold, pairs, heldout, out = (tmp_path / f for f in ("gold.jsonl", "pairs.jsonl", "heldout.jsonl", "eval.json"))
+    run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "gold", "--demo-docs", 12,
+        "--demo-paragraphs", "1-2", "--chunk-min", 8, "--chunk-max", 100, "--min-doc-len", 1, "--max-doc-len", 512,
+        "--out", gold)
+    for rec in longpo.load_records(str(gold)):  # the planted answers, and another number of the document
+        assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
+        for turn in rec["turns"]:
+            place = re.search(r"at (\w+)\?", turn["instruction"]).group(1)
+            assert re.findall(rf"at {place} is (\d+)\.", rec["document"]) == [turn["chosen"]]
+            assert turn["rejected"] != turn["chosen"] and f" is {turn['rejected']}." in rec["document"]
+    base = tmp_path / "base"
+    run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", gold, "--output-dir", base,
+        "--lr", "1e-5", "--grad-accum", 2, "--max-steps", 1, "--no-grad-checkpointing")  # still writes non-empty answers
+    model = base / "final"
+    long_pairs = ["--model", model, "--demo-docs", 2, "--demo-paragraphs", 6, "--chunk-min", 40, "--chunk-max", 100,
+                  "--min-doc-len", 1, "--max-doc-len", 4096, "--max-new-tokens", 4, "--temperature", 0]
+    run(data_gen, data_gen.DataGenConfig, *long_pairs, "--out", pairs)
+    run(data_gen, data_gen.DataGenConfig, *long_pairs, "--seed", 1, "--out", heldout)
+    train, held = longpo.load_records(str(pairs), need_ref=True), longpo.load_records(str(heldout), need_ref=True)
+    assert len(train) == len(held) == 2 and {r["document"] for r in train}.isdisjoint(r["document"] for r in held)
+    finals = []
+    for loss in ("longpo", "sft", "dpo"):
+        run(longpo, longpo.TrainConfig, "--model", model, "--loss", loss, "--data", pairs, "--output-dir",
+            tmp_path / loss, "--lr", "1e-3", "--grad-accum", 1, "--max-steps", 2, "--rope-theta", "1e5")
+        finals.append(str(tmp_path / loss / "final"))
+    run(evaluation, evaluation.EvalConfig, "--model", ",".join(finals), "--baseline", model, "--tasks", "facts,kl,pref",
+        "--lengths", "128,512", "--depths", 2, "--pref-data", heldout, "--out", out, "--heatmap", "")
+    scores = json.load(open(out))
+    assert scores["complete"] and list(scores["table"]) == [str(model)] + finals
+    for name, row in scores["table"].items():
+        assert 0 <= row["facts/128"] <= 1 and 0 <= row["facts/512"] <= 1 and 0 <= row["pref/acc"] <= 1
+        assert (row["kl"] == 0) == (name == str(model)), (name, row["kl"])  # trained models moved, the base did not
+    config = json.load(open(tmp_path / "longpo" / "final" / "config.json"))  # the policy keeps its raised theta
+    assert (config.get("rope_parameters") or config)["rope_theta"] == 1e5
