@@ -22,8 +22,9 @@ Deliberate deviation: a random tiny model cannot write questions, so the built-i
 (`--questions template`); `--questions auto` (default) means template for the demo corpus and
 model otherwise, and the choice is recorded in every record's meta. Sizes default to a profile:
 the paper's (chunks 16K-30K tokens, documents 64K-128K tokens, 1024 new tokens, greedy) for real
-models and a small one for `--model tiny` (so the default run takes seconds); an explicit flag
-always wins.
+models and a small one for the presets `tiny` and `small` (so the default run takes seconds); an
+explicit flag always wins. `--answers gold` writes the demo corpus's planted answers instead of the
+model's (no model runs): the data that trains the miniature's short-context model (README).
 
 Never loses work: under torchrun each rank takes every world_size-th document and appends finished
 records (and dropped documents, with the reason) to its own files in <out>.parts/, flushed one by
