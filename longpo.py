@@ -830,9 +830,14 @@ def pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, lo
             "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
 
 
+def nll_target_of(cfg):
+    """--nll-target with auto resolved: the paper's sft baseline trains the answers, longpo/dpo the sequence."""
+    return cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
+
+
 def nll_weight(cfg):
     """--nll-target as the weight of the non-answer tokens in the NLL (answers weigh 1)."""
-    target = cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
+    target = nll_target_of(cfg)
     return {"sequence": 1.0, "responses": 0.0}[target] if target in ("sequence", "responses") else float(target)
 
 
@@ -1439,6 +1444,7 @@ def resolve_defaults(cfg):
     and LongPO and DPO at 5e-7, a usual preference-optimisation rate."""
     tiny = cfg.model == "tiny"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
+                               nll_target=nll_target_of(cfg),  # the run's identity names what was trained
                                grad_accum=cfg.grad_accum or (1 if tiny else 8))
 
 
