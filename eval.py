@@ -205,7 +205,11 @@ def facts_prompt(tokenizer, length, depth, seed):
         lo, hi = (mid, hi) if len(build(mid)[0]) <= length else (lo, mid)
     if lo == 0:
         raise UsageError(f"--lengths {length}: too short for a prompt with one paragraph of the facts task")
-    return build(lo)
+    ids, expected = build(lo)
+    if lo == len(paragraphs) and len(ids) < length:
+        raise UsageError(f"--lengths {length}: the facts task's documents hold at most about {len(ids)} tokens "
+                         "with this tokenizer; give shorter --lengths")
+    return ids, expected
 
 
 def facts_prompts(tokenizer, lengths, cfg):
@@ -220,17 +224,9 @@ def facts_prompts(tokenizer, lengths, cfg):
 
 
 def check_facts(names, lengths, cfg):
-    """Before any model loads: every facts prompt, for each model's tokenizer (an error names a
+    """Before any model loads: every facts prompt, for each model's tokenizer (facts_prompt names a
     length that does not fit). Returns {model name: prompts}."""
-    prompts = {}
-    for name in dict.fromkeys(names):
-        tokenizer = longpo.load_tokenizer(name)
-        longest = len(facts_prompt(tokenizer, 1 << 30, 0.0, 1 << 30)[0])
-        if max(lengths) > longest:
-            raise UsageError(f"--lengths {max(lengths)}: the facts task's documents hold at most {longest} tokens "
-                             f"with the tokenizer of {name}; give shorter --lengths")
-        prompts[name] = facts_prompts(tokenizer, lengths, cfg)
-    return prompts
+    return {name: facts_prompts(longpo.load_tokenizer(name), lengths, cfg) for name in dict.fromkeys(names)}
 
 
 def eval_facts(model, tokenizer, prompts, par=None):

@@ -417,13 +417,22 @@ TINY_CHAT_TEMPLATE = (
 
 def build_tiny_tokenizer():
     """Byte-level tokenizer (256 byte tokens + specials) with a Mistral-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+    from tokenizers import Tokenizer, models, pre_tokenizers
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    vocab = {tok: i for i, tok in enumerate(PRESET_SPECIALS + alphabet)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return preset_tokenizer(core, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+
+
+PRESET_SPECIALS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+
+
+def preset_tokenizer(core, pre_tokenizer):
+    """A built-in model's tokenizer around a byte-level `tokenizers` core: specials (pad 0, bos 1,
+    eos 2) and the Mistral-style chat template."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+    core.pre_tokenizer = pre_tokenizer
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
@@ -431,46 +440,41 @@ def build_tiny_tokenizer():
     return tok
 
 
-def tiny_config(vocab_size):
+def preset_config(vocab_size, hidden, intermediate, layers, kv_heads):
+    """A built-in Mistral: full attention, 4 query heads, RoPE theta 1e4, the presets' special ids."""
     from transformers import MistralConfig
-    return MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    return MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+def tiny_config(vocab_size):
+    return preset_config(vocab_size, hidden=64, intermediate=128, layers=2, kv_heads=2)
+
+
 def build_small_tokenizer():
-    """Byte-level BPE (about 730 tokens) trained here, deterministically, on the demo corpus of
+    """Byte-level BPE (816 tokens) trained here, deterministically, on the demo corpus of
     data_gen.py (its names and two-digit numbers become single tokens), with tiny's specials and
     chat template: the miniature reproduction's model reads its documents in ~4x fewer tokens
     than bytes, and any other text still tokenizes (bytes)."""
     import data_gen  # the corpus the vocabulary is made for (data_gen imports longpo: import here)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
     docs = data_gen.demo_corpus(n_docs=8, paragraphs=24, seed=12345)
     names = " ".join(f"{p} {n}" for p in data_gen.PLACES for n in range(10, 100))  # every name and number
     texts = [names] * 3 + [d["text"] + "\n\n" + " ".join(data_gen.with_lead_in(lead, f["question"]) for lead in
                                                           data_gen.LEAD_INS for f in d["facts"][:4]) for d in docs]
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=PRESET_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
+    return preset_tokenizer(core, core.pre_tokenizer)
 
 
 def small_config(vocab_size):
     """The miniature's short-context model: 4 layers of 128, trained from scratch (README)."""
-    from transformers import MistralConfig
-    return MistralConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return preset_config(vocab_size, hidden=128, intermediate=384, layers=4, kv_heads=4)
 
 
 PRESETS = {"tiny": (build_tiny_tokenizer, tiny_config), "small": (build_small_tokenizer, small_config)}
@@ -837,8 +841,9 @@ def nll_target_of(cfg):
 
 def nll_weight(cfg):
     """--nll-target as the weight of the non-answer tokens in the NLL (answers weigh 1)."""
+    named = {"sequence": 1.0, "responses": 0.0}
     target = nll_target_of(cfg)
-    return {"sequence": 1.0, "responses": 0.0}[target] if target in ("sequence", "responses") else float(target)
+    return named[target] if target in named else float(target)
 
 
 def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
