@@ -954,6 +954,33 @@ def test_grad_accumulation_averages_samples(float64_norms):
         assert_close(p.grad, mean[name], 1e-10, f"accumulated grad {name}")
 
 
+def test_sft_micro_batch_is_the_same_step(float64_norms):
+    """--micro-batch: sft samples of different lengths, right-padded into one forward, give the
+    gradient and metrics of the same samples one at a time (each one's own token-mean NLL)."""
+    tokenizer = longpo.build_tiny_tokenizer()
+    records = [make_records(1, seed=20 + i, paragraphs=1 + i, turns=1 + i % 2)[0] for i in range(4)]
+    examples = [longpo.build_example(r, tokenizer, ("chosen",), short=False) for r in records]
+    assert len({len(ex["chosen"]["ids"]) for ex in examples}) == 4  # padding is exercised
+    cfg = longpo.TrainConfig(loss="sft", nll_target="0.1", grad_accum=4, logprob_chunk=64, sp_size=1)
+    single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    results = []
+    for groups in ([[ex] for ex in examples], [examples[:2], examples[2:]], [examples]):
+        model = perturbed_tiny(0.02, 1)[0]
+        model.set_attn_implementation("ring_attention")
+        sums = {}
+        for group in groups:
+            metrics, n = longpo.sft_step(model, group, cfg, single, pad_id=0)
+            sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+        assert n == sum(len(ex["chosen"]["ids"]) for ex in group)
+        results.append((sums, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    for sums, grads in results[1:]:
+        for key in sums:
+            assert abs(sums[key] - results[0][0][key]) < 1e-9, key
+        for name in grads:
+            assert_close(grads[name], results[0][1][name], 1e-10, f"micro-batch grad {name}")
+    assert results[0][0]["nll"] > 0
+
+
 def mixed_precision_worker(rank, world_size, device):
     """One LongPO micro-step of the tiny model as one process trains on a GPU: FSDP2 mixed precision
     on a process group of one (bf16 compute, fp32 master weights and gradients), against the same
@@ -1587,7 +1614,9 @@ def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
         with pytest.raises(UsageError, match=r"bad.jsonl:2: field '" + re.escape(field_name)):
             longpo.load_records(path)
     for flags, message in [({"beta": 0.0}, "--beta"), ({"warmup_ratio": 2.0}, "--warmup-ratio"),
-                           ({"resume": True, "overwrite": True}, "contradict"), ({"lr": float("nan")}, "--lr")]:
+                           ({"resume": True, "overwrite": True}, "contradict"), ({"lr": float("nan")}, "--lr"),
+                           ({"loss": "sft", "grad_accum": 6, "micro_batch": 4}, "--micro-batch 4 must .* divide"),
+                           ({"grad_accum": 4, "micro_batch": 4}, "--micro-batch 4 is for --loss sft")]:
         with pytest.raises(UsageError, match=message):
             longpo.check_config(longpo.resolve_defaults(longpo.TrainConfig(**flags)))
 
