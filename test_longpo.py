@@ -1751,7 +1751,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
             assert turn["rejected"] != turn["chosen"] and f" is {turn['rejected']}." in rec["document"]
     base = tmp_path / "base"
     run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", gold, "--output-dir", base,
-        "--lr", "1e-5", "--grad-accum", 2, "--max-steps", 1, "--no-grad-checkpointing")  # still writes non-empty answers
+        "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")  # non-empty answers
     model = base / "final"
     long_pairs = ["--model", model, "--demo-docs", 2, "--demo-paragraphs", 6, "--chunk-min", 40, "--chunk-max", 100,
                   "--min-doc-len", 1, "--max-doc-len", 4096, "--max-new-tokens", 4, "--temperature", 0]
