@@ -774,14 +774,14 @@ def pack_pair(example, sp_size, pad_id, context_weight=1.0):
     pad = sp_size * n_branch - lc - lr
     t_c, a_c = shifted_targets(c["ids"], c["is_answer"])
     t_r, a_r = shifted_targets(r["ids"], r["is_answer"])
-    seq_c = shifted_targets(c["ids"], [True] * len(c["ids"]))[1]
+    nll_c = shifted_targets(c["ids"], nll_weights(c["is_answer"], context_weight))[1]
     zeros = lambda k: torch.zeros(k, dtype=torch.bool)  # noqa: E731
     return {"input_ids": torch.tensor(c["ids"] + r["ids"][n:] + [pad_id] * pad),
             "position_ids": torch.cat([torch.arange(n + lc), torch.arange(n, n + lr), torch.arange(n, n + pad)]),
             "targets": torch.cat([t_c, t_r[n:], torch.zeros(pad, dtype=t_c.dtype)]),
             "chosen": torch.cat([a_c, zeros(lr + pad)]),
             "rejected": torch.cat([zeros(n + lc), a_r[n:], zeros(pad)]),  # no answer in the prefix
-            "nll": torch.cat([a_c + context_weight * (seq_c & ~a_c), torch.zeros(lr + pad)]),
+            "nll": torch.cat([nll_c, torch.zeros(lr + pad)]),
             "layout": ring_attention.BranchLayout(n // sp_size, (lc, lr, pad), n_branch)}
 
 
@@ -824,7 +824,8 @@ def policy_logps(model, seq, par, chunk_size, nll=None, sums=("answer",)):
     totals = [sp_sum((logps * seq[name]).sum(-1), par.sp_group) for name in sums]
     if nll is None:
         return (*totals, None)
-    count = sp_sum(seq[nll].sum(-1).float().detach(), par.sp_group).clamp_min(1e-12)
+    # the weights summed in the log-probs' precision: in fp32 a sum of 0.3s rounds differently per shard
+    count = sp_sum(seq[nll].to(logps.dtype).sum(-1).detach(), par.sp_group).clamp_min(1e-12)
     return (*totals, -sp_sum((logps * seq[nll]).sum(-1), par.sp_group) / count)
 
 
@@ -850,24 +851,29 @@ def nll_weight(cfg):
 
 def micro_step(model, ref_model, example, ref_logps, cfg, par, pad_id):
     """Forward and backward of one sample on this SP group; returns (detached metrics, tokens)."""
+    if cfg.loss == "sft":
+        return sft_step(model, [example], cfg, par, pad_id)
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
     # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
-    n_tokens = len(example["chosen"]["ids"]) + (len(example["rejected"]["ids"]) if cfg.loss != "sft" else 0)
-    if cfg.loss != "sft" and cfg.pack == "shared-prefix":
+    n_tokens = len(example["chosen"]["ids"]) + len(example["rejected"]["ids"])
+    if cfg.pack == "shared-prefix":
         packed = prepare_packed(example, par, pad_id, nll_weight(cfg))
         if packed is not None:
             return packed_step(model, ref_model, packed, ref_logps, cfg, par, grad_scale), n_tokens
-    if cfg.loss == "sft":
-        return sft_step(model, [example], cfg, par, pad_id)
     chosen = prepare_sequence(example["chosen"]["ids"], nll_masks(example, cfg), par, pad_id)
     return pairs_step(model, ref_model, example, chosen, "nll", ref_logps, cfg, par, pad_id, grad_scale), n_tokens
 
 
+def nll_weights(is_answer, context_weight):
+    """Per-token NLL weights of a chosen sequence: answers 1, every other token context_weight."""
+    return [1.0 if a else context_weight for a in is_answer]
+
+
 def nll_masks(example, cfg):
-    """The chosen sequence's answer mask and NLL weights (answers 1, the rest nll_weight)."""
-    w = nll_weight(cfg)
-    return {"answer": example["chosen"]["is_answer"], "nll": [1.0 if a else w for a in example["chosen"]["is_answer"]]}
+    """The chosen sequence's answer mask and NLL weights."""
+    is_answer = example["chosen"]["is_answer"]
+    return {"answer": is_answer, "nll": nll_weights(is_answer, nll_weight(cfg))}
 
 
 def sft_step(model, examples, cfg, par, pad_id):
@@ -1297,7 +1303,7 @@ def memory_plan(cfg):
     over sp GPUs, chunked log-softmax; chosen and rejected packed after one copy of the document
     (--pack shared-prefix: one graph of max_length + the rejected branch) or one after the other."""
     from transformers import AutoConfig
-    c = PRESETS[cfg.model][1](len(PRESETS[cfg.model][0]())) if cfg.model in PRESETS else AutoConfig.from_pretrained(cfg.model)
+    c = PRESETS[cfg.model][1](len(load_tokenizer(cfg.model))) if cfg.model in PRESETS else AutoConfig.from_pretrained(cfg.model)
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq

@@ -854,9 +854,9 @@ def float64_norms(monkeypatch):
     exact_norms()  # undone by monkeypatch after the test
 
 
-def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="shared-prefix"):
+def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="shared-prefix", nll_target="auto"):
     cfg = longpo.TrainConfig(loss=loss, beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=par.sp_size,
-                             pack=pack)
+                             pack=pack, nll_target=nll_target)
     if fsdp:
         model = longpo.setup_model(model, par, torch.float64, grad_checkpointing=True)
         if ref_model is not None:
@@ -971,7 +971,7 @@ def test_sft_micro_batch_is_the_same_step(float64_norms):
         for group in groups:
             metrics, n = longpo.sft_step(model, group, cfg, single, pad_id=0)
             sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
-        assert n == sum(len(ex["chosen"]["ids"]) for ex in group)
+            assert n == sum(len(ex["chosen"]["ids"]) for ex in group)
         results.append((sums, {name: p.grad.clone() for name, p in model.named_parameters()}))
     for sums, grads in results[1:]:
         for key in sums:
@@ -1028,13 +1028,13 @@ def test_sp2_equals_sp1_losses_and_every_gradient():
 
 def packing_worker(rank, world_size):
     """--pack shared-prefix equals --pack pairs at SP = world_size in float64: loss, NLL, rewards and
-    every parameter gradient, for longpo and dpo, multi-turn records, and reference log-probs close to
+    every parameter gradient, for longpo and dpo (its NLL with context weight 0.3), multi-turn records, and reference log-probs close to
     the policy's so that the preference term's gradient (the rejected branch's) is not negligible."""
     exact_norms()
     tokenizer = longpo.build_tiny_tokenizer()
     par = (longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu")) if world_size > 1
            else longpo.Parallel(0, 1, 1, None, torch.device("cpu")))
-    for turns, loss in ((3, "longpo"), (2, "dpo")):
+    for turns, loss, nll_target in ((3, "longpo", "auto"), (2, "dpo", "0.3")):  # 0.3: context tokens weigh 0.3
         rec = make_records(1, seed=20 + turns, turns=turns)[0]
         example = longpo.build_example(rec, tokenizer)
         base = perturbed_tiny(0.0, seed=2)[0]
@@ -1044,7 +1044,7 @@ def packing_worker(rank, world_size):
         with torch.no_grad():  # margins of a few nats: sigmoid weights far from 0 and 1
             refs = [longpo.policy_logps(base, seq, par, 64)[0].item() + shift for seq, shift in zip(seqs, (-2.0, 1.0))]
         results = {pack: one_micro_step(loss, par, perturbed_tiny(0.02, 1)[0], perturbed_tiny(0.0, 2)[0], example,
-                                        refs, False, pack=pack) for pack in ("pairs", "shared-prefix")}
+                                        refs, False, pack=pack, nll_target=nll_target) for pack in ("pairs", "shared-prefix")}
         (want, want_grads), (got, got_grads) = results["pairs"], results["shared-prefix"]
         assert 0.05 < want["pref_loss"] < 5, want  # the preference term is active
         for key, value in want.items():
