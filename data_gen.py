@@ -24,7 +24,8 @@ model otherwise, and the choice is recorded in every record's meta. Sizes defaul
 the paper's (chunks 16K-30K tokens, documents 64K-128K tokens, 1024 new tokens, greedy) for real
 models and a small one for the presets `tiny` and `small` (so the default run takes seconds); an
 explicit flag always wins. `--answers gold` writes the demo corpus's planted answers instead of the
-model's (no model runs): the data that trains the miniature's short-context model (README).
+model's and `--answers copy` "repeat the text" records of random words (no model runs): the data
+that trains the miniature's short-context model (README).
 
 Never loses work: under torchrun each rank takes every world_size-th document and appends finished
 records (and dropped documents, with the reason) to its own files in <out>.parts/, flushed one by
@@ -87,7 +88,7 @@ class DataGenConfig:
     temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature, 0 greedy (-1: profile; paper greedy, code 1.0)"})
     question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
     questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
-    answers: str = field(default="model", metadata={"help": "model: the model writes chosen (chunk) and rejected (whole document) answers, as the paper | gold: demo corpus only, chosen = the planted fact's number, rejected = another number of the document; no model runs and no reference log-probs are written (data to train the miniature's short-context model from scratch with --loss sft, README)"})
+    answers: str = field(default="model", metadata={"help": "model: the model writes chosen (chunk) and rejected (whole document) answers, as the paper | gold: demo corpus only, chosen = the planted fact's place and number (At Barwick 57.), rejected = the place with another number of the document | copy: documents of random demo-corpus words, Repeat the text above., chosen = the document; gold and copy run no model and write no reference log-probs (the data that trains the miniature's short-context model from scratch with --loss sft: copy first, then gold; README)"})
     demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (the corpus is drawn from --seed)"})
     demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs per document, two facts each (1 to 64), or a range A-B drawn per document (e.g. 1-4: short documents to learn from)"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
@@ -225,8 +226,10 @@ def parse_paragraphs(spec):
 
 def demo_corpus(n_docs=4, paragraphs=24, seed=0):
     """Synthetic documents with planted, checkable facts: paragraphs of filler sentences, each with
-    two facts "The number of maps at Barwick is 57." (no place twice in a document, so every
-    question "How many maps are there at Barwick?" has one answer, a number from 10 to 99).
+    two facts "At Barwick 57 maps were counted." (no place twice in a document, so every question
+    "How many maps are there at Barwick?" has one answer, a number from 10 to 99). The number
+    follows its place: an answer that restates the place ("At Barwick 57.", gold_answer) then
+    finds it by the copy a small model learns first (README, LongPO in miniature).
     paragraphs: a count, or "A-B" (a count drawn per document)."""
     lo, hi = parse_paragraphs(paragraphs)
     rng = random.Random(seed)
@@ -239,12 +242,31 @@ def demo_corpus(n_docs=4, paragraphs=24, seed=0):
             sentences = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
             for place in places[2 * k:2 * k + 2]:
                 thing, n = rng.choice(ITEMS), rng.randint(10, 99)
-                fact = f"The number of {thing} at {place} is {n}."
+                fact = f"At {place} {n} {thing} were counted."
                 sentences.insert(rng.randint(0, len(sentences)), fact)
-                facts.append({"sentence": fact, "question": f"How many {thing} are there at {place}?", "answer": str(n)})
+                facts.append({"sentence": fact, "question": f"How many {thing} are there at {place}?", "answer": str(n),
+                              "place": place})
             paras.append(" ".join(sentences))
         docs.append({"id": f"demo-{seed}-{d}" if seed else f"demo-{d}", "text": "\n\n".join(paras), "facts": facts})
     return docs
+
+
+def gold_answer(place, number):
+    """The miniature's answer form: the place, then its number, as the document has them."""
+    return f"At {place} {number}."
+
+
+COPY_WORDS = 24
+
+
+def copy_corpus(n_docs, seed=0):
+    """Documents "Words:" + 24 words drawn at random from the demo corpus's words (names, numbers,
+    items, filler; one token each), for --answers copy: repeating one is a copy at one fixed
+    distance, which a from-scratch model learns in a few hundred steps (README)."""
+    words = sorted(set(PLACES + ITEMS + [str(n) for n in range(10, 100)] + re.findall(r"\w+", " ".join(FILLER))))
+    rng = random.Random(f"copy-{seed}")
+    return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.choice(words) for _ in range(COPY_WORDS)),
+             "facts": []} for d in range(n_docs)]
 
 
 def template_questions(chunk_text, facts):
@@ -266,10 +288,10 @@ class Docs:
     not fit in memory): the built-in demo corpus, a folder of .txt files, one .txt file, or a JSONL
     file with a 'text' field (optional 'id'; else a hash of the text), validated line by line once."""
 
-    def __init__(self, spec, skip_bad=False, demo=(4, 24, 0)):
+    def __init__(self, spec, skip_bad=False, demo=(4, 24, 0), copy=False):
         self.spec, self.bad_lines = spec, 0
         if spec == "demo":
-            self.sources = demo_corpus(*demo)
+            self.sources = copy_corpus(demo[0], demo[2]) if copy else demo_corpus(*demo)
             self.ids = [d["id"] for d in self.sources]
         elif os.path.isdir(spec):
             self.sources = sorted(glob.glob(os.path.join(spec, "*.txt")))
@@ -337,10 +359,10 @@ def resolve(cfg):
     if cfg.questions == "template" and cfg.docs != "demo":
         raise UsageError("--questions template needs the facts of the built-in corpus (--docs demo); "
                          "real documents need --questions model")
-    if cfg.answers not in ("model", "gold"):
-        raise UsageError(f"--answers {cfg.answers!r}: choose model or gold")
-    if cfg.answers == "gold" and (cfg.questions != "template" or cfg.sp_size > 1):
-        raise UsageError("--answers gold needs the facts of the built-in corpus (--docs demo, --questions template) "
+    if cfg.answers not in ("model", "gold", "copy"):
+        raise UsageError(f"--answers {cfg.answers!r}: choose model, gold or copy")
+    if cfg.answers != "model" and (cfg.questions != "template" or cfg.sp_size > 1):
+        raise UsageError(f"--answers {cfg.answers} needs the built-in corpus (--docs demo, --questions template) "
                          "and runs no model (--sp-size 1)")
     if cfg.docs == "demo" and cfg.demo_docs < 1:
         raise UsageError(f"--demo-docs {cfg.demo_docs} must be >= 1")
@@ -412,6 +434,8 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     n_tokens = len(enc["input_ids"])
     if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
         return None, "doc_length", {}
+    if cfg.answers == "copy":
+        return copy_record(doc, doc_index, n_tokens, cfg)
     starts = [a for a, _ in enc["offset_mapping"]]
     chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
     rng = random.Random(f"{cfg.seed}-{doc['id']}")
@@ -448,19 +472,32 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
 
 
 def gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng):
-    """--answers gold: (record, None, filtered) with the planted answers as chosen and another number
-    of the document (the nearest mistake) as rejected; no reference log-probs (no model ran)."""
-    answer = {f["question"]: f["answer"] for f in doc["facts"]}
+    """--answers gold: (record, None, filtered) with the planted answers ("At Barwick 57.") as chosen
+    and the place with another number of the document (the nearest mistake) as rejected; no
+    reference log-probs (no model ran)."""
+    fact = {f["question"]: f for f in doc["facts"]}
     numbers = sorted({f["answer"] for f in doc["facts"]})
     for turn, question in zip(turns, asked):
-        right = answer[question]
-        turn["chosen"] = right
-        turn["rejected"] = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
+        place, right = fact[question]["place"], fact[question]["answer"]
+        wrong = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
+        turn["chosen"], turn["rejected"] = gold_answer(place, right), gold_answer(place, wrong)
     rec = {"id": doc["id"], "document": doc["text"], "turns": turns,
            "meta": {"doc_index": doc_index, "generator": "gold", "questions": cfg.questions, "doc_tokens": n_tokens,
                     "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in turns],
                     "seed": cfg.seed}}
     return rec, None, filtered
+
+
+def copy_record(doc, doc_index, n_tokens, cfg):
+    """--answers copy: (record, None, {}): "Repeat the text above.", chosen = the document, rejected =
+    its words in reverse order; no reference log-probs (no model ran)."""
+    text = doc["text"]
+    turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
+            "rejected": " ".join(reversed(text.split()))}
+    rec = {"id": doc["id"], "document": text, "turns": [turn],
+           "meta": {"doc_index": doc_index, "generator": "copy", "questions": cfg.questions, "doc_tokens": n_tokens,
+                    "filtered_turns": {}, "chunk_tokens": [n_tokens], "seed": cfg.seed}}
+    return rec, None, {}
 
 
 def finish_record(state, rejected, model, tokenizer, cfg):
@@ -680,7 +717,7 @@ def main(cfg):
         par = (longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
                else longpo.Parallel(0, 1, 1, None, device))
         return bench(cfg, par, device)
-    docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed))
+    docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), cfg.answers == "copy")
     check_out(cfg)
     rank, world_size, device = init_distributed()
     folder = cfg.out + ".parts"
@@ -694,7 +731,7 @@ def main(cfg):
     mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
-    if cfg.answers == "gold":  # the planted answers: no model runs
+    if cfg.answers != "model":  # the planted answers or the copies: no model runs
         model, tokenizer = None, longpo.load_tokenizer(cfg.model)
     else:
         model, tokenizer = longpo.load_for_inference(cfg.model, device)

@@ -187,8 +187,8 @@ def ruler_sample(task, rng):
 
 
 def facts_prompt(tokenizer, length, depth, seed):
-    """The miniature's task: a held-out demo document (data_gen.demo_corpus, facts "The number of maps
-    at Barwick is 57.") cut after the most paragraphs that fit a prompt of at most `length` tokens,
+    """The miniature's task: a held-out demo document (data_gen.demo_corpus, facts "At Barwick 57 maps
+    were counted.") cut after the most paragraphs that fit a prompt of at most `length` tokens,
     and a question about its fact nearest to `depth`. Returns (prompt ids, expected number)."""
     import data_gen
     doc = data_gen.demo_corpus(1, data_gen.MAX_DEMO_PARAGRAPHS, seed)[0]

@@ -455,7 +455,7 @@ def tiny_config(vocab_size):
 
 
 def build_small_tokenizer():
-    """Byte-level BPE (816 tokens) trained here, deterministically, on the demo corpus of
+    """Byte-level BPE (817 tokens) trained here, deterministically, on the demo corpus of
     data_gen.py (its names and two-digit numbers become single tokens), with tiny's specials and
     chat template: the miniature reproduction's model reads its documents in ~4x fewer tokens
     than bytes, and any other text still tokenizes (bytes)."""

@@ -1376,7 +1376,7 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
             assert turn["instruction"].split(",")[0] + "," in data_gen.LEAD_INS
             thing, place = re.search(r"how many (\w+) are there at (\w+)\?", turn["instruction"]).groups()
             chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
-            assert f"The number of {thing} at {place} is " in chunk, "the fact is in the chunk"
+            assert re.search(rf"At {place} \d+ {thing} were counted\.", chunk), "the fact is in the chunk"
 
     # a run killed after its first record, then restarted with the same arguments
     killed = str(tmp_path / "killed.jsonl")
@@ -1715,8 +1715,8 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
         assert len(places) == len(set(places)) and 2 <= len(places) <= 60
         for f in doc["facts"]:
             thing, place = re.search(r"How many (\w+) are there at (\w+)\?", f["question"]).groups()
-            assert re.findall(rf"The number of \w+ at {place} is (\d+)\.", doc["text"]) == [f["answer"]]
-            assert f"The number of {thing} at {place} is {f['answer']}." == f["sentence"]
+            assert re.findall(rf"At {place} (\d+) \w+ were counted\.", doc["text"]) == [f["answer"]]
+            assert f"At {place} {f['answer']} {thing} were counted." == f["sentence"] and f["place"] == place
     tokenizer = longpo.build_small_tokenizer()
     for length in (200, 700, 1500):
         where = []
@@ -1725,21 +1725,37 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
             text = tokenizer.decode(ids)
             assert length - 120 < len(ids) <= length  # within one paragraph of the length
             place = re.search(r"are there at (\w+)\?", text).group(1)
-            fact = f"at {place} is {expected}."
+            fact = f"At {place} {expected} "
             assert text.count(fact) == 1
             where.append(text.index(fact) / len(text))
         assert where == sorted(where) and where[-1] - where[0] > 0.5, where
     with pytest.raises(ra.UsageError, match="--demo-paragraphs '0-3'"):
         data_gen.demo_corpus(1, "0-3")
+    for answers in ("gold", "copy"):  # the planted answers and the copies exist for the built-in corpus only
+        with pytest.raises(ra.UsageError, match=f"--answers {answers} needs the built-in corpus"):
+            data_gen.resolve(data_gen.DataGenConfig(answers=answers, docs="mine.jsonl"))
 
 
 def test_miniature_recipe_end_to_end(tmp_path):
     """The README's miniature reproduction at toy scale, every step in-process with the README's flags:
-    gold short data -> the small model trained from scratch (sft) -> its own short-to-long pairs ->
+    copy data -> the small model trained from scratch on it (sft) -> gold short data -> sft from there
+    (the short-context model) -> its own short-to-long pairs ->
     longpo, sft and dpo -> one eval table (facts accuracy per length, KL, reward accuracy)."""
     def run(module, config, *argv):
         return module.main(ra.config_from_cli(config, [str(a) for a in argv]))
     gold, pairs, heldout, out = (tmp_path / f for f in ("gold.jsonl", "pairs.jsonl", "heldout.jsonl", "eval.json"))
+    copy = tmp_path / "copy.jsonl"
+    run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
+        "--max-doc-len", 512, "--out", copy)
+    tokenizer = longpo.load_tokenizer("small")
+    for rec in longpo.load_records(str(copy)):  # repeat a random sequence of the corpus's words
+        (turn,) = rec["turns"]
+        words = rec["document"].split()
+        assert turn["instruction"] == "Repeat the text above." and turn["chosen"] == rec["document"]
+        assert turn["rejected"].split() == words[::-1] and words[0] == "Words:" and len(words) == 1 + data_gen.COPY_WORDS
+        assert len(tokenizer(rec["document"])["input_ids"]) <= 2 * len(words)  # the corpus's words are tokens
+    run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", copy, "--output-dir",
+        tmp_path / "copy", "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")
     run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "gold", "--demo-docs", 12,
         "--demo-paragraphs", "1-2", "--chunk-min", 8, "--chunk-max", 100, "--min-doc-len", 1, "--max-doc-len", 512,
         "--out", gold)
@@ -1747,10 +1763,12 @@ def test_miniature_recipe_end_to_end(tmp_path):
         assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
         for turn in rec["turns"]:
             place = re.search(r"at (\w+)\?", turn["instruction"]).group(1)
-            assert re.findall(rf"at {place} is (\d+)\.", rec["document"]) == [turn["chosen"]]
-            assert turn["rejected"] != turn["chosen"] and f" is {turn['rejected']}." in rec["document"]
+            right = re.findall(rf"At {place} (\d+) ", rec["document"])
+            wrong = re.fullmatch(rf"At {place} (\d+)\.", turn["rejected"]).group(1)
+            assert [turn["chosen"]] == [f"At {place} {n}." for n in right] and wrong != right[0]
+            assert re.search(rf"At \w+ {wrong} ", rec["document"]), "the rejected number is another fact's"
     base = tmp_path / "base"
-    run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", gold, "--output-dir", base,
+    run(longpo, longpo.TrainConfig, "--model", tmp_path / "copy" / "final", "--loss", "sft", "--data", gold, "--output-dir", base,
         "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")  # non-empty answers
     model = base / "final"
     long_pairs = ["--model", model, "--demo-docs", 2, "--demo-paragraphs", 6, "--chunk-min", 40, "--chunk-max", 100,
