@@ -212,6 +212,7 @@ FILLER = ["The morning fog lifted slowly over the valley.", "Travellers often st
           "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
           "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
 MAX_DEMO_PARAGRAPHS = len(PLACES) // 2  # two facts a paragraph, no place twice in a document
+COPY_WORDS = 24  # words per --answers copy record
 
 
 def parse_paragraphs(spec):
@@ -254,9 +255,6 @@ def demo_corpus(n_docs=4, paragraphs=24, seed=0):
 def gold_answer(place, number):
     """The miniature's answer form: the place, then its number, as the document has them."""
     return f"At {place} {number}."
-
-
-COPY_WORDS = 24
 
 
 def copy_corpus(n_docs, seed=0):

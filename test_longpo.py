@@ -1028,8 +1028,9 @@ def test_sp2_equals_sp1_losses_and_every_gradient():
 
 def packing_worker(rank, world_size):
     """--pack shared-prefix equals --pack pairs at SP = world_size in float64: loss, NLL, rewards and
-    every parameter gradient, for longpo and dpo (its NLL with context weight 0.3), multi-turn records, and reference log-probs close to
-    the policy's so that the preference term's gradient (the rejected branch's) is not negligible."""
+    every parameter gradient, for longpo and dpo (its NLL with context weight 0.3), multi-turn records,
+    and reference log-probs close to the policy's so that the preference term's gradient (the rejected
+    branch's) is not negligible."""
     exact_norms()
     tokenizer = longpo.build_tiny_tokenizer()
     par = (longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu")) if world_size > 1
@@ -1736,6 +1737,19 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
             data_gen.resolve(data_gen.DataGenConfig(answers=answers, docs="mine.jsonl"))
 
 
+def check_copy_records(path):
+    """--answers copy: repeat "Words:" and 24 random words of the corpus, each ONE token of the small
+    tokenizer (so that every copied token lies at the same distance behind its original)."""
+    tokenizer = longpo.load_tokenizer("small")
+    for rec in longpo.load_records(path):
+        (turn,) = rec["turns"]
+        words = rec["document"].split()
+        assert turn["instruction"] == "Repeat the text above." and turn["chosen"] == rec["document"]
+        assert turn["rejected"].split() == words[::-1] and words[0] == "Words:" and len(words) == 1 + data_gen.COPY_WORDS
+    drawn = {w for doc in data_gen.copy_corpus(300) for w in doc["text"].split()[1:]}  # the whole pool, all but surely
+    assert len(drawn) > 250 and all(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in drawn)
+
+
 def test_miniature_recipe_end_to_end(tmp_path):
     """The README's miniature reproduction at toy scale, every step in-process with the README's flags:
     copy data -> the small model trained from scratch on it (sft) -> gold short data -> sft from there
@@ -1747,13 +1761,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
     copy = tmp_path / "copy.jsonl"
     run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
         "--max-doc-len", 512, "--out", copy)
-    tokenizer = longpo.load_tokenizer("small")
-    for rec in longpo.load_records(str(copy)):  # repeat a random sequence of the corpus's words
-        (turn,) = rec["turns"]
-        words = rec["document"].split()
-        assert turn["instruction"] == "Repeat the text above." and turn["chosen"] == rec["document"]
-        assert turn["rejected"].split() == words[::-1] and words[0] == "Words:" and len(words) == 1 + data_gen.COPY_WORDS
-        assert len(tokenizer(rec["document"])["input_ids"]) <= 2 * len(words)  # the corpus's words are tokens
+    check_copy_records(str(copy))
     run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", copy, "--output-dir",
         tmp_path / "copy", "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")
     run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "gold", "--demo-docs", 12,
