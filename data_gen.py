@@ -212,7 +212,7 @@ FILLER = ["The morning fog lifted slowly over the valley.", "Travellers often st
           "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
           "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
 MAX_DEMO_PARAGRAPHS = len(PLACES) // 2  # two facts a paragraph, no place twice in a document
-COPY_WORDS = 24  # words per --answers copy record
+COPY_WORDS = (16, 32)  # fewest and most words of an --answers copy record
 
 
 def parse_paragraphs(spec):
@@ -258,12 +258,13 @@ def gold_answer(place, number):
 
 
 def copy_corpus(n_docs, seed=0):
-    """Documents "Words:" + 24 words drawn at random from the demo corpus's words (names, numbers,
-    items, filler; one token each), for --answers copy: repeating one is a copy at one fixed
-    distance, which a from-scratch model learns in a few hundred steps (README)."""
+    """Documents "Words:" + 16-32 distinct words drawn at random from the demo corpus's words (names,
+    numbers, items, filler; one token each), for --answers copy. The copy's distance varies with the
+    length, so repeating one takes an induction head (find the current word earlier, say the word
+    after it): the very lookup that answering "At Barwick" with 57 from "At Barwick 57" takes (README)."""
     words = sorted(set(PLACES + ITEMS + [str(n) for n in range(10, 100)] + re.findall(r"\w+", " ".join(FILLER))))
     rng = random.Random(f"copy-{seed}")
-    return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.choice(words) for _ in range(COPY_WORDS)),
+    return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.sample(words, rng.randint(*COPY_WORDS))),
              "facts": []} for d in range(n_docs)]
 
 
@@ -472,9 +473,12 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
 def gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng):
     """--answers gold: (record, None, filtered) with the planted answers ("At Barwick 57.") as chosen
     and the place with another number of the document (the nearest mistake) as rejected; no
-    reference log-probs (no model ran)."""
+    reference log-probs (no model ran). The questions come in random order: in document order a
+    model learns to answer by elimination (turn 2 = the fact turn 1 skipped) instead of matching."""
     fact = {f["question"]: f for f in doc["facts"]}
     numbers = sorted({f["answer"] for f in doc["facts"]})
+    order = rng.sample(range(len(turns)), len(turns))
+    turns, asked = [turns[i] for i in order], [asked[i] for i in order]
     for turn, question in zip(turns, asked):
         place, right = fact[question]["place"], fact[question]["answer"]
         wrong = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])

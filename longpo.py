@@ -73,7 +73,7 @@ class TrainConfig:
     """LongPO training (paper Eq. 12-14). Defaults follow the paper; the release code's values are
     noted in the help."""
     model: str = field(default="tiny", metadata={"help": "hub id, local dir, or a built-in random model: 'tiny' (2 x 64) or 'small' (4 x 128, the miniature's, README)"})
-    data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "preference JSONL (design.md format; data_gen.py writes it)"})
+    data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "preference JSONL (design.md format; data_gen.py writes it); several, comma-separated, are trained on as one shuffled set"})
     output_dir: str = field(default="runs/longpo-tiny", metadata={"help": "config, metrics, checkpoints, final model"})
     ref_model: str = field(default="", metadata={"help": "reference pi_S: computes ref log-probs missing from the data (short inputs) and DPO's long-input reference; default: --model"})
     sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size (ring attention); must divide the world size (0: all ranks)"})
@@ -332,28 +332,28 @@ def validate_record(rec, where, need_ref):
 
 class Records:
     """A preference JSONL validated once, then read one record at a time: 45K records of 128K tokens
-    are ~20 GB of text, which no process should hold. refs[i] = (ref_chosen_logp, ref_rejected_logp),
-    None where the file has none."""
+    are ~20 GB of text, which no process should hold. Several files, comma-separated, are one data
+    set (the miniature trains on copy and gold records together). refs[i] = (ref_chosen_logp,
+    ref_rejected_logp), None where the file has none."""
 
     def __init__(self, path, need_ref=False):
-        if not os.path.isfile(path):
-            raise UsageError(f"--data {path} " + ("is a folder; give the preference JSONL file" if os.path.isdir(path) else
-                             f"does not exist; create it first with: python data_gen.py --out {path}"))
-        self.path, self.offsets, self.refs = path, [], []
-        with open(path, "rb") as f:
-            offset = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:  # bad JSON or bad UTF-8
-                        raise UsageError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                    validate_record(rec, f"{path}:{lineno}", need_ref)
-                    self.offsets.append(offset)
-                    self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
-                offset += len(line)
-        if not self.offsets:
-            raise UsageError(f"--data {path} holds no records")
+        self.paths, self.offsets, self.refs = data_files(path), [], []  # offsets: (file index, byte offset)
+        for index, name in enumerate(self.paths):
+            first = len(self.offsets)
+            with open(name, "rb") as f:
+                offset = 0
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rec = json.loads(line)
+                        except ValueError as e:  # bad JSON or bad UTF-8
+                            raise UsageError(f"{name}:{lineno}: not valid JSON ({e})") from None
+                        validate_record(rec, f"{name}:{lineno}", need_ref)
+                        self.offsets.append((index, offset))
+                        self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
+                    offset += len(line)
+            if len(self.offsets) == first:
+                raise UsageError(f"--data {name} holds no records")
 
     def __len__(self):
         return len(self.offsets)
@@ -361,8 +361,9 @@ class Records:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[i])
+        index, offset = self.offsets[i]
+        with open(self.paths[index], "rb") as f:
+            f.seek(offset)
             return json.loads(f.readline())
 
     def __iter__(self):
@@ -373,6 +374,16 @@ class Records:
         subset = copy.copy(self)
         subset.offsets, subset.refs = [self.offsets[i] for i in indices], [self.refs[i] for i in indices]
         return subset
+
+
+def data_files(path):
+    """The files of --data: one path, or several comma-separated; each must be a file."""
+    names = path.split(",")
+    for name in names:
+        if not os.path.isfile(name):
+            raise UsageError(f"--data {name} " + ("is a folder; give the preference JSONL file" if os.path.isdir(name) else
+                             f"does not exist; create it first with: python data_gen.py --out {name or 'FILE'}"))
+    return names
 
 
 def load_records(path, need_ref=False):
@@ -1025,11 +1036,13 @@ def run_identity(cfg, world_size, sp_size):
     """The run-defining arguments, the world and sp sizes, and the data's size and a hash of its first
     records (resuming on another file would silently train on other data)."""
     digest = hashlib.sha256()
-    with open(cfg.data, "rb") as f:
-        for _, line in zip(range(8), f):
-            digest.update(line)
+    for name in data_files(cfg.data):
+        with open(name, "rb") as f:
+            for _, line in zip(range(8), f):
+                digest.update(line)
     return {**{k: getattr(cfg, k) for k in RUN_DEFINING}, "world_size": world_size, "sp_size": sp_size,
-            "data_bytes": os.path.getsize(cfg.data), "data_sha256_first_records": digest.hexdigest()}
+            "data_bytes": sum(os.path.getsize(name) for name in data_files(cfg.data)),
+            "data_sha256_first_records": digest.hexdigest()}
 
 
 def check_output_dir(cfg, identity):

@@ -1561,6 +1561,27 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     assert kept[1] == records[2] and kept[-1:] == [records[2]]  # read back from the file on demand
 
 
+def test_several_data_files_are_one_set(tmp_path):
+    """--data a,b: the records of both files, in order, read back lazily from the right file; the run
+    identity changes with either file; a missing or empty file in the list is named."""
+    first, second = make_records(2, seed=15, with_ref=True), make_records(3, seed=16)
+    a, b = write_jsonl(tmp_path / "a.jsonl", first), write_jsonl(tmp_path / "b.jsonl", second)
+    both = longpo.load_records(f"{a},{b}")
+    assert len(both) == 5 and list(both) == first + second and both[3] == second[1]
+    assert both.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in first] + [(None, None)] * 3
+    assert both.select([4, 0])[:] == [second[2], first[0]]
+    ident = lambda data: longpo.run_identity(longpo.TrainConfig(data=data), 1, 1)
+    alone, together = ident(a), ident(f"{a},{b}")
+    assert alone["data_bytes"] < together["data_bytes"]
+    write_jsonl(tmp_path / "b.jsonl", second[:1] + second[2:] + second[1:2])  # b's records moved
+    assert ident(f"{a},{b}")["data_sha256_first_records"] != together["data_sha256_first_records"]
+    with pytest.raises(ra.UsageError, match=f"--data {tmp_path / 'c.jsonl'} does not exist"):
+        longpo.load_records(f"{a},{tmp_path / 'c.jsonl'}")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ra.UsageError, match="empty.jsonl holds no records"):
+        longpo.load_records(f"{a},{tmp_path / 'empty.jsonl'}")
+
+
 def test_data_gen_long_model_answers_only_the_long_inputs():
     """make_record takes (model, long_model): the long model (e.g. with --rope-theta raised) writes
     the rejected answers only; chosen answers and reference log-probs stay with the model."""
@@ -1737,15 +1758,37 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
             data_gen.resolve(data_gen.DataGenConfig(answers=answers, docs="mine.jsonl"))
 
 
+def test_gold_questions_in_random_order(tmp_path):
+    """--answers gold asks a document's facts in random order. In document order (as the chunks come)
+    the second question is always the other fact of the first one's paragraph: a model trained on that
+    answers by elimination instead of matching question to fact (README, the miniature)."""
+    out = tmp_path / "gold.jsonl"
+    data_gen.main(ra.config_from_cli(data_gen.DataGenConfig, [
+        "--model", "small", "--answers", "gold", "--demo-docs", "64", "--demo-paragraphs", "2", "--chunk-min", "8",
+        "--chunk-max", "100", "--min-doc-len", "1", "--max-doc-len", "512", "--out", str(out)]))
+    orders = set()
+    for rec in longpo.load_records(str(out)):
+        places = re.findall(r"At (\w+) \d+ ", rec["document"])
+        asked = [places.index(re.search(r"at (\w+)\?", t["instruction"]).group(1)) for t in rec["turns"]]
+        assert sorted(asked) == [0, 1, 2, 3]  # every fact asked once
+        orders.add(tuple(asked))
+    assert len(orders) >= 16, orders  # of the 24 orders of 4 facts (in document order: 4)
+
+
 def check_copy_records(path):
-    """--answers copy: repeat "Words:" and 24 random words of the corpus, each ONE token of the small
-    tokenizer (so that every copied token lies at the same distance behind its original)."""
+    """--answers copy: repeat "Words:" and 16-32 distinct random words of the corpus, each ONE token of
+    the small tokenizer (the next word is the one after the current word's earlier copy: an induction
+    head's lookup), of varied lengths (no fixed distance to copy from)."""
     tokenizer = longpo.load_tokenizer("small")
+    lengths = set()
     for rec in longpo.load_records(path):
         (turn,) = rec["turns"]
         words = rec["document"].split()
         assert turn["instruction"] == "Repeat the text above." and turn["chosen"] == rec["document"]
-        assert turn["rejected"].split() == words[::-1] and words[0] == "Words:" and len(words) == 1 + data_gen.COPY_WORDS
+        assert turn["rejected"].split() == words[::-1] and words[0] == "Words:" and len(set(words)) == len(words)
+        assert data_gen.COPY_WORDS[0] <= len(words) - 1 <= data_gen.COPY_WORDS[1]
+        lengths.add(len(words))
+    assert len(lengths) > 1
     drawn = {w for doc in data_gen.copy_corpus(300) for w in doc["text"].split()[1:]}  # the whole pool, all but surely
     assert len(drawn) > 250 and all(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in drawn)
 
@@ -1753,7 +1796,7 @@ def check_copy_records(path):
 def test_miniature_recipe_end_to_end(tmp_path):
     """The README's miniature reproduction at toy scale, every step in-process with the README's flags:
     copy data -> the small model trained from scratch on it (sft) -> gold short data -> sft from there
-    (the short-context model) -> its own short-to-long pairs ->
+    on copy and gold records together (the short-context model) -> its own short-to-long pairs ->
     longpo, sft and dpo -> one eval table (facts accuracy per length, KL, reward accuracy)."""
     def run(module, config, *argv):
         return module.main(ra.config_from_cli(config, [str(a) for a in argv]))
@@ -1776,7 +1819,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
             assert [turn["chosen"]] == [f"At {place} {n}." for n in right] and wrong != right[0]
             assert re.search(rf"At \w+ {wrong} ", rec["document"]), "the rejected number is another fact's"
     base = tmp_path / "base"
-    run(longpo, longpo.TrainConfig, "--model", tmp_path / "copy" / "final", "--loss", "sft", "--data", gold, "--output-dir", base,
+    run(longpo, longpo.TrainConfig, "--model", tmp_path / "copy" / "final", "--loss", "sft", "--data", f"{copy},{gold}", "--output-dir", base,
         "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")  # non-empty answers
     model = base / "final"
     long_pairs = ["--model", model, "--demo-docs", 2, "--demo-paragraphs", 6, "--chunk-min", 40, "--chunk-max", 100,
