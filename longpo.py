@@ -339,21 +339,24 @@ class Records:
     def __init__(self, path, need_ref=False):
         self.paths, self.offsets, self.refs = data_files(path), [], []  # offsets: (file index, byte offset)
         for index, name in enumerate(self.paths):
-            first = len(self.offsets)
-            with open(name, "rb") as f:
-                offset = 0
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rec = json.loads(line)
-                        except ValueError as e:  # bad JSON or bad UTF-8
-                            raise UsageError(f"{name}:{lineno}: not valid JSON ({e})") from None
-                        validate_record(rec, f"{name}:{lineno}", need_ref)
-                        self.offsets.append((index, offset))
-                        self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
-                    offset += len(line)
-            if len(self.offsets) == first:
+            if not self.index_file(index, name, need_ref):
                 raise UsageError(f"--data {name} holds no records")
+
+    def index_file(self, index, name, need_ref):
+        """Validate one file's records and note where each starts; returns how many it holds."""
+        before, offset = len(self.offsets), 0
+        with open(name, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:  # bad JSON or bad UTF-8
+                        raise UsageError(f"{name}:{lineno}: not valid JSON ({e})") from None
+                    validate_record(rec, f"{name}:{lineno}", need_ref)
+                    self.offsets.append((index, offset))
+                    self.refs.append((rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp")))
+                offset += len(line)
+        return len(self.offsets) - before
 
     def __len__(self):
         return len(self.offsets)
@@ -1035,13 +1038,13 @@ RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target
 def run_identity(cfg, world_size, sp_size):
     """The run-defining arguments, the world and sp sizes, and the data's size and a hash of its first
     records (resuming on another file would silently train on other data)."""
-    digest = hashlib.sha256()
-    for name in data_files(cfg.data):
+    digest, names = hashlib.sha256(), data_files(cfg.data)
+    for name in names:
         with open(name, "rb") as f:
             for _, line in zip(range(8), f):
                 digest.update(line)
     return {**{k: getattr(cfg, k) for k in RUN_DEFINING}, "world_size": world_size, "sp_size": sp_size,
-            "data_bytes": sum(os.path.getsize(name) for name in data_files(cfg.data)),
+            "data_bytes": sum(os.path.getsize(name) for name in names),
             "data_sha256_first_records": digest.hexdigest()}
 
 
