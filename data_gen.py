@@ -260,8 +260,9 @@ def gold_answer(place, number):
 def copy_corpus(n_docs, seed=0):
     """Documents "Words:" + 16-32 distinct words drawn at random from the demo corpus's words (names,
     numbers, items, filler; one token each), for --answers copy. The copy's distance varies with the
-    length, so repeating one takes an induction head (find the current word earlier, say the word
-    after it): the very lookup that answering "At Barwick" with 57 from "At Barwick 57" takes (README)."""
+    length, so no fixed look-back repeats one: the model has to copy by content, the kind of lookup
+    that answering "At Barwick" with 57 from "At Barwick 57" takes (which word its copy keys on was
+    probed: README, the miniature)."""
     words = sorted(set(PLACES + ITEMS + [str(n) for n in range(10, 100)] + re.findall(r"\w+", " ".join(FILLER))))
     rng = random.Random(f"copy-{seed}")
     return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.sample(words, rng.randint(*COPY_WORDS))),

@@ -1776,9 +1776,9 @@ def test_gold_questions_in_random_order(tmp_path):
 
 
 def check_copy_records(path):
-    """--answers copy: repeat "Words:" and 16-32 distinct random words of the corpus, each ONE token of
-    the small tokenizer (the next word is the one after the current word's earlier copy: an induction
-    head's lookup), of varied lengths (no fixed distance to copy from)."""
+    """--answers copy: repeat "Words:" and 16-32 random words of the corpus, each ONE token of
+    the small tokenizer, distinct (each word's earlier copy is unique, so copying by content is
+    well defined), of varied lengths (no fixed distance to copy from)."""
     tokenizer = longpo.load_tokenizer("small")
     lengths = set()
     for rec in longpo.load_records(path):
