@@ -1,49 +1,36 @@
 """Short-to-long preference data that the model writes itself (LongPO paper Sec. 3.3 and 4.1).
 
-For every long document (method.md, "Data generation"):
+For every long document:
   1. keep it if its token length is within [--min-doc-len, --max-doc-len] (paper: > 64K, < target);
-  2. cut it into chunks of --chunk-min..--chunk-max tokens at paragraph boundaries (blank lines),
-     falling back to line, then token boundaries for an over-long paragraph; keep at most --turns
-     random chunks;
+  2. cut it into chunks of --chunk-min..--chunk-max tokens at paragraph boundaries (then lines, then
+     tokens); keep at most --turns random chunks;
   3. per chunk, ask the model for 4 diverse questions needing comprehension and synthesis of the
-     chunk (temperature 0.7, top-p 0.9), parse the numbered list, keep the chunk only if 4 parse,
-     pick one at random and prefix a lead-in such as "Based on the text above,";
+     chunk (temperature 0.7, top-p 0.9), keep the chunk only if 4 parse, pick one and prefix a
+     lead-in such as "Based on the text above,";
   4. chosen = the model's answer seeing only the chunk; rejected = its answer seeing the whole
-     document (greedy as in the paper; --temperature for the release code's sampling; --rope-theta
+     document (greedy as the paper; --temperature for the release code's sampling; --rope-theta
      raises RoPE theta for the long-input generation only);
   5. drop turns with an empty answer, a refusal or degenerate repetition (counted per reason);
-  6. pack a document's kept turns into one record (Eq. 13) with the reference log-probs
-     sum_i log pi_S(y_i | chunk_i, instruction_i), computed by the generating model on the SHORT
-     inputs with its own RoPE, so training never needs the reference model.
-Prompts are built by longpo.format_dialogue, the same function training uses.
+  6. pack a document's kept turns into one record (Eq. 13) with the reference log-probs on the SHORT
+     inputs (longpo.short_reference_logps, the generating model with its own RoPE).
+Prompts come from longpo.format_dialogue, as in training. Generation lives here, shared with eval.py:
+generate, and generate_sp (one prompt decoded sequence-parallel, each rank holding its share of its K/V).
 
-Deliberate deviation: a random tiny model cannot write questions, so the built-in demo corpus
-(synthetic documents with planted, checkable facts) has a template question source
-(`--questions template`); `--questions auto` (default) means template for the demo corpus and
-model otherwise, and the choice is recorded in every record's meta. Sizes default to a profile:
-the paper's (chunks 16K-30K tokens, documents 64K-128K tokens, 1024 new tokens, greedy) for real
-models and a small one for the presets `tiny` and `small` (so the default run takes seconds); an
-explicit flag always wins. `--answers gold` writes the demo corpus's planted answers instead of the
-model's and `--answers copy` "repeat the text" records of random words (no model runs): the data
-that trains the miniature's short-context model (README).
+Deliberate deviations: a random tiny model cannot write questions, so the built-in demo corpus
+(synthetic documents with planted, checkable facts) has template questions (--questions auto:
+template for the demo corpus, the model otherwise). Size flags default to the paper's profile for
+real models and a small one for --model tiny. --answers gold / copy write the demo corpus's planted
+answers / "repeat the text" records (no model runs): the data of the miniature's short-context model,
+which --make-small creates.
 
-Never loses work: under torchrun each rank takes every world_size-th document and appends finished
-records (and dropped documents, with the reason) to its own files in <out>.parts/, flushed one by
-one; a restart with the same arguments skips every document already there, whatever the world
-size; at the end rank 0 merges the parts into <out> in document order and writes <out>.meta.json
-(arguments, model, library versions, summary).
+Never loses work: each rank appends each finished record (or dropped document) to its own file in
+<out>.parts/; a restart with the same arguments skips what is done, at any world size; rank 0 merges.
 
-Documents longer than one GPU can hold (512K tokens: the prompt's K/V alone is 69 GB for Mistral-7B):
---sp-size W makes each group of W ranks decode every member's long prompts together, sequence-
-parallel (longpo.generate_sp: ring-attention prefill, each rank keeping its share of the K/V); the
-short-input work stays one document per rank.
-
-Commands:
-    python data_gen.py                                        # tiny model, demo corpus, CPU
+    python data_gen.py                                       # tiny model, demo corpus, CPU
     torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
         --docs long_docs.jsonl --out data/longpo_128k.jsonl --rope-theta 1e7   # one 8-GPU node
-    torchrun --nproc_per_node 8 data_gen.py ... --sp-size 8   # 512K documents: long answers over 8 GPUs
-    torchrun --nproc_per_node 2 data_gen.py --bench-tokens 16384 --sp-size 2   # generation benchmark
+    torchrun --nproc_per_node 8 data_gen.py ... --sp-size 8  # 512K documents: each long answer over 8 GPUs
+    python data_gen.py --plan --model DIR --max-doc-len 524288 --sp-size 8   # generation memory per GPU
 """
 import bisect
 import dataclasses
@@ -62,9 +49,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import longpo
-from ring_attention import UsageError, init_distributed, print0, run_cli
+import ring_attention
+from ring_attention import UsageError, init_distributed, print0, run_cli, setup_parallel, zigzag_shard
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -77,28 +70,29 @@ class DataGenConfig:
     """Generate LongPO preference data (paper Sec. 3.3). Size flags left at 0 / -1 come from a
     profile: the paper's for real models, a small one for --model tiny."""
     model: str = field(default="tiny", metadata={"help": "pi_S: hub id, local dir, or 'tiny'"})
-    docs: str = field(default="demo", metadata={"help": "JSONL with a 'text' field (optional 'id'), a folder of .txt files, one .txt file, or 'demo'"})
+    docs: str = field(default="demo", metadata={"help": "JSONL ('text', 'id'), .txt file or folder, or 'demo'"})
     out: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "output JSONL (longpo.py's default input)"})
     chunk_min: int = field(default=0, metadata={"help": "fewest tokens in a chunk (0: profile; paper 16384)"})
-    chunk_max: int = field(default=0, metadata={"help": "most tokens in a chunk (0: profile; paper <= 32768, code 30720)"})
+    chunk_max: int = field(default=0, metadata={"help": "most tokens in a chunk (0: profile; release code 30720)"})
     min_doc_len: int = field(default=0, metadata={"help": "fewest tokens in a document (0: profile; paper > 64K)"})
-    max_doc_len: int = field(default=0, metadata={"help": "most tokens in a document (0: profile; paper < target length)"})
+    max_doc_len: int = field(default=0, metadata={"help": "most tokens in a document (0: profile; paper < target)"})
     turns: int = field(default=4, metadata={"help": "at most this many chunks (turns) per document"})
     max_new_tokens: int = field(default=0, metadata={"help": "answer length limit (0: profile; paper 1024)"})
-    temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature, 0 greedy (-1: profile; paper greedy, code 1.0)"})
+    temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature (-1: profile; paper 0)"})
     question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
     questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
-    answers: str = field(default="model", metadata={"help": "model: the model writes chosen (chunk) and rejected (whole document) answers, as the paper | gold: demo corpus only, chosen = the planted fact's place and number (At Barwick 57.), rejected = the place with another number of the document | copy: documents of random demo-corpus words, Repeat the text above., chosen = the document; gold and copy run no model and write no reference log-probs (the data that trains the miniature's short-context model from scratch with --loss sft: copy first, then gold; README)"})
-    demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (the corpus is drawn from --seed)"})
-    demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs per document, two facts each (1 to 64), or a range A-B drawn per document (e.g. 1-4: short documents to learn from)"})
-    rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta for the LONG-input generation (paper 1e7; 0: keep)"})
-    sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input (rejected) answer together, sequence-parallel (ring-attention prefill, K/V sharded); must divide the number of processes; short-input work stays one document per rank"})
+    answers: str = field(default="model", metadata={"help": "model (the paper) | gold | copy (demo corpus only)"})
+    demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (drawn from --seed)"})
+    demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs (1-64) a document, or A-B"})
+    rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the LONG-input generation (paper 1e7)"})
+    sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input answer together"})
     batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
     skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
-    bench_tokens: int = field(default=0, metadata={"help": "benchmark: greedy decoding of --max-new-tokens tokens after a synthetic prompt of about this many tokens, sequence-parallel over --sp-size ranks (1: one process, the same code); prints each rank's cache bytes, prefill seconds and decoding tokens/s; writes nothing"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/ (otherwise a rerun continues the same run and refuses other arguments)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/"})
     allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
-    seed: int = field(default=0, metadata={"help": "seed of the demo corpus, chunk choice, question choice and sampling"})
+    plan: bool = field(default=False, metadata={"help": "print generation memory per GPU and exit"})
+    make_small: str = field(default="", metadata={"help": "write the miniature's untrained model to this folder"})
+    seed: int = field(default=0, metadata={"help": "seed of the demo corpus, chunk and question choice, sampling"})
 
 
 QUESTION_PROMPT = (
@@ -115,7 +109,7 @@ REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'
             "as an ai", "as a language model", "i'm not able to", "i am not able to")
 
 
-# ----------------------------------------------------------------------------- pure functions
+# ----------------------------------------------------------------------------- chunks, questions, filters
 
 def paragraph_spans(text):
     """[start, end) of the paragraphs of text (separated by blank lines), each end extended to the
@@ -202,7 +196,303 @@ def with_lead_in(lead_in, question):
     return f"{lead_in} {question}"
 
 
-PLACE_HEADS = ["Al", "Bar", "Cor", "Dun", "El", "Fen", "Gal", "Har", "Ist", "Kel", "Lor", "Mor", "Nor", "Pel", "Ros", "Tam"]
+# ----------------------------------------------------------------------------- generation
+
+def load_for_inference(name, device, rope_theta=0.0):
+    """(model, tokenizer) for generation and scoring: bf16 on CUDA, fp32 on CPU, in eval mode."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = longpo.load_model_and_tokenizer(name, dtype, rope_theta)
+    return model.to(device).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer, model=None):
+    """Tokens that end an answer: the end-of-turn special tokens the chat template closes an
+    assistant turn with (Llama-3's <|eot_id|>, Gemma's <end_of_turn>, ChatML's <|im_end|>, which are
+    not always the tokenizer's eos), the eos, and those of the model's generation config."""
+    ids, is_answer = longpo.format_dialogue(tokenizer, "", [{"instruction": "?", "answer": "ok"}], "answer")
+    special = set(longpo.special_tokens(tokenizer).values())
+    stops = [t for t, a in zip(ids, is_answer) if a and t in special] + [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops += configured if isinstance(configured, list) else [configured]
+    return sorted({t for t in stops if t is not None})
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, par=None, seed=0):
+    """Decode token-id prompts, greedy at temperature 0, until an end-of-turn token (stop_token_ids);
+    returns (texts, number of new tokens). One process: together, left-padded, with transformers'
+    generate. With par of SP size > 1: one prompt at a time, sequence-parallel over par's SP group
+    (generate_sp), every rank returning the same texts."""
+    if par is not None and par.sp_size > 1:
+        results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed + i)
+                   for i, p in enumerate(prompts)]
+        return [text for text, _ in results], sum(n for _, n in results)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=stop_token_ids(tokenizer, model), **sampling)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    new = out[:, width:]
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return texts, int((new != tokenizer.pad_token_id).sum())
+
+
+def next_token(logits, temperature, top_p, generator):
+    """Greedy at temperature 0, else a sample of softmax(logits / T) cut to the top-p mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class PromptShardCache:
+    """The K/V cache of sequence-parallel generation, per layer: this rank's part of the prompt (the
+    prefill's zigzag shard without its padding), then the generated tokens (the same on every rank)
+    in room reserved up front, so that a decoding step copies nothing. The prefill's attention sees
+    the whole shard, padding included: padding sits at the end of the sequence, in every real
+    token's future, so it changes nothing there; decoding never sees it."""
+
+    def __init__(self, keep, room):
+        self.keep, self.room = keep, room  # keep: (T,) bool, the real prompt tokens of the shard
+        self.n_prompt = int(keep.sum())
+        self.keys, self.values, self.length = {}, {}, {}
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length.get(layer_idx, 0)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):  # key, value (B, Hkv, T, D)
+        if layer_idx not in self.keys:  # the prefill
+            shape = (*key.shape[:2], self.n_prompt + self.room, key.shape[3])
+            self.keys[layer_idx], self.values[layer_idx] = key.new_empty(shape), value.new_empty(shape)
+            self.keys[layer_idx][:, :, :self.n_prompt] = key[:, :, self.keep]
+            self.values[layer_idx][:, :, :self.n_prompt] = value[:, :, self.keep]
+            self.length[layer_idx] = self.n_prompt
+            return key, value
+        n, t = self.length[layer_idx], key.shape[2]
+        self.keys[layer_idx][:, :, n:n + t], self.values[layer_idx][:, :, n:n + t] = key, value
+        self.length[layer_idx] = n + t
+        return self.keys[layer_idx][:, :, :n + t], self.values[layer_idx][:, :, :n + t]
+
+
+@torch.no_grad()
+def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, top_p=1.0, seed=0, stats=None):
+    """One prompt decoded sequence-parallel over par's SP group; (text, new tokens), the same on every
+    rank. Prefill: the prompt, padded to a multiple of 2*sp and zigzag-sharded, runs through ring
+    attention and leaves each rank holding only ITS part of every layer's K/V (PromptShardCache).
+    Decoding: the new token's query attends to each rank's part and to the tokens generated so far
+    (counted once), merged across the group by the exact lse rule (ring_attention.decode_attention);
+    every rank then computes the same hidden state, logits and token (sampling draws from the same
+    seeded stream on every rank). stats (a dict), when given, receives the prefill and decoding
+    seconds and this rank's cache bytes (the benchmark in test_longpo.py)."""
+    sp, rank, group = par.sp_size, par.sp_rank, par.sp_group if par.sp_size > 1 else ring_attention.LOCAL
+    length = len(prompt)
+    padded = -(-length // (2 * sp)) * 2 * sp
+    ids = zigzag_shard(torch.tensor([prompt + [tokenizer.pad_token_id] * (padded - length)]), rank, sp)
+    positions = zigzag_shard(torch.arange(padded).unsqueeze(0), rank, sp)
+    cache = PromptShardCache(positions[0] < length, max_new_tokens)
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("ring_attention")
+    decoder, head = model.get_decoder(), model.get_output_embeddings().weight
+    head = head.to(torch.promote_types(head.dtype, torch.float32))  # fp32 logits, as in training
+    kwargs = dict(cache=cache, use_cache=True, ring_group=group)
+    clock = time.perf_counter()
+    try:
+        hidden = decoder(input_ids=ids.to(par.device), position_ids=positions.to(par.device),
+                         **kwargs).last_hidden_state
+        last = (positions[0] == length - 1).nonzero()  # the rank holding the last prompt token
+        logits = torch.zeros(head.shape[0], dtype=head.dtype, device=par.device)
+        if len(last):
+            logits = F.linear(hidden[0, int(last[0])].to(head.dtype), head)
+        if sp > 1:  # from the owner of the last prompt token (chunk 2sp-1 or an earlier one) to all
+            owner = torch.tensor([rank if len(last) else -1], device=par.device)
+            dist.all_reduce(owner, op=dist.ReduceOp.MAX, group=group)
+            dist.broadcast(logits, dist.get_global_rank(group, int(owner)), group=group)
+        generator = torch.Generator(device=par.device).manual_seed(seed)
+        stops, new = set(stop_token_ids(tokenizer, model)), []
+        prefill, clock = time.perf_counter() - clock, time.perf_counter()
+        while len(new) < max_new_tokens:
+            new.append(next_token(logits, temperature, top_p, generator))
+            if new[-1] in stops or len(new) == max_new_tokens:
+                break
+            hidden = decoder(input_ids=torch.tensor([[new[-1]]], device=par.device),
+                             position_ids=torch.tensor([[length + len(new) - 1]], device=par.device),
+                             ring_decode=cache.n_prompt, **kwargs).last_hidden_state
+            logits = F.linear(hidden[0, -1].to(head.dtype), head)
+    finally:
+        model.set_attn_implementation(attn)
+    if stats is not None:
+        cached = [*cache.keys.values(), *cache.values.values()]
+        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=len(new),
+                     cache_bytes=sum(t.numel() * t.element_size() for t in cached))
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+
+
+def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
+    """Answers of the model to each (context, instruction), with longpo's chat formatting."""
+    prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
+    step = cfg.batch_size if batched else 1
+    texts, n_new = [], 0
+    for k in range(0, len(prompts), step):
+        t, n = generate(model, tokenizer, prompts[k:k + step], **sampling)
+        texts += t
+        n_new += n
+    return texts, n_new
+
+
+# ----------------------------------------------------------------------------- records
+
+class Dropped(Exception):
+    """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
+
+    def __init__(self, reason, filtered=None):
+        super().__init__(reason)
+        self.reason, self.filtered = reason, filtered or {}
+
+
+@functools.lru_cache(maxsize=4)
+def longest_token(tokenizer):
+    """Characters in the longest vocabulary entry: no token covers more of a text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def measure(doc, tokenizer, cfg):
+    """(tokens, each token's start offset) of a document whose length is within the flags' range."""
+    text = doc["text"]
+    # Cheap bounds before tokenizing: a token covers at least one UTF-8 byte (plus a BOS or dummy
+    # prefix) and at most its longest vocabulary entry, so a document far outside the length range
+    # (a 20 MB one-line file) is dropped in microseconds instead of a minute and gigabytes.
+    too_short = len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len
+    if too_short or len(text) > cfg.max_doc_len * longest_token(tokenizer):
+        raise Dropped("doc_length")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if not cfg.min_doc_len <= len(enc["input_ids"]) <= cfg.max_doc_len:
+        raise Dropped("doc_length")
+    return len(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+
+
+def make_record(doc, doc_index, models, tokenizer, cfg, counts):
+    """One process: the record of a document (raises Dropped); counts collects generated tokens."""
+    model, long_model = models
+    if cfg.answers == "copy":
+        return copy_record(doc, doc_index, tokenizer, cfg)
+    draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)
+    if cfg.answers == "gold":
+        return gold_record(draft, cfg)
+    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(draft["turns"]),
+                      [t["instruction"] for t in draft["turns"]], cfg, False,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
+    counts["generated"] += n
+    return finish_record(draft, rejected, model, tokenizer, cfg)
+
+
+def start_record(doc, doc_index, model, tokenizer, cfg, counts):
+    """Everything on SHORT inputs: length, chunks, questions and (model answers) the chosen answers.
+    Returns the draft record, whose turns still need their rejected (long-input) answers; raises
+    Dropped for a document that gives none."""
+    text = doc["text"]
+    n_tokens, starts = measure(doc, tokenizer, cfg)
+    chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
+    rng = random.Random(f"{cfg.seed}-{doc['id']}")
+    chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
+    if not chunks:
+        raise Dropped("no_chunks")
+    torch.manual_seed(cfg.seed * 1_000_003 + doc_index)  # sampling is reproducible per document
+    pieces = [text[a:b] for a, b in chunks]
+    if cfg.questions == "template":
+        replies = [template_questions(p, doc["facts"]) for p in pieces]
+    else:
+        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), cfg, True,
+                         max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
+        counts["generated"] += n
+    turns, asked, filtered = [], [], {}
+    for (a, b), reply in zip(chunks, replies):
+        questions = parse_questions(reply)
+        if len(questions) < (1 if cfg.questions == "template" else 4):  # the template lists the chunk's facts
+            filtered["questions"] = filtered.get("questions", 0) + 1
+            continue
+        for question in questions if cfg.answers == "gold" else [rng.choice(questions[:4])]:  # gold: all facts
+            asked.append(question)
+            turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), question), "chunk": [a, b]})
+    if not turns:
+        raise Dropped("questions", filtered)
+    draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "rng": rng, "filtered": filtered,
+             "doc_tokens": n_tokens, "starts": starts}
+    if cfg.answers == "model":
+        draft["chosen"], n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
+                                 [t["instruction"] for t in turns], cfg, True, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature)
+        counts["generated"] += n
+    return draft
+
+
+def finish_record(draft, rejected, model, tokenizer, cfg):
+    """The filters, the record and its reference log-probs, given the rejected (long-input) answers."""
+    kept, filtered = [], draft["filtered"]
+    for turn, c, r in zip(draft["turns"], draft["chosen"], rejected):
+        reason = filter_reason(c) or filter_reason(r)
+        if reason:
+            filtered[reason] = filtered.get(reason, 0) + 1
+        else:
+            kept.append({**turn, "chosen": c, "rejected": r})
+    if not kept:
+        raise Dropped("all_turns_filtered", filtered)
+    rec = {"id": draft["doc"]["id"], "document": draft["doc"]["text"], "turns": kept,
+           "meta": {"doc_index": draft["doc_index"], "generator": cfg.model, "questions": cfg.questions,
+                    "doc_tokens": draft["doc_tokens"], "filtered_turns": filtered,
+                    "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in kept],
+                    "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
+    # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
+    rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
+    return rec
+
+
+def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
+    """--sp-size: this rank's document's short-input work (doc None: no document this round), then
+    the SP group's decoding of every member's long prompts, in which every member takes part whatever
+    its own document gave. The record (None without a document), or Dropped."""
+    (model, long_model), draft, dropped = models, None, None
+    try:
+        draft = start_record(doc, doc_index, model, tokenizer, cfg, counts) if doc else None
+    except Dropped as reason:
+        dropped = reason
+    rejected = sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts)
+    if dropped:
+        raise dropped
+    return finish_record(draft, rejected, model, tokenizer, cfg) if draft else None
+
+
+def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
+    """--sp-size: the SP group writes the rejected answers of every member's document together. Each
+    rank did its own document's short-input work (draft; None when it has none this round); the long
+    prompts of all members are gathered and each is decoded by the whole group (generate_sp); each
+    rank keeps its own answers."""
+    prompts = []
+    if draft is not None:
+        text = draft["doc"]["text"]
+        prompts = [(longpo.format_dialogue(tokenizer, text, [{"instruction": t["instruction"]}])[0],
+                    cfg.seed * 1_000_003 + draft["doc_index"] * 64 + i) for i, t in enumerate(draft["turns"])]
+    everyone = [None] * par.sp_size
+    dist.all_gather_object(everyone, prompts, group=par.sp_group)
+    mine = []
+    for member, member_prompts in enumerate(everyone):  # the same order on every rank: lockstep
+        for prompt, seed in member_prompts:
+            text, n = generate_sp(long_model, tokenizer, prompt, cfg.max_new_tokens, par, cfg.temperature, seed=seed)
+            if member == par.sp_rank:
+                mine.append(text)
+                counts["generated"] += n
+    return mine
+
+
+# ----------------------------------------------------------------------------- the demo corpus and the miniature
+
+PLACE_HEADS = "Al Bar Cor Dun El Fen Gal Har Ist Kel Lor Mor Nor Pel Ros Tam".split()
 PLACE_TAILS = ["wick", "ford", "mere", "holt", "stead", "by", "ton", "dale"]
 PLACES = [a + b for a in PLACE_HEADS for b in PLACE_TAILS]  # 128 one-word names: Alwick, Barford, ...
 ITEMS = ["maps", "lanterns", "ledgers", "bells", "keys", "crates", "clocks", "banners", "barrels",
@@ -275,6 +565,61 @@ def template_questions(chunk_text, facts):
     return "\n".join(f"{i + 1}. {q}" for i, q in enumerate(inside[:4]))
 
 
+def gold_record(draft, cfg):
+    """--answers gold: the planted answers ("At Barwick 57.") as chosen and the place with another
+    number of the document (the nearest mistake) as rejected; no reference log-probs (no model ran).
+    The questions come in random order: in document order a model learns to answer by elimination
+    (turn 2 = the fact turn 1 skipped) instead of matching."""
+    doc, rng = draft["doc"], draft["rng"]
+    fact = {f["question"]: f for f in doc["facts"]}
+    numbers = sorted({f["answer"] for f in doc["facts"]})
+    order = rng.sample(range(len(draft["turns"])), len(draft["turns"]))
+    turns, asked = [draft["turns"][i] for i in order], [draft["asked"][i] for i in order]
+    for turn, question in zip(turns, asked):
+        place, right = fact[question]["place"], fact[question]["answer"]
+        wrong = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
+        turn["chosen"], turn["rejected"] = gold_answer(place, right), gold_answer(place, wrong)
+    meta = {"doc_index": draft["doc_index"], "generator": "gold", "questions": cfg.questions,
+            "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
+            "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], "seed": cfg.seed}
+    return {"id": doc["id"], "document": doc["text"], "turns": turns, "meta": meta}
+
+
+def copy_record(doc, doc_index, tokenizer, cfg):
+    """--answers copy: "Repeat the text above.", chosen = the document, rejected = its words in
+    reverse order; no reference log-probs (no model ran)."""
+    text, n_tokens = doc["text"], measure(doc, tokenizer, cfg)[0]
+    turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
+            "rejected": " ".join(reversed(text.split()))}
+    meta = {"doc_index": doc_index, "generator": "copy", "questions": cfg.questions, "doc_tokens": n_tokens,
+            "filtered_turns": {}, "chunk_tokens": [n_tokens], "seed": cfg.seed}
+    return {"id": doc["id"], "document": text, "turns": [turn], "meta": meta}
+
+
+def save_small_model(path):
+    """--make-small: the miniature's short-context model before training, as a model folder: a Mistral
+    of 4 layers of 128 (1.1M parameters; random weights from a fixed seed) and a byte-level BPE of
+    817 tokens trained here, deterministically, on the demo corpus (its names and two-digit numbers
+    become single tokens: documents read in ~4x fewer tokens than bytes; any text still encodes)."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    docs = demo_corpus(n_docs=8, paragraphs=24, seed=12345)
+    names = " ".join(f"{p} {n}" for p in PLACES for n in range(10, 100))  # every name and number
+    texts = [names] * 3 + [d["text"] + "\n\n" + " ".join(with_lead_in(lead, f["question"]) for lead in LEAD_INS
+                                                          for f in d["facts"][:4]) for d in docs]
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=longpo.PRESET_SPECIALS,
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = longpo.tiny_tokenizer(core)
+    config = longpo.tiny_config(len(tokenizer), hidden=128, intermediate=384, layers=4, kv_heads=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    print(f"the miniature's untrained model ({sum(p.numel() for p in model.parameters())} parameters): {path}")
+
+
 # ----------------------------------------------------------------------------- input
 
 def text_id(text):
@@ -309,7 +654,8 @@ class Docs:
         for i, doc_id in enumerate(self.ids):
             if doc_id in seen:
                 raise UsageError(f"--docs {spec}: documents {seen[doc_id] + 1} and {i + 1} have the same id {doc_id!r} "
-                                 "(the same text, when they have no id); resuming needs unique ids: remove the duplicate")
+                                 "(the same text, when they have no id); resuming needs unique ids: remove the "
+                                 "duplicate")
             seen[doc_id] = i
 
     def _index_jsonl(self, spec, skip_bad):
@@ -371,182 +717,16 @@ def resolve(cfg):
         raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
     if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
         raise UsageError(f"need 0 <= --min-doc-len ({cfg.min_doc_len}) <= --max-doc-len ({cfg.max_doc_len})")
-    if cfg.bench_tokens < 0:
-        raise UsageError(f"--bench-tokens {cfg.bench_tokens} must be >= 0")
-    for name in ("turns", "max_new_tokens", "question_tokens", "batch_size"):
+    for name in ("turns", "max_new_tokens", "question_tokens", "batch_size", "sp_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
-    if cfg.sp_size < 1:
-        raise UsageError(f"--sp-size {cfg.sp_size} must be >= 1")
-    longpo.check_sp_size(cfg.sp_size)
+    if not cfg.plan:
+        ring_attention.check_sp_size(cfg.sp_size)
     if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
-        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'longpo.jsonl')}")
+        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'x.jsonl')}")
     return cfg
-
-
-# ----------------------------------------------------------------------------- generation
-
-def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
-    """Answers of the model to each (context, instruction), with longpo's chat formatting."""
-    prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
-    step = cfg.batch_size if batched else 1
-    texts, n_new = [], 0
-    for k in range(0, len(prompts), step):
-        t, n = longpo.generate(model, tokenizer, prompts[k:k + step], **sampling)
-        texts += t
-        n_new += n
-    return texts, n_new
-
-
-@functools.lru_cache(maxsize=4)
-def longest_token(tokenizer):
-    """Characters in the longest vocabulary entry: no token covers more of a text."""
-    return max(map(len, tokenizer.get_vocab()))
-
-
-def make_record(doc, doc_index, models, tokenizer, cfg, counts):
-    """(record or None, why dropped, turns filtered by reason); counts collects generated tokens.
-    One process writes the rejected answers itself; under --sp-size the SP group does (main)."""
-    model, long_model = models
-    state = start_record(doc, doc_index, model, tokenizer, cfg, counts)
-    if not isinstance(state, dict):
-        return state
-    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(state["turns"]),
-                      [t["instruction"] for t in state["turns"]], cfg, False,
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
-    counts["generated"] += n
-    return finish_record(state, rejected, model, tokenizer, cfg)
-
-
-def start_record(doc, doc_index, model, tokenizer, cfg, counts):
-    """Everything on SHORT inputs: length filter, chunks, questions, chosen answers. Returns the
-    record so far (a dict with the turns still to answer on the long input), or (None, why dropped,
-    turns filtered) as make_record does."""
-    text = doc["text"]
-    # Cheap bounds before tokenizing: a token covers at least one UTF-8 byte (plus a BOS or dummy
-    # prefix) and at most its longest vocabulary entry, so a document far outside the length range
-    # (a 20 MB one-line file) is dropped in microseconds instead of a minute and gigabytes.
-    if len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len or len(text) > cfg.max_doc_len * longest_token(tokenizer):
-        return None, "doc_length", {}
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    n_tokens = len(enc["input_ids"])
-    if not cfg.min_doc_len <= n_tokens <= cfg.max_doc_len:
-        return None, "doc_length", {}
-    if cfg.answers == "copy":
-        return copy_record(doc, doc_index, n_tokens, cfg)
-    starts = [a for a, _ in enc["offset_mapping"]]
-    chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
-    rng = random.Random(f"{cfg.seed}-{doc['id']}")
-    chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
-    if not chunks:
-        return None, "no_chunks", {}
-    torch.manual_seed(cfg.seed * 1_000_003 + doc_index)  # sampling is reproducible per document
-    pieces = [text[a:b] for a, b in chunks]
-    if cfg.questions == "template":
-        replies = [template_questions(p, doc["facts"]) for p in pieces]
-    else:
-        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), cfg, True,
-                         max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
-        counts["generated"] += n
-    turns, asked, filtered = [], [], {}
-    for (a, b), reply in zip(chunks, replies):
-        questions = parse_questions(reply)
-        if len(questions) < (1 if cfg.questions == "template" else 4):  # the template lists the chunk's facts
-            filtered["questions"] = filtered.get("questions", 0) + 1
-            continue
-        for question in questions if cfg.answers == "gold" else [rng.choice(questions[:4])]:  # gold: all facts
-            asked.append(question)
-            turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), question), "chunk": [a, b]})
-    if not turns:
-        return None, "questions", filtered
-    if cfg.answers == "gold":
-        return gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng)
-    chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                    [t["instruction"] for t in turns], cfg, True, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature)
-    counts["generated"] += n
-    return {"doc": doc, "doc_index": doc_index, "turns": turns, "chosen": chosen, "filtered": filtered,
-            "doc_tokens": n_tokens, "starts": starts}
-
-
-def gold_record(doc, doc_index, turns, asked, n_tokens, starts, filtered, cfg, rng):
-    """--answers gold: (record, None, filtered) with the planted answers ("At Barwick 57.") as chosen
-    and the place with another number of the document (the nearest mistake) as rejected; no
-    reference log-probs (no model ran). The questions come in random order: in document order a
-    model learns to answer by elimination (turn 2 = the fact turn 1 skipped) instead of matching."""
-    fact = {f["question"]: f for f in doc["facts"]}
-    numbers = sorted({f["answer"] for f in doc["facts"]})
-    order = rng.sample(range(len(turns)), len(turns))
-    turns, asked = [turns[i] for i in order], [asked[i] for i in order]
-    for turn, question in zip(turns, asked):
-        place, right = fact[question]["place"], fact[question]["answer"]
-        wrong = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
-        turn["chosen"], turn["rejected"] = gold_answer(place, right), gold_answer(place, wrong)
-    rec = {"id": doc["id"], "document": doc["text"], "turns": turns,
-           "meta": {"doc_index": doc_index, "generator": "gold", "questions": cfg.questions, "doc_tokens": n_tokens,
-                    "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in turns],
-                    "seed": cfg.seed}}
-    return rec, None, filtered
-
-
-def copy_record(doc, doc_index, n_tokens, cfg):
-    """--answers copy: (record, None, {}): "Repeat the text above.", chosen = the document, rejected =
-    its words in reverse order; no reference log-probs (no model ran)."""
-    text = doc["text"]
-    turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
-            "rejected": " ".join(reversed(text.split()))}
-    rec = {"id": doc["id"], "document": text, "turns": [turn],
-           "meta": {"doc_index": doc_index, "generator": "copy", "questions": cfg.questions, "doc_tokens": n_tokens,
-                    "filtered_turns": {}, "chunk_tokens": [n_tokens], "seed": cfg.seed}}
-    return rec, None, {}
-
-
-def finish_record(state, rejected, model, tokenizer, cfg):
-    """The filters, the record and its reference log-probs, given the rejected (long-input) answers."""
-    kept, filtered = [], state["filtered"]
-    for turn, c, r in zip(state["turns"], state["chosen"], rejected):
-        reason = filter_reason(c) or filter_reason(r)
-        if reason:
-            filtered[reason] = filtered.get(reason, 0) + 1
-        else:
-            kept.append({**turn, "chosen": c, "rejected": r})
-    if not kept:
-        return None, "all_turns_filtered", filtered
-    rec = {"id": state["doc"]["id"], "document": state["doc"]["text"], "turns": kept,
-           "meta": {"doc_index": state["doc_index"], "generator": cfg.model, "questions": cfg.questions,
-                    "doc_tokens": state["doc_tokens"], "filtered_turns": filtered,
-                    "chunk_tokens": [tokens_in(state["starts"], *t["chunk"]) for t in kept],
-                    "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
-    # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
-    device = next(model.parameters()).device
-    rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_ref_logps(
-        model, longpo.build_example(rec, tokenizer), device)
-    return rec, None, filtered
-
-
-def sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts):
-    """--sp-size: the SP group writes the rejected answers of every member's document together. Each
-    rank did its own document's short-input work (data-parallel, as with one process per document);
-    the long prompts of all members are gathered and each is decoded by the whole group
-    (longpo.generate_sp); each rank keeps its own answers."""
-    prompts = []
-    if isinstance(state, dict):
-        text = state["doc"]["text"]
-        prompts = [(longpo.format_dialogue(tokenizer, text, [{"instruction": t["instruction"]}])[0],
-                    cfg.seed * 1_000_003 + state["doc_index"] * 64 + i) for i, t in enumerate(state["turns"])]
-    everyone = [None] * par.sp_size
-    dist.all_gather_object(everyone, prompts, group=par.sp_group)
-    mine = []
-    for member, member_prompts in enumerate(everyone):  # the same order on every rank: lockstep
-        for prompt, seed in member_prompts:
-            text, n = longpo.generate_sp(long_model, tokenizer, prompt, cfg.max_new_tokens, par, cfg.temperature,
-                                         seed=seed)
-            if member == par.sp_rank:
-                mine.append(text)
-                counts["generated"] += n
-    return mine
 
 
 # ----------------------------------------------------------------------------- never losing work
@@ -600,7 +780,8 @@ def check_out(cfg):
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in run_arguments(cfg).items() if before.get(k) != v]
+        changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in run_arguments(cfg).items()
+                   if before.get(k) != v]
         if changed:
             raise UsageError(f"{folder} holds work done with other arguments ({'; '.join(changed)}); rerun with "
                              "the same arguments to continue it, or pass --overwrite to start over")
@@ -635,10 +816,9 @@ def summarise(records, dropped, n_docs, bad_lines):
             "turns_filtered": filtered}
 
 
-def merge(cfg, n_docs, bad_lines, stats):
+def join_parts(cfg, n_docs, bad_lines, stats):
     """Rank 0: the parts into one JSONL in document order, line by line and atomically (tmp file,
     then rename), plus <out>.meta.json."""
-    import transformers
     records, dropped = read_parts(cfg.out + ".parts")
     records = sorted({r["id"]: r for r in records}.values(), key=lambda r: r["doc_index"])  # once each
     tmp = cfg.out + ".tmp"
@@ -658,36 +838,40 @@ def merge(cfg, n_docs, bad_lines, stats):
     return summary
 
 
+# ----------------------------------------------------------------------------- generation memory plan
+
+def generation_plan(cfg):
+    """Per-GPU memory of generating from a --max-doc-len-token prompt, sequence-parallel over --sp-size
+    GPUs (generate_sp): no gradients, bf16 weights whole on every GPU, each GPU keeping its share of
+    the prompt's K/V and the generated tokens', and one layer of the prefill in flight."""
+    c = longpo.PRESETS[cfg.model][1](len(longpo.load_tokenizer(cfg.model))) if cfg.model in longpo.PRESETS \
+        else AutoConfig.from_pretrained(cfg.model)
+    with torch.device("meta"):  # shapes only
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
+    H, n_layers, inter, hq, hkv = c.hidden_size, c.num_hidden_layers, c.intermediate_size, \
+        c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or H // hq
+    bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
+    kv_token = n_layers * 2 * hkv * d * bf16
+    rows = [("bf16 weights, whole on every GPU", params * bf16),
+            (f"K/V cache: {P} prompt tokens + {new} generated, {n_layers} layers", (P + new) * kv_token),
+            ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
+             P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
+    lines = [f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} (the whole "
+             f"prompt's K/V: {cfg.max_doc_len * kv_token / 1e9:.2f} GB):"]
+    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows]
+    return "\n".join(lines + [f"generation peak per GPU: {sum(b for _, b in rows) / 1e9:.2f} GB"])
+
+
 # ----------------------------------------------------------------------------- main
-
-def bench(cfg, par, device):
-    """Sequence-parallel generation of one long prompt: what each rank holds and how long it takes."""
-    model, tokenizer = longpo.load_for_inference(cfg.model, device)
-    rec = longpo.synthetic_record(tokenizer, cfg.bench_tokens)
-    prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
-    longpo.generate_sp(model, tokenizer, prompt[:256], 4, par)  # warm-up
-    stats = {}
-    longpo.generate_sp(model, tokenizer, prompt, cfg.max_new_tokens, par, stats=stats)
-    row = torch.tensor([par.rank, stats["cache_bytes"] / 1e6, stats["prefill_s"], stats["new_tokens"], stats["decode_s"]],
-                       dtype=torch.float64, device=device)
-    rows = [row.clone() for _ in range(par.world_size)]
-    if par.world_size > 1:
-        dist.all_gather(rows, row)
-    print0(f"bench: {cfg.model}, prompt of {len(prompt)} tokens, sp {par.sp_size}, {torch.get_num_threads()} threads per process")
-    print0(f"{'rank':>4} {'cache (MB)':>11} {'prefill (s)':>12} {'new tokens':>11} {'decode tokens/s':>16}")
-    for r in (r.tolist() for r in rows):
-        print0(f"{int(r[0]):>4} {r[1]:11.2f} {r[2]:12.3f} {int(r[3]):>11} {r[3] / max(r[4], 1e-9):16.1f}")
-
-
 
 def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device):
     """This rank's documents, each record (or the reason it was dropped) appended to its part file
     and flushed before the next starts. With --sp-size, in rounds: in each, every member of an SP
     group does its next document's short-input work, then the group decodes all their long prompts."""
-    from tqdm import tqdm
-    (model, long_model), par, rounds, t0 = models, None, len(mine), time.perf_counter()
+    par, rounds, t0 = None, len(mine), time.perf_counter()
     if cfg.sp_size > 1:
-        par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+        par = setup_parallel(cfg.sp_size, rank, world_size, device)
         longest = torch.tensor([len(mine)], device=device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
         rounds = int(longest)  # a member with fewer documents still takes part in the others' decoding
@@ -696,30 +880,29 @@ def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, 
         for k in bar:
             i = mine[k] if k < len(mine) else None
             doc = docs[i] if i is not None else None
-            if par is None:
-                result = make_record(doc, i, models, tokenizer, cfg, counts)
-            else:
-                state = start_record(doc, i, model, tokenizer, cfg, counts) if doc else None
-                rejected = sp_rejected_answers(state, long_model, tokenizer, cfg, par, counts)
-                result = finish_record(state, rejected, model, tokenizer, cfg) if isinstance(state, dict) else state
+            try:
+                if par is None:
+                    entry = make_record(doc, i, models, tokenizer, cfg, counts)
+                else:
+                    entry = sp_record(doc, i, models, tokenizer, cfg, par, counts)
+            except Dropped as d:
+                entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
             if doc is None:
                 continue
-            rec, reason, filtered = result
-            entry = rec or {"id": doc["id"], "doc_index": i, "dropped": reason, "filtered_turns": filtered}
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
             part.flush()  # finished work is on disk before the next document starts
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}", refresh=False)
+            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}",
+                            refresh=False)
 
 
 def main(cfg):
+    if cfg.make_small:
+        return save_small_model(cfg.make_small)
     cfg = resolve(cfg)
     longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
-    if cfg.bench_tokens:
-        rank, world_size, device = init_distributed()
-        par = (longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
-               else longpo.Parallel(0, 1, 1, None, device))
-        return bench(cfg, par, device)
+    if cfg.plan:
+        return print(generation_plan(cfg))
     docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), cfg.answers == "copy")
     check_out(cfg)
     rank, world_size, device = init_distributed()
@@ -737,10 +920,10 @@ def main(cfg):
     if cfg.answers != "model":  # the planted answers or the copies: no model runs
         model, tokenizer = None, longpo.load_tokenizer(cfg.model)
     else:
-        model, tokenizer = longpo.load_for_inference(cfg.model, device)
+        model, tokenizer = load_for_inference(cfg.model, device)
     long_model = model
     if cfg.rope_theta and model is not None:  # only the long-input generation sees the raised theta
-        long_model = longpo.load_for_inference(cfg.model, device, cfg.rope_theta)[0]
+        long_model = load_for_inference(cfg.model, device, cfg.rope_theta)[0]
     counts, t0 = {"generated": 0}, time.perf_counter()
     write_records(docs, mine, (model, long_model), tokenizer, cfg, counts, rank, world_size, device)
     elapsed = time.perf_counter() - t0
@@ -750,13 +933,14 @@ def main(cfg):
         dist.all_reduce(stats)  # generated tokens summed; seconds summed over ranks
     if rank == 0:
         generated, seconds = stats.tolist()
-        summary = merge(cfg, len(docs), docs.bad_lines, {
+        summary = join_parts(cfg, len(docs), docs.bad_lines, {
             "generated_tokens_this_run": int(generated),
             "generated_tokens_per_s": round(generated / max(seconds / world_size, 1e-9), 1)})
         print0(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}")
         if not summary["kept"] and not cfg.allow_empty:
-            raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: {summary['dropped_documents']}, "
-                             f"turns filtered: {summary['turns_filtered']}); check --min-doc-len/--max-doc-len and "
+            raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: "
+                             f"{summary['dropped_documents']}, turns filtered: {summary['turns_filtered']}); check "
+                             "--min-doc-len/--max-doc-len and "
                              "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
     if dist.is_initialized():
         dist.destroy_process_group()

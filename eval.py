@@ -1,4 +1,4 @@
-"""Evaluate what LongPO promises: long-context gain AND short-context retention (method.md).
+"""Evaluate what LongPO promises: long-context gain AND short-context retention.
 
 Long context:
   * RULER-style synthetic tasks generated in code at any --lengths with the model's tokenizer:
@@ -17,13 +17,11 @@ Short context:
     mean log-prob change of the answers on the SHORT inputs of the preference data (--ref-model).
 
 Output: a table like the paper's (rows models, columns tasks), --baseline MODEL side by side with
-deltas, every score and setting as JSON in --out, and a needle heatmap (depth x length) as PNG when
-matplotlib is installed. Long inputs are sequence-parallel under torchrun with --sp-size: the
-preference scoring (ring attention) and the RULER / InfiniteBench generation (longpo.generate_sp:
-each rank keeps its share of the prompt's K/V). The built-in haystack and the demo multiple-choice
-set are synthetic, so the tiny default shows the machinery, not a model's quality.
+deltas, the needle's scores by depth and length, and every score and setting as JSON in --out.
+Long inputs are sequence-parallel under torchrun with --sp-size: the preference scoring (ring
+attention) and the RULER / InfiniteBench generation (data_gen.generate_sp). The built-in haystack
+and demo multiple-choice set are synthetic: the tiny default shows the machinery, not quality.
 
-Commands:
     python eval.py                                   # the tiny run's final model vs its base model
     python eval.py --model tiny --baseline ""        # one model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --sp-size 8 \\
@@ -44,32 +42,32 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data_gen
 import longpo
-from ring_attention import UsageError, init_distributed, print0, run_cli
+from ring_attention import UsageError, check_sp_size, init_distributed, print0, run_cli, setup_parallel
 
 
 @dataclass
 class EvalConfig:
     """Long-context gain and short-context retention of a model, optionally against a baseline."""
-    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s) to evaluate, comma-separated (one table row each): longpo.py's final model by default, hub id, dir or a preset ('tiny', 'small')"})
-    baseline: str = field(default="auto", metadata={"help": "model to compare with; auto: the base model of a longpo.py run (its config.json), '' for none"})
-    ref_model: str = field(default="", metadata={"help": "reference for the KL check (default: the baseline, else --model)"})
-    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "comma list of ruler, facts, infbench, mc, kl, pref"})
-    lengths: str = field(default="1k,2k", metadata={"help": "RULER and facts prompt lengths in tokens (k = 1024), e.g. 4k,16k,64k,128k"})
+    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s), comma-separated: hub id or dir"})
+    baseline: str = field(default="auto", metadata={"help": "model to compare with (auto: a longpo.py run's base)"})
+    ref_model: str = field(default="", metadata={"help": "reference for the KL check (default: the baseline)"})
+    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "of ruler, facts, infbench, mc, kl, pref"})
+    lengths: str = field(default="1k,2k", metadata={"help": "RULER and facts prompt lengths (k = 1024), e.g. 4k,128k"})
     depths: int = field(default=5, metadata={"help": "needle depths spread over [0, 1]"})
     samples: int = field(default=1, metadata={"help": "RULER samples per task, length and depth"})
-    haystack: str = field(default="", metadata={"help": "haystack text file or JSONL ('text'); default built-in filler"})
-    infbench: str = field(default="", metadata={"help": "folder with longbook_qa_eng / longbook_choice_eng / longbook_sum_eng .jsonl"})
-    infbench_max_len: int = field(default=131072, metadata={"help": "InfiniteBench truncation length in tokens (middle cut)"})
-    infbench_limit: int = field(default=0, metadata={"help": "at most this many examples per InfiniteBench task (0: all)"})
+    haystack: str = field(default="", metadata={"help": "haystack text or JSONL ('text') file (default: filler)"})
+    infbench: str = field(default="", metadata={"help": "folder with longbook_{qa,choice,sum}_eng.jsonl"})
+    infbench_max_len: int = field(default=131072, metadata={"help": "InfiniteBench truncation length (middle cut)"})
+    infbench_limit: int = field(default=0, metadata={"help": "examples per InfiniteBench task (0: all)"})
     mc: str = field(default="demo", metadata={"help": "comma list of multiple-choice JSONL files, or 'demo'"})
-    pref_data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "held-out LongPO preference pairs (kl and pref tasks)"})
+    pref_data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "held-out preference pairs (kl, pref)"})
     max_pairs: int = field(default=16, metadata={"help": "at most this many preference records"})
     beta: float = field(default=0.1, metadata={"help": "beta of the rewards in the pref task"})
-    sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long-input scoring (0: all ranks)"})
-    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores and settings, rewritten after each finished task (an existing one is kept: the next free name eval-1.json, ... is used)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and --heatmap instead of writing to a new name"})
-    heatmap: str = field(default="runs/needle_heatmap.png", metadata={"help": "needle heatmap PNG (needs matplotlib; '' to skip)"})
+    sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long inputs (0: all ranks)"})
+    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores (taken: the next free name)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic tasks"})
 
 
@@ -125,7 +123,8 @@ def parse_option(prediction, options):
     letter = m and next(g for g in m.groups() if g)
     if letter and ord(letter) - 65 < len(options):
         return ord(letter) - 65
-    found = [i for i, opt in enumerate(options) if normalize_answer(str(opt)) and normalize_answer(str(opt)) in normalize_answer(prediction)]
+    said = normalize_answer(prediction)
+    found = [i for i, opt in enumerate(options) if normalize_answer(str(opt)) and normalize_answer(str(opt)) in said]
     return found[0] if len(found) == 1 else None
 
 
@@ -154,7 +153,9 @@ def haystack_sentences(path):
             raise UsageError(f"--haystack {path} is not a file")
         with open(path, encoding="utf-8") as f:
             raw = f.read()
-        text = " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip()) if path.endswith(".jsonl") else raw
+        text = raw
+        if path.endswith(".jsonl"):
+            text = " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
     return [s.strip() + "." for s in re.split(r"\.\s+", " ".join(text.split())) if s.strip()]
 
 
@@ -165,7 +166,8 @@ def ruler_sample(task, rng):
     values = [str(rng.randint(1000000, 9999999)) for _ in range(4)]
     magic = "One of the special magic numbers for {} is: {}."
     if task == "niah_single":
-        return [magic.format(keys[0], values[0])], f"What is the special magic number for {keys[0]} mentioned in the text?", values[:1], 24
+        question = f"What is the special magic number for {keys[0]} mentioned in the text?"
+        return [magic.format(keys[0], values[0])], question, values[:1], 24
     if task == "niah_multikey":
         return ([magic.format(k, v) for k, v in zip(keys, values)],
                 f"What is the special magic number for {keys[0]} mentioned in the text?", values[:1], 24)
@@ -174,7 +176,8 @@ def ruler_sample(task, rng):
                 f"What are all the special magic numbers for {keys[0]} mentioned in the text?", values, 64)
     if task == "niah_multiquery":
         return ([magic.format(k, v) for k, v in zip(keys, values)],
-                f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in the text?", values, 64)
+                f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in the text?",
+                values, 64)
     if task == "vt":  # multi-hop: VAR A = n, VAR B = VAR A, ...
         names = [k.upper() for k in keys]
         chain = [f"VAR {names[0]} = {values[0]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
@@ -190,7 +193,6 @@ def facts_prompt(tokenizer, length, depth, seed):
     """The miniature's task: a held-out demo document (data_gen.demo_corpus, facts "At Barwick 57 maps
     were counted.") cut after the most paragraphs that fit a prompt of at most `length` tokens,
     and a question about its fact nearest to `depth`. Returns (prompt ids, expected number)."""
-    import data_gen
     doc = data_gen.demo_corpus(1, data_gen.MAX_DEMO_PARAGRAPHS, seed)[0]
     paragraphs = doc["text"].split("\n\n")
 
@@ -275,11 +277,11 @@ def build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, r
 
 def greedy(model, tokenizer, ids, max_new_tokens, par=None):
     """Greedy answer to one prompt: on one device, or sequence-parallel over par's SP group."""
-    return longpo.generate(model, tokenizer, [ids], max_new_tokens, par=par)[0][0]
+    return data_gen.generate(model, tokenizer, [ids], max_new_tokens, par=par)[0][0]
 
 
 def eval_ruler(model, tokenizer, sentences, lengths, cfg, par=None):
-    """Scores per task and length (mean over depths and samples) and the single-needle heatmap."""
+    """Scores per task and length (mean over depths and samples), and of the single needle per depth."""
     depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
     scores, heat = {}, {}
     from tqdm import tqdm
@@ -301,8 +303,10 @@ def eval_ruler(model, tokenizer, sentences, lengths, cfg, par=None):
 # ----------------------------------------------------------------------------- InfiniteBench
 
 INFBENCH = {  # file, prompt (our words), answer tokens, scorer
-    "en_qa": ("longbook_qa_eng.jsonl", "Answer the question about the book above as briefly as possible.\n\nQuestion: {input}", 48),
-    "en_mc": ("longbook_choice_eng.jsonl", "Which option answers the question about the book above? Reply with its letter.\n\n"
+    "en_qa": ("longbook_qa_eng.jsonl",
+              "Answer the question about the book above as briefly as possible.\n\nQuestion: {input}", 48),
+    "en_mc": ("longbook_choice_eng.jsonl",
+              "Which option answers the question about the book above? Reply with its letter.\n\n"
               "Question: {input}\n{options}", 16),
     "en_sum": ("longbook_sum_eng.jsonl", "Summarize the book above in a few paragraphs.", 512),
 }
@@ -318,7 +322,8 @@ def truncate_middle(ids, max_len):
 def load_infbench(cfg):
     """{task: examples} of the InfiniteBench files in --infbench, checked line by line up front."""
     if not os.path.isdir(cfg.infbench):
-        raise UsageError(f"--infbench {cfg.infbench} is not a folder (it holds {', '.join(v[0] for v in INFBENCH.values())})")
+        names = ", ".join(v[0] for v in INFBENCH.values())
+        raise UsageError(f"--infbench {cfg.infbench} is not a folder (with {names})")
     tasks = {}
     for task, (name, _, _) in INFBENCH.items():
         path = os.path.join(cfg.infbench, name)
@@ -457,9 +462,11 @@ def eval_kl(model, ref_model, tokenizer, records):
     kl_sum, delta_sum, n = 0.0, 0.0, 0
     device = next(model.parameters()).device
     for rec in records:
-        for seq in longpo.build_example(rec, tokenizer)["short_chosen"]:
-            ids = torch.tensor([seq["ids"]], device=device)
-            targets, mask = longpo.shifted_targets(seq["ids"], seq["is_answer"])
+        for turn in rec["turns"]:  # the short input of each turn: its chunk, its instruction, the chosen answer
+            chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
+            seq, is_answer = longpo.format_dialogue(tokenizer, chunk, [turn], "chosen")
+            ids = torch.tensor([seq], device=device)
+            targets, mask = longpo.shifted_targets(seq, is_answer)
             pos = mask.nonzero().squeeze(-1).to(device)
             logp = F.log_softmax(model(input_ids=ids).logits[0, pos].float(), -1)
             ref_logp = F.log_softmax(ref_model(input_ids=ids).logits[0, pos].float(), -1)
@@ -477,9 +484,9 @@ def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
     acc = margin = 0.0
     for rec in records:
         ex = longpo.build_example(rec, tokenizer)
-        logps = [longpo.policy_logps(model, longpo.prepare_sequence(ex[side]["ids"], {"answer": ex[side]["is_answer"]},
-                                                                    par, tokenizer.pad_token_id), par, chunk)[0]
-                 for side in ("chosen", "rejected")]
+        seqs = {side: longpo.prepare_sequence(ex[side]["ids"], {side: ex[side]["is_answer"]}, par,
+                                              tokenizer.pad_token_id) for side in ("chosen", "rejected")}
+        logps = [longpo.policy_logps(model, seqs[side], par, chunk)[side] for side in ("chosen", "rejected")]
         refs = [torch.tensor([rec[f"ref_{side}_logp"]], device=par.device) for side in ("chosen", "rejected")]
         _, chosen, rejected = longpo.longpo_loss(*logps, *refs, beta)
         acc += float(chosen.item() > rejected.item())
@@ -515,7 +522,7 @@ def prepare_inputs(cfg, tasks):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     if cfg.infbench_limit < 0 or not cfg.beta > 0:
         raise UsageError("--infbench-limit must be >= 0 and --beta > 0")
-    longpo.check_sp_size(cfg.sp_size)
+    check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
     for name in model_names(cfg):
         check_model_flag("--model", name)
@@ -535,12 +542,11 @@ def prepare_inputs(cfg, tasks):
         if not os.path.exists(cfg.pref_data):
             raise UsageError(f"--pref-data {cfg.pref_data} does not exist: create it first with `python data_gen.py`, "
                              "or drop kl and pref from --tasks")
-        inputs["records"] = longpo.load_records(cfg.pref_data, need_ref=True)[:cfg.max_pairs]
-    for flag, path in (("--out", cfg.out), ("--heatmap", cfg.heatmap)):
-        if path and (os.path.isdir(path) or path.endswith(os.sep)):
-            raise UsageError(f"{flag} {path} is a folder; give a file name")
+        records = longpo.Records(cfg.pref_data, need_ref=True)
+        inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
+    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
+        raise UsageError(f"--out {cfg.out} is a folder; give a file name")
     inputs["out"] = free_name(cfg.out, cfg.overwrite)
-    inputs["heatmap"] = cfg.heatmap and free_name(cfg.heatmap, cfg.overwrite)
     if inputs["out"] != cfg.out:
         print0(f"{cfg.out} exists: writing {inputs['out']} instead (--overwrite replaces it)")
     return inputs
@@ -569,9 +575,9 @@ def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results,
     """Everything but the SP scoring: RULER and InfiniteBench generation (on one device, or
     sequence-parallel over par's SP group), multiple choice, KL; each task's scores go into results
     and to disk (save) as soon as it finishes."""
-    heat = None
     if "ruler" in tasks:
-        results["ruler"], heat = eval_ruler(model, tokenizer, inputs["sentences"], inputs["lengths"], cfg, par)
+        results["ruler"], results["needle_by_depth"] = eval_ruler(model, tokenizer, inputs["sentences"],
+                                                                  inputs["lengths"], cfg, par)
         save()
     if "facts" in tasks:
         results["facts"] = eval_facts(model, tokenizer, inputs["facts"][name], par)
@@ -585,7 +591,6 @@ def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results,
     if "kl" in tasks:
         results["kl"] = eval_kl(model, ref_model, tokenizer, inputs["records"])
         save()
-    return heat
 
 
 def summary_row(res):
@@ -617,27 +622,16 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def save_heatmap(heat_by_model, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("matplotlib is not installed: no needle heatmap (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, len(heat_by_model), figsize=(5 * len(heat_by_model), 4), squeeze=False)
-    for ax, (name, heat) in zip(axes[0], heat_by_model.items()):
-        depths, lengths = sorted(heat), sorted({n for row in heat.values() for n in row}, key=int)
-        grid = [[heat[d].get(n, float("nan")) for n in lengths] for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(depths)), depths)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(name, fontsize=9)
-    axes[0][0].set_ylabel("needle depth (0: start of the context)")
-    fig.colorbar(im, ax=axes[0].tolist())
-    fig.savefig(path, dpi=100)
-    print0(f"needle heatmap: {path}")
+def print_ruler(results):
+    """RULER per task and length, and the single needle's score per depth and length, of each model."""
+    print("\nRULER by length (mean over depths)")
+    for label, res in results.items():
+        for task, by_len in res["ruler"].items():
+            print(f"  {label} {task}: " + ", ".join(f"{n}: {v:.3f}" for n, v in by_len.items() if n != "avg"))
+    print("\nsingle needle by depth in the context (0: its start) and length")
+    for label, res in results.items():
+        for depth, by_len in sorted(res["needle_by_depth"].items()):
+            print(f"  {label} depth {depth}: " + ", ".join(f"{n}: {v:.2f}" for n, v in by_len.items()))
 
 
 def write_json(path, payload):
@@ -658,7 +652,7 @@ def main(cfg):
     if "facts" in tasks:
         inputs["facts"] = check_facts(names + [baseline] * bool(baseline), inputs["lengths"], cfg)
     rank, world_size, device = init_distributed()
-    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+    par = setup_parallel(cfg.sp_size, rank, world_size, device)
     models = {name: name for name in names}  # table label -> model
     if baseline:
         models = {(baseline if baseline not in names else f"{baseline} (baseline)"): baseline, **models}
@@ -671,7 +665,7 @@ def main(cfg):
         if rank == 0:
             write_json(inputs["out"], {"settings": settings, "complete": table is not None, "results": results,
                                        **({"table": table} if table else {})})
-    loaded = {name: longpo.load_for_inference(name, device) for name in dict.fromkeys(models.values())}  # each model once
+    loaded = {name: data_gen.load_for_inference(name, device) for name in dict.fromkeys(models.values())}  # each once
     if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
         for label, name in models.items():
             model, tokenizer = loaded[name]
@@ -683,10 +677,11 @@ def main(cfg):
     # phase 2: generation and short-input scoring; on rank 0 alone, or with an SP group of several,
     # on every rank (each group decodes sequence-parallel, all compute the same scores, rank 0 writes)
     if rank == 0 or par.sp_size > 1:
-        heat = {}
-        ref_model = (loaded.get(ref_name) or longpo.load_for_inference(ref_name, device))[0] if "kl" in tasks else None
+        ref_model = None
+        if "kl" in tasks:
+            ref_model = (loaded.get(ref_name) or data_gen.load_for_inference(ref_name, device))[0]
         for label, name in models.items():
-            heat[label] = answer_tasks(name, *loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
+            answer_tasks(name, *loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
     if rank == 0:
         rows = {label: summary_row(res) for label, res in results.items()}
         if baseline and len(rows) == 2:
@@ -694,14 +689,9 @@ def main(cfg):
             rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
         print(format_table(rows), flush=True)
         if "ruler" in tasks:
-            print("\nRULER by length (mean over depths)")
-            for label in models:
-                for task, by_len in results[label]["ruler"].items():
-                    print(f"  {label} {task}: " + ", ".join(f"{n}: {v:.3f}" for n, v in by_len.items() if n != "avg"))
+            print_ruler(results)
         save(table=rows)
         print(f"scores: {inputs['out']}")
-        if "ruler" in tasks and inputs["heatmap"]:
-            save_heatmap(heat, inputs["heatmap"])
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,58 +1,39 @@
 """Zigzag ring attention: exact causal self-attention of one sequence sharded over many processes.
 
-LongPO trains and evaluates on 128K-512K token inputs (method.md, "Infrastructure"). No single GPU
-holds the attention of such a sequence, so each of the W ranks of a sequence-parallel (SP) group
-keeps T = N/W tokens and the key/value blocks travel around a ring. This file is the bottom layer
-of the project and imports nothing from it.
-
-The algorithm (design.md, "Ring attention"):
-  * Zigzag layout. The sequence is cut into 2W chunks; rank r holds chunks r and 2W-1-r, so every
-    rank does the same amount of causal work (a plain contiguous split leaves rank 0 idle while
-    rank W-1 attends to everything, which halves the speed).
-  * Step 0 attends the local block to itself with a causal mask. At step s the K/V block of rank
-    j = (r - s) mod W visits. If j < r, all local queries see the visitor's FIRST chunk (its second
-    chunk lies in the future of both local chunks). If j > r, only the local SECOND query chunk
-    sees the visitor, and it sees ALL of it. Either way a step costs one chunk x two chunks.
-  * Blocks are merged in fp32 with the log-sum-exp (lse) form, so the result is exactly
-    softmax(q k^T * scale + causal mask) v of the whole sequence.
-  * Backward keeps the final out and lse from the forward. One block's backward computed with the
-    GLOBAL lse gives that block's exact share of dq, dk, dv. dq accumulates locally in fp32; dk and
-    dv accumulate in fp32 and travel around the ring with their K/V block, plus one hop home.
+LongPO trains on 128K-512K-token inputs, whose attention no single GPU holds. Each of the W ranks of
+a sequence-parallel (SP) group keeps T = N/W tokens and the key/value blocks travel around a ring.
+This file is the bottom of the project: it imports nothing from it. In reading order:
+  * Zigzag layout: 2W chunks, rank r holds chunks r and 2W-1-r, so every rank does the same causal
+    work (a contiguous split leaves rank 0 idle while rank W-1 attends to everything).
+  * Step 0 attends the local block to itself, causally. At step s the K/V block of rank
+    j = (r - s) mod W visits: if j < r, all local queries see its FIRST chunk (the second lies in
+    their future); if j > r, only the local SECOND query chunk sees it, all of it.
+  * Blocks merge in fp32 by the log-sum-exp (lse) rule: exactly softmax(q k^T * scale + mask) v.
+  * Backward keeps the final out and lse; one block's backward with the GLOBAL lse is its exact
+    share of dq, dk, dv. dq stays local; dk, dv travel with their block, plus one hop home.
   * The next block's send/recv is posted before the current block is computed (overlap).
-  * Only the Hkv key/value heads travel (GQA); world size 1 does no communication at all.
-  * A shared prefix with branches (BranchLayout; LongPO's chosen and rejected answers after one
-    copy of the document): the prefix is zigzag-sharded as above, the branch tokens are split
-    evenly over the ranks. Branch queries attend to every prefix block that visits (all of it is in
-    their past) and to their own branch's earlier tokens, gathered from all ranks (small), merged
-    by the same lse rule; their K/V gradients are summed over the group and kept by the owners.
+Then, each in its own section: a shared prefix with branches (LongPO's chosen and rejected answers
+after ONE copy of the document), decoding against a sharded prompt, the registration as the
+transformers attention "ring_attention" (a Llama / Mistral / Qwen2 model given zigzag-sharded ids
+and positions runs sequence-parallel), and the CLI and distributed glue that the scripts share.
 
-Block kernels (`KERNELS`), chosen per device, dtype and head shape by `pick_kernel`: on CUDA
-PyTorch's own fused ops, which return the lse and take a given out/lse in the backward (cuDNN
-attention, the fastest on an H100; PyTorch's FlashAttention-2 op where cuDNN refuses the inputs),
-then flash-attn (>= 2.7) if installed; on CPU PyTorch's fused CPU attention; a plain PyTorch kernel
-as the readable reference and the last resort, refused with a clear error when its T x T scores
-would be large. Each fused kernel is checked once per configuration against the plain one (a
-private op may refuse inputs or change). All take GQA without repeating K/V heads. Deliberate
-limits: causal self-attention only (no padding masks: pad at the end of the sequence, where causal
-attention keeps pads out of every real token's view), no dropout, no sliding window.
+Block kernels: PyTorch's own fused cuDNN and FlashAttention-2 ops on CUDA, flash-attn >= 2.7 if
+installed, PyTorch's fused CPU attention on CPU, and a plain PyTorch kernel as the readable
+reference (refused where its T x T scores would be large). Limits: causal self-attention only (pad
+at the END of a sequence), no dropout, no sliding window.
 
-Importing this file registers "ring_attention" as a transformers attention implementation, so a
-Llama / Mistral / Qwen2 model given zigzag-sharded input_ids and position_ids runs sequence-parallel.
-
-Self-check and benchmark (ring vs an fp32 reference and vs F.scaled_dot_product_attention of the
-whole sequence in one process, forward and backward, every rank; --kernel picks a kernel by name):
-    python ring_attention.py --seq-len 4096                        # one process, CPU
-    torchrun --nproc_per_node 2 ring_attention.py --threads 1       # 2 CPU processes, T = 16384
-    torchrun --nproc_per_node 8 ring_attention.py --seq-len 131072 --heads 32 --kv-heads 8 \\
-        --head-dim 128 --dtype bfloat16                             # one 8-GPU node
+Self-check and benchmark against SDPA of the whole sequence (the test file's opt-in harness):
+    torchrun --nproc_per_node 2 test_longpo.py ring --threads 1     # 2 CPU processes (python: one)
+    torchrun --nproc_per_node 8 test_longpo.py ring --seq-len 131072 --heads 32 --kv-heads 8 --dtype bfloat16
 """
 import dataclasses
 import datetime
 import functools
 import os
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -61,56 +42,6 @@ import torch.nn.functional as F
 # Shape glossary: B batch, N whole-sequence length, W ring (SP group) size, T = N/W local tokens,
 # c = T/2 tokens in one zigzag chunk, Hq query heads, Hkv key/value heads (Hq % Hkv == 0),
 # G = Hq/Hkv queries per key/value head, D head dim, Tq/Tk query/key lengths of one block.
-
-
-@dataclass
-class BenchConfig:
-    seq_len: int = field(default=16384, metadata={"help": "whole-sequence tokens N (all ranks)"})
-    batch: int = field(default=1, metadata={"help": "sequences per batch B"})
-    heads: int = field(default=8, metadata={"help": "query heads Hq"})
-    kv_heads: int = field(default=2, metadata={"help": "key/value heads Hkv (GQA when < heads)"})
-    head_dim: int = field(default=64, metadata={"help": "head dimension D"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | float64"})
-    kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
-    iters: int = field(default=2, metadata={"help": "timed iterations (after one warm-up)"})
-    threads: int = field(default=0, metadata={"help": "torch threads per process (0: default)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random inputs (same on all ranks)"})
-
-
-class UsageError(ValueError):
-    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
-    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
-
-
-def run_cli(main, cls):
-    """main(config from the command line); a UsageError becomes one line on stderr and exit 2.
-    Every rank checks the same flags and files, so rank 0 speaks for all: the others wait a moment
-    before they speak and exit, and torchrun, which stops every rank once one has failed, silences
-    them unless rank 0 did not stop (a mistake only they saw)."""
-    import sys
-    cfg = config_from_cli(cls)
-    try:
-        main(cfg)
-    except UsageError as e:
-        if int(os.environ.get("RANK", 0)) != 0:
-            time.sleep(5)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def config_from_cli(cls, argv=None):
-    """Build --help and an argparse parser from a config dataclass (used by every script here)."""
-    import argparse
-    parser = argparse.ArgumentParser(description=cls.__doc__ or cls.__name__)
-    for f in dataclasses.fields(cls):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
-    return cls(**vars(parser.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- zigzag sharding
@@ -253,9 +184,9 @@ def flash_attn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
 KERNELS = {"cudnn": (cudnn_fwd, cudnn_bwd), "sdpa_flash": (sdpa_flash_fwd, sdpa_flash_bwd),
            "flash_attn": (flash_attn_fwd, flash_attn_bwd), "cpu": (cpu_fwd, cpu_bwd),
            "plain": (plain_fwd, plain_bwd)}
-# What `auto` tries, in order, per device type: fastest first. Measured on an H100 (bf16, fwd+bwd,
-# shared/docs/gpu.md): cuDNN 550-590 TFLOP/s, PyTorch's flash op 316-326, flash-attn 2 about 330-350
-# as published; the flash op runs where cuDNN refuses the inputs (pre-Hopper/Ampere limits, head dims).
+# What `auto` tries, in order, per device type: fastest first. Measured by hand on an H100 (bf16,
+# fwd+bwd): cuDNN 550-590 TFLOP/s, PyTorch's flash op 316-326, flash-attn 2 about 330-350 as
+# published; the flash op runs where cuDNN refuses the inputs (pre-Hopper/Ampere limits, head dims).
 AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash", "flash_attn"), "cpu": ("cpu",)}
 PLAIN_MAX_SCORE_BYTES = 1 << 30  # beyond this the plain kernel's T x T scores are an error, not a fallback
 
@@ -287,10 +218,11 @@ def kernel_works(name, device, dtype, heads, kv_heads, head_dim):
         for tq, tk, causal in ((128, 128, True), (64, 128, False)):
             q, dout = (torch.randn(1, tq, heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
             k, v = (torch.randn(1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
-            out, lse, aux = fwd(q, k, v, head_dim ** -0.5, causal)
-            want_out, want_lse, _ = plain_fwd(q, k, v, head_dim ** -0.5, causal)
-            got = [out, lse, *bwd(dout, q, k, v, out.to(dtype), lse, aux, head_dim ** -0.5, causal)]
-            want = [want_out, want_lse, *plain_bwd(dout, q, k, v, want_out.to(dtype), want_lse, None, head_dim ** -0.5, causal)]
+            scale = head_dim ** -0.5
+            out, lse, aux = fwd(q, k, v, scale, causal)
+            want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
+            got = [out, lse, *bwd(dout, q, k, v, out.to(dtype), lse, aux, scale, causal)]
+            want = [want_out, want_lse, *plain_bwd(dout, q, k, v, want_out.to(dtype), want_lse, None, scale, causal)]
             errors = [_rel_err(a, b) for a, b in zip(got, want)]
             if max(errors) > 0.05:  # bf16 is within 1e-2; a wrong layout or mask is off by O(1)
                 raise RuntimeError(f"wrong results (max relative error {max(errors):.2g})")
@@ -336,17 +268,7 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def fold(acc, block_out, block_lse):
-    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
-    None, else acc with the block merged in place (merge_)."""
-    if acc is None:
-        dtype = _acc_dtype(block_out)
-        return block_out.to(dtype), block_lse.to(dtype).contiguous()
-    merge_(*acc, block_out, block_lse)
-    return acc
-
-
-def merge_(out, lse, block_out, block_lse):
+def merge_block_(out, lse, block_out, block_lse):
     """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
 
     Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
@@ -357,6 +279,16 @@ def merge_(out, lse, block_out, block_lse):
     w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
     out.sub_(w * (out - block_out.to(out.dtype)))
     lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def fold(acc, block_out, block_lse):
+    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
+    None, else acc with the block merged in place."""
+    if acc is None:
+        dtype = _acc_dtype(block_out)
+        return block_out.to(dtype), block_lse.to(dtype).contiguous()
+    merge_block_(*acc, block_out, block_lse)
+    return acc
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -409,29 +341,6 @@ class _Ring:
         return x
 
 
-@dataclass(frozen=True)
-class BranchLayout:
-    """A shared prefix followed by branches (LongPO: the document, then the chosen and the rejected
-    answers). Local tokens = [this rank's zigzag shard of the prefix (n_prefix) | its slice of the
-    branch region]. The branch region, over all ranks, is `segments` (token counts, e.g. chosen,
-    rejected, padding) in order; rank r holds its tokens [r * n_branch, (r + 1) * n_branch). A branch
-    token sees the whole prefix and the earlier tokens of its own segment, never another segment;
-    prefix tokens are causal among themselves and never see a branch."""
-    n_prefix: int
-    segments: tuple
-    n_branch: int
-
-    def blocks(self, rank):
-        """Per segment meeting this rank's slice: (segment, local query rows, the segment's earlier
-        rows of the region (seen fully), the same rows of the region (the causal diagonal))."""
-        s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
-        for g, n in enumerate(self.segments):
-            a, b = max(s0, g0), min(s1, g0 + n)
-            if a < b:
-                yield g, slice(a - s0, b - s0), slice(g0, a), slice(a, b)
-            g0 += n
-
-
 def _visitor(ring, step):
     """Which part of the local queries meets which part of the visiting block at this step."""
     source = (ring.rank - step) % ring.world_size  # the rank whose K/V block we hold
@@ -440,74 +349,60 @@ def _visitor(ring, step):
     return "first_kv_chunk" if source < ring.rank else "second_q_chunk"
 
 
-def _ring_forward(q, k, v, scale, group, kernel, layout):
-    """(out, lse, auxes) of the local prefix shard and, with a layout, of the branch slice after it."""
+def _ring_forward(q, k, v, scale, group, kernel, visit=None):
+    """(out, lse, auxes) of the local zigzag shard: out (B, T, Hq, D) and lse (B, Hq, T) in fp32,
+    auxes[step] what that block's backward needs from its forward. visit(step, kv), if given, sees
+    each K/V block (2, B, T, Hkv, D) as it passes (the shared-prefix branches attend to every one)."""
     fwd = KERNELS[kernel][0]
-    ring, n = _Ring(group), (layout.n_prefix if layout else q.shape[1])
-    qp, qb, c = q[:, :n], q[:, n:], n // 2
-    kv = torch.stack([k[:, :n], v[:, :n]])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
-    auxes, branch_acc = {}, None  # auxes: what each block's backward needs from its forward, by (part, step or segment)
+    ring, c = _Ring(group), q.shape[1] // 2
+    kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
+    auxes = []
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
         case = _visitor(ring, step)
         if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
-            block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0], kv[1], scale, True)
+            block_out, block_lse, aux = fwd(q, kv[0], kv[1], scale, True)
             out, lse = fold(None, block_out, block_lse)  # every row sees itself: the accumulators start here
         elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
-            block_out, block_lse, auxes["ring", step] = fwd(qp, kv[0, :, :c], kv[1, :, :c], scale, False)
-            merge_(out, lse, block_out, block_lse)
+            block_out, block_lse, aux = fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False)
+            merge_block_(out, lse, block_out, block_lse)
         else:  # higher rank: all of it is in the past of our second chunk only
-            block_out, block_lse, auxes["ring", step] = fwd(qp[:, c:], kv[0], kv[1], scale, False)
-            merge_(out[:, c:], lse[:, :, c:], block_out, block_lse)
-        if layout:  # branch queries: every prefix token is in their past, the whole block
-            block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
-            branch_acc = fold(branch_acc, block_out, block_lse)
+            block_out, block_lse, aux = fwd(q[:, c:], kv[0], kv[1], scale, False)
+            merge_block_(out[:, c:], lse[:, :, c:], block_out, block_lse)
+        auxes.append(aux)
+        if visit:
+            visit(step, kv)
         if step + 1 < ring.world_size:
             ring.wait(requests)
             kv = kv_next
-    if not layout:
-        return out, lse, auxes
-    out_b, lse_b = branch_acc
-    _branch_forward(qb, k[:, n:], v[:, n:], out_b, lse_b, layout, ring, fwd, scale, auxes)
-    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), auxes
+    return out, lse, auxes
 
 
-def _branch_forward(qb, kb, vb, out_b, lse_b, layout, ring, fwd, scale, auxes):
-    """Branch queries against the branch region, gathered from every rank (small next to the prefix):
-    the earlier tokens of their own segment in full, then the causal diagonal; merged into out_b."""
-    kv = ring.gather(torch.stack([kb, vb]), 2)  # (2, B, whole region, Hkv, D)
-    for g, rows, past, diag in layout.blocks(ring.rank):
-        if past.stop > past.start:
-            block_out, block_lse, auxes["past", g] = fwd(qb[:, rows], kv[0, :, past], kv[1, :, past], scale, False)
-            merge_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
-        block_out, block_lse, auxes["diag", g] = fwd(qb[:, rows], kv[0, :, diag], kv[1, :, diag], scale, True)
-        merge_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
-
-
-def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout):
+def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=None):
+    """(dq, dk, dv) in fp32 of the local zigzag shard, given the forward's final out and lse.
+    visit(step, kv, dkv), if given, adds its own share to the travelling dk/dv of each block."""
     bwd = KERNELS[kernel][1]
-    ring, n = _Ring(group), (layout.n_prefix if layout else q.shape[1])
-    qp, c = q[:, :n], n // 2
-    kv = torch.stack([k[:, :n], v[:, :n]])
+    ring, c = _Ring(group), q.shape[1] // 2
+    kv = torch.stack([k, v])
     dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
     dkv_requests = dkv_in = None  # the travelling dk/dv accumulator, posted at the end of each step
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             kv_requests, kv_next = ring.send_recv(kv)
         case = _visitor(ring, step)
-        aux = auxes["ring", step]
         if case == "diagonal":
-            dq_b, dk_b, dv_b = bwd(dout[:, :n], qp, kv[0], kv[1], out[:, :n], lse[:, :, :n], aux, scale, True)
-            dq[:, :n] += dq_b
+            dq_b, dk_b, dv_b = bwd(dout, q, kv[0], kv[1], out, lse, auxes[step], scale, True)
+            dq += dq_b
             kv_rows = slice(None)
         elif case == "first_kv_chunk":
-            dq_b, dk_b, dv_b = bwd(dout[:, :n], qp, kv[0, :, :c], kv[1, :, :c], out[:, :n], lse[:, :, :n], aux, scale, False)
-            dq[:, :n] += dq_b
+            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, auxes[step], scale, False)
+            dq += dq_b
             kv_rows = slice(0, c)
         else:
-            dq_b, dk_b, dv_b = bwd(dout[:, c:n], qp[:, c:], kv[0], kv[1], out[:, c:n], lse[:, :, c:n], aux, scale, False)
-            dq[:, c:n] += dq_b
+            dq_b, dk_b, dv_b = bwd(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[:, :, c:], auxes[step],
+                                   scale, False)
+            dq[:, c:] += dq_b
             kv_rows = slice(None)
         # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
         # far. It arrived from the previous rank during our compute; add our share, pass it on.
@@ -518,12 +413,8 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout)
             dkv = dkv_in
         dkv[0, :, kv_rows] += dk_b
         dkv[1, :, kv_rows] += dv_b
-        if layout:  # the branch queries' share of this prefix block
-            dq_b, dk_b, dv_b = bwd(dout[:, n:], q[:, n:], kv[0], kv[1], out[:, n:], lse[:, :, n:],
-                                   auxes["prefix", step], scale, False)
-            dq[:, n:] += dq_b
-            dkv[0] += dk_b
-            dkv[1] += dv_b
+        if visit:
+            visit(step, kv, dkv)
         if ring.world_size > 1:  # after the last step this is the hop home to the block's owner
             dkv_requests, dkv_in = ring.send_recv(dkv)
         if step + 1 < ring.world_size:
@@ -532,34 +423,16 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout)
     if ring.world_size > 1:
         ring.wait(dkv_requests)
         dkv = dkv_in  # our own block's dk, dv, summed over every rank's queries
-    if not layout:
-        return dq, dkv[0], dkv[1]
-    dkv_b = _branch_backward(dout[:, n:], q[:, n:], k[:, n:], v[:, n:], out[:, n:], lse[:, :, n:], dq[:, n:],
-                             layout, ring, bwd, scale, auxes)
-    return dq, torch.cat([dkv[0], dkv_b[0]], 1), torch.cat([dkv[1], dkv_b[1]], 1)
-
-
-def _branch_backward(dout_b, qb, kb, vb, out_b, lse_b, dq_b, layout, ring, bwd, scale, auxes):
-    """The branch-region blocks' backward: dq into dq_b (in place), dk/dv of the whole region summed
-    over the ranks, then this rank's slice of it (the gradient goes home to each key's owner)."""
-    kv = ring.gather(torch.stack([kb, vb]), 2)
-    dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
-    for g, rows, past, diag in layout.blocks(ring.rank):
-        blocks = ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]
-        for part, keys, causal in blocks:
-            dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
-                                lse_b[:, :, rows], auxes[part, g], scale, causal)
-            dq_b[:, rows] += dq_
-            dkv[0, :, keys] += dk_
-            dkv[1, :, keys] += dv_
-    mine = slice(ring.rank * layout.n_branch, (ring.rank + 1) * layout.n_branch)
-    return ring.sum(dkv)[:, :, mine]
+    return dq, dkv[0], dkv[1]
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, kernel, layout):
-        out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel, layout)
+        if layout is None:
+            out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
+        else:
+            out, lse, auxes = _branched_forward(q, k, v, scale, group, kernel, layout)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)  # q, k, v are the caller's: never ring buffers
         ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
@@ -568,17 +441,15 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group,
-                                    ctx.kernel, ctx.layout)
+        args = (dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group, ctx.kernel)
+        dq, dk, dv = _ring_backward(*args) if ctx.layout is None else _branched_backward(*args, ctx.layout)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def _check_inputs(q, k, v, layout):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"ring_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D), k and v the same shape; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     (B, T, Hq, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
     if (B, T, D) != (Bk, Tk, Dk):
         raise ValueError(f"ring_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in "
@@ -603,17 +474,92 @@ def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layou
 
     q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D) in q's
     dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
-    BranchLayout the local tokens are a prefix shard followed by a slice of branches that share the
-    prefix (LongPO's chosen and rejected answers after one document), and the mask is the
-    layout's: prefix causal, each branch sees the whole prefix and its own past only."""
+    BranchLayout (next section) the local tokens are a prefix shard followed by a slice of branches
+    that share the prefix, and the mask is the layout's."""
     _check_inputs(q, k, v, layout)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
 
 
-# ----------------------------------------------------------------------------- decoding
+# ----------------------------------------------------------------------------- shared prefix with branches
+# LongPO's chosen and rejected sequences share the document. Packed as [prefix | chosen | rejected],
+# the document runs once. The prefix is zigzag-sharded and runs the plain ring; the branch tokens
+# are split evenly over the ranks. Branch queries attend to every prefix block the ring brings (all
+# of it is in their past) and to their own branch's earlier tokens, gathered from all ranks (small
+# next to the prefix); all merged by the same lse rule.
 
-def merge_across(out, lse, group):
+@dataclass(frozen=True)
+class BranchLayout:
+    """Local tokens = [this rank's zigzag shard of the prefix (n_prefix) | its slice of the branch
+    region]. The branch region, over all ranks, is `segments` (token counts, e.g. chosen, rejected,
+    padding) in order; rank r holds its tokens [r * n_branch, (r + 1) * n_branch). A branch token
+    sees the whole prefix and the earlier tokens of its own segment, never another segment; prefix
+    tokens are causal among themselves and never see a branch."""
+    n_prefix: int
+    segments: tuple
+    n_branch: int
+
+    def blocks(self, rank):
+        """Per segment meeting this rank's slice: (segment, local query rows, the segment's earlier
+        rows of the region (seen fully), the same rows of the region (the causal diagonal))."""
+        s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
+        for g, n in enumerate(self.segments):
+            a, b = max(s0, g0), min(s1, g0 + n)
+            if a < b:
+                yield g, slice(a - s0, b - s0), slice(g0, a), slice(a, b)
+            g0 += n
+
+
+def _branched_forward(q, k, v, scale, group, kernel, layout):
+    """The plain ring over the prefix, the branch queries attending to every prefix block on its way
+    (all of the prefix is in their past); then the branch region, gathered from every rank: the
+    earlier tokens of their own segment in full, then the causal diagonal; all merged by lse."""
+    fwd, n, ring = KERNELS[kernel][0], layout.n_prefix, _Ring(group)
+    qb, auxes, acc = q[:, n:], {}, {}
+
+    def visit(step, kv):
+        block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
+        acc["branch"] = fold(acc.get("branch"), block_out, block_lse)
+    out, lse, ring_auxes = _ring_forward(q[:, :n], k[:, :n], v[:, :n], scale, group, kernel, visit)
+    out_b, lse_b = acc["branch"]
+    kv = ring.gather(torch.stack([k[:, n:], v[:, n:]]), 2)  # (2, B, whole branch region, Hkv, D)
+    for g, rows, past, diag in layout.blocks(ring.rank):
+        for part, keys, causal in ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]:
+            block_out, block_lse, auxes[part, g] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
+            merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes)
+
+
+def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout):
+    """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
+    over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
+    bwd, n, ring = KERNELS[kernel][1], layout.n_prefix, _Ring(group)
+    (ring_auxes, auxes), dout_b, qb, out_b, lse_b = auxes, dout[:, n:], q[:, n:], out[:, n:], lse[:, :, n:]
+    dq_b = torch.zeros(qb.shape, dtype=_acc_dtype(q), device=q.device)
+
+    def visit(step, kv, dkv):  # the branch queries' share of each prefix block's gradients
+        dq_, dk_, dv_ = bwd(dout_b, qb, kv[0], kv[1], out_b, lse_b, auxes["prefix", step], scale, False)
+        dq_b.add_(dq_)
+        dkv[0] += dk_
+        dkv[1] += dv_
+    dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n], ring_auxes,
+                                scale, group, kernel, visit)
+    kv = ring.gather(torch.stack([k[:, n:], v[:, n:]]), 2)
+    dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
+    for g, rows, past, diag in layout.blocks(ring.rank):
+        for part, keys, causal in ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]:
+            dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
+                                lse_b[:, :, rows], auxes[part, g], scale, causal)
+            dq_b[:, rows] += dq_
+            dkv[0, :, keys] += dk_
+            dkv[1, :, keys] += dv_
+    dkv_b = ring.sum(dkv)[:, :, ring.rank * layout.n_branch:(ring.rank + 1) * layout.n_branch]
+    return torch.cat([dq, dq_b], 1), torch.cat([dk, dkv_b[0]], 1), torch.cat([dv, dkv_b[1]], 1)
+
+
+# ----------------------------------------------------------------------------- decoding over a sharded prompt
+
+def merge_over_ranks(out, lse, group):
     """The exact lse merge of the partial (out, lse) of every rank of the group: each rank attended
     to its own keys; every rank returns the attention over all of them. out (B, T, H, D) fp32,
     lse (B, H, T); only these small tensors travel."""
@@ -634,7 +580,7 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     past of the new tokens), then the n tokens generated so far, the same on every rank and counted
     on the group's rank 0 only. q (B, Tq, Hq, D): the newest Tq tokens, the last of the generated
     ones. Each rank attends to its keys, and the partial results are merged across the group with
-    the lse rule: the same queries-against-a-sharded-prefix merge as the branches of the ring."""
+    the lse rule: the same queries-against-a-sharded-prefix merge as the branches above."""
     _, rank = _group_size_rank(group)
     fwd = KERNELS[pick_kernel(q, kernel, k.shape[2])][0]
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -651,7 +597,7 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     if acc is None:  # a rank holding no prompt keys and not counting the generated ones adds nothing
         acc = (torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device),
                torch.full((B, Hq, Tq), float("-inf"), dtype=_acc_dtype(q), device=q.device))
-    return merge_across(*acc, group).to(q.dtype)
+    return merge_over_ranks(*acc, group).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -671,12 +617,10 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
     if sliding_window is not None and sliding_window < world_size * query.shape[2]:
         raise ValueError(f"ring_attention computes full causal attention but the config has "
                          f"sliding_window={sliding_window}; set config.sliding_window = None")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     if ring_decode is not None:
-        out = decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ring_decode,
-                               group=ring_group, softmax_scale=scaling)
-        return out, None
-    out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         group=ring_group, softmax_scale=scaling, layout=ring_layout)
+        return decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling), None
+    out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, layout=ring_layout)
     return out, None  # (B, T, Hq, D), no attention weights
 
 
@@ -688,7 +632,42 @@ def _register_with_transformers():
 _register_with_transformers()
 
 
-# ----------------------------------------------------------------------------- distributed glue
+# ----------------------------------------------------------------------------- CLI and distributed glue
+
+class UsageError(ValueError):
+    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
+    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
+
+
+def run_cli(main, cls):
+    """main(config from the command line); a UsageError becomes one line on stderr and exit 2.
+    Every rank checks the same flags and files, so rank 0 speaks for all: the others wait a moment
+    before they speak and exit, and torchrun, which stops every rank once one has failed, silences
+    them unless rank 0 did not stop (a mistake only they saw)."""
+    cfg = config_from_cli(cls)
+    try:
+        main(cfg)
+    except UsageError as e:
+        if int(os.environ.get("RANK", 0)) != 0:
+            time.sleep(5)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def config_from_cli(cls, argv=None):
+    """Build --help and an argparse parser from a config dataclass (used by every script here)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=cls.__doc__ or cls.__name__)
+    for f in dataclasses.fields(cls):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
+    return cls(**vars(parser.parse_args(argv)))
+
 
 def init_distributed(timeout_minutes=30, group_of_one=False):
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them); nccl on CUDA, gloo on
@@ -715,102 +694,57 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def _timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - t0
+@dataclass
+class Parallel:
+    """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
+    groups read different samples. sp_group is None when sp_size is 1."""
+    rank: int
+    world_size: int
+    sp_size: int
+    sp_group: object
+    device: torch.device
+
+    def __post_init__(self):
+        self.sp_rank = self.rank % self.sp_size  # the place in the ring
+        self.dp_rank = self.rank // self.sp_size  # the group, i.e. which samples it reads
+        self.dp_size = self.world_size // self.sp_size
 
 
-def _sdpa_fwd_bwd(q, k, v, dout, repeat_kv=False):
-    """F.scaled_dot_product_attention (causal) forward and backward on (B, H, N, D) tensors: what a
-    user runs without sequence parallelism. repeat_kv repeats the K/V heads instead of enable_gqa
-    (PyTorch's memory-efficient kernel takes fp32 but not GQA: the fp32 reference at 128K on a GPU)."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    kk, vv = (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)) if repeat_kv else (k, v)
-    out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not repeat_kv)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
+def check_sp_size(sp_size):
+    """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if sp_size < 0 or world % (sp_size or world):
+        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+def setup_parallel(sp_size, rank, world_size, device):
+    """The SP groups of an initialised world (sp_size 0: one ring over all ranks)."""
+    sp_size = sp_size or world_size
+    if sp_size < 1 or world_size % sp_size:
+        raise UsageError(f"--sp-size {sp_size} must divide the world size {world_size} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
+    sp_group = None
+    for first in range(0, world_size if sp_size > 1 else 0, sp_size):
+        ranks = list(range(first, first + sp_size))
+        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        if rank in ranks:
+            sp_group = group
+    return Parallel(rank, world_size, sp_size, sp_group, device)
 
 
-def check_bench_config(cfg, world_size):
-    if cfg.dtype not in DTYPES:
-        raise UsageError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
-    if cfg.kernel != "auto" and cfg.kernel not in KERNELS:
-        raise UsageError(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(KERNELS)}")
-    for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
-    if cfg.seq_len % (2 * world_size):
-        raise UsageError(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
-                    f"(zigzag chunks), e.g. {-(-cfg.seq_len // (2 * world_size)) * 2 * world_size}")
-    if cfg.heads % cfg.kv_heads:
-        raise UsageError(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
+def barrier(par):
+    if par.world_size > 1:
+        dist.barrier()
 
 
-def main(cfg):
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    check_bench_config(cfg, world_size)  # before any process group or allocation
-    rank, world_size, device = init_distributed()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    print0(f"config: {dataclasses.asdict(cfg)}  world_size={world_size}  device={device}  "
-           f"threads/process={torch.get_num_threads()}")
-    dtype = DTYPES[cfg.dtype]
-    gen = torch.Generator().manual_seed(cfg.seed)  # identical full tensors on every rank
-    shape_q, shape_kv = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
-    q, dout = (torch.randn(shape_q, generator=gen).to(device, dtype) for _ in range(2))
-    k, v = (torch.randn(shape_kv, generator=gen).to(device, dtype) for _ in range(2))
-    shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
-    kernel = pick_kernel(shard(q), cfg.kernel, cfg.kv_heads)
-
-    # Reference: the whole sequence in fp32 (fp64 for fp64) by SDPA; baseline: SDPA in the run's
-    # dtype with native GQA on contiguous (B, H, N, D) inputs, in one process
-    bhnd = [t.transpose(1, 2).contiguous() for t in (q, k, v, dout)]
-    ref_dtype = torch.promote_types(dtype, torch.float32)
-    ref = [t.transpose(1, 2) for t in _sdpa_fwd_bwd(*(t.to(ref_dtype) for t in bhnd), repeat_kv=True)]
-    full_times = [_timed(lambda: _sdpa_fwd_bwd(*bhnd), device)[1] for _ in range(cfg.iters + 1)][1:]
-    del bhnd
-
-    q_l, k_l, v_l = (shard(t).detach().requires_grad_() for t in (q, k, v))
-    fwd_times, bwd_times = [], []
-    for _ in range(cfg.iters + 1):
-        if dist.is_initialized():
-            dist.barrier()
-        q_l.grad = k_l.grad = v_l.grad = None
-        out_l, t_fwd = _timed(lambda: ring_attention(q_l, k_l, v_l, kernel=kernel), device)
-        _, t_bwd = _timed(lambda: out_l.backward(shard(dout)), device)
-        fwd_times.append(t_fwd)
-        bwd_times.append(t_bwd)
-    errors = [_rel_err(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
-    t_full, t_fwd, t_bwd = min(full_times), min(fwd_times[1:]), min(bwd_times[1:])
-    row = torch.tensor([rank, *errors, t_fwd, t_bwd, t_full], dtype=torch.float64, device=device)
-    rows = [row]  # collectives on the device: nccl takes no CPU tensors
-    if dist.is_initialized():
-        rows = [torch.zeros_like(row) for _ in range(world_size)]
-        dist.all_gather(rows, row)
-    # causal attention: forward 2 matmuls of N^2/2 x D per head, backward 2.5x the forward
-    flops = 3.5 * 2 * 2 * cfg.batch * cfg.heads * cfg.seq_len ** 2 / 2 * cfg.head_dim
-    print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  (errors: max|ring - "
-           f"{ref_dtype} reference| / max|reference|; times: best of {cfg.iters}, s; full = SDPA, one process)")
-    print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} {'ring fwd':>9} {'ring bwd':>9} "
-           f"{'ring f+b':>9} {'full f+b':>9} {'ring/(full/W)':>13} {'ring TFLOP/s':>12} {'full TFLOP/s':>12}")
-    for r in rows:
-        r = r.tolist()
-        ring_total = r[5] + r[6]
-        print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} {r[6]:9.3f} "
-               f"{ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f} "
-               f"{flops / world_size / ring_total / 1e12:12.2f} {flops / r[7] / 1e12:12.2f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    run_cli(main, BenchConfig)
+def distributed_map(fn, items, par, desc):
+    """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
+    from tqdm import tqdm
+    mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
+                                            disable=par.rank != 0)]
+    if par.world_size > 1:
+        gathered = [None] * par.world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [pair for part in gathered for pair in part]
+    return [value for _, value in sorted(mine, key=lambda pair: pair[0])]

@@ -6,6 +6,7 @@ processes on CPU with a free port and a timeout, each doing several checks becau
 dominates. Tests that need a CUDA GPU are skipped without one, with the reason shown.
 Run:  python -m pytest -q -rs test_longpo.py
 """
+import ast
 import copy
 import dataclasses
 import datetime
@@ -123,6 +124,63 @@ def run_distributed(fn, world_size, *args, timeout=240, backend="gloo"):
         pytest.fail("\n".join(failures))
 
 
+# ----------------------------------------------------------------------------- the code's shape
+
+# Who may import whom: each script imports only scripts on lower floors, never one above it or
+# itself (so no cycle either), not even inside a function; nothing imports the test file.
+FLOORS = {"ring_attention": 1, "longpo": 2, "data_gen": 3, "eval": 4, "test_longpo": 5}
+
+
+def project_imports(source):
+    """[(module, line)] of every project module `source` imports: import and from-import statements
+    at any depth (functions, branches), and importlib.import_module / __import__ of a constant name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            names = [str(node.args[0].value)]
+        found += [(name.split(".")[0], node.lineno) for name in names if name.split(".")[0] in FLOORS]
+    return found
+
+
+def import_problems(sources):
+    """Upward (or self) imports of {module: source}, and the modules on a cycle of the import graph."""
+    graph = {module: {target for target, _ in project_imports(source)} for module, source in sources.items()}
+    problems = [f"{module}.py:{line} imports {target}, which is not below it"
+                for module, source in sources.items()
+                for target, line in project_imports(source) if FLOORS[target] >= FLOORS[module]]
+
+    def reaches(start, goal, seen=()):
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen + (nxt,)))
+                   for nxt in graph.get(start, ()))
+    problems += [f"{module} is on an import cycle" for module in graph if reaches(module, module)]
+    return problems
+
+
+def test_imports_point_down_only():
+    scripts = {module: open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read()
+               for module in FLOORS if module != "test_longpo"}
+    assert import_problems(scripts) == []
+    # the check itself: an upward import inside a function (and the cycle it closes), and a dynamic one
+    problems = import_problems({**scripts, "longpo": scripts["longpo"] + "\n\ndef late():\n    import data_gen\n"})
+    assert any(p.startswith("longpo.py:") and "imports data_gen" in p for p in problems), problems
+    assert "longpo is on an import cycle" in problems, problems
+    dynamic = {**scripts, "ring_attention": scripts["ring_attention"] + "\nimportlib.import_module('eval')\n"}
+    assert any("ring_attention.py" in p and "imports eval" in p for p in import_problems(dynamic))
+
+
+def test_script_lines_fit_120_characters():
+    for module in ("ring_attention", "longpo", "data_gen", "eval"):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")
+        long = [i for i, line in enumerate(open(path), 1) if len(line.rstrip("\n")) > 120]
+        assert not long, f"{module}.py: lines over 120 characters: {long}"
+
+
 # ----------------------------------------------------------------------------- ring attention
 
 def test_zigzag_shard_layout_and_errors():
@@ -177,7 +235,7 @@ def test_block_kernels_and_merge(kernel, device, dtype):
     assert_close(lse1, s.logsumexp(-1), 1e-5, f"{kernel} block lse")  # fp32 in every kernel
     out2, lse2, aux2 = fwd(q, k2, v2, scale, True)
     out, lse = out1.float().clone(), lse1.float().clone()
-    ra.merge_(out, lse, out2, lse2)
+    ra.merge_block_(out, lse, out2, lse2)
     assert_close(out, want, tol, f"{kernel} merged out")
 
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
@@ -330,7 +388,7 @@ def test_ring_on_cuda_equals_full_attention_without_quadratic_memory():
     below one head's 16K x 16K fp32 scores (1 GiB; all heads: 32 GiB)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v, dout = (t.cuda() for t in random_qkv(gen, 1, 16384, 32, 8, 128, torch.bfloat16))
-    ref = ra._sdpa_fwd_bwd(*(t.float().transpose(1, 2).contiguous() for t in (q, k, v, dout)), repeat_kv=True)
+    ref = sdpa_fwd_bwd(*(t.float().transpose(1, 2).contiguous() for t in (q, k, v, dout)), repeat_kv=True)
     ref = [t.transpose(1, 2) for t in ref]
     assert ra.pick_kernel(q, "auto", 8) != "plain"
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -379,8 +437,8 @@ def test_ring_bad_inputs():
     for flags, message in (({"seq_len": 0}, "--seq-len 0 must be >= 1"), ({"seq_len": 9}, "multiple of 2 x 1"),
                            ({"dtype": "float65"}, "--dtype float65"), ({"kv_heads": 3}, "multiple of --kv-heads")):
         with pytest.raises(ra.UsageError, match=message):  # the self-check's flags, before any work
-            ra.check_bench_config(ra.BenchConfig(**flags), 1)
-    ra.main(ra.BenchConfig(seq_len=64, dtype="float64", iters=1, heads=4))  # float64 is a valid choice
+            check_ring_bench(RingBench(**flags), 1)
+    ring_bench(RingBench(seq_len=64, dtype="float64", iters=1, heads=4))  # the harness runs; float64 is valid
 
 
 # ----------------------------------------------------------------------------- transformers models
@@ -513,7 +571,7 @@ def test_token_logps_match_cross_entropy():
 
 
 def test_format_dialogue_labels_and_short_inputs():
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     rec = make_records(1, seed=3, turns=3)[0]
     ex = longpo.build_example(rec, tokenizer)
     for side in ("chosen", "rejected"):
@@ -525,9 +583,9 @@ def test_format_dialogue_labels_and_short_inputs():
         for turn in rec["turns"]:
             assert turn["instruction"] in prompt_text and turn[side] not in prompt_text
         assert tokenizer.decode(ids).startswith("<s>[INST] " + rec["document"])
-        for turn, short in zip(rec["turns"], ex[f"short_{side}"]):
-            text = tokenizer.decode(short["ids"])
+        for turn in rec["turns"]:  # the short input of Eq. 13's reference, as short_reference_logps makes it
             chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
+            text = tokenizer.decode(longpo.format_dialogue(tokenizer, chunk, [turn], side)[0])
             assert text == f"<s>[INST] {chunk}\n\n{turn['instruction']} [/INST]{turn[side]}</s>"
             assert rec["document"] not in text  # the short input is the chunk, not the document
     targets, mask = longpo.shifted_targets([5, 6, 7, 8], [False, False, True, True])
@@ -745,7 +803,7 @@ def test_format_dialogue_real_chat_templates(name):
     # generation stops at the template's end-of-turn token even where it is not the eos
     eot = {"llama-3": "<|eot_id|>", "gemma": "<end_of_turn>", "qwen2": "<|im_end|>"}.get(name)
     if eot:
-        assert tokenizer.convert_tokens_to_ids(eot) in longpo.stop_token_ids(tokenizer)
+        assert tokenizer.convert_tokens_to_ids(eot) in data_gen.stop_token_ids(tokenizer)
 
 
 def test_format_dialogue_sentencepiece_no_lone_space():
@@ -812,12 +870,12 @@ def test_bad_records_name_line_and_field(tmp_path):
         spoil(records[1])
         path = write_jsonl(tmp_path / "bad.jsonl", records)
         with pytest.raises(ValueError, match=r"bad.jsonl:2: field .*" + re.escape(field_name)):
-            longpo.load_records(path)
+            longpo.Records(path)
     (tmp_path / "broken.jsonl").write_text(json.dumps(good[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
-        longpo.load_records(str(tmp_path / "broken.jsonl"))
+        longpo.Records(str(tmp_path / "broken.jsonl"))
     with pytest.raises(ValueError, match="python data_gen.py"):
-        longpo.load_records(str(tmp_path / "missing.jsonl"))
+        longpo.Records(str(tmp_path / "missing.jsonl"))
 
 
 # ----------------------------------------------------------------------------- longpo: SP = 2 vs SP = 1
@@ -854,9 +912,9 @@ def float64_norms(monkeypatch):
     exact_norms()  # undone by monkeypatch after the test
 
 
-def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="shared-prefix", nll_target="auto"):
+def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="shared-prefix", context_weight=1.0):
     cfg = longpo.TrainConfig(loss=loss, beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=par.sp_size,
-                             pack=pack, nll_target=nll_target)
+                             pack=pack, nll_context_weight=context_weight)
     if fsdp:
         model = longpo.setup_model(model, par, torch.float64, grad_checkpointing=True)
         if ref_model is not None:
@@ -865,7 +923,7 @@ def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="share
         for m in (model, ref_model):
             if m is not None:
                 m.set_attn_implementation("ring_attention")
-    metrics, _ = longpo.micro_step(model, ref_model, example, refs, cfg, par, pad_id=0)
+    metrics, _ = longpo.micro_step(model, ref_model, [example], refs, cfg, par, pad_id=0)
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
@@ -900,7 +958,7 @@ def direct_loss_and_grads(loss, model, ref_model, example, refs, beta=0.5, lam=0
 
 def sp_equivalence_worker(rank, world_size):
     exact_norms()
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     records = make_records(2, seed=11, with_ref=True)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     sp2 = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
@@ -932,7 +990,7 @@ def sp_equivalence_worker(rank, world_size):
 def two_samples(seed):
     """Two tiny preference samples, their reference log-probs, and the mean of their one-process
     LongPO gradients: what any way of batching the two must reproduce."""
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     records = make_records(2, seed=seed, with_ref=True)
     examples = [longpo.build_example(r, tokenizer) for r in records]
     refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
@@ -949,7 +1007,7 @@ def test_grad_accumulation_averages_samples(float64_norms):
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=2, logprob_chunk=64, sp_size=1)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     for ex, rf in zip(examples, refs):
-        longpo.micro_step(model, None, ex, rf, cfg, single, pad_id=0)
+        longpo.micro_step(model, None, [ex], rf, cfg, single, pad_id=0)
     for name, p in model.named_parameters():
         assert_close(p.grad, mean[name], 1e-10, f"accumulated grad {name}")
 
@@ -957,11 +1015,12 @@ def test_grad_accumulation_averages_samples(float64_norms):
 def test_sft_micro_batch_is_the_same_step(float64_norms):
     """--micro-batch: sft samples of different lengths, right-padded into one forward, give the
     gradient and metrics of the same samples one at a time (each one's own token-mean NLL)."""
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     records = [make_records(1, seed=20 + i, paragraphs=1 + i, turns=1 + i % 2)[0] for i in range(4)]
-    examples = [longpo.build_example(r, tokenizer, ("chosen",), short=False) for r in records]
+    examples = [longpo.build_example(r, tokenizer, ("chosen",)) for r in records]
     assert len({len(ex["chosen"]["ids"]) for ex in examples}) == 4  # padding is exercised
-    cfg = longpo.TrainConfig(loss="sft", nll_target="0.1", grad_accum=4, logprob_chunk=64, sp_size=1)
+    cfg = longpo.TrainConfig(loss="sft", nll_target="sequence", nll_context_weight=0.1, grad_accum=4,
+                             logprob_chunk=64, sp_size=1)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     results = []
     for groups in ([[ex] for ex in examples], [examples[:2], examples[2:]], [examples]):
@@ -969,7 +1028,7 @@ def test_sft_micro_batch_is_the_same_step(float64_norms):
         model.set_attn_implementation("ring_attention")
         sums = {}
         for group in groups:
-            metrics, n = longpo.sft_step(model, group, cfg, single, pad_id=0)
+            metrics, n = longpo.micro_step(model, None, group, None, cfg, single, pad_id=0)
             sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
             assert n == sum(len(ex["chosen"]["ids"]) for ex in group)
         results.append((sums, {name: p.grad.clone() for name, p in model.named_parameters()}))
@@ -991,19 +1050,19 @@ def mixed_precision_worker(rank, world_size, device):
     1e-2 and 6e-2 leave room for GPU kernels that round attention probabilities to bf16; a wrong
     mask, scaling or dropped term moves these by O(1). The dtype checks fail for pure-bf16 weights
     or fp32 compute."""
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     rec = make_records(1, seed=5, with_ref=True)[0]
     example, refs = longpo.build_example(rec, tokenizer), (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=1)
     cpu = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     want_model = perturbed_tiny(0.02, seed=1)[0].float()
     want_model.set_attn_implementation("ring_attention")  # as setup_model does
-    want, _ = longpo.micro_step(want_model, None, example, refs, cfg, cpu, pad_id=0)
+    want, _ = longpo.micro_step(want_model, None, [example], refs, cfg, cpu, pad_id=0)
     par = longpo.setup_parallel(1, rank, world_size, torch.device(device))
     model = longpo.setup_model(perturbed_tiny(0.02, seed=1)[0].float(), par, torch.bfloat16, True)
     seen = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    got, _ = longpo.micro_step(model, None, example, refs, cfg, par, pad_id=0)
+    got, _ = longpo.micro_step(model, None, [example], refs, cfg, par, pad_id=0)
     assert seen and set(seen) == {torch.bfloat16}, f"compute dtype {set(seen)}"
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, f"{name}: master {p.dtype}"
@@ -1032,20 +1091,22 @@ def packing_worker(rank, world_size):
     and reference log-probs close to the policy's so that the preference term's gradient (the rejected
     branch's) is not negligible."""
     exact_norms()
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     par = (longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu")) if world_size > 1
            else longpo.Parallel(0, 1, 1, None, torch.device("cpu")))
-    for turns, loss, nll_target in ((3, "longpo", "auto"), (2, "dpo", "0.3")):  # 0.3: context tokens weigh 0.3
+    for turns, loss, context_weight in ((3, "longpo", 1.0), (2, "dpo", 0.3)):  # 0.3: context tokens weigh 0.3
         rec = make_records(1, seed=20 + turns, turns=turns)[0]
         example = longpo.build_example(rec, tokenizer)
         base = perturbed_tiny(0.0, seed=2)[0]
         base.set_attn_implementation("ring_attention")
-        seqs = [longpo.prepare_sequence(example[side]["ids"], {"answer": example[side]["is_answer"]}, par, 0)
-                for side in ("chosen", "rejected")]
+        seqs = {side: longpo.prepare_sequence(example[side]["ids"], {side: example[side]["is_answer"]}, par, 0)
+                for side in ("chosen", "rejected")}
         with torch.no_grad():  # margins of a few nats: sigmoid weights far from 0 and 1
-            refs = [longpo.policy_logps(base, seq, par, 64)[0].item() + shift for seq, shift in zip(seqs, (-2.0, 1.0))]
+            refs = [longpo.policy_logps(base, seqs[side], par, 64)[side].item() + shift
+                    for side, shift in (("chosen", -2.0), ("rejected", 1.0))]
         results = {pack: one_micro_step(loss, par, perturbed_tiny(0.02, 1)[0], perturbed_tiny(0.0, 2)[0], example,
-                                        refs, False, pack=pack, nll_target=nll_target) for pack in ("pairs", "shared-prefix")}
+                                        refs, False, pack=pack, context_weight=context_weight)
+                   for pack in ("pairs", "shared-prefix")}
         (want, want_grads), (got, got_grads) = results["pairs"], results["shared-prefix"]
         assert 0.05 < want["pref_loss"] < 5, want  # the preference term is active
         for key, value in want.items():
@@ -1066,9 +1127,9 @@ def sp_generation_worker(rank, world_size):
     ~1/W of the prompt's K/V."""
     par = longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu"))
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    caches, make_cache = [], longpo.PromptShardCache
-    longpo.PromptShardCache = lambda *args: caches.append(make_cache(*args)) or caches[-1]
-    tokenizer = longpo.build_tiny_tokenizer()
+    caches, make_cache = [], data_gen.PromptShardCache
+    data_gen.PromptShardCache = lambda *args: caches.append(make_cache(*args)) or caches[-1]
+    tokenizer = longpo.tiny_tokenizer()
     for theta in (0.0, 1e6):
         model = longpo.load_model_and_tokenizer("tiny", torch.float64, theta)[0]
         for n_words in ((9,) if theta else (23,)):
@@ -1077,19 +1138,19 @@ def sp_generation_worker(rank, world_size):
             while not len(prompt) % (2 * world_size):  # a length that needs padding
                 text += "!"
                 prompt = longpo.format_dialogue(tokenizer, text, [{"instruction": "Go on?"}])[0]
-            want = longpo.generate(model, tokenizer, [prompt], 16)  # transformers, one process, greedy
+            want = data_gen.generate(model, tokenizer, [prompt], 16)  # transformers, one process, greedy
             caches.clear()
-            got = longpo.generate(model, tokenizer, [prompt], 16, par=par)
+            got = data_gen.generate(model, tokenizer, [prompt], 16, par=par)
             assert got == want, f"W={world_size} theta={theta}: {got} != {want}"
             layer = caches[0].keys[0]  # (B, Hkv, prompt part + room for new tokens, D)
             assert caches[0].n_prompt <= 2 * -(-len(prompt) // (2 * world_size))  # its two zigzag chunks
             assert layer.shape[2] == caches[0].n_prompt + 16, layer.shape
-            sampled = longpo.generate_sp(model, tokenizer, prompt, 16, par, temperature=1.0, top_p=0.9, seed=5)
-            assert sampled == longpo.generate_sp(model, tokenizer, prompt, 16, single, temperature=1.0, top_p=0.9, seed=5)
+            sampled = data_gen.generate_sp(model, tokenizer, prompt, 16, par, temperature=1.0, top_p=0.9, seed=5)
+            assert sampled == data_gen.generate_sp(model, tokenizer, prompt, 16, single, temperature=1.0, top_p=0.9, seed=5)
     counts = [torch.zeros(1) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([float(caches[0].n_prompt)]))
     assert sum(c.item() for c in counts) == len(prompt)  # every prompt token cached exactly once
-    longpo.PromptShardCache = make_cache
+    data_gen.PromptShardCache = make_cache
 
 
 def test_sequence_parallel_generation():
@@ -1098,11 +1159,12 @@ def test_sequence_parallel_generation():
 
 
 def test_pack_pair_layout_and_short_prefix_fallback():
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     rec = make_records(1, seed=4, turns=2)[0]
     example = longpo.build_example(rec, tokenizer)
     c, r = example["chosen"], example["rejected"]
-    packed = longpo.pack_pair(example, 2, pad_id=0)
+    nll = [1.0] * len(c["ids"])  # the NLL weights of the chosen sequence (--nll-target sequence)
+    packed = longpo.pack_pair(example, 2, 0, nll)
     layout, first = packed["layout"], c["is_answer"].index(True)
     n = 2 * layout.n_prefix
     assert n % 4 == 0 and first - 4 <= n < first  # the longest multiple of 2*sp leaving the last prompt token
@@ -1113,9 +1175,9 @@ def test_pack_pair_layout_and_short_prefix_fallback():
     assert packed["position_ids"][n + lc:n + lc + lr].tolist() == list(range(n, len(r["ids"])))
     assert int(packed["chosen"].sum()) == sum(c["is_answer"][1:]) and int(packed["rejected"].sum()) == sum(r["is_answer"][1:])
     assert int(packed["nll"].sum()) == len(c["ids"]) - 1  # the chosen sequence's NLL targets, once each
-    assert longpo.pack_pair(example, (first - 1) // 2 + 1, pad_id=0) is None  # shared prompt < 2*sp + 1 tokens
+    assert longpo.pack_pair(example, (first - 1) // 2 + 1, 0, nll) is None  # shared prompt < 2*sp + 1 tokens
     short = longpo.Parallel(0, 1, first, None, torch.device("cpu"))  # an SP size that leaves no prefix
-    assert longpo.prepare_packed(example, short, 0) is None  # micro_step then takes the pairs path
+    assert longpo.prepare_packed(example, short, 0, nll) is None  # micro_step then takes the pairs path
 
 
 def dp_sp_worker(rank, world_size):
@@ -1218,11 +1280,12 @@ def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
     assert not os.path.exists(os.path.join(out, "final"))
 
 
-def test_missing_pad_token_falls_back_to_eos():
-    tokenizer = longpo.build_tiny_tokenizer()
-    tokenizer.pad_token = None
-    assert tokenizer.pad_token_id is None
-    assert longpo.ensure_pad_token(tokenizer).pad_token_id == tokenizer.eos_token_id
+def test_missing_pad_token_falls_back_to_eos(tmp_path):
+    tokenizer = longpo.tiny_tokenizer()
+    tokenizer.pad_token = None  # as Mistral's and Llama's tokenizers ship
+    tokenizer.save_pretrained(tmp_path)
+    loaded = longpo.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
 
 
 def test_default_learning_rates_follow_the_paper():
@@ -1232,10 +1295,15 @@ def test_default_learning_rates_follow_the_paper():
     assert longpo.resolve_defaults(longpo.TrainConfig(loss="sft", lr=3e-6)).lr == 3e-6  # a given lr wins
 
 
+def rope_theta(config):
+    params = getattr(config, "rope_parameters", None)  # transformers 5.x; 4.x: an attribute
+    return params["rope_theta"] if isinstance(params, dict) else config.rope_theta
+
+
 def test_rope_theta_applies_to_the_policy_only():
     policy, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e7)
     reference, _ = longpo.load_model_and_tokenizer("tiny")
-    assert longpo.get_rope_theta(policy.config) == 1e7 and longpo.get_rope_theta(reference.config) == 1e4
+    assert rope_theta(policy.config) == 1e7 and rope_theta(reference.config) == 1e4
     inv_freq = policy.model.rotary_emb.inv_freq  # theta ** (-2i / D): the slowest frequency moves
     assert torch.isclose(inv_freq[-1], torch.tensor(1e7) ** (-(inv_freq.numel() - 1) / inv_freq.numel()), rtol=1e-4)
     assert not torch.allclose(inv_freq, reference.model.rotary_emb.inv_freq)
@@ -1244,7 +1312,7 @@ def test_rope_theta_applies_to_the_policy_only():
         rope_theta = 1e6
     old = OldConfig()
     longpo.set_rope_theta(old, 5e6)
-    assert longpo.get_rope_theta(old) == 5e6
+    assert rope_theta(old) == 5e6
 
 
 def test_memory_plan_mistral_512k(tmp_path):
@@ -1274,7 +1342,7 @@ def token_starts(tokenizer, text):
 
 
 def test_chunker_spans_budget_and_boundaries():
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     rng = random.Random(4)
     paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(5, 60))) for _ in range(30)]
     paragraphs[7] = "\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(20))  # long, many lines
@@ -1363,14 +1431,13 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     give the same file, and so do 2 ranks decoding the long inputs sequence-parallel (--sp-size 2)."""
     out, args = str(tmp_path / "full.jsonl"), ["--temperature", "0", "--max-new-tokens", "16", "--turns", "2"]
     run_script(["data_gen.py", "--out", out] + args)
-    records = longpo.load_records(out, need_ref=True)  # the schema training validates
+    records = longpo.Records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
     meta = json.load(open(out + ".meta.json"))
     assert meta["summary"]["kept"] == 4 and meta["args"]["questions"] == "template"
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
-    for rec in records[:2]:
-        example = longpo.build_example(rec, tokenizer)
-        assert (rec["ref_chosen_logp"], rec["ref_rejected_logp"]) == longpo.short_ref_logps(model, example, "cpu")
+    for rec in records.select(range(2)):
+        assert (rec["ref_chosen_logp"], rec["ref_rejected_logp"]) == longpo.short_reference_logps(model, tokenizer, rec)
         for side in ("chosen", "rejected"):
             assert math.isclose(rec[f"ref_{side}_logp"], direct_short_logp(model, tokenizer, rec, side), rel_tol=1e-5)
         for turn in rec["turns"]:
@@ -1424,7 +1491,7 @@ import eval as evaluation  # noqa: E402  (the project's eval.py)
 
 
 def test_ruler_prompts_have_length_and_needle_depth():
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     sentences = evaluation.haystack_sentences("")
     for task in evaluation.RULER_TASKS:
         for length in (700, 1500):
@@ -1483,7 +1550,7 @@ class BiasedLM(torch.nn.Module):
 
 
 def test_mc_scorer_and_kl():
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     seven = tokenizer("7", add_special_tokens=False)["input_ids"][0]
     items = [{"question": "Pick one.", "choices": ["3", "7", "5"], "answer": 1},
              {"question": "Pick one.", "choices": ["7", "3"], "answer": 1}]
@@ -1511,7 +1578,7 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     out = str(tmp_path / "eval.json")
     result = run_script(["eval.py", "--model", "tiny", "--baseline", "tiny", "--pref-data", data, "--lengths", "600",
                          "--depths", "2", "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb),
-                         "--infbench-max-len", "300", "--out", out, "--heatmap", ""])
+                         "--infbench-max-len", "300", "--out", out])
     assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
     scores = json.load(open(out))
     assert scores["complete"] is True
@@ -1522,7 +1589,7 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     assert all(v == 0.0 for v in scores["table"]["delta"].values())  # the same model twice
     sp_out, one_out = str(tmp_path / "sp.json"), str(tmp_path / "one.json")
     args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,ruler",
-            "--lengths", "300", "--depths", "1", "--heatmap", ""]
+            "--lengths", "300", "--depths", "1"]
     run_script(args + ["--sp-size", "2", "--out", sp_out], nproc=2)  # SP scoring and SP decoding
     run_script(args + ["--out", one_out])
     sp, one = (json.load(open(p))["results"]["tiny"] for p in (sp_out, one_out))
@@ -1549,16 +1616,16 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     records = make_records(3, seed=14, with_ref=True)
     records[1]["document"] *= 3  # the long one (its chunk spans stay inside)
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    tokenizer = longpo.build_tiny_tokenizer()
+    tokenizer = longpo.tiny_tokenizer()
     lengths = [max(len(longpo.format_dialogue(tokenizer, r["document"], r["turns"], side)[0])
                    for side in ("chosen", "rejected")) for r in records]
     assert lengths[1] > max(lengths[0], lengths[2])
     cfg = longpo.TrainConfig(data=path, max_length=max(lengths[0], lengths[2]), grad_accum=1)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    kept, refs, _ = longpo.prepare_data(longpo.load_records(path), cfg, single, tokenizer, torch.float32)
+    kept, refs, _ = longpo.prepare_data(longpo.Records(path), cfg, single, tokenizer, torch.float32)
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
-    assert kept[1] == records[2] and kept[-1:] == [records[2]]  # read back from the file on demand
+    assert kept[1] == records[2] and list(kept)[-1:] == [records[2]]  # read back from the file on demand
 
 
 def test_several_data_files_are_one_set(tmp_path):
@@ -1566,20 +1633,20 @@ def test_several_data_files_are_one_set(tmp_path):
     identity changes with either file; a missing or empty file in the list is named."""
     first, second = make_records(2, seed=15, with_ref=True), make_records(3, seed=16)
     a, b = write_jsonl(tmp_path / "a.jsonl", first), write_jsonl(tmp_path / "b.jsonl", second)
-    both = longpo.load_records(f"{a},{b}")
+    both = longpo.Records(f"{a},{b}")
     assert len(both) == 5 and list(both) == first + second and both[3] == second[1]
     assert both.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in first] + [(None, None)] * 3
-    assert both.select([4, 0])[:] == [second[2], first[0]]
+    assert list(both.select([4, 0])) == [second[2], first[0]]
     ident = lambda data: longpo.run_identity(longpo.TrainConfig(data=data), 1, 1)
     alone, together = ident(a), ident(f"{a},{b}")
     assert alone["data_bytes"] < together["data_bytes"]
     write_jsonl(tmp_path / "b.jsonl", second[:1] + second[2:] + second[1:2])  # b's records moved
     assert ident(f"{a},{b}")["data_sha256_first_records"] != together["data_sha256_first_records"]
     with pytest.raises(ra.UsageError, match=f"--data {tmp_path / 'c.jsonl'} does not exist"):
-        longpo.load_records(f"{a},{tmp_path / 'c.jsonl'}")
+        longpo.Records(f"{a},{tmp_path / 'c.jsonl'}")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ra.UsageError, match="empty.jsonl holds no records"):
-        longpo.load_records(f"{a},{tmp_path / 'empty.jsonl'}")
+        longpo.Records(f"{a},{tmp_path / 'empty.jsonl'}")
 
 
 def test_data_gen_long_model_answers_only_the_long_inputs():
@@ -1589,8 +1656,8 @@ def test_data_gen_long_model_answers_only_the_long_inputs():
     other, _ = perturbed_tiny(0.5, seed=4)
     cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16))
     doc = data_gen.demo_corpus()[0]
-    same, _, _ = data_gen.make_record(doc, 0, (model, model), tokenizer, cfg, {"generated": 0})
-    mixed, _, _ = data_gen.make_record(doc, 0, (model, other.float()), tokenizer, cfg, {"generated": 0})
+    same = data_gen.make_record(doc, 0, (model, model), tokenizer, cfg, {"generated": 0})
+    mixed = data_gen.make_record(doc, 0, (model, other.float()), tokenizer, cfg, {"generated": 0})
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
     assert [t["rejected"] for t in same["turns"]] != [t["rejected"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
@@ -1634,7 +1701,7 @@ def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
         spoil(records[1])
         path = write_jsonl(tmp_path / "bad.jsonl", records)
         with pytest.raises(UsageError, match=r"bad.jsonl:2: field '" + re.escape(field_name)):
-            longpo.load_records(path)
+            longpo.Records(path)
     for flags, message in [({"beta": 0.0}, "--beta"), ({"warmup_ratio": 2.0}, "--warmup-ratio"),
                            ({"resume": True, "overwrite": True}, "contradict"), ({"lr": float("nan")}, "--lr"),
                            ({"loss": "sft", "grad_accum": 6, "micro_batch": 4}, "--micro-batch 4 must .* divide"),
@@ -1687,10 +1754,11 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     huge = {"id": "huge", "text": "word " * 4_000_000}
     t0 = time.perf_counter()
-    assert data_gen.make_record(huge, 0, (model, model), tokenizer, cfg, {"generated": 0})[1] == "doc_length"
+    with pytest.raises(data_gen.Dropped, match="doc_length"):
+        data_gen.make_record(huge, 0, (model, model), tokenizer, cfg, {"generated": 0})
     assert time.perf_counter() - t0 < 1.0
-    tiny_doc = {"id": "small", "text": "short"}
-    assert data_gen.make_record(tiny_doc, 0, (model, model), tokenizer, cfg, {"generated": 0})[1] == "doc_length"
+    with pytest.raises(data_gen.Dropped, match="doc_length"):
+        data_gen.make_record({"id": "small", "text": "short"}, 0, (model, model), tokenizer, cfg, {"generated": 0})
     # no record kept: an error unless --allow-empty
     empty = str(tmp_path / "empty.jsonl")
     with pytest.raises(AssertionError, match="no document of --docs demo gave a record"):
@@ -1700,7 +1768,7 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
 
 def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     UsageError = ra.UsageError
-    base = dict(model="tiny", baseline="", heatmap="", out=str(tmp_path / "eval.json"))
+    base = dict(model="tiny", baseline="", out=str(tmp_path / "eval.json"))
     for flags, message in [({"lengths": "0"}, "--lengths"), ({"depths": 0}, "--depths"), ({"samples": 0}, "--samples"),
                            ({"mc": str(tmp_path / "no.jsonl")}, "no.jsonl does not exist"),
                            ({"tasks": "infbench", "infbench": str(tmp_path / "nope")}, "--infbench .* not a folder"),
@@ -1722,12 +1790,21 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="late failure"):
         evaluation.main(cfg)
     saved = json.load(open(cfg.out))
-    assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler"}
+    assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler", "needle_by_depth"}
     assert evaluation.prepare_inputs(cfg, ["ruler"])["out"] == str(tmp_path / "eval-1.json")  # never replaced
     assert evaluation.prepare_inputs(dataclasses.replace(cfg, overwrite=True), ["ruler"])["out"] == cfg.out
 
 
 # ----------------------------------------------------------------------------- the miniature reproduction
+
+@functools.lru_cache(maxsize=1)
+def small_model():
+    """The miniature's untrained model, made once per session by `data_gen.py --make-small DIR`."""
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(prefix="longpo-small-"), "small")
+    data_gen.save_small_model(path)
+    return path
+
 
 def test_demo_corpus_and_facts_prompts_are_answerable():
     """Every demo fact is in its document once, with one answer per question (no place twice); the
@@ -1739,7 +1816,7 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
             thing, place = re.search(r"How many (\w+) are there at (\w+)\?", f["question"]).groups()
             assert re.findall(rf"At {place} (\d+) \w+ were counted\.", doc["text"]) == [f["answer"]]
             assert f"At {place} {f['answer']} {thing} were counted." == f["sentence"] and f["place"] == place
-    tokenizer = longpo.build_small_tokenizer()
+    tokenizer = longpo.load_tokenizer(small_model())
     for length in (200, 700, 1500):
         where = []
         for depth in (0.0, 0.5, 1.0):
@@ -1764,10 +1841,10 @@ def test_gold_questions_in_random_order(tmp_path):
     answers by elimination instead of matching question to fact (README, the miniature)."""
     out = tmp_path / "gold.jsonl"
     data_gen.main(ra.config_from_cli(data_gen.DataGenConfig, [
-        "--model", "small", "--answers", "gold", "--demo-docs", "64", "--demo-paragraphs", "2", "--chunk-min", "8",
+        "--model", small_model(), "--answers", "gold", "--demo-docs", "64", "--demo-paragraphs", "2", "--chunk-min", "8",
         "--chunk-max", "100", "--min-doc-len", "1", "--max-doc-len", "512", "--out", str(out)]))
     orders = set()
-    for rec in longpo.load_records(str(out)):
+    for rec in longpo.Records(str(out)):
         places = re.findall(r"At (\w+) \d+ ", rec["document"])
         asked = [places.index(re.search(r"at (\w+)\?", t["instruction"]).group(1)) for t in rec["turns"]]
         assert sorted(asked) == [0, 1, 2, 3]  # every fact asked once
@@ -1779,9 +1856,9 @@ def check_copy_records(path):
     """--answers copy: repeat "Words:" and 16-32 random words of the corpus, each ONE token of
     the small tokenizer, distinct (each word's earlier copy is unique, so copying by content is
     well defined), of varied lengths (no fixed distance to copy from)."""
-    tokenizer = longpo.load_tokenizer("small")
+    tokenizer = longpo.load_tokenizer(small_model())
     lengths = set()
-    for rec in longpo.load_records(path):
+    for rec in longpo.Records(path):
         (turn,) = rec["turns"]
         words = rec["document"].split()
         assert turn["instruction"] == "Repeat the text above." and turn["chosen"] == rec["document"]
@@ -1802,15 +1879,18 @@ def test_miniature_recipe_end_to_end(tmp_path):
         return module.main(ra.config_from_cli(config, [str(a) for a in argv]))
     gold, pairs, heldout, out = (tmp_path / f for f in ("gold.jsonl", "pairs.jsonl", "heldout.jsonl", "eval.json"))
     copy = tmp_path / "copy.jsonl"
-    run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
+    small = tmp_path / "small"
+    run(data_gen, data_gen.DataGenConfig, "--make-small", small)
+    assert len(longpo.load_tokenizer(str(small))) == len(longpo.load_tokenizer(small_model()))  # deterministic
+    run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
         "--max-doc-len", 512, "--out", copy)
     check_copy_records(str(copy))
-    run(longpo, longpo.TrainConfig, "--model", "small", "--loss", "sft", "--data", copy, "--output-dir",
+    run(longpo, longpo.TrainConfig, "--model", small, "--loss", "sft", "--data", copy, "--output-dir",
         tmp_path / "copy", "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")
-    run(data_gen, data_gen.DataGenConfig, "--model", "small", "--answers", "gold", "--demo-docs", 12,
+    run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "gold", "--demo-docs", 12,
         "--demo-paragraphs", "1-2", "--chunk-min", 8, "--chunk-max", 100, "--min-doc-len", 1, "--max-doc-len", 512,
         "--out", gold)
-    for rec in longpo.load_records(str(gold)):  # the planted answers, and another number of the document
+    for rec in longpo.Records(str(gold)):  # the planted answers, and another number of the document
         assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
         for turn in rec["turns"]:
             place = re.search(r"at (\w+)\?", turn["instruction"]).group(1)
@@ -1826,7 +1906,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
                   "--min-doc-len", 1, "--max-doc-len", 4096, "--max-new-tokens", 4, "--temperature", 0]
     run(data_gen, data_gen.DataGenConfig, *long_pairs, "--out", pairs)
     run(data_gen, data_gen.DataGenConfig, *long_pairs, "--seed", 1, "--out", heldout)
-    train, held = longpo.load_records(str(pairs), need_ref=True), longpo.load_records(str(heldout), need_ref=True)
+    train, held = longpo.Records(str(pairs), need_ref=True), longpo.Records(str(heldout), need_ref=True)
     assert len(train) == len(held) == 2 and {r["document"] for r in train}.isdisjoint(r["document"] for r in held)
     finals = []
     for loss in ("longpo", "sft", "dpo"):
@@ -1834,7 +1914,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
             tmp_path / loss, "--lr", "1e-3", "--grad-accum", 1, "--max-steps", 2, "--rope-theta", "1e5")
         finals.append(str(tmp_path / loss / "final"))
     run(evaluation, evaluation.EvalConfig, "--model", ",".join(finals), "--baseline", model, "--tasks", "facts,kl,pref",
-        "--lengths", "128,512", "--depths", 2, "--pref-data", heldout, "--out", out, "--heatmap", "")
+        "--lengths", "128,512", "--depths", 2, "--pref-data", heldout, "--out", out)
     scores = json.load(open(out))
     assert scores["complete"] and list(scores["table"]) == [str(model)] + finals
     for name, row in scores["table"].items():
@@ -1842,3 +1922,237 @@ def test_miniature_recipe_end_to_end(tmp_path):
         assert (row["kl"] == 0) == (name == str(model)), (name, row["kl"])  # trained models moved, the base did not
     config = json.load(open(tmp_path / "longpo" / "final" / "config.json"))  # the policy keeps its raised theta
     assert (config.get("rope_parameters") or config)["rope_theta"] == 1e5
+
+
+# ============================================================================= opt-in benchmark harness
+# Not tests: the measurements behind the README's numbers, run by hand (any device):
+#   python test_longpo.py ring --seq-len 4096            torchrun --nproc_per_node 2 test_longpo.py ring --threads 1
+#   python test_longpo.py train --tokens 16384 --pack pairs    (torchrun ... train --sp-size 2 for SP = 2)
+#   python test_longpo.py generate --tokens 16384 --max-new-tokens 64    (torchrun ... generate --sp-size 2)
+
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class RingBench:
+    """Ring attention's errors against an fp32 reference and its time against SDPA in one process."""
+    seq_len: int = field(default=16384, metadata={"help": "whole-sequence tokens N (all ranks)"})
+    batch: int = field(default=1, metadata={"help": "sequences per batch B"})
+    heads: int = field(default=8, metadata={"help": "query heads Hq"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads Hkv (GQA when < heads)"})
+    head_dim: int = field(default=64, metadata={"help": "head dimension D"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | float64"})
+    kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
+    iters: int = field(default=2, metadata={"help": "timed iterations (after one warm-up)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per process (0: default)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random inputs (same on all ranks)"})
+
+
+def check_ring_bench(cfg, world_size):
+    if cfg.dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise ra.UsageError(f"--dtype {cfg.dtype}: choose one of float32, bfloat16, float16, float64")
+    if cfg.kernel != "auto" and cfg.kernel not in ra.KERNELS:
+        raise ra.UsageError(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(ra.KERNELS)}")
+    for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"):
+        if getattr(cfg, name) < 1:
+            raise ra.UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    if cfg.seq_len % (2 * world_size):
+        raise ra.UsageError(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
+                            f"(zigzag chunks), e.g. {-(-cfg.seq_len // (2 * world_size)) * 2 * world_size}")
+    if cfg.heads % cfg.kv_heads:
+        raise ra.UsageError(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def sdpa_fwd_bwd(q, k, v, dout, repeat_kv=False):
+    """F.scaled_dot_product_attention (causal) forward and backward on (B, H, N, D) tensors: what a
+    user runs without sequence parallelism. repeat_kv repeats the K/V heads instead of enable_gqa
+    (PyTorch's memory-efficient kernel takes fp32 but not GQA: the fp32 reference at 128K on a GPU)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)) if repeat_kv else (k, v)
+    out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not repeat_kv)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def gather_rows(row, device):
+    """Every rank's row of numbers, on every rank (in rank order)."""
+    row = torch.tensor(row, dtype=torch.float64, device=device)  # nccl takes no CPU tensors
+    rows = [row.clone() for _ in range(dist.get_world_size() if dist.is_initialized() else 1)]
+    if len(rows) > 1:
+        dist.all_gather(rows, row)
+    return [r.tolist() for r in rows]
+
+
+def ring_bench(cfg):
+    check_ring_bench(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group or allocation
+    rank, world_size, device = ra.init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ra.print0(f"config: {dataclasses.asdict(cfg)}  world_size={world_size}  device={device}  "
+              f"threads/process={torch.get_num_threads()}")
+    dtype, gen = getattr(torch, cfg.dtype), torch.Generator().manual_seed(cfg.seed)  # the same on every rank
+    q, k, v, dout = random_qkv(gen, cfg.batch, cfg.seq_len, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype)
+    q, k, v, dout = (t.to(device) for t in (q, k, v, dout))
+    shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
+    kernel = ra.pick_kernel(shard(q), cfg.kernel, cfg.kv_heads)
+    bhnd = [t.transpose(1, 2).contiguous() for t in (q, k, v, dout)]
+    ref_dtype = torch.promote_types(dtype, torch.float32)
+    ref = [t.transpose(1, 2) for t in sdpa_fwd_bwd(*(t.to(ref_dtype) for t in bhnd), repeat_kv=True)]
+    full_times = [timed(lambda: sdpa_fwd_bwd(*bhnd), device)[1] for _ in range(cfg.iters + 1)][1:]
+    bhnd = None  # freed before the ring runs
+    q_l, k_l, v_l = (shard(t).detach().requires_grad_() for t in (q, k, v))
+    fwd_times, bwd_times = [], []
+    for _ in range(cfg.iters + 1):
+        if dist.is_initialized():
+            dist.barrier()
+        q_l.grad = k_l.grad = v_l.grad = None
+        out_l, t_fwd = timed(lambda: ring_attention(q_l, k_l, v_l, kernel=kernel), device)
+        bwd_times.append(timed(lambda: out_l.backward(shard(dout)), device)[1])
+        fwd_times.append(t_fwd)
+    errors = [rel_err(a, shard(b)) for a, b in zip((out_l, q_l.grad, k_l.grad, v_l.grad), ref)]
+    rows = gather_rows([rank, *errors, min(fwd_times[1:]), min(bwd_times[1:]), min(full_times)], device)
+    flops = 3.5 * 2 * 2 * cfg.batch * cfg.heads * cfg.seq_len ** 2 / 2 * cfg.head_dim  # causal fwd + 2.5x bwd
+    ra.print0(f"kernel={kernel}  dtype={cfg.dtype}  N={cfg.seq_len}  W={world_size}  (errors: max|ring - "
+              f"{ref_dtype} reference| / max|reference|; times: best of {cfg.iters}, s; full = SDPA, one process)")
+    ra.print0(f"{'rank':>4} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9} {'ring fwd':>9} {'ring bwd':>9} "
+              f"{'ring f+b':>9} {'full f+b':>9} {'ring/(full/W)':>13} {'ring TFLOP/s':>12} {'full TFLOP/s':>12}")
+    for r in rows:
+        ring_total = r[5] + r[6]
+        ra.print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} {r[6]:9.3f} "
+                  f"{ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f} "
+                  f"{flops / world_size / ring_total / 1e12:12.2f} {flops / r[7] / 1e12:12.2f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synthetic_record(tokenizer, n_tokens, seed=0):
+    """One preference record whose long sequences have about n_tokens tokens."""
+    rng = random.Random(seed)
+    words = "the river stone light north market garden signal copper winter".split()
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    doc = sentence(64)
+    per_char = len(tokenizer(doc, add_special_tokens=False)["input_ids"]) / len(doc)
+    paragraphs = [sentence(60) for _ in range(int(n_tokens / per_char / 360) + 1)]
+    doc = "\n\n".join(paragraphs)[:int(n_tokens / per_char) - 100]
+    turn = {"instruction": "Based on the text above, which word comes most often?",
+            "chunk": [0, min(len(doc), 2000)], "chosen": sentence(12), "rejected": sentence(12)}
+    return {"id": "bench", "document": doc, "turns": [turn], "ref_chosen_logp": -50.0, "ref_rejected_logp": -50.0}
+
+
+def step_memory(fn, device):
+    """Peak memory one call of fn adds: CUDA, torch's peak allocated bytes; CPU, the rise of the
+    process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its RSS before the call,
+    after returning freed heap to the OS, so it counts what the step really touches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - before
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+@dataclass
+class TrainBench(longpo.TrainConfig):
+    """One LongPO optimiser step on a synthetic pair: per-rank time and peak memory (longpo.py's flags)."""
+    tokens: int = field(default=16384, metadata={"help": "tokens of each long sequence of the pair"})
+
+
+def train_bench(cfg):
+    """Per-rank time of one LongPO optimiser step (median of --max-steps or 3, after a warm-up) and the
+    peak memory one more step adds on top of the loaded model and optimiser state."""
+    cfg = dataclasses.replace(longpo.resolve_defaults(cfg), grad_accum=1)
+    longpo.check_config(dataclasses.replace(cfg, plan=True))  # any SP size: checked against the world below
+    longpo.check_model(cfg.model)
+    rank, world_size, device = ra.init_distributed(group_of_one=True)
+    par = ra.setup_parallel(cfg.sp_size, rank, world_size, device)
+    torch.manual_seed(cfg.seed)
+    master_dtype, compute_dtype = longpo.resolve_dtypes(cfg, par.device)
+    policy, tokenizer = longpo.load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
+    rec = synthetic_record(tokenizer, cfg.tokens)
+    example, refs = longpo.build_example(rec, tokenizer), (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
+    policy = longpo.setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+
+    def step():
+        longpo.micro_step(policy, None, [example], refs, cfg, par, tokenizer.pad_token_id)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    times = []
+    for _ in range((cfg.max_steps or 3) + 1):
+        ra.barrier(par)
+        times.append(timed(step, par.device)[1])
+    ra.barrier(par)
+    peak = step_memory(step, par.device)
+    rows = gather_rows([par.rank, sorted(times[1:])[len(times[1:]) // 2], peak / 1e6], par.device)
+    ra.print0(f"train step: {cfg.model}, long sequences of {len(example['chosen']['ids'])} (chosen) and "
+              f"{len(example['rejected']['ids'])} (rejected) tokens, --pack {cfg.pack}, world {par.world_size}, "
+              f"sp {par.sp_size}, {torch.get_num_threads()} threads per process")
+    kind = "peak allocated" if par.device.type == "cuda" else "peak RSS rise"
+    ra.print0(f"{'rank':>4} {'step time (s)':>14} {kind + ' in a step (MB)':>30}")
+    for r in rows:
+        ra.print0(f"{int(r[0]):>4} {r[1]:14.3f} {r[2]:30.1f}")
+    dist.destroy_process_group()
+
+
+@dataclass
+class GenerateBench:
+    """Sequence-parallel greedy generation after one synthetic prompt: each rank's cache and times."""
+    model: str = field(default="tiny", metadata={"help": "hub id, local dir, or 'tiny'"})
+    tokens: int = field(default=16384, metadata={"help": "prompt tokens"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
+    sp_size: int = field(default=0, metadata={"help": "ranks that decode the prompt together (0: all)"})
+
+
+def generate_bench(cfg):
+    ra.check_sp_size(cfg.sp_size)
+    rank, world_size, device = ra.init_distributed()
+    par = (ra.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
+           else ra.Parallel(0, 1, 1, None, device))
+    model, tokenizer = data_gen.load_for_inference(cfg.model, device)
+    rec = synthetic_record(tokenizer, cfg.tokens)
+    prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
+    data_gen.generate_sp(model, tokenizer, prompt[:256], 4, par)  # warm-up
+    stats = {}
+    data_gen.generate_sp(model, tokenizer, prompt, cfg.max_new_tokens, par, stats=stats)
+    rows = gather_rows([par.rank, stats["cache_bytes"] / 1e6, stats["prefill_s"], stats["new_tokens"],
+                        stats["decode_s"]], device)
+    ra.print0(f"generation: {cfg.model}, prompt of {len(prompt)} tokens, sp {par.sp_size}, "
+              f"{torch.get_num_threads()} threads per process")
+    ra.print0(f"{'rank':>4} {'cache (MB)':>11} {'prefill (s)':>12} {'new tokens':>11} {'decode tokens/s':>16}")
+    for r in rows:
+        ra.print0(f"{int(r[0]):>4} {r[1]:11.2f} {r[2]:12.3f} {int(r[3]):>11} {r[3] / max(r[4], 1e-9):16.1f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+HARNESS = {"ring": (ring_bench, RingBench), "train": (train_bench, TrainBench),
+           "generate": (generate_bench, GenerateBench)}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in HARNESS:
+        sys.exit(f"usage: python test_longpo.py {{{','.join(HARNESS)}}} [flags] (--help for each); "
+                 "the tests run with: python -m pytest -q -rs test_longpo.py")
+    bench_main, bench_config = HARNESS[sys.argv.pop(1)]
+    ra.run_cli(bench_main, bench_config)
