@@ -486,7 +486,7 @@ def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
         ex = longpo.build_example(rec, tokenizer)
         seqs = {side: longpo.prepare_sequence(ex[side]["ids"], {side: ex[side]["is_answer"]}, par,
                                               tokenizer.pad_token_id) for side in ("chosen", "rejected")}
-        logps = [longpo.policy_logps(model, seqs[side], par, chunk)[side] for side in ("chosen", "rejected")]
+        logps = [longpo.sequence_logps(model, seqs[side], par, chunk)[side] for side in ("chosen", "rejected")]
         refs = [torch.tensor([rec[f"ref_{side}_logp"]], device=par.device) for side in ("chosen", "rejected")]
         _, chosen, rejected = longpo.longpo_loss(*logps, *refs, beta)
         acc += float(chosen.item() > rejected.item())

@@ -8,19 +8,21 @@ input as reference: no human labels, short-context skill kept (data_gen.py makes
 The objective comes first:
   * Eq. 12, longpo_loss: L_LongPO = -log sigmoid(r(x_L, y_S) - r(x_L, y_L)), with the short-to-long
     reward r(x_L, y) = beta * log(pi_theta(y|x_L) / pi_S(y|x_S)).
-  * Eq. 13, short_reference_logps: up to 4 turns of a document are one sample; the policy reads the
-    document once, then I_1 y_1 I_2 y_2 ...; the reference scores each turn on its own short chunk.
-  * Eq. 14, nll_weights and total_loss: L = lam * L_LongPO + L_NLL over the chosen long sequence.
+  * Eq. 13, build_example and short_reference_logps: up to 4 turns of a document are one sample; the
+    policy reads the document once, then I_1 y_1 I_2 y_2 ... (format_dialogue, the one chat formatting,
+    under the plumbing), and its log-prob sums over the answer tokens (sequence_logps); the reference
+    scores each turn on its own short chunk.
+  * Eq. 14, nll_weights and total_loss: L = lam * L_LongPO + L_NLL over the chosen long sequence, whose
+    weighted token mean sequence_logps computes.
 Then how it runs at 128K-512K tokens: sequence-parallel log-probs (ring attention, log-softmax in
 chunks), ONE pass over the document per pair (chosen and rejected packed after one copy of it), the
 step, the loop (FSDP2), checkpoints, main; then, under a heading, the plumbing data_gen.py and
 eval.py share: chat formatting and records, model loading, the memory plan.
 
-Deliberate deviations: Eq. 13 sums log-probabilities over turns, as the authors' release code does
-(the paper writes the log of a sum of probabilities); the reference log-probs are computed once on
-the short inputs (by data_gen.py, or up front with --ref-model), not by a model running beside the
-policy; ring attention (any SP size) instead of DeepSpeed-Ulysses; one sample per micro-step (the
-paper's batch of 8 is gradient accumulation). Baselines: --loss sft and --loss dpo.
+Deliberate deviations: Eq. 13 sums log-probabilities over turns, as the release code does (the paper
+writes the log of a sum of probabilities); reference log-probs computed once on the short inputs (by
+data_gen.py, or up front by --ref-model or --model); ring attention (any SP size) instead of Ulysses;
+one sample per micro-step (the batch of 8 is accumulation). Baselines: --loss sft and --loss dpo.
 
     python longpo.py                                       # tiny random model, CPU, one process
     torchrun --nproc_per_node 2 longpo.py                  # the same, SP = 2 over 2 CPU processes
@@ -127,7 +129,14 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 # sample: the policy's long sequence holds the document once, then I_1 y_1 I_2 y_2 ... with the
 # chosen answers (chosen sequence) or the rejected ones (rejected sequence) of every turn
 # (format_dialogue), and log pi_theta(y|x_L) sums over all answer tokens of that sequence
-# (policy_logps). The reference scores each turn on its OWN short chunk:
+# (sequence_logps). The reference scores each turn on its OWN short chunk.
+def build_example(rec, tokenizer, sides=("chosen", "rejected")):
+    """The chosen and rejected LONG dialogues of one record (Eq. 13: the document once, then every
+    turn's instruction and answer of that side) as {side: {"ids": [...], "is_answer": [...]}}."""
+    return {side: dict(zip(("ids", "is_answer"), format_dialogue(tokenizer, rec["document"], rec["turns"], side)))
+            for side in sides}
+
+
 @torch.no_grad()
 def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
     """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
@@ -142,7 +151,7 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
             start, end = turn["chunk"]
             ids, is_answer = format_dialogue(tokenizer, record["document"][start:end], [turn], side)  # [C_S,i; I_i] y_i
             seq = prepare_sequence(ids, {side: is_answer}, one_device, tokenizer.pad_token_id)
-            total += policy_logps(ref_model, seq, one_device, chunk_size)[side].item()
+            total += sequence_logps(ref_model, seq, one_device, chunk_size)[side].item()
         sums.append(total)
     return tuple(sums)
 
@@ -152,7 +161,7 @@ def nll_weights(is_answer, cfg):
     with what weight. --nll-target sequence (the paper's, for LongPO and DPO; auto): all of S_L,
     document, instructions, template and answers, the non-answer tokens weighing --nll-context-weight
     (1 in the paper); responses (the paper's SFT baseline; auto for sft): the chosen answers only.
-    policy_logps makes them the weighted token mean sum_t w_t * -log p(x_t+1 | x_<=t) / sum_t w_t."""
+    sequence_logps makes them the weighted token mean sum_t w_t * -log p(x_t+1 | x_<=t) / sum_t w_t."""
     sequence = cfg.nll_target == "sequence" or (cfg.nll_target == "auto" and cfg.loss != "sft")
     return [1.0 if answer else cfg.nll_context_weight if sequence else 0.0 for answer in is_answer]
 
@@ -217,10 +226,9 @@ def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
     padded = -(-max(length, pad_to) // (2 * par.sp_size)) * 2 * par.sp_size
     out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)),
            "position_ids": torch.arange(padded)}
-    for name, is_target in masks.items():
-        targets, mask = shifted_targets(ids, is_target)
-        out["targets"] = F.pad(targets, (0, padded - length))
-        out[name] = F.pad(mask, (0, padded - length), value=False)
+    for name, weights in masks.items():  # bool marks, or the NLL's float weights; the targets are the same
+        targets, weights = shifted_targets(ids, weights)
+        out["targets"], out[name] = F.pad(targets, (0, padded - length)), F.pad(weights, (0, padded - length))
     for key, t in out.items():
         t = t.unsqueeze(0)  # (1, L)
         if par.sp_size > 1:
@@ -238,6 +246,7 @@ def pack_pair(example, sp_size, pad_id, nll):
     answers, and the chosen sequence's NLL weights `nll`, exactly as in the two separate sequences."""
     c, r = example["chosen"], example["rejected"]
     first = c["is_answer"].index(True)  # the first answer token: the shared prompt ends before it
+    # the prompt's last token predicts the first answer token, which differs: it goes to both branches
     n = (first - 1) // (2 * sp_size) * 2 * sp_size
     if n == 0 or c["ids"][:first] != r["ids"][:first]:
         return None
@@ -273,7 +282,7 @@ def prepare_packed(example, par, pad_id, nll):
     return {**packed, "layout": layout}
 
 
-def policy_logps(model, seq, par, chunk_size):
+def sequence_logps(model, seq, par, chunk_size):
     """Log-probs of one (sharded, possibly packed) batch of sequences, as named values of shape (B,):
     "chosen" and "rejected", the sum of the log-probs at the positions of the mask of that name
     (those of seq's masks it holds), summed over the SP group; "nll", when seq holds NLL weights
@@ -285,7 +294,7 @@ def policy_logps(model, seq, par, chunk_size):
     elif "layout" in seq or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
     out = model(input_ids=seq["input_ids"], position_ids=seq["position_ids"], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1, **ring_kwargs)
+                output_hidden_states=True, logits_to_keep=1, **ring_kwargs)  # one position's logits: unused
     hidden = out.hidden_states[-1]  # (1, T, H) after the final norm
     weight = model.get_output_embeddings().weight
     names = [name for name in ("chosen", "rejected", "nll") if name in seq]
@@ -326,8 +335,8 @@ def micro_step(model, ref_model, examples, refs, cfg, par, pad_id):
 def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
     """The shared-prefix step: one forward of the packed pair gives log pi(y_S|x_L), log pi(y_L|x_L)
     and the Eq. 14 NLL, one backward the exact gradient of Eq. 14; the document runs once."""
-    ref_c, ref_r = reference_logps(ref_model, [packed], refs, cfg, par)
-    logps = policy_logps(model, packed, par, cfg.logprob_chunk)
+    ref_c, ref_r = pair_reference_logps(ref_model, [packed], refs, cfg, par)
+    logps = sequence_logps(model, packed, par, cfg.logprob_chunk)
     logp_c, logp_r, nll = logps["chosen"], logps["rejected"], logps["nll"]
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
     loss = total_loss(losses, nll, cfg.lam, cfg.loss)
@@ -344,17 +353,17 @@ def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
     masks = {"chosen": c["is_answer"], "nll": nll_weights(c["is_answer"], cfg)}
     chosen = prepare_sequence(c["ids"], masks, par, pad_id)
     rejected = prepare_sequence(r["ids"], {"rejected": r["is_answer"]}, par, pad_id)
-    ref_c, ref_r = reference_logps(ref_model, [chosen, rejected], refs, cfg, par)
+    ref_c, ref_r = pair_reference_logps(ref_model, [chosen, rejected], refs, cfg, par)
     with torch.no_grad():
-        logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
+        logp_r = sequence_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
     # chosen pass: d/dtheta of lam * L_pref(logp_c, logp_r = const) + NLL
-    logps = policy_logps(model, chosen, par, cfg.logprob_chunk)
+    logps = sequence_logps(model, chosen, par, cfg.logprob_chunk)
     logp_c, nll = logps["chosen"], logps["nll"]
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
     loss = total_loss(losses, nll, cfg.lam, cfg.loss)
     (loss * grad_scale).backward()
     # rejected pass: d/dtheta of lam * L_pref(logp_c = const, logp_r)
-    logp_r = policy_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
+    logp_r = sequence_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
     losses_r = longpo_loss(logp_c.detach(), logp_r, ref_c, ref_r, cfg.beta)[0]
     (cfg.lam * losses_r.mean() * grad_scale).backward()
     return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
@@ -369,22 +378,22 @@ def sft_step(model, examples, cfg, par, pad_id, grad_scale):
                                                    "nll": nll_weights(ex["chosen"]["is_answer"], cfg)},
                              par, pad_id, longest) for ex in examples]
     batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}  # (B, T)
-    logps = policy_logps(model, batch, par, cfg.logprob_chunk)
+    logps = sequence_logps(model, batch, par, cfg.logprob_chunk)
     (logps["nll"].sum() * grad_scale).backward()
     return {"loss": logps["nll"].sum().item(), "nll": logps["nll"].sum().item(),
             "logps/chosen": logps["chosen"].sum().item()}
 
 
-def reference_logps(ref_model, sequences, refs, cfg, par):
+def pair_reference_logps(ref_model, sequences, refs, cfg, par):
     """(ref_chosen, ref_rejected) as (1,) tensors. LongPO: pi_S on the SHORT inputs, from the data
     (Eq. 13). DPO: the frozen model on the LONG input, the sequences exactly as the policy sees them."""
     if cfg.loss != "dpo":
         return tuple(torch.tensor([x], dtype=torch.float64, device=par.device) for x in refs)
     with torch.no_grad():  # the answers only: the reference has no NLL term
-        logps = [policy_logps(ref_model, {k: v for k, v in seq.items() if k != "nll"}, par, cfg.logprob_chunk)
+        logps = [sequence_logps(ref_model, {k: v for k, v in seq.items() if k != "nll"}, par, cfg.logprob_chunk)
                  for seq in sequences]
-    merged = {name: value for part in logps for name, value in part.items()}
-    return merged["chosen"], merged["rejected"]
+    by_side = {name: value for part in logps for name, value in part.items()}  # packed: one part; pairs: two
+    return by_side["chosen"], by_side["rejected"]
 
 
 def pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r):
@@ -478,7 +487,8 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
         idxs = [record_index((step * cfg.grad_accum + micro) * par.dp_size + par.dp_rank, len(records), cfg.seed)
                 for micro in range(first, first + cfg.micro_batch)]
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
-        metrics, n = micro_step(model, ref_model, examples, refs[idxs[0]], cfg, par, tokenizer.pad_token_id)
+        refs_of_pair = refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
+        metrics, n = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
         bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
         if par.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
@@ -705,7 +715,7 @@ def save_final(model, tokenizer, cfg, par):
 # ----------------------------------------------------------------------------- main
 
 def check_config(cfg):
-    choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("sequence", "responses"),
+    choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("auto", "sequence", "responses"),
                "dtype": ("auto", "float32", "float64", "bfloat16"), "pack": ("shared-prefix", "pairs")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -738,13 +748,12 @@ def check_config(cfg):
 
 
 def resolve_defaults(cfg):
-    """Flags left at 0 (or auto) take the paper's value, or a demo value for the random tiny model (so
+    """Flags left at 0 take the paper's value, or a demo value for the random tiny model (so
     that its short default run visibly trains). The paper trains its SFT baseline at 2e-5, a usual
     SFT rate, and LongPO and DPO at 5e-7, a usual preference-optimisation rate."""
     tiny = cfg.model == "tiny"
-    nll_target = cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
-                               nll_target=nll_target, grad_accum=cfg.grad_accum or (1 if tiny else 8))
+                               grad_accum=cfg.grad_accum or (1 if tiny else 8))
 
 
 def main(cfg):
@@ -878,12 +887,10 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     return ids, is_answer
 
 
-def shifted_targets(ids, is_target):
-    """Next-token targets: position t predicts ids[t+1]; mask says which positions count."""
+def shifted_targets(ids, weights):
+    """Next-token targets: position t predicts ids[t+1], with the weight (or bool mark) of ids[t+1]."""
     ids_t = torch.tensor(ids)
-    targets = torch.cat([ids_t[1:], ids_t.new_tensor([0])])
-    mask = torch.tensor(list(is_target[1:]) + [False])
-    return targets, mask
+    return torch.cat([ids_t[1:], ids_t.new_tensor([0])]), torch.tensor(list(weights[1:]) + [False])
 
 
 # ----------------------------------------------------------------------------- records
@@ -892,7 +899,7 @@ REQUIRED_TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
 
 
 def validate_record(rec, where, need_ref):
-    """Raise UsageError naming the line and field when a record breaks the design.md format."""
+    """Raise UsageError naming the line and field when a record breaks the format (README)."""
     def bad(field_, problem):
         raise UsageError(f"{where}: field '{field_}' {problem}")
     if not isinstance(rec, dict):
@@ -919,8 +926,7 @@ def validate_record(rec, where, need_ref):
         if name in rec and not (type(rec[name]) in (int, float) and math.isfinite(rec[name])):  # bool is no number
             bad(name, f"= {rec[name]!r} is not a finite number")
         if need_ref and name not in rec:
-            bad(name, "is missing; give --ref-model to compute it on the short inputs, or "
-                "produce the data with data_gen.py")
+            bad(name, "is missing: data_gen.py writes it (longpo.py computes missing ones up front)")
 
 
 class Records:
@@ -976,13 +982,6 @@ def data_files(path):
                 f"does not exist; create it first with: python data_gen.py --out {name or 'FILE'}"
             raise UsageError(f"--data {name} {why}")
     return names
-
-
-def build_example(rec, tokenizer, sides=("chosen", "rejected")):
-    """The chosen and rejected LONG dialogues of one record (Eq. 13: the document once, then every
-    turn's instruction and answer of that side) as {side: {"ids": [...], "is_answer": [...]}}."""
-    return {side: dict(zip(("ids", "is_answer"), format_dialogue(tokenizer, rec["document"], rec["turns"], side)))
-            for side in sides}
 
 
 # ----------------------------------------------------------------------------- loading models; the tiny preset

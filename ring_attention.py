@@ -55,7 +55,7 @@ def zigzag_shard(x, rank, world_size, dim=1):
         padded = -(-n // parts) * parts
         raise ValueError(
             f"zigzag_shard: length {n} along dim {dim} is not divisible by 2*world_size = {parts}; "
-            f"pad the sequence at the end to {padded} tokens (labels -100 on the padding)")
+            f"pad the sequence at the end to {padded} tokens (the padding never a target)")
     chunks = x.chunk(parts, dim)
     return torch.cat([chunks[rank], chunks[parts - 1 - rank]], dim)
 
@@ -611,7 +611,7 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
     world_size = _group_size_rank(ring_group)[0]
     if attention_mask is not None:
         raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
-                         "sequence; pad at the end (labels -100) and do not pass attention_mask")
+                         "sequence; pad at the end (never a target) and do not pass attention_mask")
     if dropout:
         raise ValueError("ring_attention has no attention dropout; set config.attention_dropout = 0")
     if sliding_window is not None and sliding_window < world_size * query.shape[2]:

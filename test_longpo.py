@@ -505,7 +505,7 @@ WORDS = "alpha beta gamma delta river stone light north market garden signal cop
 
 
 def make_records(n, seed, paragraphs=4, words=25, turns=2, with_ref=False):
-    """Preference records in the design.md format, built in code (data_gen.py writes real ones)."""
+    """Preference records in the README's format, built in code (data_gen.py writes real ones)."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
@@ -1102,7 +1102,7 @@ def packing_worker(rank, world_size):
         seqs = {side: longpo.prepare_sequence(example[side]["ids"], {side: example[side]["is_answer"]}, par, 0)
                 for side in ("chosen", "rejected")}
         with torch.no_grad():  # margins of a few nats: sigmoid weights far from 0 and 1
-            refs = [longpo.policy_logps(base, seqs[side], par, 64)[side].item() + shift
+            refs = [longpo.sequence_logps(base, seqs[side], par, 64)[side].item() + shift
                     for side, shift in (("chosen", -2.0), ("rejected", 1.0))]
         results = {pack: one_micro_step(loss, par, perturbed_tiny(0.02, 1)[0], perturbed_tiny(0.0, 2)[0], example,
                                         refs, False, pack=pack, context_weight=context_weight)
@@ -2083,7 +2083,7 @@ def train_bench(cfg):
     """Per-rank time of one LongPO optimiser step (median of --max-steps or 3, after a warm-up) and the
     peak memory one more step adds on top of the loaded model and optimiser state."""
     cfg = dataclasses.replace(longpo.resolve_defaults(cfg), grad_accum=1)
-    longpo.check_config(dataclasses.replace(cfg, plan=True))  # any SP size: checked against the world below
+    longpo.check_config(cfg)
     longpo.check_model(cfg.model)
     rank, world_size, device = ra.init_distributed(group_of_one=True)
     par = ra.setup_parallel(cfg.sp_size, rank, world_size, device)
