@@ -53,7 +53,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import longpo
 import ring_attention
@@ -218,26 +218,35 @@ def stop_token_ids(tokenizer, model=None):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, par=None, seed=0):
-    """Decode token-id prompts, greedy at temperature 0, until an end-of-turn token (stop_token_ids);
-    returns (texts, number of new tokens). One process: together, left-padded, with transformers'
-    generate. With par of SP size > 1: one prompt at a time, sequence-parallel over par's SP group
-    (generate_sp), every rank returning the same texts."""
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, par=None, seeds=None):
+    """Decode token-id prompts until an end-of-turn token (stop_token_ids): greedy at temperature 0,
+    else each row sampled from a generator of its own (seeds[i]), so that a row's answer depends on
+    its prompt and seed alone, not on the other rows or the rank. Returns (texts, new tokens). One
+    process: the rows together, left-padded, with a K/V cache. With par of SP size > 1: one prompt at
+    a time, sequence-parallel over par's SP group (generate_sp), every rank returning the same texts."""
+    seeds = seeds or [0] * len(prompts)
     if par is not None and par.sp_size > 1:
-        results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed + i)
-                   for i, p in enumerate(prompts)]
+        results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed)
+                   for p, seed in zip(prompts, seeds)]
         return [text for text, _ in results], sum(n for _, n in results)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=stop_token_ids(tokenizer, model), **sampling)
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    new = out[:, width:]
+    device, width, stops = model.device, max(map(len, prompts)), set(stop_token_ids(tokenizer, model))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # every prompt from position 0, after its padding
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    cache, new = DynamicCache(config=model.config), [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        for i, row in enumerate(new):
+            if not row or row[-1] not in stops:
+                row.append(next_token(logits[i], temperature, top_p, generators[i]))
+        if all(row[-1] in stops for row in new):
+            break
+        ids = torch.tensor([[row[-1]] for row in new], device=device)  # finished rows repeat their stop token
+        mask, positions = F.pad(mask, (0, 1), value=1), positions[:, -1:] + 1
     texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return texts, int((new != tokenizer.pad_token_id).sum())
+    return texts, sum(map(len, new))
 
 
 def next_token(logits, temperature, top_p, generator):
@@ -334,19 +343,31 @@ def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, 
     return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
-def ask(model, tokenizer, contexts, instructions, cfg, batched, **sampling):
-    """Answers of the model to each (context, instruction), with longpo's chat formatting."""
+def ask(model, tokenizer, contexts, instructions, seeds, cfg, batched, **sampling):
+    """Answers of the model to each (context, instruction), with longpo's chat formatting; each
+    sampled from its own seed."""
     prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
     step = cfg.batch_size if batched else 1
     texts, n_new = [], 0
     for k in range(0, len(prompts), step):
-        t, n = generate(model, tokenizer, prompts[k:k + step], **sampling)
+        t, n = generate(model, tokenizer, prompts[k:k + step], seeds=seeds[k:k + step], **sampling)
         texts += t
         n_new += n
     return texts, n_new
 
 
 # ----------------------------------------------------------------------------- records
+
+def stream(cfg, doc, *where):
+    """The key of one random choice or sampled answer: the run's seed, the document (its id; a hash of
+    its text without one) and where in it (turn, role). Each draws from its own key, so the data is a
+    function of the seed and the documents alone: not of the rank, the batch or a resume."""
+    return "|".join(map(str, (cfg.seed, doc["id"], *where)))
+
+
+def seed_of(key):
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1  # a 63-bit torch seed
+
 
 class Dropped(Exception):
     """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
@@ -371,7 +392,7 @@ def measure(doc, tokenizer, cfg):
     too_short = len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len
     if too_short or len(text) > cfg.max_doc_len * longest_token(tokenizer):
         raise Dropped("doc_length")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)  # text
     if not cfg.min_doc_len <= len(enc["input_ids"]) <= cfg.max_doc_len:
         raise Dropped("doc_length")
     return len(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
@@ -385,8 +406,9 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)
     if cfg.answers == "gold":
         return gold_record(draft, cfg)
-    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(draft["turns"]),
-                      [t["instruction"] for t in draft["turns"]], cfg, False,
+    turns = draft["turns"]
+    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
+                      [seed_of(stream(cfg, doc, i, "rejected")) for i in range(len(turns))], cfg, False,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
     counts["generated"] += n
     return finish_record(draft, rejected, model, tokenizer, cfg)
@@ -399,35 +421,38 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     text = doc["text"]
     n_tokens, starts = measure(doc, tokenizer, cfg)
     chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
-    rng = random.Random(f"{cfg.seed}-{doc['id']}")
-    chunks = sorted(rng.sample(chunks, min(cfg.turns, len(chunks))))
+    chunks = sorted(random.Random(stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
         raise Dropped("no_chunks")
-    torch.manual_seed(cfg.seed * 1_000_003 + doc_index)  # sampling is reproducible per document
     pieces = [text[a:b] for a, b in chunks]
     if cfg.questions == "template":
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
-        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), cfg, True,
+        seeds = [seed_of(stream(cfg, doc, j, "questions")) for j in range(len(pieces))]
+        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), seeds, cfg, True,
                          max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
         counts["generated"] += n
     turns, asked, filtered = [], [], {}
-    for (a, b), reply in zip(chunks, replies):
+    for j, ((a, b), reply) in enumerate(zip(chunks, replies)):
         questions = parse_questions(reply)
         if len(questions) < (1 if cfg.questions == "template" else 4):  # the template lists the chunk's facts
             filtered["questions"] = filtered.get("questions", 0) + 1
             continue
-        for question in questions if cfg.answers == "gold" else [rng.choice(questions[:4])]:  # gold: all facts
+        if cfg.answers != "gold":  # gold: all the chunk's facts
+            questions = [random.Random(stream(cfg, doc, j, "question")).choice(questions[:4])]
+        for k, question in enumerate(questions):
             asked.append(question)
-            turns.append({"instruction": with_lead_in(rng.choice(LEAD_INS), question), "chunk": [a, b]})
+            lead_in = random.Random(stream(cfg, doc, j, k, "lead-in")).choice(LEAD_INS)
+            turns.append({"instruction": with_lead_in(lead_in, question), "chunk": [a, b]})
     if not turns:
         raise Dropped("questions", filtered)
-    draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "rng": rng, "filtered": filtered,
+    draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "filtered": filtered,
              "doc_tokens": n_tokens, "starts": starts}
     if cfg.answers == "model":
         draft["chosen"], n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                                 [t["instruction"] for t in turns], cfg, True, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature)
+                                 [t["instruction"] for t in turns],
+                                 [seed_of(stream(cfg, doc, i, "chosen")) for i in range(len(turns))], cfg, True,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         counts["generated"] += n
     return draft
 
@@ -477,7 +502,7 @@ def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
     if draft is not None:
         text = draft["doc"]["text"]
         prompts = [(longpo.format_dialogue(tokenizer, text, [{"instruction": t["instruction"]}])[0],
-                    cfg.seed * 1_000_003 + draft["doc_index"] * 64 + i) for i, t in enumerate(draft["turns"])]
+                    seed_of(stream(cfg, draft["doc"], i, "rejected"))) for i, t in enumerate(draft["turns"])]
     everyone = [None] * par.sp_size
     dist.all_gather_object(everyone, prompts, group=par.sp_group)
     mine = []
@@ -570,15 +595,15 @@ def gold_record(draft, cfg):
     number of the document (the nearest mistake) as rejected; no reference log-probs (no model ran).
     The questions come in random order: in document order a model learns to answer by elimination
     (turn 2 = the fact turn 1 skipped) instead of matching."""
-    doc, rng = draft["doc"], draft["rng"]
+    doc, n_turns = draft["doc"], len(draft["turns"])
     fact = {f["question"]: f for f in doc["facts"]}
     numbers = sorted({f["answer"] for f in doc["facts"]})
-    order = rng.sample(range(len(draft["turns"])), len(draft["turns"]))
-    turns, asked = [draft["turns"][i] for i in order], [draft["asked"][i] for i in order]
-    for turn, question in zip(turns, asked):
-        place, right = fact[question]["place"], fact[question]["answer"]
-        wrong = rng.choice([n for n in numbers if n != right] or [str(int(right) % 90 + 10)])
-        turn["chosen"], turn["rejected"] = gold_answer(place, right), gold_answer(place, wrong)
+    turns = []
+    for i in random.Random(stream(cfg, doc, "gold-order")).sample(range(n_turns), n_turns):
+        place, right = fact[draft["asked"][i]]["place"], fact[draft["asked"][i]]["answer"]
+        others = [n for n in numbers if n != right] or [str(int(right) % 90 + 10)]
+        wrong = random.Random(stream(cfg, doc, i, "gold-wrong")).choice(others)
+        turns.append({**draft["turns"][i], "chosen": gold_answer(place, right), "rejected": gold_answer(place, wrong)})
     meta = {"doc_index": draft["doc_index"], "generator": "gold", "questions": cfg.questions,
             "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
             "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], "seed": cfg.seed}
@@ -695,6 +720,8 @@ class Docs:
 
 def resolve(cfg):
     """Fill profile-dependent flags (0 / -1) and the question source; check the rest."""
+    if cfg.answers == "copy" and (cfg.chunk_min or cfg.chunk_max):
+        raise UsageError("--answers copy repeats the whole document (its chunk): drop --chunk-min/--chunk-max")
     profile = TINY if cfg.model in longpo.PRESETS else PAPER
     cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
                                       if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})

@@ -64,7 +64,7 @@ class EvalConfig:
     mc: str = field(default="demo", metadata={"help": "comma list of multiple-choice JSONL files, or 'demo'"})
     pref_data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "held-out preference pairs (kl, pref)"})
     max_pairs: int = field(default=16, metadata={"help": "at most this many preference records"})
-    beta: float = field(default=0.1, metadata={"help": "beta of the rewards in the pref task"})
+    beta: float = field(default=0.0, metadata={"help": "beta of the pref rewards (0: the trained run's, else 0.1)"})
     sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long inputs (0: all ranks)"})
     out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores (taken: the next free name)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
@@ -151,11 +151,11 @@ def haystack_sentences(path):
     if path:
         if not os.path.isfile(path):
             raise UsageError(f"--haystack {path} is not a file")
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-        text = raw
         if path.endswith(".jsonl"):
-            text = " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+            text = " ".join(str(ex["text"]) for ex in read_jsonl(path, ("text",), "--haystack"))
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
     return [s.strip() + "." for s in re.split(r"\.\s+", " ".join(text.split())) if s.strip()]
 
 
@@ -321,17 +321,16 @@ def truncate_middle(ids, max_len):
 
 def load_infbench(cfg):
     """{task: examples} of the InfiniteBench files in --infbench, checked line by line up front."""
+    names = ", ".join(v[0] for v in INFBENCH.values())
     if not os.path.isdir(cfg.infbench):
-        names = ", ".join(v[0] for v in INFBENCH.values())
         raise UsageError(f"--infbench {cfg.infbench} is not a folder (with {names})")
     tasks = {}
     for task, (name, _, _) in INFBENCH.items():
-        path = os.path.join(cfg.infbench, name)
+        path, fields = os.path.join(cfg.infbench, name), ("context", "answer", "options")[:3 if task == "en_mc" else 2]
         if os.path.exists(path):
-            tasks[task] = read_jsonl(path, ("context", "answer") + (("options",) if task == "en_mc" else ()))
-            tasks[task] = tasks[task][:cfg.infbench_limit or len(tasks[task])]
+            tasks[task] = read_jsonl(path, fields, "--infbench")[:cfg.infbench_limit or None]
     if not tasks:
-        raise UsageError(f"--infbench {cfg.infbench}: none of {', '.join(v[0] for v in INFBENCH.values())} found")
+        raise UsageError(f"--infbench {cfg.infbench}: none of {names} found")
     return tasks
 
 
@@ -344,7 +343,7 @@ def eval_infbench(model, tokenizer, cfg, tasks, par=None):
             answers = ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]]
             options = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ex.get("options", [])))
             instruction = template.format(input=ex.get("input", ""), options=options)
-            context_ids = tokenizer(ex["context"], add_special_tokens=False)["input_ids"]
+            context_ids = tokenizer(ex["context"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
             overhead = len(longpo.format_dialogue(tokenizer, "", [{"instruction": instruction}])[0])
             context = tokenizer.decode(truncate_middle(context_ids, max(0, cfg.infbench_max_len - overhead - max_new)))
             ids = longpo.format_dialogue(tokenizer, context, [{"instruction": instruction}])[0]
@@ -376,10 +375,11 @@ def demo_mc(seed=0, n=24):
     return items
 
 
-def read_jsonl(path, fields):
-    """The objects of a JSONL file; a bad line or a missing field names the file and line."""
+def read_jsonl(path, fields, flag):
+    """The objects of a JSONL file; a bad line or a missing field names the flag, file and line."""
+    where = f"{flag} {path}"
     if not os.path.isfile(path):
-        raise UsageError(f"{path} does not exist")
+        raise UsageError(f"{where} does not exist")
     items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -388,13 +388,13 @@ def read_jsonl(path, fields):
             try:
                 ex = json.loads(line)
             except ValueError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                raise UsageError(f"{where}:{lineno}: not valid JSON ({e})") from None
             missing = [k for k in fields if not isinstance(ex, dict) or k not in ex]
             if missing:
-                raise UsageError(f"{path}:{lineno}: field '{missing[0]}' is missing (needs {', '.join(fields)})")
+                raise UsageError(f"{where}:{lineno}: field '{missing[0]}' is missing (needs {', '.join(fields)})")
             items.append(ex)
     if not items:
-        raise UsageError(f"{path} holds no examples")
+        raise UsageError(f"{where} holds no examples")
     return items
 
 
@@ -419,7 +419,7 @@ def load_mc(spec):
             sets["demo_mc"] = demo_mc()
             continue
         items = []
-        for lineno, ex in enumerate(read_jsonl(path, ("question", "choices", "answer")), 1):
+        for lineno, ex in enumerate(read_jsonl(path, ("question", "choices", "answer"), "--mc"), 1):
             if not (isinstance(ex["choices"], list) and len(ex["choices"]) >= 2):
                 raise UsageError(f"{path}: example {lineno}: field 'choices' must be a list of at least 2 answers")
             answer = mc_answer(ex["answer"], ex["choices"])
@@ -434,8 +434,8 @@ def load_mc(spec):
 @torch.no_grad()
 def continuation_logp(model, tokenizer, prompt, continuation):
     """log p(continuation | prompt) summed over the continuation's tokens (plain text, no template)."""
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    p_ids, c_ids = (tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # as text
+                    for text in (prompt, continuation))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + p_ids + c_ids], device=next(model.parameters()).device)
     logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -520,8 +520,8 @@ def prepare_inputs(cfg, tasks):
     for name in ("depths", "samples", "max_pairs", "infbench_max_len"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
-    if cfg.infbench_limit < 0 or not cfg.beta > 0:
-        raise UsageError("--infbench-limit must be >= 0 and --beta > 0")
+    if cfg.infbench_limit < 0 or not cfg.beta >= 0:
+        raise UsageError("--infbench-limit and --beta must be >= 0")
     check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
     for name in model_names(cfg):
@@ -559,16 +559,14 @@ def model_names(cfg):
     return list(dict.fromkeys(names))
 
 
-def resolve_baseline(cfg):
-    """auto: the --model of the longpo.py run whose final/ folder is being evaluated (the first)."""
-    if cfg.baseline != "auto":
-        return cfg.baseline
+def trained_run(cfg):
+    """The config.json of the longpo.py run whose final/ is the first --model: its base model, beta."""
     first = model_names(cfg)[0]
-    run_config = os.path.join(os.path.dirname(os.path.abspath(first)), "config.json")
-    if os.path.isdir(first) and os.path.exists(run_config):
-        with open(run_config) as f:
-            return json.load(f).get("model", "")
-    return ""
+    path = os.path.join(os.path.dirname(os.path.abspath(first)), "config.json")
+    if not (os.path.isdir(first) and os.path.exists(path)):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results, save, par=None):
@@ -645,7 +643,9 @@ def write_json(path, payload):
 def main(cfg):
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     inputs = prepare_inputs(cfg, tasks)  # every rank, before any process group or model
-    baseline = resolve_baseline(cfg)
+    run = trained_run(cfg)
+    baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
+    beta = cfg.beta or run.get("beta", 0.1)
     if baseline:
         check_model_flag("--baseline", baseline)
     names = model_names(cfg)
@@ -659,7 +659,7 @@ def main(cfg):
     ref_name = cfg.ref_model or baseline or names[0]
     results = {label: {} for label in models}
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
-                "world_size": world_size}
+                "beta_resolved": beta, "world_size": world_size}
 
     def save(table=None):  # rank 0; "complete" is false until every task of every model finished
         if rank == 0:
@@ -671,7 +671,7 @@ def main(cfg):
             model, tokenizer = loaded[name]
             if par.sp_size > 1:
                 model.set_attn_implementation("ring_attention")
-            results[label]["pref"] = eval_pref(model, tokenizer, inputs["records"], par, cfg.beta)
+            results[label]["pref"] = eval_pref(model, tokenizer, inputs["records"], par, beta)
             model.set_attn_implementation("sdpa")  # generation below runs on one device
             save()
     # phase 2: generation and short-input scoring; on rank 0 alone, or with an SP group of several,

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -93,7 +94,7 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "optimiser steps (0: one epoch)"})
     grad_accum: int = field(default=0, metadata={"help": "samples per step per DP group (0: 8 as the paper; tiny 1)"})
     micro_batch: int = field(default=1, metadata={"help": "--loss sft: samples in one right-padded forward"})
-    max_length: int = field(default=0, metadata={"help": "longest long sequence; longer records are skipped (0: all)"})
+    max_length: int = field(default=0, metadata={"help": "most tokens a trained sequence has; longer ones are skipped"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the POLICY (paper 1e7; 0: the model's)"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32) | bfloat16 (that anywhere) | float32 | float64"})
@@ -518,10 +519,11 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype):
     """Records filtered by --max-length and their reference log-probs (computed on the SHORT inputs
     where the file has none, Eq. 13). Every rank ends with the same records."""
     if cfg.max_length:
-        def length(i):
-            rec = records[i]
-            return max(len(format_dialogue(tokenizer, rec["document"], rec["turns"], side)[0])
-                       for side in ("chosen", "rejected"))
+        def length(i):  # of the sequence trained: the packed pair, the longer of the two, or sft's chosen
+            example = build_example(records[i], tokenizer, ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected"))
+            packed = pack_pair(example, par.sp_size, 0, nll_weights(example["chosen"]["is_answer"], cfg)) \
+                if cfg.pack == "shared-prefix" and cfg.loss != "sft" else None
+            return len(packed["input_ids"]) if packed else max(len(side["ids"]) for side in example.values())
         lengths = distributed_map(length, range(len(records)), par, "lengths")
         kept = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
         print0(f"--max-length {cfg.max_length}: kept {len(kept)} of {len(records)} records "
@@ -692,7 +694,11 @@ def load_checkpoint(path, model, optimizer, scheduler, par):
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    rng = torch.load(os.path.join(path, f"rng_rank{par.rank}.pt"), weights_only=False)
+    try:  # tensors, ints and tuples only: a pickle of anything else could run code
+        rng = torch.load(os.path.join(path, f"rng_rank{par.rank}.pt"), weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path}/rng_rank{par.rank}.pt holds more than random states; not loading it "
+                         "(a checkpoint from elsewhere?)") from None
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return trainer_state["step"]
@@ -796,22 +802,23 @@ def main(cfg):
 CONTEXT_CHARS = 256
 
 
-def encode_after(tokenizer, before, text):
+def encode_after(tokenizer, before, text, as_text=False):
     """Token ids of `text` as the tokenizer cuts it when it FOLLOWS `before` in one string: pieces of
     a dialogue cannot be tokenized alone (a SentencePiece tokenizer starts every string with a dummy
-    '▁': 'The' after '<|assistant|>\\n' would become '▁The', the model wrote 'The')."""
-    def encode(s):
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
+    '▁': 'The' after '<|assistant|>\\n' would become '▁The', the model wrote 'The'). as_text: special
+    tokens' literals in it are text (content), not their ids."""
+    def encode(s, **kwargs):
+        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
     if not before:
-        return encode(text)
+        return encode(text)["input_ids"]
     anchor = before[-CONTEXT_CHARS:]
-    head, both = encode(anchor), encode(anchor + text)
+    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
     if both[:len(head)] == head:
         return both[len(head):]
     # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
     # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
     # tokens that start inside text; one that straddles the border cannot be split.
-    enc = tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = encode(anchor + text, return_offsets_mapping=True)
     starts = [a for a, _ in enc["offset_mapping"]]
     ends = [b for _, b in enc["offset_mapping"]]
     if any(a < len(anchor) < b for a, b in zip(starts, ends)):
@@ -852,11 +859,41 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     answer_key=None the ids end with the generation prompt of the one turn. Any template that renders
     turn by turn works (Mistral, Llama-2/3, ChatML, Zephyr, Gemma): each generation prompt is a prefix
     of the dialogue, the answer span follows it (split_answer); the first prompt is tokenized alone,
-    as for generation, every later piece as the continuation of the text before it (encode_after)."""
+    as for generation, every later piece as the continuation of the text before it (encode_after).
+    Content is text: a special token's literal text inside the document, an instruction or an answer
+    (a paper about chat models quotes "<|im_end|>") stays text; only the template's markers are special."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
-    messages, pieces, done, rest = [], [], "", ""  # pieces: (text, is_answer), concatenating to the dialogue
     specials = special_tokens(tokenizer)
+    literals = sorted((s for s in specials if s), key=len, reverse=True)
+    pieces = render_pieces(tokenizer, context, turns, answer_key, specials)
+    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+    hidden = pieces  # the same dialogue with each content literal broken ("\0" for its first character)
+    if any(lit in text for lit in literals for text in contents):
+        def hide(text):
+            for lit in literals:
+                text = text.replace(lit, "\0" + lit[1:])
+            return text
+        hidden_turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
+        hidden = render_pieces(tokenizer, hide(context), hidden_turns, answer_key, specials)
+    ids, is_answer, before = [], [], ""
+    for (text, answer), (masked, _) in zip(pieces, hidden):
+        if len(masked) != len(text):
+            raise UsageError("the chat template changes the content it renders; format_dialogue cannot tell "
+                             "its markers from special-token text in the content")
+        for start, end, literal in text_runs(text, masked, literals):  # a content literal: text, as after a word
+            piece = encode_after(tokenizer, "x", text[start:end], True) if literal else \
+                encode_after(tokenizer, before, text[start:end])
+            ids += piece
+            is_answer += [answer] * len(piece)
+            before = (before + masked[start:end])[-CONTEXT_CHARS:]  # the context, its literals broken
+    return ids, is_answer
+
+
+def render_pieces(tokenizer, context, turns, answer_key, specials):
+    """The rendered dialogue as [(text, is_answer)], concatenating to the whole: the prompts (template
+    markers, the user messages) and the answer spans."""
+    messages, pieces, done, rest = [], [], "", ""
     for i, turn in enumerate(turns):
         text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
         messages.append({"role": "user", "content": text})
@@ -876,15 +913,20 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
         pieces.append((span, True))
         done = full
-    pieces.append((rest, False))
-    ids, is_answer, before = [], [], ""
-    for text, answer in pieces:
-        if text:
-            piece = encode_after(tokenizer, before, text)
-            ids += piece
-            is_answer += [answer] * len(piece)
-            before = (before + text)[-CONTEXT_CHARS:]
-    return ids, is_answer
+    return pieces + [(rest, False)]
+
+
+def text_runs(text, masked, literals):
+    """[(start, end, is literal)] covering text: the special-token literals that came from the content
+    (where masked, the render with each content literal broken, differs) and the text between them."""
+    runs, start, p = [], 0, masked.find("\0")
+    while p != -1:
+        if text[p] != "\0":
+            end = p + max(len(lit) for lit in literals if text.startswith(lit, p))
+            runs += [(start, p, False), (p, end, True)]
+            start = end
+        p = masked.find("\0", max(start, p + 1))
+    return [run for run in runs + [(start, len(text), False)] if run[1] > run[0]]  # no empty run
 
 
 def shifted_targets(ids, weights):
@@ -977,6 +1019,8 @@ def data_files(path):
     """The files of --data: one path, or several comma-separated; each must be a file."""
     names = path.split(",")
     for name in names:
+        if not name:
+            raise UsageError(f"--data {path}: an empty name in the comma-separated list")
         if not os.path.isfile(name):
             why = "is a folder; give the preference JSONL file" if os.path.isdir(name) else \
                 f"does not exist; create it first with: python data_gen.py --out {name or 'FILE'}"
@@ -1099,7 +1143,7 @@ def memory_plan(cfg):
     """Per-GPU memory of the strategy train() uses: FSDP full sharding over all GPUs, bf16 compute,
     fp32 master weights/grads/AdamW, activation checkpoints at every decoder layer, ring attention
     over sp GPUs, chunked log-softmax; chosen and rejected packed after one copy of the document
-    (--pack shared-prefix: one graph of max_length + the rejected branch) or one after the other."""
+    (--pack shared-prefix: one graph of max_length tokens, both branches in it) or one after the other."""
     c = PRESETS[cfg.model][1](len(load_tokenizer(cfg.model))) if cfg.model in PRESETS else \
         AutoConfig.from_pretrained(cfg.model)
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
@@ -1112,7 +1156,7 @@ def memory_plan(cfg):
     if W % sp:
         raise UsageError(f"--sp-size {sp} must divide --world-size {W}")
     packed = cfg.pack == "shared-prefix"
-    T = -(-(cfg.max_length + (cfg.plan_branch_tokens if packed else 0)) // sp)  # one graph's tokens per GPU
+    T = -(-cfg.max_length // sp)  # one graph's tokens per GPU: the packed pair, or one sequence
     bf16, fp32, chunk = 2, 4, cfg.logprob_chunk
     rows = [
         ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
@@ -1129,7 +1173,7 @@ def memory_plan(cfg):
         (f"log-probs: {chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 head, its grad; grad of final hidden",
          3 * chunk * vocab * fp32 + 2 * vocab * H * fp32 + T * H * fp32)]
     peak = sum(b for _, b in rows)
-    branch = f" + {cfg.plan_branch_tokens} of the rejected branch" if packed else ""
+    branch = f" ({cfg.plan_branch_tokens} of them the rejected branch)" if packed else ""
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
              f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
              f"sequence {cfg.max_length} tokens{branch} on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",

@@ -843,6 +843,46 @@ def test_format_dialogue_prompt_token_changes_at_the_border():
          {"role": "assistant", "content": DIALOGUE["turns"][1]["answer"]}], tokenize=False)
 
 
+CONTROL_TEXT = "<|im_end|> <|im_start|> </s> [INST] <|eot_id|> <s>"  # special tokens' literals, as text
+
+
+def skeleton(tokenizer, ids, is_answer):
+    """A dialogue reduced to its special ids, and between them 'A' for a run of answer text and 'P' for
+    one of prompt text: what the content may never change."""
+    special, out = set(longpo.special_tokens(tokenizer).values()), []
+    for token, answer in zip(ids, is_answer):
+        symbol = token if token in special else "A" if answer else "P"
+        if not out or symbol != out[-1] or symbol not in ("A", "P"):
+            out.append(symbol)
+    return out
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-3", "mistral-v0.2"])
+def test_special_token_text_in_content_stays_text(name):
+    """A document, an instruction and an answer quoting special tokens' literal texts (a paper about chat
+    models does) give exactly the clean dialogue's special ids at the same places relative to the
+    answers, on ChatML, Llama-3 and SentencePiece (Mistral) tokenizers: content is text."""
+    tok = sentencepiece_tokenizer(MISTRAL_V02, False) if name == "mistral-v0.2" else template_tokenizer(name)
+    doc, turns = DIALOGUE["document"], DIALOGUE["turns"]
+    quoted = [{"instruction": f"{t['instruction']} Mind {CONTROL_TEXT}.", "answer": f"{t['answer']} {CONTROL_TEXT}."}
+              for t in turns]
+    clean = longpo.format_dialogue(tok, doc, turns, "answer")
+    dirty = longpo.format_dialogue(tok, f"{CONTROL_TEXT}\n{doc} {CONTROL_TEXT}", quoted, "answer")
+    assert skeleton(tok, *clean) == skeleton(tok, *dirty), (skeleton(tok, *clean), skeleton(tok, *dirty))
+    prompt = longpo.format_dialogue(tok, f"{CONTROL_TEXT} {doc}", quoted[:1])[0]  # what generation reads
+    assert skeleton(tok, prompt, [False] * len(prompt)) == skeleton(tok, *clean)[:skeleton(tok, *clean).index("A")]
+    ids, is_answer = dirty
+    runs = [i for i in range(len(ids)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
+    for turn, start in zip(quoted, runs):  # each answer, its quoted literals as text, then the real marker
+        end = start + is_answer[start:].index(False) if False in is_answer[start:] else len(ids)
+        assert CONTROL_TEXT in tok.decode(ids[start:end]) and turn["answer"].split()[0] in tok.decode(ids[start:end])
+    if name != "mistral-v0.2":  # byte-level: the tokens spell the rendered dialogue exactly
+        messages = [{"role": "user", "content": f"{CONTROL_TEXT}\n{doc} {CONTROL_TEXT}\n\n{quoted[0]['instruction']}"},
+                    {"role": "assistant", "content": quoted[0]["answer"]},
+                    {"role": "user", "content": quoted[1]["instruction"]}, {"role": "assistant", "content": quoted[1]["answer"]}]
+        assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+
+
 def test_format_dialogue_templates_it_cannot_split():
     doc, turns = DIALOGUE["document"], DIALOGUE["turns"]
     upper = byte_level_tokenizer("byte", ("<s>", "</s>"), MISTRAL_V02.replace("message['content'] + eos_token",
@@ -1120,6 +1160,16 @@ def test_shared_prefix_packing_equals_pairs():
     run_distributed(packing_worker, 3, timeout=300)  # SP = 2: in sp_equivalence_worker
 
 
+def hf_greedy(model, tokenizer, prompt, max_new_tokens):
+    """transformers' own greedy generate: the independent reference of our decoding loops."""
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=data_gen.stop_token_ids(tokenizer, model))
+    new = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         generation_config=config)[0, len(prompt):]
+    return [tokenizer.decode(new, skip_special_tokens=True).strip()], len(new)
+
+
 def sp_generation_worker(rank, world_size):
     """Sequence-parallel generation over the whole world: greedy tokens equal transformers' generate
     in one process, with and without a raised RoPE theta, on prompts of lengths not a multiple of
@@ -1138,7 +1188,8 @@ def sp_generation_worker(rank, world_size):
             while not len(prompt) % (2 * world_size):  # a length that needs padding
                 text += "!"
                 prompt = longpo.format_dialogue(tokenizer, text, [{"instruction": "Go on?"}])[0]
-            want = data_gen.generate(model, tokenizer, [prompt], 16)  # transformers, one process, greedy
+            want = hf_greedy(model, tokenizer, prompt, 16)  # transformers' own generate, one process
+            assert data_gen.generate(model, tokenizer, [prompt], 16) == want
             caches.clear()
             got = data_gen.generate(model, tokenizer, [prompt], 16, par=par)
             assert got == want, f"W={world_size} theta={theta}: {got} != {want}"
@@ -1147,6 +1198,10 @@ def sp_generation_worker(rank, world_size):
             assert layer.shape[2] == caches[0].n_prompt + 16, layer.shape
             sampled = data_gen.generate_sp(model, tokenizer, prompt, 16, par, temperature=1.0, top_p=0.9, seed=5)
             assert sampled == data_gen.generate_sp(model, tokenizer, prompt, 16, single, temperature=1.0, top_p=0.9, seed=5)
+            # one process, in a left-padded batch beside another prompt: each row draws from its own seed
+            texts, _ = data_gen.generate(model, tokenizer, [prompt[:-5], prompt], 16, 1.0, 0.9, seeds=[7, 5])
+            assert texts[1] == sampled[0] and texts[0] == data_gen.generate_sp(
+                model, tokenizer, prompt[:-5], 16, single, temperature=1.0, top_p=0.9, seed=7)[0]
     counts = [torch.zeros(1) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([float(caches[0].n_prompt)]))
     assert sum(c.item() for c in counts) == len(prompt)  # every prompt token cached exactly once
@@ -1279,6 +1334,14 @@ def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
     assert not os.path.exists(os.path.join(out, f"checkpoint-{step}")) and len(read_metrics(out)) == step - 1
     assert not os.path.exists(os.path.join(out, "final"))
 
+    class Payload:  # what a checkpoint from elsewhere could hold: unpickling it would run a command
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+    torch.save({"torch": torch.get_rng_state(), "python": Payload()}, os.path.join(found.group(2), "rng_rank0.pt"))
+    result = subprocess.run(args + ["--resume"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "rng_rank0.pt holds more than random states" in result.stderr, result.stderr
+    assert not (tmp_path / "ran").exists(), "the checkpoint's pickle ran"
+
 
 def test_missing_pad_token_falls_back_to_eos(tmp_path):
     tokenizer = longpo.tiny_tokenizer()
@@ -1324,10 +1387,14 @@ def test_memory_plan_mistral_512k(tmp_path):
                          "--world-size", "8", "--sp-size", "8"])
     pairs = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=524288, world_size=8, sp_size=8,
                                                   pack="pairs"))
-    assert "7.24B parameters" in result.stdout and "66112 tokens per GPU" in result.stdout  # + 4608 branch tokens
+    assert "7.24B parameters" in result.stdout and "65536 tokens per GPU" in result.stdout  # the packed pair
     assert "65536 tokens per GPU" in pairs and "in turn" in pairs
     peak, peak_pairs = (float(re.search(r"peak per GPU: ([\d.]+) GB", text).group(1)) for text in (result.stdout, pairs))
-    assert 40 < peak_pairs < peak <= 70, result.stdout  # the packed graph is 0.9% longer
+    assert 40 < peak_pairs < peak <= 70, result.stdout  # the packed pair gathers its branches' K/V too
+    generation = run_script(["data_gen.py", "--plan", "--model", str(tmp_path), "--max-doc-len", "524288",
+                             "--sp-size", "8"]).stdout
+    assert "K/V: 68.72 GB" in generation and "14.48 GB  bf16 weights" in generation  # 2 x 32 x 8 x 128 x 2 B a token
+    assert 25 < float(re.search(r"generation peak per GPU: ([\d.]+) GB", generation).group(1)) < 40, generation
 
 
 # ----------------------------------------------------------------------------- data_gen
@@ -1426,10 +1493,12 @@ def direct_short_logp(model, tokenizer, rec, side):
 
 
 def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
-    """A run on the demo corpus (greedy, short answers): schema-valid records whose reference
-    log-probs equal a direct recomputation; a killed run resumes without loss or duplicates; 2 ranks
-    give the same file, and so do 2 ranks decoding the long inputs sequence-parallel (--sp-size 2)."""
-    out, args = str(tmp_path / "full.jsonl"), ["--temperature", "0", "--max-new-tokens", "16", "--turns", "2"]
+    """A run on the demo corpus (answers SAMPLED, the tiny default): schema-valid records whose
+    reference log-probs equal a direct recomputation. The data is a function of the seed and the
+    documents alone: 2 ranks (data-parallel), 2 ranks decoding the long inputs sequence-parallel
+    (--sp-size 2), and a run killed after its first record and resumed on 2 ranks all write the
+    same bytes (each choice and answer draws from its own seeded stream)."""
+    out, args = str(tmp_path / "full.jsonl"), ["--max-new-tokens", "16", "--turns", "2"]
     run_script(["data_gen.py", "--out", out] + args)
     records = longpo.Records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
@@ -1462,16 +1531,15 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     assert 1 <= open(part).read().count("\n") < 4
     with open(part, "a") as f:
         f.write('{"id": "demo-3", "document": "torn li')  # as if killed in the middle of a write
-    run_script(["data_gen.py", "--out", killed] + args)
+    run_script(["data_gen.py", "--out", killed] + args, nproc=2)  # resumed at another world size
     assert open(killed).read() == open(out).read()
-    ids = [json.loads(line)["id"] for line in open(part)]
-    assert len(ids) == len(set(ids)) == 4, ids
+    ids = [json.loads(line)["id"] for rank in (0, 1) for line in open(killed + f".parts/rank{rank}.jsonl")]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 4, ids
     with pytest.raises(AssertionError, match="other arguments"):
         run_script(["data_gen.py", "--out", killed] + args + ["--turns", "3"])
-
-    two = str(tmp_path / "two.jsonl")  # 2 ranks: a document each for the short-input work, both for the long
-    run_script(["data_gen.py", "--out", two, "--sp-size", "2"] + args, nproc=2)
-    assert open(two).read() == open(out).read()
+    for name, extra in (("dp.jsonl", []), ("sp.jsonl", ["--sp-size", "2"])):  # sp: both ranks decode each long input
+        run_script(["data_gen.py", "--out", str(tmp_path / name)] + args + extra, nproc=2)
+        assert open(tmp_path / name).read() == open(out).read(), name
 
 
 def test_data_gen_model_questions_path(tmp_path):
@@ -1617,12 +1685,21 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     records[1]["document"] *= 3  # the long one (its chunk spans stay inside)
     path = write_jsonl(tmp_path / "data.jsonl", records)
     tokenizer = longpo.tiny_tokenizer()
-    lengths = [max(len(longpo.format_dialogue(tokenizer, r["document"], r["turns"], side)[0])
-                   for side in ("chosen", "rejected")) for r in records]
-    assert lengths[1] > max(lengths[0], lengths[2])
-    cfg = longpo.TrainConfig(data=path, max_length=max(lengths[0], lengths[2]), grad_accum=1)
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    kept, refs, _ = longpo.prepare_data(longpo.Records(path), cfg, single, tokenizer, torch.float32)
+    examples = [longpo.build_example(r, tokenizer) for r in records]
+    packed = [len(longpo.pack_pair(ex, 1, 0, [1.0] * len(ex["chosen"]["ids"]))["input_ids"]) for ex in examples]
+    longer = [max(len(ex["chosen"]["ids"]), len(ex["rejected"]["ids"])) for ex in examples]
+    assert all(p > n for p, n in zip(packed, longer)) and packed[1] > max(packed[0], packed[2])
+
+    def kept_ids(pack, limit):
+        cfg = longpo.TrainConfig(data=path, max_length=limit, grad_accum=1, pack=pack)
+        return [r["id"] for r in longpo.prepare_data(longpo.Records(path), cfg, single, tokenizer, torch.float32)[0]]
+    assert kept_ids("pairs", max(longer[0], longer[2])) == ["doc-0", "doc-2"]  # the trained sequence's length:
+    assert kept_ids("shared-prefix", max(packed[0], packed[2])) == ["doc-0", "doc-2"]  # the packed pair's
+    assert kept_ids("shared-prefix", max(packed[0], packed[2]) - 1) == [["doc-0"], ["doc-2"]][packed[0] > packed[2]]
+    cfg = longpo.TrainConfig(data=path, max_length=max(longer[0], longer[2]), grad_accum=1)
+    kept, refs, _ = longpo.prepare_data(longpo.Records(path), dataclasses.replace(cfg, pack="pairs"), single,
+                                        tokenizer, torch.float32)
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
     assert kept[1] == records[2] and list(kept)[-1:] == [records[2]]  # read back from the file on demand
@@ -1669,9 +1746,13 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
     """Each script, run as a user would: a bad flag or input prints ONE line `error: ...` naming
     it, exits 2, shows no traceback, within 10 s (before any model is loaded)."""
     (tmp_path / "folder").mkdir()
+    (tmp_path / "hay.jsonl").write_text('{"text": "Grass is green."}\n{"body": "no text field"}\n')
     cases = [["longpo.py", "--data", str(tmp_path / "folder")],
+             ["longpo.py", "--data", "data/a.jsonl,,data/b.jsonl"],
              ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
-             ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")]]
+             ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o.jsonl")],
+             ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
+             ["eval.py", "--haystack", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "ruler"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
     procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
@@ -1681,7 +1762,8 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert args[1] in lines[0] and "Traceback" not in err, (args, err)
-    assert time.time() - start < 10 * len(cases) / 2, "3 runs on 2 cores: each within 10 s"
+        assert "hay" not in args[2] or "hay.jsonl:2: field 'text' is missing" in lines[0], lines
+    assert time.time() - start < 10 * len(cases) / 2, "on 2 cores: each within 10 s"
 
 
 def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
@@ -1764,6 +1846,27 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
     with pytest.raises(AssertionError, match="no document of --docs demo gave a record"):
         run_script(["data_gen.py", "--out", empty, "--min-doc-len", "1000000", "--max-doc-len", "2000000"])
     # (--allow-empty: test_data_gen_model_questions_path)
+
+
+def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
+    """eval's reward margins use the beta the run was trained with (its config.json), unless --beta is
+    given; a run's base model is the baseline."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model.save_pretrained(tmp_path / "run" / "final")
+    tokenizer.save_pretrained(tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny", "beta": 0.05}))
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_records(2, seed=8, with_ref=True))
+    results = {}
+    for flags in ([], ["--beta", "0.1"]):
+        out = str(tmp_path / f"eval{len(flags)}.json")
+        evaluation.main(ra.config_from_cli(evaluation.EvalConfig, ["--model", str(tmp_path / "run" / "final"),
+                                                                   "--tasks", "pref", "--pref-data", data,
+                                                                   "--out", out] + flags))
+        results[len(flags)] = json.load(open(out))
+    assert results[0]["settings"]["beta_resolved"] == 0.05 and results[2]["settings"]["beta_resolved"] == 0.1
+    assert results[0]["settings"]["baseline_resolved"] == "tiny"
+    margins = [results[n]["results"]["tiny"]["pref"]["reward_margin"] for n in (0, 2)]
+    assert margins[1] != 0 and math.isclose(margins[0] * 2, margins[1], rel_tol=1e-9), margins
 
 
 def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
