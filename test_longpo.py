@@ -974,9 +974,27 @@ def one_micro_step(loss, par, model, ref_model, example, refs, fsdp, pack="share
     return metrics, grads
 
 
+def live_refs(example, shifts=(1.0, -1.0)):
+    """LongPO reference log-probs a nat from the policy's own (perturbed_tiny(0.02, 1)'s, one device),
+    the chosen one above, the rejected one below: margins of -1 at beta 0.5, so the preference term
+    is O(1) and its gradient live (records' random references, tens of nats away, leave it ~1e-28)."""
+    model, single = perturbed_tiny(0.02, 1)[0], longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    with torch.no_grad():
+        return tuple(longpo.sequence_logps(model, longpo.prepare_sequence(example[side]["ids"], {
+            side: example[side]["is_answer"]}, single, 0), single, 64)[side].item() + shift
+            for side, shift in zip(("chosen", "rejected"), shifts))
+
+
+def assert_preference_live(pref_loss, pref_norm, total_norm, what):
+    """The guard: the preference term counts in the loss and in the gradient being compared."""
+    assert 0.1 < pref_loss < 5 and pref_norm > 0.01 * total_norm, f"{what}: preference term not live: " \
+        f"pref_loss {pref_loss:.3g}, |grad lam * pref| {pref_norm:.3g} of |grad| {total_norm:.3g}"
+
+
 def direct_loss_and_grads(loss, model, ref_model, example, refs, beta=0.5, lam=0.3):
     """Eq. 12-14 computed the direct way, independent of longpo's machinery: full-vocabulary
-    logits of both long sequences in one graph, F.cross_entropy, one backward."""
+    logits of both long sequences in one graph, F.cross_entropy, one backward. Also checks that the
+    preference term is live (longpo, dpo)."""
     def logps(m, seq):
         ids = torch.tensor([seq["ids"]])
         token = -F.cross_entropy(m(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
@@ -990,8 +1008,14 @@ def direct_loss_and_grads(loss, model, ref_model, example, refs, beta=0.5, lam=0
             with torch.no_grad():
                 refs = (logps(ref_model, example["chosen"])[0], logps(ref_model, example["rejected"])[0])
         logp_r = logps(model, example["rejected"])[0]
-        pref = longpo.longpo_loss(logp_c, logp_r, torch.tensor(refs[0]), torch.tensor(refs[1]), beta)[0]
+        ref_c, ref_r = (torch.as_tensor(ref, dtype=torch.float64) for ref in refs)  # not fp32: 1e-5 at 240 nats
+        pref = longpo.longpo_loss(logp_c, logp_r, ref_c, ref_r, beta)[0]
         total = lam * pref.mean() - token_c.mean()  # NLL over the whole chosen sequence
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = lambda grads: math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))  # noqa: E731
+        pref_norm = norm(torch.autograd.grad(lam * pref.mean(), params, retain_graph=True, allow_unused=True))
+        total_norm = norm(torch.autograd.grad(total, params, retain_graph=True, allow_unused=True))
+        assert_preference_live(pref.item(), pref_norm, total_norm, loss)
     total.backward()
     return total.item(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -1004,7 +1028,7 @@ def sp_equivalence_worker(rank, world_size):
     sp2 = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     for loss in ("longpo", "dpo", "sft"):
         example = longpo.build_example(records[0], tokenizer)
-        refs = (records[0]["ref_chosen_logp"], records[0]["ref_rejected_logp"])
+        refs = live_refs(example)  # dpo: its reference model's, on the long inputs
         fresh = lambda: (perturbed_tiny(0.02, seed=1)[0], perturbed_tiny(0.0, seed=2)[0])  # noqa: E731
         want_metrics, want_grads = one_micro_step(loss, single, *fresh(), example, refs, fsdp=False)
         direct_loss, direct_grads = direct_loss_and_grads(loss, *fresh(), example, refs)
@@ -1033,8 +1057,10 @@ def two_samples(seed):
     tokenizer = longpo.tiny_tokenizer()
     records = make_records(2, seed=seed, with_ref=True)
     examples = [longpo.build_example(r, tokenizer) for r in records]
-    refs = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
+    refs = [live_refs(ex, shifts) for ex, shifts in zip(examples, ((1.0, -1.0), (0.5, -2.0)))]
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
+    for ex, rf in zip(examples, refs):  # the guard, on the direct computation of each sample
+        direct_loss_and_grads("longpo", perturbed_tiny(0.02, 1)[0], None, ex, rf)
     grads = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
              for ex, rf in zip(examples, refs)]
     return examples, refs, {name: (grads[0][name] + grads[1][name]) / 2 for name in grads[0]}
@@ -1085,14 +1111,16 @@ def mixed_precision_worker(rank, world_size, device):
     on a process group of one (bf16 compute, fp32 master weights and gradients), against the same
     step in fp32 on the CPU. Tolerance: bf16 keeps 8 significant bits (unit roundoff 2e-3) and every
     matmul input is rounded to it; the head and log-softmax stay fp32. Measured with bf16 on the CPU
-    (791 tokens, 63 answer tokens): 5e-5 relative on the loss and log-probs (rounding errors average
-    out over the sums), 2.6e-2 on the worst gradient (max error / max entry; median 7e-3). Bounds
-    1e-2 and 6e-2 leave room for GPU kernels that round attention probabilities to bf16; a wrong
+    (791 tokens, 63 answer tokens, the preference term live): 1.3e-4 relative on the loss, 2e-5 on the
+    log-probs (rounding errors average out over the sums), 1.3e-3 on pref_loss, 2.3e-2 on the worst
+    gradient (max error / max entry; median 1.1e-2). Bounds 1e-2 and 6e-2 leave room for GPU kernels
+    that round attention probabilities to bf16; a wrong
     mask, scaling or dropped term moves these by O(1). The dtype checks fail for pure-bf16 weights
     or fp32 compute."""
     tokenizer = longpo.tiny_tokenizer()
     rec = make_records(1, seed=5, with_ref=True)[0]
-    example, refs = longpo.build_example(rec, tokenizer), (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
+    example = longpo.build_example(rec, tokenizer)
+    refs = live_refs(example)  # the preference term live in both precisions
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=1, logprob_chunk=64, sp_size=1)
     cpu = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
     want_model = perturbed_tiny(0.02, seed=1)[0].float()
@@ -1106,7 +1134,7 @@ def mixed_precision_worker(rank, world_size, device):
     assert seen and set(seen) == {torch.bfloat16}, f"compute dtype {set(seen)}"
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, f"{name}: master {p.dtype}"
-    for key in ("loss", "nll", "logps/chosen", "logps/rejected"):
+    for key in ("loss", "nll", "pref_loss", "logps/chosen", "logps/rejected"):
         assert math.isclose(got[key], want[key], rel_tol=1e-2), f"{key}: {got[key]} vs fp32 {want[key]}"
     for (name, p), (_, p32) in zip(model.named_parameters(), want_model.named_parameters()):
         assert_close(p.grad.full_tensor().cpu(), p32.grad, 6e-2, f"mixed-precision grad {name}")
@@ -1171,14 +1199,16 @@ def hf_greedy(model, tokenizer, prompt, max_new_tokens):
 
 
 def sp_generation_worker(rank, world_size):
-    """Sequence-parallel generation over the whole world: greedy tokens equal transformers' generate
-    in one process, with and without a raised RoPE theta, on prompts of lengths not a multiple of
-    2W; sampling equals the one-process decode with the same seed; each rank's cache holds its
-    ~1/W of the prompt's K/V."""
+    """Sequence-parallel generation over the whole world, float64: the logits of EVERY decoding step
+    equal the one-process model's on the prompt and the tokens so far (1e-10), with and without a
+    raised RoPE theta, on prompts of lengths not a multiple of 2W; greedy text equals transformers'
+    generate; sampling equals the one-process decode with the same seed; each rank's cache holds
+    exactly its share of the prompt (no padding) and the generated tokens fed back."""
     par = longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu"))
     single = longpo.Parallel(0, 1, 1, None, torch.device("cpu"))
-    caches, make_cache = [], data_gen.PromptShardCache
+    caches, make_cache, steps, pick = [], data_gen.PromptShardCache, [], data_gen.next_token
     data_gen.PromptShardCache = lambda *args: caches.append(make_cache(*args)) or caches[-1]
+    data_gen.next_token = lambda logits, *args: steps.append((logits.clone(), pick(logits, *args))) or steps[-1][1]
     tokenizer = longpo.tiny_tokenizer()
     for theta in (0.0, 1e6):
         model = longpo.load_model_and_tokenizer("tiny", torch.float64, theta)[0]
@@ -1191,11 +1221,17 @@ def sp_generation_worker(rank, world_size):
             want = hf_greedy(model, tokenizer, prompt, 16)  # transformers' own generate, one process
             assert data_gen.generate(model, tokenizer, [prompt], 16) == want
             caches.clear()
+            steps.clear()
             got = data_gen.generate(model, tokenizer, [prompt], 16, par=par)
             assert got == want, f"W={world_size} theta={theta}: {got} != {want}"
-            layer = caches[0].keys[0]  # (B, Hkv, prompt part + room for new tokens, D)
-            assert caches[0].n_prompt <= 2 * -(-len(prompt) // (2 * world_size))  # its two zigzag chunks
-            assert layer.shape[2] == caches[0].n_prompt + 16, layer.shape
+            new = [token for _, token in steps]
+            with torch.no_grad():  # the one-process model on the prompt and every generated token but the last
+                full = model(input_ids=torch.tensor([prompt + new[:-1]])).logits[0, len(prompt) - 1:]
+            for k, (logits, _) in enumerate(steps):
+                assert_close(logits, full[k], 1e-10, f"W={world_size} theta={theta} rank {rank}: step {k} logits")
+            padded = -(-len(prompt) // (2 * world_size)) * 2 * world_size
+            share = int((ra.zigzag_shard(torch.arange(padded)[None], rank, world_size) < len(prompt)).sum())
+            assert caches[0].n_prompt == share and caches[0].length == {i: share + len(new) - 1 for i in range(2)}
             sampled = data_gen.generate_sp(model, tokenizer, prompt, 16, par, temperature=1.0, top_p=0.9, seed=5)
             assert sampled == data_gen.generate_sp(model, tokenizer, prompt, 16, single, temperature=1.0, top_p=0.9, seed=5)
             # one process, in a left-padded batch beside another prompt: each row draws from its own seed
@@ -1205,7 +1241,7 @@ def sp_generation_worker(rank, world_size):
     counts = [torch.zeros(1) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([float(caches[0].n_prompt)]))
     assert sum(c.item() for c in counts) == len(prompt)  # every prompt token cached exactly once
-    data_gen.PromptShardCache = make_cache
+    data_gen.PromptShardCache, data_gen.next_token = make_cache, pick
 
 
 def test_sequence_parallel_generation():
@@ -1349,6 +1385,30 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = longpo.load_tokenizer(str(tmp_path))
     assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_resume_refuses_each_run_defining_change(tmp_path):
+    """--resume continues a run only with the arguments that define it: each of them changed is
+    refused, naming it (the list here is written out, not taken from longpo's own)."""
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=3, with_ref=True))
+    other = write_jsonl(tmp_path / "other.jsonl", make_records(2, seed=4, with_ref=True))
+    base = longpo.TrainConfig(data=data, output_dir=str(tmp_path / "run"), resume=True, lr=1e-4, grad_accum=1)
+    os.makedirs(base.output_dir)
+    with open(os.path.join(base.output_dir, "config.json"), "w") as f:
+        json.dump({"identity": longpo.run_identity(base, 2, 2)}, f)
+    open(os.path.join(base.output_dir, "metrics.jsonl"), "w").close()
+    assert longpo.check_output_dir(base, longpo.run_identity(base, 2, 2)) == "resume"
+    changes = {"model": "org/other-7b", "ref_model": "org/ref-7b", "data": other, "loss": "dpo", "beta": 0.2,
+               "lam": 0.5, "nll_target": "responses", "nll_context_weight": 0.5, "lr": 1e-3, "warmup_ratio": 0.2,
+               "weight_decay": 0.1, "max_grad_norm": 2.0, "max_steps": 9, "grad_accum": 2, "max_length": 999,
+               "rope_theta": 1e6, "dtype": "float64", "seed": 7}
+    for key, value in changes.items():
+        changed = dataclasses.replace(base, **{key: value})
+        with pytest.raises(ra.UsageError, match=f"other arguments \\({key}: "):
+            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2))
+    for world, sp in ((4, 2), (2, 1)):
+        with pytest.raises(ra.UsageError, match="world_size|sp_size"):
+            longpo.check_output_dir(base, longpo.run_identity(base, world, sp))
 
 
 def test_default_learning_rates_follow_the_paper():
@@ -1542,6 +1602,28 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
         assert open(tmp_path / name).read() == open(out).read(), name
 
 
+def test_data_gen_resume_follows_documents_not_lines(tmp_path):
+    """A continued run recognises finished documents by their id (a hash of the text when they have
+    none), not by their line: with a new document inserted before them and the rest reordered, the
+    finished ones are not done again, the new one is, and every id appears once."""
+    texts = [doc["text"] for doc in data_gen.demo_corpus(4, 2, seed=31)]
+    docs, out = tmp_path / "docs.jsonl", str(tmp_path / "out.jsonl")
+    args = ["data_gen.py", "--docs", str(docs), "--out", out, "--questions", "model", "--question-tokens", "8",
+            "--min-doc-len", "1", "--chunk-min", "8", "--chunk-max", "200", "--allow-empty"]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
+    run_script(args)
+    part = out + ".parts/rank0.jsonl"
+    first = open(part).read().splitlines()
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [texts[3], texts[2], texts[0], texts[1]]))
+    result = run_script(args)
+    assert "4 documents, 3 already done" in result.stdout, result.stdout
+    lines = open(part).read().splitlines()
+    assert lines[:3] == first and len(lines) == 4, "finished documents were done again"
+    ids = [json.loads(line)["id"] for line in lines]
+    assert sorted(ids) == sorted({data_gen.text_id(t) for t in texts}), ids  # each once, the new one too
+    assert json.loads(lines[3])["id"] == data_gen.text_id(texts[3])
+
+
 def test_data_gen_model_questions_path(tmp_path):
     """--questions model: the tiny random model cannot write a numbered list of 4 questions, so
     every chunk is dropped and counted: the path runs, nothing passes silently."""
@@ -1631,6 +1713,21 @@ def test_mc_scorer_and_kl():
     assert same["kl"] == 0.0 and same["logp_change"] == 0.0 and same["tokens"] > 0
     moved = evaluation.eval_kl(other.float(), model, tokenizer, records)
     assert moved["kl"] > 1e-4 and moved["logp_change"] != 0.0
+    # two models with known distributions p (the policy) and q (the reference) at every position:
+    # the mean per-token KL is sum_v p log(p / q), not its mirror, and the log-prob change is
+    # log p(t) - log q(t) averaged over the answer tokens t
+    policy, reference = BiasedLM(len(tokenizer), seven), BiasedLM(len(tokenizer), seven + 1)
+    with torch.no_grad():
+        policy.bias[seven + 2] = 2.0
+    p, q = (m.bias.detach().double().log_softmax(-1) for m in (policy, reference))
+    got = evaluation.eval_kl(policy, reference, tokenizer, records)
+    want = float((p.exp() * (p - q)).sum())
+    assert math.isclose(got["kl"], want, rel_tol=1e-6), (got["kl"], want, float((q.exp() * (q - p)).sum()))  # fp32
+    targets = [t for rec in records for turn in rec["turns"] for t, a in zip(*map(
+        lambda x: x[1:], longpo.format_dialogue(tokenizer, rec["document"][slice(*turn["chunk"])], [turn], "chosen")))
+               if a]
+    change = sum(float(p[t] - q[t]) for t in targets) / len(targets)
+    assert got["tokens"] == len(targets) and math.isclose(got["logp_change"], change, abs_tol=1e-6), (got, change)
 
 
 def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
@@ -1703,6 +1800,20 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
     assert kept[1] == records[2] and list(kept)[-1:] == [records[2]]  # read back from the file on demand
+
+
+def test_records_between_blank_lines_and_crlf(tmp_path):
+    """A preference file with blank lines between records and Windows line ends: every record is read
+    back, each from where it starts."""
+    records = make_records(4, seed=17, with_ref=True)
+    lines = [json.dumps(r) for r in records]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(("\n\n".join(lines[:2]) + "\r\n\r\n" + "\r\n".join(lines[2:]) + "\r\n\n").encode())
+    got = longpo.Records(str(path), need_ref=True)
+    starts = [path.read_bytes()[offset:].split(b"\n")[0].strip().decode() for _, offset in got.offsets]
+    assert starts == lines, "a record's offset is not where its line starts"
+    assert list(got) == records and got.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in records]
+    assert got.select([3, 1])[0] == records[3]
 
 
 def test_several_data_files_are_one_set(tmp_path):
