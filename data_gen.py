@@ -17,14 +17,13 @@ Prompts come from longpo.format_dialogue, as in training. Generation lives here,
 generate, and generate_sp (one prompt decoded sequence-parallel, each rank holding its share of its K/V).
 
 Deliberate deviations: a random tiny model cannot write questions, so the built-in demo corpus
-(synthetic documents with planted, checkable facts) has template questions (--questions auto:
-template for the demo corpus, the model otherwise). Size flags default to the paper's profile for
-real models and a small one for --model tiny. --answers gold / copy write the demo corpus's planted
-answers / "repeat the text" records (no model runs): the data of the miniature's short-context model,
-which --make-small creates.
+(documents with planted, checkable facts) has template questions (--questions auto). Size flags
+default to the paper's profile, or a small one for --model tiny. --answers gold / copy write the demo
+corpus's planted answers / "repeat the text" records: the miniature's data (its model: --make-small).
 
-Never loses work: each rank appends each finished record (or dropped document) to its own file in
-<out>.parts/; a restart with the same arguments skips what is done, at any world size; rank 0 merges.
+Each random choice and sampled answer draws from its own seeded stream (seed, document, turn, role):
+the records are the same at any world size, SP size or resume. Never loses work: each rank appends
+each finished record (or dropped document) to <out>.parts/; a restart skips what is done; rank 0 merges.
 
     python data_gen.py                                       # tiny model, demo corpus, CPU
     torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import longpo
 import ring_attention
@@ -67,8 +66,7 @@ TINY = dict(chunk_min=512, chunk_max=1024, min_doc_len=1024, max_doc_len=32768,
 
 @dataclass
 class DataGenConfig:
-    """Generate LongPO preference data (paper Sec. 3.3). Size flags left at 0 / -1 come from a
-    profile: the paper's for real models, a small one for --model tiny."""
+    """Generate LongPO preference data (paper Sec. 3.3); size flags at 0 / -1 take the profile's value."""
     model: str = field(default="tiny", metadata={"help": "pi_S: hub id, local dir, or 'tiny'"})
     docs: str = field(default="demo", metadata={"help": "JSONL ('text', 'id'), .txt file or folder, or 'demo'"})
     out: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "output JSONL (longpo.py's default input)"})
@@ -206,9 +204,8 @@ def load_for_inference(name, device, rope_theta=0.0):
 
 
 def stop_token_ids(tokenizer, model=None):
-    """Tokens that end an answer: the end-of-turn special tokens the chat template closes an
-    assistant turn with (Llama-3's <|eot_id|>, Gemma's <end_of_turn>, ChatML's <|im_end|>, which are
-    not always the tokenizer's eos), the eos, and those of the model's generation config."""
+    """Tokens that end an answer: the template's end-of-turn specials (Llama-3's <|eot_id|>, ChatML's
+    <|im_end|>: not always the eos), the eos, and those of the model's generation config."""
     ids, is_answer = longpo.format_dialogue(tokenizer, "", [{"instruction": "?", "answer": "ok"}], "answer")
     special = set(longpo.special_tokens(tokenizer).values())
     stops = [t for t, a in zip(ids, is_answer) if a and t in special] + [tokenizer.eos_token_id]
@@ -219,11 +216,10 @@ def stop_token_ids(tokenizer, model=None):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, par=None, seeds=None):
-    """Decode token-id prompts until an end-of-turn token (stop_token_ids): greedy at temperature 0,
-    else each row sampled from a generator of its own (seeds[i]), so that a row's answer depends on
-    its prompt and seed alone, not on the other rows or the rank. Returns (texts, new tokens). One
-    process: the rows together, left-padded, with a K/V cache. With par of SP size > 1: one prompt at
-    a time, sequence-parallel over par's SP group (generate_sp), every rank returning the same texts."""
+    """Decode token-id prompts until an end-of-turn token: greedy at temperature 0, else each row sampled
+    from its own generator (seeds[i]): a row's answer depends on its prompt and seed alone. Returns
+    (texts, new tokens). One process: the rows together, left-padded, with a K/V cache; with par of SP
+    size > 1, one prompt at a time, sequence-parallel (generate_sp), the same texts on every rank."""
     seeds = seeds or [0] * len(prompts)
     if par is not None and par.sp_size > 1:
         results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed)
@@ -262,11 +258,9 @@ def next_token(logits, temperature, top_p, generator):
 
 
 class PromptShardCache:
-    """The K/V cache of sequence-parallel generation, per layer: this rank's part of the prompt (the
-    prefill's zigzag shard without its padding), then the generated tokens (the same on every rank)
-    in room reserved up front, so that a decoding step copies nothing. The prefill's attention sees
-    the whole shard, padding included: padding sits at the end of the sequence, in every real
-    token's future, so it changes nothing there; decoding never sees it."""
+    """The K/V cache of sequence-parallel generation, per layer: this rank's part of the prompt (its zigzag
+    shard without padding), then the generated tokens in room reserved up front (a step copies nothing).
+    The prefill sees the padding, at the end of the sequence in every real token's future: harmless."""
 
     def __init__(self, keep, room):
         self.keep, self.room = keep, room  # keep: (T,) bool, the real prompt tokens of the shard
@@ -292,14 +286,11 @@ class PromptShardCache:
 
 @torch.no_grad()
 def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, top_p=1.0, seed=0, stats=None):
-    """One prompt decoded sequence-parallel over par's SP group; (text, new tokens), the same on every
-    rank. Prefill: the prompt, padded to a multiple of 2*sp and zigzag-sharded, runs through ring
-    attention and leaves each rank holding only ITS part of every layer's K/V (PromptShardCache).
-    Decoding: the new token's query attends to each rank's part and to the tokens generated so far
-    (counted once), merged across the group by the exact lse rule (ring_attention.decode_attention);
-    every rank then computes the same hidden state, logits and token (sampling draws from the same
-    seeded stream on every rank). stats (a dict), when given, receives the prefill and decoding
-    seconds and this rank's cache bytes (the benchmark in test_longpo.py)."""
+    """One prompt decoded sequence-parallel over par's SP group: (text, new tokens) on every rank. The
+    prefill (padded, zigzag-sharded, ring attention) leaves each rank ITS part of every layer's K/V;
+    each new token's query attends to every rank's part and to the tokens generated so far (counted
+    once), merged by the exact lse rule (ring_attention.decode_attention): every rank computes the same
+    logits and token (sampling from the same seeded stream). stats, a dict: timings and cache bytes."""
     sp, rank, group = par.sp_size, par.sp_rank, par.sp_group if par.sp_size > 1 else ring_attention.LOCAL
     length = len(prompt)
     padded = -(-length // (2 * sp)) * 2 * sp
@@ -359,9 +350,8 @@ def ask(model, tokenizer, contexts, instructions, seeds, cfg, batched, **samplin
 # ----------------------------------------------------------------------------- records
 
 def stream(cfg, doc, *where):
-    """The key of one random choice or sampled answer: the run's seed, the document (its id; a hash of
-    its text without one) and where in it (turn, role). Each draws from its own key, so the data is a
-    function of the seed and the documents alone: not of the rank, the batch or a resume."""
+    """The key of one random choice or sampled answer: the seed, the document's id (its text's hash) and
+    where in it (turn, role). Each its own: the data is a function of the seed and the documents alone."""
     return "|".join(map(str, (cfg.seed, doc["id"], *where)))
 
 
@@ -371,7 +361,6 @@ def seed_of(key):
 
 class Dropped(Exception):
     """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
-
     def __init__(self, reason, filtered=None):
         super().__init__(reason)
         self.reason, self.filtered = reason, filtered or {}
@@ -415,9 +404,8 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
 
 
 def start_record(doc, doc_index, model, tokenizer, cfg, counts):
-    """Everything on SHORT inputs: length, chunks, questions and (model answers) the chosen answers.
-    Returns the draft record, whose turns still need their rejected (long-input) answers; raises
-    Dropped for a document that gives none."""
+    """Everything on SHORT inputs: length, chunks, questions, the chosen answers. Returns the draft record,
+    whose turns still need their rejected (long-input) answers; raises Dropped if the document gives none."""
     text = doc["text"]
     n_tokens, starts = measure(doc, tokenizer, cfg)
     chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
@@ -479,9 +467,8 @@ def finish_record(draft, rejected, model, tokenizer, cfg):
 
 
 def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
-    """--sp-size: this rank's document's short-input work (doc None: no document this round), then
-    the SP group's decoding of every member's long prompts, in which every member takes part whatever
-    its own document gave. The record (None without a document), or Dropped."""
+    """--sp-size: this rank's short-input work (doc None: none this round), then the SP group's decoding of
+    every member's long prompts, in which every member takes part. The record (or None), or Dropped."""
     (model, long_model), draft, dropped = models, None, None
     try:
         draft = start_record(doc, doc_index, model, tokenizer, cfg, counts) if doc else None
@@ -494,10 +481,8 @@ def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
 
 
 def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
-    """--sp-size: the SP group writes the rejected answers of every member's document together. Each
-    rank did its own document's short-input work (draft; None when it has none this round); the long
-    prompts of all members are gathered and each is decoded by the whole group (generate_sp); each
-    rank keeps its own answers."""
+    """--sp-size: the long prompts of every member's draft (None: none this round) are gathered, each is
+    decoded by the whole SP group (generate_sp), and each rank keeps its own document's answers."""
     prompts = []
     if draft is not None:
         text = draft["doc"]["text"]
@@ -541,12 +526,9 @@ def parse_paragraphs(spec):
 
 
 def demo_corpus(n_docs=4, paragraphs=24, seed=0):
-    """Synthetic documents with planted, checkable facts: paragraphs of filler sentences, each with
-    two facts "At Barwick 57 maps were counted." (no place twice in a document, so every question
-    "How many maps are there at Barwick?" has one answer, a number from 10 to 99). The number
-    follows its place: an answer that restates the place ("At Barwick 57.", gold_answer) then
-    finds it by the copy a small model learns first (README, LongPO in miniature).
-    paragraphs: a count, or "A-B" (a count drawn per document)."""
+    """Synthetic documents with planted, checkable facts: paragraphs of filler sentences, each with two
+    facts "At Barwick 57 maps were counted." (no place twice in a document: every question "How many maps
+    are there at Barwick?" has one answer, 10-99, right after its place). paragraphs: a count, or "A-B"."""
     lo, hi = parse_paragraphs(paragraphs)
     rng = random.Random(seed)
     docs = []
@@ -573,11 +555,8 @@ def gold_answer(place, number):
 
 
 def copy_corpus(n_docs, seed=0):
-    """Documents "Words:" + 16-32 distinct words drawn at random from the demo corpus's words (names,
-    numbers, items, filler; one token each), for --answers copy. The copy's distance varies with the
-    length, so no fixed look-back repeats one: the model has to copy by content, the kind of lookup
-    that answering "At Barwick" with 57 from "At Barwick 57" takes (which word its copy keys on was
-    probed: README, the miniature)."""
+    """Documents "Words:" + 16-32 distinct random words of the demo corpus (one token each), for --answers
+    copy: the varying length leaves no fixed look-back to repeat, so the model must copy by content."""
     words = sorted(set(PLACES + ITEMS + [str(n) for n in range(10, 100)] + re.findall(r"\w+", " ".join(FILLER))))
     rng = random.Random(f"copy-{seed}")
     return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.sample(words, rng.randint(*COPY_WORDS))),
@@ -591,10 +570,9 @@ def template_questions(chunk_text, facts):
 
 
 def gold_record(draft, cfg):
-    """--answers gold: the planted answers ("At Barwick 57.") as chosen and the place with another
-    number of the document (the nearest mistake) as rejected; no reference log-probs (no model ran).
-    The questions come in random order: in document order a model learns to answer by elimination
-    (turn 2 = the fact turn 1 skipped) instead of matching."""
+    """--answers gold: the planted answers ("At Barwick 57.") as chosen, the place with another number of
+    the document as rejected; no reference log-probs. The questions in random order: in document order
+    a model learns to answer by elimination (turn 2 = the fact turn 1 skipped) instead of matching."""
     doc, n_turns = draft["doc"], len(draft["turns"])
     fact = {f["question"]: f for f in doc["facts"]}
     numbers = sorted({f["answer"] for f in doc["facts"]})
@@ -622,10 +600,9 @@ def copy_record(doc, doc_index, tokenizer, cfg):
 
 
 def save_small_model(path):
-    """--make-small: the miniature's short-context model before training, as a model folder: a Mistral
-    of 4 layers of 128 (1.1M parameters; random weights from a fixed seed) and a byte-level BPE of
-    817 tokens trained here, deterministically, on the demo corpus (its names and two-digit numbers
-    become single tokens: documents read in ~4x fewer tokens than bytes; any text still encodes)."""
+    """--make-small: the miniature's untrained model as a folder: a Mistral of 4 layers of 128 (1.1M
+    parameters, weights from a fixed seed) and an 817-token byte-level BPE trained here on the demo
+    corpus (its names and numbers single tokens: documents ~4x shorter than in bytes)."""
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     docs = demo_corpus(n_docs=8, paragraphs=24, seed=12345)
@@ -654,9 +631,8 @@ def text_id(text):
 
 
 class Docs:
-    """The input documents by index, each read from disk when needed (a corpus of long documents need
-    not fit in memory): the built-in demo corpus, a folder of .txt files, one .txt file, or a JSONL
-    file with a 'text' field (optional 'id'; else a hash of the text), validated line by line once."""
+    """The input documents by index, each read from disk when needed: the demo corpus, a folder of .txt
+    files, one .txt file, or a JSONL with 'text' (optional 'id'; else the text's hash), checked once."""
 
     def __init__(self, spec, skip_bad=False, demo=(4, 24, 0), copy=False):
         self.spec, self.bad_lines = spec, 0
@@ -868,11 +844,9 @@ def join_parts(cfg, n_docs, bad_lines, stats):
 # ----------------------------------------------------------------------------- generation memory plan
 
 def generation_plan(cfg):
-    """Per-GPU memory of generating from a --max-doc-len-token prompt, sequence-parallel over --sp-size
-    GPUs (generate_sp): no gradients, bf16 weights whole on every GPU, each GPU keeping its share of
-    the prompt's K/V and the generated tokens', and one layer of the prefill in flight."""
-    c = longpo.PRESETS[cfg.model][1](len(longpo.load_tokenizer(cfg.model))) if cfg.model in longpo.PRESETS \
-        else AutoConfig.from_pretrained(cfg.model)
+    """Per-GPU memory of generating from a --max-doc-len prompt over --sp-size GPUs (generate_sp): bf16
+    weights whole on every GPU, its share of the K/V and the generated tokens', one prefill layer."""
+    c = longpo.load_config(cfg.model)
     with torch.device("meta"):  # shapes only
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
     H, n_layers, inter, hq, hkv = c.hidden_size, c.num_hidden_layers, c.intermediate_size, \
@@ -893,9 +867,8 @@ def generation_plan(cfg):
 # ----------------------------------------------------------------------------- main
 
 def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device):
-    """This rank's documents, each record (or the reason it was dropped) appended to its part file
-    and flushed before the next starts. With --sp-size, in rounds: in each, every member of an SP
-    group does its next document's short-input work, then the group decodes all their long prompts."""
+    """This rank's documents, each record (or why it was dropped) appended to its part file and flushed
+    before the next starts. With --sp-size, in rounds of each member's next document (sp_record)."""
     par, rounds, t0 = None, len(mine), time.perf_counter()
     if cfg.sp_size > 1:
         par = setup_parallel(cfg.sp_size, rank, world_size, device)

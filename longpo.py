@@ -59,7 +59,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mistra
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
 from ring_attention import (Parallel, UsageError, barrier, check_sp_size, distributed_map, init_distributed, print0,
-                            run_cli, setup_parallel, zigzag_shard)
+                            run_cli, setup_parallel, world_mean, zigzag_shard)
 
 # FSDP2 warns that the root module returns a view (we read hidden_states[-1]); we never modify it
 # in place, which is the case the warning is about.
@@ -115,9 +115,7 @@ class TrainConfig:
 
 def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """Eq. 12 for a batch of pairs, all inputs (B,): returns (losses, chosen_rewards, rejected_rewards).
-
-    For LongPO the ref log-probs are pi_S on the SHORT input x_S and the policy's on the LONG input
-    x_L; the same function with long-input ref log-probs is plain DPO."""
+    LongPO: the ref log-probs are pi_S's on the SHORT input, the policy's on the LONG one (DPO: both long)."""
     # short-to-long reward r(x_L, y) = beta * log(pi_theta(y|x_L) / pi_S(y|x_S))
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -127,13 +125,11 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
 
 # Eq. 13, multi-turn samples. One document yields up to 4 turns (I_i, y_S,i, y_L,i), packed as ONE
-# sample: the policy's long sequence holds the document once, then I_1 y_1 I_2 y_2 ... with the
-# chosen answers (chosen sequence) or the rejected ones (rejected sequence) of every turn
-# (format_dialogue), and log pi_theta(y|x_L) sums over all answer tokens of that sequence
-# (sequence_logps). The reference scores each turn on its OWN short chunk.
+# sample: the policy's long sequence holds the document once, then I_1 y_1 I_2 y_2 ... with the chosen
+# (or the rejected) answers of every turn (format_dialogue), and log pi_theta(y|x_L) sums over all its
+# answer tokens (sequence_logps). The reference scores each turn on its OWN short chunk.
 def build_example(rec, tokenizer, sides=("chosen", "rejected")):
-    """The chosen and rejected LONG dialogues of one record (Eq. 13: the document once, then every
-    turn's instruction and answer of that side) as {side: {"ids": [...], "is_answer": [...]}}."""
+    """The chosen and rejected LONG dialogues of one record: {side: {"ids": [...], "is_answer": [...]}}."""
     return {side: dict(zip(("ids", "is_answer"), format_dialogue(tokenizer, rec["document"], rec["turns"], side)))
             for side in sides}
 
@@ -141,9 +137,8 @@ def build_example(rec, tokenizer, sides=("chosen", "rejected")):
 @torch.no_grad()
 def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
     """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
-    log pi_S(y_i | C_S,i, I_i), for y the chosen and the rejected answers, each turn scored exactly as
-    training scores a sequence. A sum of log-probabilities, as the release code (the paper writes the
-    log of a sum of probabilities)."""
+    log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
+    the release code (the paper writes the log of a sum of probabilities)."""
     one_device = Parallel(rank=0, world_size=1, sp_size=1, sp_group=None, device=ref_model.device)  # short inputs
     sums = []
     for side in ("chosen", "rejected"):
@@ -158,10 +153,9 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
 
 
 def nll_weights(is_answer, cfg):
-    """Eq. 14's L_NLL(pi_theta; S_L): which tokens of the chosen LONG sequence S_L the NLL trains, and
-    with what weight. --nll-target sequence (the paper's, for LongPO and DPO; auto): all of S_L,
-    document, instructions, template and answers, the non-answer tokens weighing --nll-context-weight
-    (1 in the paper); responses (the paper's SFT baseline; auto for sft): the chosen answers only.
+    """Eq. 14's L_NLL(pi_theta; S_L): which tokens of the chosen LONG sequence S_L the NLL trains, with what
+    weight. --nll-target sequence (the paper's LongPO and DPO; auto): all of S_L, the non-answer tokens
+    weighing --nll-context-weight (1 in the paper); responses (its SFT baseline; auto for sft): the answers.
     sequence_logps makes them the weighted token mean sum_t w_t * -log p(x_t+1 | x_<=t) / sum_t w_t."""
     sequence = cfg.nll_target == "sequence" or (cfg.nll_target == "auto" and cfg.loss != "sft")
     return [1.0 if answer else cfg.nll_context_weight if sequence else 0.0 for answer in is_answer]
@@ -175,15 +169,12 @@ def total_loss(pref_losses, nll, lam, loss_type):
 # ----------------------------------------------------------------------------- sequence-parallel log-probs
 
 def token_logps(hidden, weight, targets, mask, chunk_size):
-    """log p(target_t | prefix) at every position where mask is set, (B, T) with 0 elsewhere.
-
-    hidden (B, T, H) final hidden states, weight (V, H) the output embedding. Head and log-softmax run
-    in fp32 over chunks of chunk_size labelled tokens, each recomputed in backward (checkpoint), so at
-    most one chunk's (chunk_size, V) logits exist at a time: never the whole sequence's."""
+    """log p(target_t | prefix) where mask is set, (B, T) with 0 elsewhere; hidden (B, T, H) the final
+    hidden states, weight (V, H) the output embedding. Head and log-softmax in fp32 over chunks of
+    chunk_size labelled tokens, each recomputed in backward: never the whole sequence's logits."""
     flat_h, flat_t, flat_m = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1)
     idx = flat_m.nonzero().squeeze(-1)  # (n,) positions that carry a label
     acc = torch.promote_types(hidden.dtype, torch.float32)
-
     # The head runs in fp32 too: bf16 logits of size ~20 would be off by ~0.1 each, and a sequence's
     # log-prob sums hundreds of them.
     weight = weight.to(acc)
@@ -220,9 +211,8 @@ class SPSum(torch.autograd.Function):
 
 def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
     """Pad to a multiple of 2*sp (at least pad_to tokens), shift targets BEFORE sharding (no label
-    crosses a shard border), zigzag-shard input_ids, position_ids (global positions), targets and
-    each named target mask the same way. Padding is never a target. Returns tensors of shape (1, T)
-    on the device."""
+    crosses a shard border), zigzag-shard input_ids, position_ids (global positions), targets and each
+    named mask the same way; padding is never a target. Returns (1, T) tensors on the device."""
     length = len(ids)
     padded = -(-max(length, pad_to) // (2 * par.sp_size)) * 2 * par.sp_size
     out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)),
@@ -240,11 +230,10 @@ def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
 
 def pack_pair(example, sp_size, pad_id, nll):
     """The chosen and rejected long sequences packed to run the document ONCE: [prefix | chosen branch
-    | rejected branch | padding] (global, unsharded), or None when their shared prompt (document and
-    first instruction) has fewer than 2*sp + 1 tokens (that pair then runs the 'pairs' way). The
-    prefix is the longest multiple of 2*sp tokens of the prompt that leaves its last token to the
-    branches; each branch continues the positions after the prefix. Labels are each sequence's own:
-    answers, and the chosen sequence's NLL weights `nll`, exactly as in the two separate sequences."""
+    | rejected branch | padding] (unsharded), or None when their shared prompt (document and first
+    instruction) has under 2*sp + 1 tokens (the pair then runs the 'pairs' way). The prefix is the
+    longest multiple of 2*sp tokens of the prompt leaving its last token to the branches, which continue
+    its positions. Labels are each sequence's own: answers, and the chosen sequence's NLL weights."""
     c, r = example["chosen"], example["rejected"]
     first = c["is_answer"].index(True)  # the first answer token: the shared prompt ends before it
     # the prompt's last token predicts the first answer token, which differs: it goes to both branches
@@ -284,10 +273,9 @@ def prepare_packed(example, par, pad_id, nll):
 
 
 def sequence_logps(model, seq, par, chunk_size):
-    """Log-probs of one (sharded, possibly packed) batch of sequences, as named values of shape (B,):
-    "chosen" and "rejected", the sum of the log-probs at the positions of the mask of that name
-    (those of seq's masks it holds), summed over the SP group; "nll", when seq holds NLL weights
-    (nll_weights), the weighted token mean of -log p over the same group."""
+    """Log-probs of one (sharded, possibly packed) batch, named values of shape (B,) summed over the SP
+    group: "chosen" and "rejected" (those seq holds), the log-probs summed over that mask's positions;
+    "nll", when seq holds NLL weights (nll_weights), the weighted token mean of -log p."""
     ring_kwargs = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
         ring_kwargs = {"ring_group": par.sp_group if par.sp_size > 1 else ring_attention.LOCAL,
@@ -316,9 +304,8 @@ def sequence_logps(model, seq, par, chunk_size):
 # ----------------------------------------------------------------------------- the step
 
 def micro_step(model, ref_model, examples, refs, cfg, par, pad_id):
-    """Forward and backward of one micro-batch on this SP group: one pair (--loss sft: --micro-batch
-    chosen sequences). refs: the pair's (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13).
-    Returns (detached metrics, long-sequence tokens)."""
+    """Forward and backward of one pair on this SP group (sft: --micro-batch chosen sequences), refs its
+    (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13). Returns (metrics, long-sequence tokens)."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
     # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
@@ -347,9 +334,8 @@ def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
 
 def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
     """The reference path (--pack pairs): chosen and rejected one after the other, never in memory
-    together. The pair loss gradient is a scalar weight times (grad log p_chosen - grad log
-    p_rejected), so: rejected without grad (its log-prob), chosen with grad, rejected with grad,
-    each backward with the other side's value as a constant."""
+    together. The pair loss gradient is a scalar weight times (grad log p_chosen - grad log p_rejected):
+    rejected without grad, chosen with grad, rejected with grad, the other side's value a constant."""
     c, r = example["chosen"], example["rejected"]
     masks = {"chosen": c["is_answer"], "nll": nll_weights(c["is_answer"], cfg)}
     chosen = prepare_sequence(c["ids"], masks, par, pad_id)
@@ -371,9 +357,8 @@ def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
 
 
 def sft_step(model, examples, cfg, par, pad_id, grad_scale):
-    """The SFT baseline: the NLL of the chosen sequences, as one right-padded batch (--micro-batch).
-    The same gradient as one sample at a time: attention is causal, so no token sees the padding
-    after it, and each sample's NLL is its own token mean. Returns metrics summed over the samples."""
+    """The SFT baseline: the NLL of the chosen sequences as one right-padded batch (--micro-batch), the same
+    gradient as one at a time (causal: no token sees the padding; each its own token mean); summed metrics."""
     longest = max(len(ex["chosen"]["ids"]) for ex in examples)
     rows = [prepare_sequence(ex["chosen"]["ids"], {"chosen": ex["chosen"]["is_answer"],
                                                    "nll": nll_weights(ex["chosen"]["is_answer"], cfg)},
@@ -462,15 +447,6 @@ def epoch_order(n, seed):
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return tuple(order)
-
-
-def world_mean(values, par):
-    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
-    if par.world_size > 1:
-        dist.all_reduce(t)
-        t /= par.world_size
-    return dict(zip(values, t.tolist()))
 
 
 def stop_non_finite(what, cfg):
@@ -624,9 +600,8 @@ def run_identity(cfg, world_size, sp_size):
 
 
 def check_output_dir(cfg, identity):
-    """'fresh' (start in --output-dir), 'resume' (continue the run it holds) or 'finished' (that run
-    wrote its final model). Refuses to overwrite a run's work without --overwrite, and to resume a
-    run with other run-defining arguments, naming each difference."""
+    """'fresh', 'resume' (the run held there) or 'finished' (it wrote final/). Refuses to overwrite a
+    run without --overwrite, and to resume one with other run-defining arguments (naming each)."""
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output-dir {out} is a file; give a folder")
@@ -754,9 +729,8 @@ def check_config(cfg):
 
 
 def resolve_defaults(cfg):
-    """Flags left at 0 take the paper's value, or a demo value for the random tiny model (so
-    that its short default run visibly trains). The paper trains its SFT baseline at 2e-5, a usual
-    SFT rate, and LongPO and DPO at 5e-7, a usual preference-optimisation rate."""
+    """Flags left at 0 take the paper's value (SFT baseline 2e-5, LongPO and DPO 5e-7), or a demo value for
+    the random tiny model, so that its short default run visibly trains."""
     tiny = cfg.model == "tiny"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
                                grad_accum=cfg.grad_accum or (1 if tiny else 8))
@@ -803,10 +777,9 @@ CONTEXT_CHARS = 256
 
 
 def encode_after(tokenizer, before, text, as_text=False):
-    """Token ids of `text` as the tokenizer cuts it when it FOLLOWS `before` in one string: pieces of
-    a dialogue cannot be tokenized alone (a SentencePiece tokenizer starts every string with a dummy
-    '▁': 'The' after '<|assistant|>\\n' would become '▁The', the model wrote 'The'). as_text: special
-    tokens' literals in it are text (content), not their ids."""
+    """Token ids of `text` as the tokenizer cuts it when it FOLLOWS `before` in one string (a SentencePiece
+    tokenizer starts every string with a dummy '▁': 'The' after '<|assistant|>\\n' would become '▁The',
+    the model wrote 'The'). as_text: special tokens' literals in it are text, not their ids."""
     def encode(s, **kwargs):
         return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
     if not before:
@@ -836,10 +809,9 @@ def special_tokens(tokenizer):
 
 
 def split_answer(segment, answer, specials):
-    """Cut the rendered assistant turn (' The answer</s>' in Mistral's template, 'The answer<|im_end|>\\n'
-    in ChatML) into the answer span: the template's leading whitespace, the answer as rendered and up
-    to the last special token after it (the end-of-turn marker: the model must learn to stop); and
-    the rest (ChatML's newline), which is context the model never writes."""
+    """Cut the rendered assistant turn (' The answer</s>' in Mistral's template, 'The answer<|im_end|>\\n' in
+    ChatML) into the answer span (leading whitespace, the answer, up to the last special token after it:
+    the model must learn to stop) and the rest (ChatML's newline: context the model never writes)."""
     core = answer.strip()
     head = segment[:len(segment) - len(segment.lstrip())]
     if not segment[len(head):].startswith(core):
@@ -852,41 +824,33 @@ def split_answer(segment, answer, specials):
 
 def format_dialogue(tokenizer, context, turns, answer_key=None):
     """THE chat formatting of a long or short sequence: data generation, reference and training.
-
-    context: the document (long) or one chunk (short), then turns (dicts with "instruction" and the
-    answer turns[i][answer_key]); the first user message is context, a blank line, instruction (Eq. 13:
-    the document once). Returns (input_ids, is_answer), is_answer marking the answer tokens; with
-    answer_key=None the ids end with the generation prompt of the one turn. Any template that renders
-    turn by turn works (Mistral, Llama-2/3, ChatML, Zephyr, Gemma): each generation prompt is a prefix
-    of the dialogue, the answer span follows it (split_answer); the first prompt is tokenized alone,
-    as for generation, every later piece as the continuation of the text before it (encode_after).
-    Content is text: a special token's literal text inside the document, an instruction or an answer
-    (a paper about chat models quotes "<|im_end|>") stays text; only the template's markers are special."""
+    context: the document (long) or one chunk (short); turns: dicts with "instruction" and the answer
+    turns[i][answer_key]; the first user message is context, a blank line, instruction (Eq. 13: the
+    document once). Returns (input_ids, is_answer); with answer_key=None the ids end with the generation
+    prompt of the one turn. Any template that renders turn by turn works (Mistral, Llama-2/3, ChatML,
+    Zephyr, Gemma): each generation prompt is a prefix of the dialogue, the answer span follows it
+    (split_answer); every piece is tokenized as the continuation of the text before it (encode_after).
+    Content is text: a special token's literal text in it (a paper quoting "<|im_end|>") stays text."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     specials = special_tokens(tokenizer)
     literals = sorted((s for s in specials if s), key=len, reverse=True)
-    pieces = render_pieces(tokenizer, context, turns, answer_key, specials)
     contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
-    hidden = pieces  # the same dialogue with each content literal broken ("\0" for its first character)
-    if any(lit in text for lit in literals for text in contents):
-        def hide(text):
-            for lit in literals:
-                text = text.replace(lit, "\0" + lit[1:])
-            return text
-        hidden_turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
-        hidden = render_pieces(tokenizer, hide(context), hidden_turns, answer_key, specials)
+    mark = next(c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+
+    def hide(text):  # each special's literal in the content, its first character marked: no special
+        for lit in literals:
+            text = text.replace(lit, mark + lit[1:])
+        return text
+    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
     ids, is_answer, before = [], [], ""
-    for (text, answer), (masked, _) in zip(pieces, hidden):
-        if len(masked) != len(text):
-            raise UsageError("the chat template changes the content it renders; format_dialogue cannot tell "
-                             "its markers from special-token text in the content")
-        for start, end, literal in text_runs(text, masked, literals):  # a content literal: text, as after a word
-            piece = encode_after(tokenizer, "x", text[start:end], True) if literal else \
+    for text, answer in render_pieces(tokenizer, hide(context), turns, answer_key, specials):
+        for start, end, literal in text_runs(text, mark, literals):  # a hidden literal: text, as after a word
+            piece = encode_after(tokenizer, "x", literal, True) if literal else \
                 encode_after(tokenizer, before, text[start:end])
             ids += piece
             is_answer += [answer] * len(piece)
-            before = (before + masked[start:end])[-CONTEXT_CHARS:]  # the context, its literals broken
+            before = (before + text[start:end])[-CONTEXT_CHARS:]
     return ids, is_answer
 
 
@@ -916,17 +880,16 @@ def render_pieces(tokenizer, context, turns, answer_key, specials):
     return pieces + [(rest, False)]
 
 
-def text_runs(text, masked, literals):
-    """[(start, end, is literal)] covering text: the special-token literals that came from the content
-    (where masked, the render with each content literal broken, differs) and the text between them."""
-    runs, start, p = [], 0, masked.find("\0")
+def text_runs(text, mark, literals):
+    """[(start, end, literal)] covering text: each special's literal hidden in the content (its first
+    character replaced by mark), and the text between them (literal None)."""
+    runs, start, p = [], 0, text.find(mark)
     while p != -1:
-        if text[p] != "\0":
-            end = p + max(len(lit) for lit in literals if text.startswith(lit, p))
-            runs += [(start, p, False), (p, end, True)]
-            start = end
-        p = masked.find("\0", max(start, p + 1))
-    return [run for run in runs + [(start, len(text), False)] if run[1] > run[0]]  # no empty run
+        literal = next(lit for lit in literals if text.startswith(lit[1:], p + 1))
+        runs += [(start, p, None), (p, p + len(literal), literal)]
+        start = p + len(literal)
+        p = text.find(mark, start)
+    return [run for run in runs + [(start, len(text), None)] if run[1] > run[0]]  # no empty run
 
 
 def shifted_targets(ids, weights):
@@ -972,9 +935,8 @@ def validate_record(rec, where, need_ref):
 
 
 class Records:
-    """A preference JSONL validated once, then read one record at a time: 45K records of 128K tokens
-    are ~20 GB of text, which no process should hold. Several files, comma-separated, are one data
-    set (the miniature trains on copy and gold records together). refs[i] = (ref_chosen_logp,
+    """A preference JSONL validated once, then read one record at a time (45K records of 128K tokens
+    are ~20 GB of text); several files, comma-separated, are one set. refs[i]: (ref_chosen_logp,
     ref_rejected_logp), None where the file has none."""
 
     def __init__(self, path, need_ref=False):
@@ -1049,9 +1011,8 @@ PRESET_SPECIALS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
 
 
 def tiny_tokenizer(core=None):
-    """The built-in models' tokenizer: byte-level (any text encodes), specials pad 0, bos 1, eos 2,
-    [INST], [/INST] and a Mistral-style chat template. core: a trained byte-level BPE `tokenizers`
-    model (data_gen.py's miniature model); default: the 256 bytes alone (the tiny model)."""
+    """The built-in models' byte-level tokenizer: specials pad 0, bos 1, eos 2, [INST], [/INST] and a
+    Mistral-style chat template; core: a trained BPE (data_gen's miniature) or the 256 bytes (tiny)."""
     if core is None:
         vocab = {tok: i for i, tok in enumerate(PRESET_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
         core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -1077,9 +1038,8 @@ PRESETS = {"tiny": (tiny_tokenizer, tiny_config)}
 
 
 def check_model(name, flag="--model"):
-    """Fail at once, in one line, on a model that cannot load: a missing local folder, a training
-    checkpoint (sharded weights, not a model), a folder without config.json, or a hub id that is
-    neither cached nor on the hub (asked with a short timeout)."""
+    """Fail at once, in one line, on a model that cannot load: a missing folder, a training checkpoint,
+    a folder without config.json, or a hub id neither cached nor on the hub (asked with a timeout)."""
     if name in PRESETS:
         return
     if os.path.isdir(name):
@@ -1119,33 +1079,31 @@ def load_tokenizer(name):
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
     """A preset (PRESETS), a hub id or a local directory; rope_theta > 0 replaces the model's RoPE theta
     (the policy's only)."""
-    tokenizer = load_tokenizer(name)
-    if name in PRESETS:
-        config = PRESETS[name][1](len(tokenizer))
-        if rope_theta:
-            set_rope_theta(config, rope_theta)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        return model.to(dtype), tokenizer
-    config = AutoConfig.from_pretrained(name)
+    tokenizer, config = load_tokenizer(name), load_config(name)
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None  # LongPO trains full attention (Mistral v0.2 has none)
     if rope_theta:
         set_rope_theta(config, rope_theta)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
-    return model, tokenizer
+    if name not in PRESETS:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
+        return model, tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)  # a preset's weights: the same in every script
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype), tokenizer
+
+
+def load_config(name):
+    """A model's config, no weights loaded: a preset's, or a hub id's or local directory's."""
+    return PRESETS[name][1](len(load_tokenizer(name))) if name in PRESETS else AutoConfig.from_pretrained(name)
 
 
 # ----------------------------------------------------------------------------- memory plan
 
 def memory_plan(cfg):
-    """Per-GPU memory of the strategy train() uses: FSDP full sharding over all GPUs, bf16 compute,
-    fp32 master weights/grads/AdamW, activation checkpoints at every decoder layer, ring attention
-    over sp GPUs, chunked log-softmax; chosen and rejected packed after one copy of the document
-    (--pack shared-prefix: one graph of max_length tokens, both branches in it) or one after the other."""
-    c = PRESETS[cfg.model][1](len(load_tokenizer(cfg.model))) if cfg.model in PRESETS else \
-        AutoConfig.from_pretrained(cfg.model)
+    """Per-GPU memory of train()'s strategy: FSDP full sharding, bf16 compute, fp32 masters, grads and
+    AdamW, every decoder layer checkpointed, ring attention over sp GPUs, chunked log-softmax; chosen
+    and rejected packed after one copy of the document (one graph of max_length tokens) or in turn."""
+    c = load_config(cfg.model)
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
@@ -1183,8 +1141,8 @@ def memory_plan(cfg):
     if not packed:
         lines.append(f"  (holding chosen and rejected graphs at once would add {n_layers * T * H * bf16 / 1e9:.2f} GB)")
     verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
-    lines.append(f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation")
-    lines.append(f"peak per GPU: {peak / 1e9:.2f} GB")
+    lines += [f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation",
+              f"peak per GPU: {peak / 1e9:.2f} GB"]
     return "\n".join(lines)
 
 

@@ -26,7 +26,6 @@ Self-check and benchmark against SDPA of the whole sequence (the test file's opt
     torchrun --nproc_per_node 2 test_longpo.py ring --threads 1     # 2 CPU processes (python: one)
     torchrun --nproc_per_node 8 test_longpo.py ring --seq-len 131072 --heads 32 --kv-heads 8 --dtype bfloat16
 """
-import dataclasses
 import datetime
 import functools
 import os
@@ -655,18 +654,9 @@ def run_cli(main, cls):
 
 
 def config_from_cli(cls, argv=None):
-    """Build --help and an argparse parser from a config dataclass (used by every script here)."""
-    import argparse
-    parser = argparse.ArgumentParser(description=cls.__doc__ or cls.__name__)
-    for f in dataclasses.fields(cls):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
-    return cls(**vars(parser.parse_args(argv)))
+    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser)."""
+    from transformers import HfArgumentParser
+    return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
 
 
 def init_distributed(timeout_minutes=30, group_of_one=False):
@@ -748,3 +738,12 @@ def distributed_map(fn, items, par, desc):
         dist.all_gather_object(gathered, mine)
         mine = [pair for part in gathered for pair in part]
     return [value for _, value in sorted(mine, key=lambda pair: pair[0])]
+
+
+def world_mean(values, par):
+    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
+    if par.world_size > 1:
+        dist.all_reduce(t)
+        t /= par.world_size
+    return dict(zip(values, t.tolist()))
