@@ -55,8 +55,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import longpo
-import ring_attention
-from ring_attention import UsageError, init_distributed, print0, run_cli, setup_parallel, zigzag_shard
+from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
+                            run_cli, setup_parallel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -206,12 +206,17 @@ def load_for_inference(name, device, rope_theta=0.0):
 def stop_token_ids(tokenizer, model=None):
     """Tokens that end an answer: the template's end-of-turn specials (Llama-3's <|eot_id|>, ChatML's
     <|im_end|>: not always the eos), the eos, and those of the model's generation config."""
-    ids, is_answer = longpo.format_dialogue(tokenizer, "", [{"instruction": "?", "answer": "ok"}], "answer")
-    special = set(longpo.special_tokens(tokenizer).values())
-    stops = [t for t, a in zip(ids, is_answer) if a and t in special] + [tokenizer.eos_token_id]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = [*template_stops(tokenizer), tokenizer.eos_token_id]
     stops += configured if isinstance(configured, list) else [configured]
     return sorted({t for t in stops if t is not None})
+
+
+@functools.lru_cache(maxsize=4)  # rendered once per tokenizer, not per prompt
+def template_stops(tokenizer):
+    ids, is_answer = longpo.format_dialogue(tokenizer, "", [{"instruction": "?", "answer": "ok"}], "answer")
+    special = set(longpo.special_tokens(tokenizer).values())
+    return tuple(t for t, a in zip(ids, is_answer) if a and t in special)
 
 
 @torch.no_grad()
@@ -291,11 +296,9 @@ def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, 
     each new token's query attends to every rank's part and to the tokens generated so far (counted
     once), merged by the exact lse rule (ring_attention.decode_attention): every rank computes the same
     logits and token (sampling from the same seeded stream). stats, a dict: timings and cache bytes."""
-    sp, rank, group = par.sp_size, par.sp_rank, par.sp_group if par.sp_size > 1 else ring_attention.LOCAL
-    length = len(prompt)
-    padded = -(-length // (2 * sp)) * 2 * sp
-    ids = zigzag_shard(torch.tensor([prompt + [tokenizer.pad_token_id] * (padded - length)]), rank, sp)
-    positions = zigzag_shard(torch.arange(padded).unsqueeze(0), rank, sp)
+    sp, rank, group, length = par.sp_size, par.sp_rank, par.sp_group, len(prompt)
+    seq = longpo.prepare_sequence(prompt, {}, par, tokenizer.pad_token_id)  # padded, zigzag-sharded, on the device
+    ids, positions = seq["input_ids"], seq["position_ids"]
     cache = PromptShardCache(positions[0] < length, max_new_tokens)
     attn = model.config._attn_implementation
     model.set_attn_implementation("ring_attention")
@@ -304,8 +307,7 @@ def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, 
     kwargs = dict(cache=cache, use_cache=True, ring_group=group)
     clock = time.perf_counter()
     try:
-        hidden = decoder(input_ids=ids.to(par.device), position_ids=positions.to(par.device),
-                         **kwargs).last_hidden_state
+        hidden = decoder(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
         last = (positions[0] == length - 1).nonzero()  # the rank holding the last prompt token
         logits = torch.zeros(head.shape[0], dtype=head.dtype, device=par.device)
         if len(last):
@@ -359,6 +361,11 @@ def seed_of(key):
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1  # a 63-bit torch seed
 
 
+def seeds(cfg, doc, n, role):
+    """The sampling seeds of n answers of one role (questions, chosen, rejected) to a document."""
+    return [seed_of(stream(cfg, doc, i, role)) for i in range(n)]
+
+
 class Dropped(Exception):
     """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
     def __init__(self, reason, filtered=None):
@@ -397,7 +404,7 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
         return gold_record(draft, cfg)
     turns = draft["turns"]
     rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
-                      [seed_of(stream(cfg, doc, i, "rejected")) for i in range(len(turns))], cfg, False,
+                      seeds(cfg, doc, len(turns), "rejected"), cfg, False,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
     counts["generated"] += n
     return finish_record(draft, rejected, model, tokenizer, cfg)
@@ -416,8 +423,8 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     if cfg.questions == "template":
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
-        seeds = [seed_of(stream(cfg, doc, j, "questions")) for j in range(len(pieces))]
-        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces), seeds, cfg, True,
+        replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
+                         seeds(cfg, doc, len(pieces), "questions"), cfg, True,
                          max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
         counts["generated"] += n
     turns, asked, filtered = [], [], {}
@@ -439,7 +446,7 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     if cfg.answers == "model":
         draft["chosen"], n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
                                  [t["instruction"] for t in turns],
-                                 [seed_of(stream(cfg, doc, i, "chosen")) for i in range(len(turns))], cfg, True,
+                                 seeds(cfg, doc, len(turns), "chosen"), cfg, True,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         counts["generated"] += n
     return draft
@@ -456,11 +463,8 @@ def finish_record(draft, rejected, model, tokenizer, cfg):
             kept.append({**turn, "chosen": c, "rejected": r})
     if not kept:
         raise Dropped("all_turns_filtered", filtered)
-    rec = {"id": draft["doc"]["id"], "document": draft["doc"]["text"], "turns": kept,
-           "meta": {"doc_index": draft["doc_index"], "generator": cfg.model, "questions": cfg.questions,
-                    "doc_tokens": draft["doc_tokens"], "filtered_turns": filtered,
-                    "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in kept],
-                    "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}}
+    rec = draft_record(draft, kept, cfg, cfg.model, temperature=cfg.temperature,
+                       rope_theta_long=cfg.rope_theta or None)
     # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
     return rec
@@ -485,9 +489,9 @@ def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
     decoded by the whole SP group (generate_sp), and each rank keeps its own document's answers."""
     prompts = []
     if draft is not None:
-        text = draft["doc"]["text"]
-        prompts = [(longpo.format_dialogue(tokenizer, text, [{"instruction": t["instruction"]}])[0],
-                    seed_of(stream(cfg, draft["doc"], i, "rejected"))) for i, t in enumerate(draft["turns"])]
+        doc, turns = draft["doc"], draft["turns"]
+        prompts = list(zip([longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
+                            for t in turns], seeds(cfg, doc, len(turns), "rejected")))
     everyone = [None] * par.sp_size
     dist.all_gather_object(everyone, prompts, group=par.sp_group)
     mine = []
@@ -582,10 +586,7 @@ def gold_record(draft, cfg):
         others = [n for n in numbers if n != right] or [str(int(right) % 90 + 10)]
         wrong = random.Random(stream(cfg, doc, i, "gold-wrong")).choice(others)
         turns.append({**draft["turns"][i], "chosen": gold_answer(place, right), "rejected": gold_answer(place, wrong)})
-    meta = {"doc_index": draft["doc_index"], "generator": "gold", "questions": cfg.questions,
-            "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
-            "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], "seed": cfg.seed}
-    return {"id": doc["id"], "document": doc["text"], "turns": turns, "meta": meta}
+    return draft_record(draft, turns, cfg, "gold")
 
 
 def copy_record(doc, doc_index, tokenizer, cfg):
@@ -594,9 +595,19 @@ def copy_record(doc, doc_index, tokenizer, cfg):
     text, n_tokens = doc["text"], measure(doc, tokenizer, cfg)[0]
     turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
             "rejected": " ".join(reversed(text.split()))}
-    meta = {"doc_index": doc_index, "generator": "copy", "questions": cfg.questions, "doc_tokens": n_tokens,
-            "filtered_turns": {}, "chunk_tokens": [n_tokens], "seed": cfg.seed}
-    return {"id": doc["id"], "document": text, "turns": [turn], "meta": meta}
+    return new_record(doc, doc_index, [turn], cfg, "copy", n_tokens, {}, [n_tokens])
+
+
+def new_record(doc, doc_index, turns, cfg, generator, doc_tokens, filtered, chunk_tokens, **more_meta):
+    """A record as written: the document, its turns, and where they came from (meta)."""
+    meta = {"doc_index": doc_index, "generator": generator, "questions": cfg.questions, "doc_tokens": doc_tokens,
+            "filtered_turns": filtered, "chunk_tokens": chunk_tokens, **more_meta, "seed": cfg.seed}
+    return {"id": doc["id"], "document": doc["text"], "turns": turns, "meta": meta}
+
+
+def draft_record(draft, turns, cfg, generator, **more_meta):
+    return new_record(draft["doc"], draft["doc_index"], turns, cfg, generator, draft["doc_tokens"], draft["filtered"],
+                      [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta)
 
 
 def save_small_model(path):
@@ -614,9 +625,7 @@ def save_small_model(path):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = longpo.tiny_tokenizer(core)
     config = longpo.tiny_config(len(tokenizer), hidden=128, intermediate=384, layers=4, kv_heads=4)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = longpo.seeded_model(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     print(f"the miniature's untrained model ({sum(p.numel() for p in model.parameters())} parameters): {path}")
@@ -720,15 +729,12 @@ def resolve(cfg):
         raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
     if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
         raise UsageError(f"need 0 <= --min-doc-len ({cfg.min_doc_len}) <= --max-doc-len ({cfg.max_doc_len})")
-    for name in ("turns", "max_new_tokens", "question_tokens", "batch_size", "sp_size"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    check_at_least(cfg, ("turns", "max_new_tokens", "question_tokens", "batch_size", "sp_size"), 1)
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
     if not cfg.plan:
-        ring_attention.check_sp_size(cfg.sp_size)
-    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
-        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. {os.path.join(cfg.out, 'x.jsonl')}")
+        check_sp_size(cfg.sp_size)
+    check_output_file("--out", cfg.out, "x.jsonl")
     return cfg
 
 
@@ -783,10 +789,9 @@ def check_out(cfg):
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in run_arguments(cfg).items()
-                   if before.get(k) != v]
+        changed = longpo.changed_arguments(before, run_arguments(cfg))
         if changed:
-            raise UsageError(f"{folder} holds work done with other arguments ({'; '.join(changed)}); rerun with "
+            raise UsageError(f"{folder} holds work done with other arguments ({changed}); rerun with "
                              "the same arguments to continue it, or pass --overwrite to start over")
     elif os.path.exists(cfg.out):
         raise UsageError(f"--out {cfg.out} exists and no run with these arguments wrote it (no {path}); pass "
@@ -854,7 +859,8 @@ def generation_plan(cfg):
     d = getattr(c, "head_dim", None) or H // hq
     bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
     kv_token = n_layers * 2 * hkv * d * bf16
-    rows = [("bf16 weights, whole on every GPU", params * bf16),
+    copies = 2 if cfg.rope_theta else 1  # --rope-theta: the long-input model is a second copy (its own RoPE)
+    rows = [(f"bf16 weights, whole on every GPU (copies: {copies})", copies * params * bf16),
             (f"K/V cache: {P} prompt tokens + {new} generated, {n_layers} layers", (P + new) * kv_token),
             ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
              P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
@@ -942,8 +948,6 @@ def main(cfg):
                              f"{summary['dropped_documents']}, turns filtered: {summary['turns_filtered']}); check "
                              "--min-doc-len/--max-doc-len and "
                              "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,12 +39,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data_gen
 import longpo
-from ring_attention import UsageError, check_sp_size, init_distributed, print0, run_cli, setup_parallel
+from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
+                            run_cli, setup_parallel)
 
 
 @dataclass
@@ -233,7 +234,6 @@ def check_facts(names, lengths, cfg):
 
 def eval_facts(model, tokenizer, prompts, par=None):
     """Answer accuracy per prompt length: the first number of the greedy answer is the planted one."""
-    from tqdm import tqdm
     scores = {}
     for length, ids, expected in tqdm(prompts, desc="facts", leave=False):
         numbers = re.findall(r"\d+", greedy(model, tokenizer, ids, 8, par))
@@ -284,7 +284,6 @@ def eval_ruler(model, tokenizer, sentences, lengths, cfg, par=None):
     """Scores per task and length (mean over depths and samples), and of the single needle per depth."""
     depths = [i / max(1, cfg.depths - 1) for i in range(cfg.depths)]
     scores, heat = {}, {}
-    from tqdm import tqdm
     jobs = [(t, n, d, s) for t in RULER_TASKS for n in lengths for d in depths for s in range(cfg.samples)]
     for task, length, depth, s in tqdm(jobs, desc="ruler", leave=False):
         rng = random.Random(f"{cfg.seed}-{task}-{length}-{depth}-{s}")
@@ -463,8 +462,7 @@ def eval_kl(model, ref_model, tokenizer, records):
     device = next(model.parameters()).device
     for rec in records:
         for turn in rec["turns"]:  # the short input of each turn: its chunk, its instruction, the chosen answer
-            chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
-            seq, is_answer = longpo.format_dialogue(tokenizer, chunk, [turn], "chosen")
+            seq, is_answer = longpo.short_dialogue(tokenizer, rec, turn, "chosen")
             ids = torch.tensor([seq], device=device)
             targets, mask = longpo.shifted_targets(seq, is_answer)
             pos = mask.nonzero().squeeze(-1).to(device)
@@ -480,15 +478,18 @@ def eval_kl(model, ref_model, tokenizer, records):
 @torch.no_grad()
 def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
     """Reward accuracy and margin of the policy on the LONG inputs (Eq. 12 rewards against the data's
-    short-input reference log-probs), sequence-parallel over par's SP group."""
+    short-input reference log-probs), sequence-parallel over par's SP group (model running ring
+    attention); each pair packed as in training, so the document runs once."""
     acc = margin = 0.0
+    pad = tokenizer.pad_token_id
     for rec in records:
         ex = longpo.build_example(rec, tokenizer)
-        seqs = {side: longpo.prepare_sequence(ex[side]["ids"], {side: ex[side]["is_answer"]}, par,
-                                              tokenizer.pad_token_id) for side in ("chosen", "rejected")}
-        logps = [longpo.sequence_logps(model, seqs[side], par, chunk)[side] for side in ("chosen", "rejected")]
-        refs = [torch.tensor([rec[f"ref_{side}_logp"]], device=par.device) for side in ("chosen", "rejected")]
-        _, chosen, rejected = longpo.longpo_loss(*logps, *refs, beta)
+        packed = longpo.prepare_packed(ex, par, pad, nll=[0.0] * len(ex["chosen"]["ids"]))
+        seqs = [packed] if packed else [longpo.prepare_sequence(ex[side]["ids"], {side: ex[side]["is_answer"]}, par,
+                                                                pad) for side in ("chosen", "rejected")]
+        refs = [torch.tensor([rec[f"ref_{side}_logp"]], dtype=torch.float64, device=par.device)
+                for side in ("chosen", "rejected")]
+        _, chosen, rejected = longpo.longpo_loss(*longpo.answer_logps(model, seqs, par, chunk), *refs, beta)
         acc += float(chosen.item() > rejected.item())
         margin += (chosen - rejected).item()
     return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
@@ -517,9 +518,7 @@ def prepare_inputs(cfg, tasks):
     unknown = set(tasks) - {"ruler", "facts", "infbench", "mc", "kl", "pref"}
     if unknown or not tasks:
         raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, infbench, mc, kl, pref")
-    for name in ("depths", "samples", "max_pairs", "infbench_max_len"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    check_at_least(cfg, ("depths", "samples", "max_pairs", "infbench_max_len"), 1)
     if cfg.infbench_limit < 0 or not cfg.beta >= 0:
         raise UsageError("--infbench-limit and --beta must be >= 0")
     check_sp_size(cfg.sp_size)
@@ -544,8 +543,7 @@ def prepare_inputs(cfg, tasks):
                              "or drop kl and pref from --tasks")
         records = longpo.Records(cfg.pref_data, need_ref=True)
         inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
-    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):
-        raise UsageError(f"--out {cfg.out} is a folder; give a file name")
+    check_output_file("--out", cfg.out, "eval.json")
     inputs["out"] = free_name(cfg.out, cfg.overwrite)
     if inputs["out"] != cfg.out:
         print0(f"{cfg.out} exists: writing {inputs['out']} instead (--overwrite replaces it)")
@@ -643,20 +641,11 @@ def write_json(path, payload):
 def main(cfg):
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     inputs = prepare_inputs(cfg, tasks)  # every rank, before any process group or model
-    run = trained_run(cfg)
-    baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
-    beta = cfg.beta or run.get("beta", 0.1)
-    if baseline:
-        check_model_flag("--baseline", baseline)
-    names = model_names(cfg)
+    models, baseline, ref_name, beta = resolve_models(cfg)
     if "facts" in tasks:
-        inputs["facts"] = check_facts(names + [baseline] * bool(baseline), inputs["lengths"], cfg)
+        inputs["facts"] = check_facts(list(models.values()), inputs["lengths"], cfg)
     rank, world_size, device = init_distributed()
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
-    models = {name: name for name in names}  # table label -> model
-    if baseline:
-        models = {(baseline if baseline not in names else f"{baseline} (baseline)"): baseline, **models}
-    ref_name = cfg.ref_model or baseline or names[0]
     results = {label: {} for label in models}
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,
                 "beta_resolved": beta, "world_size": world_size}
@@ -669,8 +658,7 @@ def main(cfg):
     if "pref" in tasks:  # phase 1, every rank: sequence-parallel scoring of the long inputs
         for label, name in models.items():
             model, tokenizer = loaded[name]
-            if par.sp_size > 1:
-                model.set_attn_implementation("ring_attention")
+            model.set_attn_implementation("ring_attention")  # a packed pair needs its branch mask
             results[label]["pref"] = eval_pref(model, tokenizer, inputs["records"], par, beta)
             model.set_attn_implementation("sdpa")  # generation below runs on one device
             save()
@@ -683,17 +671,33 @@ def main(cfg):
         for label, name in models.items():
             answer_tasks(name, *loaded[name], ref_model, tasks, inputs, cfg, results[label], save, par)
     if rank == 0:
-        rows = {label: summary_row(res) for label, res in results.items()}
-        if baseline and len(rows) == 2:
-            first, second = rows.values()
-            rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
-        print(format_table(rows), flush=True)
-        if "ruler" in tasks:
-            print_ruler(results)
-        save(table=rows)
+        save(table=report(results, baseline, tasks))
         print(f"scores: {inputs['out']}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+
+def resolve_models(cfg):
+    """(table label -> model, the baseline ('' for none), the KL reference, the rewards' beta): the
+    baseline and beta default to the trained run's (--baseline auto, --beta 0)."""
+    run, names = trained_run(cfg), model_names(cfg)
+    baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
+    if baseline:
+        check_model_flag("--baseline", baseline)
+    models = {name: name for name in names}
+    if baseline:
+        models = {(baseline if baseline not in names else f"{baseline} (baseline)"): baseline, **models}
+    return models, baseline, cfg.ref_model or baseline or names[0], cfg.beta or run.get("beta", 0.1)
+
+
+def report(results, baseline, tasks):
+    """Print the table of every model's summary row (and baseline -> model deltas); return its rows."""
+    rows = {label: summary_row(res) for label, res in results.items()}
+    if baseline and len(rows) == 2:
+        first, second = rows.values()
+        rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
+    print(format_table(rows), flush=True)
+    if "ruler" in tasks:
+        print_ruler(results)
+    return rows
 
 
 if __name__ == "__main__":

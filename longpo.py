@@ -58,8 +58,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
-from ring_attention import (Parallel, UsageError, barrier, check_sp_size, distributed_map, init_distributed, print0,
-                            run_cli, setup_parallel, world_mean, zigzag_shard)
+from ring_attention import (UsageError, barrier, check_at_least, check_sp_size, distributed_map, init_distributed,
+                            one_process, print0, run_cli, setup_parallel, world_mean, zigzag_shard)
 
 # FSDP2 warns that the root module returns a view (we read hidden_states[-1]); we never modify it
 # in place, which is the case the warning is about.
@@ -139,17 +139,22 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
     """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
     log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
     the release code (the paper writes the log of a sum of probabilities)."""
-    one_device = Parallel(rank=0, world_size=1, sp_size=1, sp_group=None, device=ref_model.device)  # short inputs
+    one_device = one_process(ref_model.device)  # short inputs
     sums = []
     for side in ("chosen", "rejected"):
         total = 0.0
         for turn in record["turns"]:
-            start, end = turn["chunk"]
-            ids, is_answer = format_dialogue(tokenizer, record["document"][start:end], [turn], side)  # [C_S,i; I_i] y_i
+            ids, is_answer = short_dialogue(tokenizer, record, turn, side)
             seq = prepare_sequence(ids, {side: is_answer}, one_device, tokenizer.pad_token_id)
             total += sequence_logps(ref_model, seq, one_device, chunk_size)[side].item()
         sums.append(total)
     return tuple(sums)
+
+
+def short_dialogue(tokenizer, record, turn, side):
+    """x_S of one turn and its answer, [C_S,i; I_i] y_i: (ids, is_answer) of its dialogue on its own chunk."""
+    start, end = turn["chunk"]
+    return format_dialogue(tokenizer, record["document"][start:end], [turn], side)
 
 
 def nll_weights(is_answer, cfg):
@@ -157,13 +162,17 @@ def nll_weights(is_answer, cfg):
     weight. --nll-target sequence (the paper's LongPO and DPO; auto): all of S_L, the non-answer tokens
     weighing --nll-context-weight (1 in the paper); responses (its SFT baseline; auto for sft): the answers.
     sequence_logps makes them the weighted token mean sum_t w_t * -log p(x_t+1 | x_<=t) / sum_t w_t."""
-    sequence = cfg.nll_target == "sequence" or (cfg.nll_target == "auto" and cfg.loss != "sft")
-    return [1.0 if answer else cfg.nll_context_weight if sequence else 0.0 for answer in is_answer]
+    context = 0.0 if nll_target(cfg) == "responses" else cfg.nll_context_weight
+    return [1.0 if answer else context for answer in is_answer]
 
 
-def total_loss(pref_losses, nll, lam, loss_type):
-    """Eq. 14: L = lam * L_LongPO + L_NLL, the NLL with weight 1 (--loss sft: the NLL alone)."""
-    return nll if loss_type == "sft" else lam * pref_losses.mean() + nll
+def nll_target(cfg):
+    return cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
+
+
+def total_loss(pref_losses, nll, lam):
+    """Eq. 14: L = lam * L_LongPO + L_NLL, the NLL with weight 1 (the SFT baseline: lam = 0)."""
+    return lam * pref_losses.mean() + nll
 
 
 # ----------------------------------------------------------------------------- sequence-parallel log-probs
@@ -194,13 +203,13 @@ def token_logps(hidden, weight, targets, mask, chunk_size):
 
 
 class SPSum(torch.autograd.Function):
-    """Sum over the SP group (None: SP size 1) as a value; the gradient flows through each rank's own
-    part only, so the parameter gradients summed over the group equal those of the unsharded sequence."""
+    """Sum over the SP group as a value; the gradient flows through each rank's own part only, so the
+    parameter gradients summed over the group equal those of the unsharded sequence."""
 
     @staticmethod
     def forward(ctx, x, group):
         x = x.clone()
-        if group is not None:
+        if ring_attention._group_size_rank(group)[0] > 1:
             dist.all_reduce(x, group=group)
         return x
 
@@ -278,8 +287,7 @@ def sequence_logps(model, seq, par, chunk_size):
     "nll", when seq holds NLL weights (nll_weights), the weighted token mean of -log p."""
     ring_kwargs = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
-        ring_kwargs = {"ring_group": par.sp_group if par.sp_size > 1 else ring_attention.LOCAL,
-                       "ring_layout": seq.get("layout")}
+        ring_kwargs = {"ring_group": par.sp_group, "ring_layout": seq.get("layout")}
     elif "layout" in seq or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
     out = model(input_ids=seq["input_ids"], position_ids=seq["position_ids"], use_cache=False,
@@ -327,7 +335,7 @@ def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
     logps = sequence_logps(model, packed, par, cfg.logprob_chunk)
     logp_c, logp_r, nll = logps["chosen"], logps["rejected"], logps["nll"]
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
-    loss = total_loss(losses, nll, cfg.lam, cfg.loss)
+    loss = total_loss(losses, nll, cfg.lam)
     (loss * grad_scale).backward()
     return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
 
@@ -347,7 +355,7 @@ def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
     logps = sequence_logps(model, chosen, par, cfg.logprob_chunk)
     logp_c, nll = logps["chosen"], logps["nll"]
     losses, chosen_rewards, rejected_rewards = longpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta)
-    loss = total_loss(losses, nll, cfg.lam, cfg.loss)
+    loss = total_loss(losses, nll, cfg.lam)
     (loss * grad_scale).backward()
     # rejected pass: d/dtheta of lam * L_pref(logp_c = const, logp_r)
     logp_r = sequence_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
@@ -365,9 +373,9 @@ def sft_step(model, examples, cfg, par, pad_id, grad_scale):
                              par, pad_id, longest) for ex in examples]
     batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}  # (B, T)
     logps = sequence_logps(model, batch, par, cfg.logprob_chunk)
-    (logps["nll"].sum() * grad_scale).backward()
-    return {"loss": logps["nll"].sum().item(), "nll": logps["nll"].sum().item(),
-            "logps/chosen": logps["chosen"].sum().item()}
+    loss = logps["nll"].sum()  # Eq. 14 without its preference term, per sequence
+    (loss * grad_scale).backward()
+    return {"loss": loss.item(), "nll": loss.item(), "logps/chosen": logps["chosen"].sum().item()}
 
 
 def pair_reference_logps(ref_model, sequences, refs, cfg, par):
@@ -375,9 +383,15 @@ def pair_reference_logps(ref_model, sequences, refs, cfg, par):
     (Eq. 13). DPO: the frozen model on the LONG input, the sequences exactly as the policy sees them."""
     if cfg.loss != "dpo":
         return tuple(torch.tensor([x], dtype=torch.float64, device=par.device) for x in refs)
-    with torch.no_grad():  # the answers only: the reference has no NLL term
-        logps = [sequence_logps(ref_model, {k: v for k, v in seq.items() if k != "nll"}, par, cfg.logprob_chunk)
-                 for seq in sequences]
+    with torch.no_grad():
+        return answer_logps(ref_model, sequences, par, cfg.logprob_chunk)
+
+
+def answer_logps(model, sequences, par, chunk_size):
+    """(log p(chosen answers), log p(rejected answers)) as (B,) tensors from a packed pair or its two
+    sequences (their NLL weights ignored)."""
+    logps = [sequence_logps(model, {k: v for k, v in seq.items() if k != "nll"}, par, chunk_size)
+             for seq in sequences]
     by_side = {name: value for part in logps for name, value in part.items()}  # packed: one part; pairs: two
     return by_side["chosen"], by_side["rejected"]
 
@@ -457,14 +471,14 @@ def stop_non_finite(what, cfg):
 
 def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule."""
-    records, refs, tokenizer = data
+    records, tokenizer = data
     t0, sums, tokens = time.perf_counter(), {}, 0
-    sides = ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected")
+    sides = trained_sides(cfg)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
         idxs = [record_index((step * cfg.grad_accum + micro) * par.dp_size + par.dp_rank, len(records), cfg.seed)
                 for micro in range(first, first + cfg.micro_batch)]
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
-        refs_of_pair = refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
+        refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
         metrics, n = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
         bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
         if par.world_size > 1:
@@ -484,19 +498,23 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # tokens: the world mean of tokens * world / sp is the sum over DP groups (sp replicas each)
-    metrics = world_mean({**sums, "tokens": tokens / par.sp_size * par.world_size}, par)
+    # tokens: the world mean of tokens * dp is the sum over DP groups (sp replicas each)
+    metrics = world_mean({**sums, "tokens": tokens * par.dp_size}, par)
     elapsed = time.perf_counter() - t0
     return {"step": step + 1, **{k: v for k, v in metrics.items() if k != "tokens"},
             "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
 
 
+def trained_sides(cfg):
+    return ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected")
+
+
 def prepare_data(records, cfg, par, tokenizer, compute_dtype):
-    """Records filtered by --max-length and their reference log-probs (computed on the SHORT inputs
+    """Records filtered by --max-length, with their reference log-probs (computed on the SHORT inputs
     where the file has none, Eq. 13). Every rank ends with the same records."""
     if cfg.max_length:
         def length(i):  # of the sequence trained: the packed pair, the longer of the two, or sft's chosen
-            example = build_example(records[i], tokenizer, ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected"))
+            example = build_example(records[i], tokenizer, trained_sides(cfg))
             packed = pack_pair(example, par.sp_size, 0, nll_weights(example["chosen"]["is_answer"], cfg)) \
                 if cfg.pack == "shared-prefix" and cfg.loss != "sft" else None
             return len(packed["input_ids"]) if packed else max(len(side["ids"]) for side in example.values())
@@ -513,12 +531,12 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype):
         print0(f"{len(missing)} records lack reference log-probs: computing them with {name} on the short inputs")
         ref, ref_tok = load_model_and_tokenizer(name, compute_dtype)  # its own RoPE, not --rope-theta
         ref.to(par.device).eval()
-        values = distributed_map(lambda i: short_reference_logps(ref, ref_tok, records[i]), missing, par,
-                                 "reference log-probs")
+        values = distributed_map(lambda i: short_reference_logps(ref, ref_tok, records[i], cfg.logprob_chunk),
+                                 missing, par, "reference log-probs")
         for i, value in zip(missing, values):
             records.refs[i] = value
         del ref
-    return records, records.refs, tokenizer
+    return records
 
 
 def open_metrics(cfg, start_step, par):
@@ -537,23 +555,23 @@ def open_metrics(cfg, start_step, par):
 def train(cfg, par, records):
     master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
-    data = prepare_data(records, cfg, par, tokenizer, compute_dtype)
+    records = prepare_data(records, cfg, par, tokenizer, compute_dtype)
     ref_model = None
     if cfg.loss == "dpo":
         ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]
         ref_model = setup_model(ref_model, par, compute_dtype, False, trainable=False)
     policy = setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
-    total_steps = cfg.max_steps or math.ceil(len(data[0]) / (par.dp_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or math.ceil(len(records) / (par.dp_size * cfg.grad_accum))
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
     ckpt = last_checkpoint(cfg.output_dir) if cfg.resume else None
     start = load_checkpoint(ckpt, policy, optimizer, scheduler, par) if ckpt else 0
     print0(f"resumed from {ckpt} at step {start}" if ckpt else "starting from step 0")
     metrics_file = open_metrics(cfg, start, par)
-    print0(f"training: {len(data[0])} records, {total_steps} steps of {cfg.grad_accum} x {par.dp_size} "
+    print0(f"training: {len(records)} records, {total_steps} steps of {cfg.grad_accum} x {par.dp_size} "
            f"samples, world {par.world_size} = dp {par.dp_size} x sp {par.sp_size}, device {par.device}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0, desc="train")
     for step in bar:
-        metrics = train_step(step, policy, ref_model, data, cfg, par, optimizer, scheduler)
+        metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler)
         if metrics_file:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
@@ -581,7 +599,7 @@ def last_checkpoint(output_dir):
 
 # What defines a run: --resume must continue with the same (save_every, stop_after, logprob_chunk,
 # grad_checkpointing and the like may change; they do not change what is computed).
-RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "nll_context_weight", "lr",
+RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "nll_context_weight", "pack", "lr",
                 "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps", "grad_accum", "max_length", "rope_theta",
                 "dtype", "seed")
 
@@ -622,11 +640,16 @@ def check_output_dir(cfg, identity):
             return "fresh"  # nothing of a run there yet
         raise UsageError(f"--resume: {path} does not record the run's arguments, so it cannot be checked; "
                          "start a new run (--overwrite or another --output-dir)")
-    changed = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in identity.items() if before.get(k) != v]
+    changed = changed_arguments(before, identity)
     if changed:
-        raise UsageError(f"--resume: {out} holds a run with other arguments ({'; '.join(changed)}); resume it with "
+        raise UsageError(f"--resume: {out} holds a run with other arguments ({changed}); resume it with "
                          "the same ones, or start a new run (--overwrite or another --output-dir)")
     return "finished" if os.path.isdir(os.path.join(out, "final")) else "resume"
+
+
+def changed_arguments(before, now):
+    """'name: X there, Y now' for each argument of `now` that `before` (a dict) holds otherwise, joined by '; '."""
+    return "; ".join(f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v)
 
 
 def clear_output_dir(out):
@@ -704,13 +727,9 @@ def check_config(cfg):
     if not 0 <= cfg.nll_context_weight <= 1 or (cfg.nll_target == "responses" and cfg.nll_context_weight != 1):
         raise UsageError(f"--nll-context-weight {cfg.nll_context_weight}: a weight in [0, 1] of the non-answer "
                          "tokens of --nll-target sequence (responses trains the answers only)")
-    for name in ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
-    for name in ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length", "rope_theta",
-                 "save_every", "stop_after"):
-        if not getattr(cfg, name) >= 0:  # also NaN
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0 (0: the default behaviour)")
+    check_at_least(cfg, ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"), 1)
+    check_at_least(cfg, ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length",
+                         "rope_theta", "save_every", "stop_after"), 0, " (0: the default behaviour)")
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
     if not 0 <= cfg.warmup_ratio <= 1:
@@ -730,10 +749,10 @@ def check_config(cfg):
 
 def resolve_defaults(cfg):
     """Flags left at 0 take the paper's value (SFT baseline 2e-5, LongPO and DPO 5e-7), or a demo value for
-    the random tiny model, so that its short default run visibly trains."""
+    the random tiny model, so that its short default run visibly trains; --nll-target auto its loss's."""
     tiny = cfg.model == "tiny"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
-                               grad_accum=cfg.grad_accum or (1 if tiny else 8))
+                               grad_accum=cfg.grad_accum or (1 if tiny else 8), nll_target=nll_target(cfg))
 
 
 def main(cfg):
@@ -763,8 +782,6 @@ def main(cfg):
             json.dump({**dataclasses.asdict(cfg), "identity": identity}, f, indent=2)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     train(cfg, par, records)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ============================================================================= plumbing shared by the scripts
@@ -1087,9 +1104,14 @@ def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
     if name not in PRESETS:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
         return model, tokenizer
+    return seeded_model(config).to(dtype), tokenizer
+
+
+def seeded_model(config):
+    """A preset's random weights: from a fixed seed, the same in every script; the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)  # a preset's weights: the same in every script
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype), tokenizer
+        torch.manual_seed(1234)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def load_config(name):

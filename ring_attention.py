@@ -340,12 +340,15 @@ class _Ring:
         return x
 
 
-def _visitor(ring, step):
-    """Which part of the local queries meets which part of the visiting block at this step."""
+def _visitor(ring, step, c):
+    """(query rows, key rows, causal): which part of the local queries (chunks of c tokens) meets which
+    part of the K/V block visiting at this step."""
     source = (ring.rank - step) % ring.world_size  # the rank whose K/V block we hold
-    if step == 0:
-        return "diagonal"
-    return "first_kv_chunk" if source < ring.rank else "second_q_chunk"
+    if step == 0:  # our own chunks r < 2W-1-r in order: an ordinary causal block
+        return slice(None), slice(None), True
+    if source < ring.rank:  # lower rank: its first chunk is in the past of all of q
+        return slice(None), slice(0, c), False
+    return slice(c, None), slice(None), False  # higher rank: all of it is in the past of our second chunk
 
 
 def _ring_forward(q, k, v, scale, group, kernel, visit=None):
@@ -359,16 +362,12 @@ def _ring_forward(q, k, v, scale, group, kernel, visit=None):
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
-        case = _visitor(ring, step)
-        if case == "diagonal":  # local chunks r < 2W-1-r in order: an ordinary causal block
-            block_out, block_lse, aux = fwd(q, kv[0], kv[1], scale, True)
-            out, lse = fold(None, block_out, block_lse)  # every row sees itself: the accumulators start here
-        elif case == "first_kv_chunk":  # lower rank: its first chunk is in the past of all of q
-            block_out, block_lse, aux = fwd(q, kv[0, :, :c], kv[1, :, :c], scale, False)
-            merge_block_(out, lse, block_out, block_lse)
-        else:  # higher rank: all of it is in the past of our second chunk only
-            block_out, block_lse, aux = fwd(q[:, c:], kv[0], kv[1], scale, False)
-            merge_block_(out[:, c:], lse[:, :, c:], block_out, block_lse)
+        rows, keys, causal = _visitor(ring, step, c)
+        block_out, block_lse, aux = fwd(q[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
+        if step == 0:  # every row sees itself: the accumulators start here
+            out, lse = fold(None, block_out, block_lse)
+        else:
+            merge_block_(out[:, rows], lse[:, :, rows], block_out, block_lse)
         auxes.append(aux)
         if visit:
             visit(step, kv)
@@ -389,20 +388,10 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=N
     for step in range(ring.world_size):
         if step + 1 < ring.world_size:
             kv_requests, kv_next = ring.send_recv(kv)
-        case = _visitor(ring, step)
-        if case == "diagonal":
-            dq_b, dk_b, dv_b = bwd(dout, q, kv[0], kv[1], out, lse, auxes[step], scale, True)
-            dq += dq_b
-            kv_rows = slice(None)
-        elif case == "first_kv_chunk":
-            dq_b, dk_b, dv_b = bwd(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, auxes[step], scale, False)
-            dq += dq_b
-            kv_rows = slice(0, c)
-        else:
-            dq_b, dk_b, dv_b = bwd(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[:, :, c:], auxes[step],
-                                   scale, False)
-            dq[:, c:] += dq_b
-            kv_rows = slice(None)
+        rows, keys, causal = _visitor(ring, step, c)
+        dq_b, dk_b, dv_b = bwd(dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows],
+                               lse[:, :, rows], auxes[step], scale, causal)
+        dq[:, rows] += dq_b
         # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
         # far. It arrived from the previous rank during our compute; add our share, pass it on.
         if step == 0:
@@ -410,8 +399,8 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=N
         else:
             ring.wait(dkv_requests)
             dkv = dkv_in
-        dkv[0, :, kv_rows] += dk_b
-        dkv[1, :, kv_rows] += dv_b
+        dkv[0, :, keys] += dk_b
+        dkv[1, :, keys] += dv_b
         if visit:
             visit(step, kv, dkv)
         if ring.world_size > 1:  # after the last step this is the hop home to the block's owner
@@ -499,13 +488,16 @@ class BranchLayout:
     n_branch: int
 
     def blocks(self, rank):
-        """Per segment meeting this rank's slice: (segment, local query rows, the segment's earlier
-        rows of the region (seen fully), the same rows of the region (the causal diagonal))."""
+        """The attention blocks of this rank's branch queries within the branch region, each
+        (name, local query rows, rows of the region, causal): per segment meeting its slice, the
+        segment's earlier rows (seen fully) when there are any, then the same rows (the diagonal)."""
         s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
         for g, n in enumerate(self.segments):
             a, b = max(s0, g0), min(s1, g0 + n)
             if a < b:
-                yield g, slice(a - s0, b - s0), slice(g0, a), slice(a, b)
+                if a > g0:
+                    yield ("past", g), slice(a - s0, b - s0), slice(g0, a), False
+                yield ("diag", g), slice(a - s0, b - s0), slice(a, b), True
             g0 += n
 
 
@@ -522,10 +514,10 @@ def _branched_forward(q, k, v, scale, group, kernel, layout):
     out, lse, ring_auxes = _ring_forward(q[:, :n], k[:, :n], v[:, :n], scale, group, kernel, visit)
     out_b, lse_b = acc["branch"]
     kv = ring.gather(torch.stack([k[:, n:], v[:, n:]]), 2)  # (2, B, whole branch region, Hkv, D)
-    for g, rows, past, diag in layout.blocks(ring.rank):
-        for part, keys, causal in ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]:
-            block_out, block_lse, auxes[part, g] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
-            merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+    for name, rows, keys, causal in layout.blocks(ring.rank):
+        block_out, block_lse, auxes[name] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
+        merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+    auxes["branch_kv"] = kv  # kept for the backward (the region is small): no second gather
     return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes)
 
 
@@ -543,15 +535,14 @@ def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, lay
         dkv[1] += dv_
     dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n], ring_auxes,
                                 scale, group, kernel, visit)
-    kv = ring.gather(torch.stack([k[:, n:], v[:, n:]]), 2)
+    kv = auxes["branch_kv"]
     dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
-    for g, rows, past, diag in layout.blocks(ring.rank):
-        for part, keys, causal in ([("past", past, False)] if past.stop > past.start else []) + [("diag", diag, True)]:
-            dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
-                                lse_b[:, :, rows], auxes[part, g], scale, causal)
-            dq_b[:, rows] += dq_
-            dkv[0, :, keys] += dk_
-            dkv[1, :, keys] += dv_
+    for name, rows, keys, causal in layout.blocks(ring.rank):
+        dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
+                            lse_b[:, :, rows], auxes[name], scale, causal)
+        dq_b[:, rows] += dq_
+        dkv[0, :, keys] += dk_
+        dkv[1, :, keys] += dv_
     dkv_b = ring.sum(dkv)[:, :, ring.rank * layout.n_branch:(ring.rank + 1) * layout.n_branch]
     return torch.cat([dq, dq_b], 1), torch.cat([dk, dkv_b[0]], 1), torch.cat([dv, dkv_b[1]], 1)
 
@@ -651,6 +642,21 @@ def run_cli(main, cls):
             time.sleep(5)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def check_at_least(cfg, names, least, hint=""):
+    """One line for the first of these config fields (flag names) below `least`, NaN included."""
+    for name in names:
+        if not getattr(cfg, name) >= least:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= {least}{hint}")
+
+
+def check_output_file(flag, path, example):
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UsageError(f"{flag} {path} is a folder; give the output file, e.g. {os.path.join(path, example)}")
 
 
 def config_from_cli(cls, argv=None):
@@ -659,7 +665,7 @@ def config_from_cli(cls, argv=None):
     return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
 
 
-def init_distributed(timeout_minutes=30, group_of_one=False):
+def init_distributed(group_of_one=False):
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them); nccl on CUDA, gloo on
     CPU; every group with a timeout. group_of_one: a process group even for one process without
     torchrun (FSDP2, which training uses for mixed precision, needs one). Returns (rank, world_size,
@@ -670,7 +676,7 @@ def init_distributed(timeout_minutes=30, group_of_one=False):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=30)
     if not dist.is_initialized():
         if world_size > 1:
             dist.init_process_group(backend, timeout=timeout)
@@ -687,7 +693,7 @@ def print0(*args, **kwargs):
 @dataclass
 class Parallel:
     """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is None when sp_size is 1."""
+    groups read different samples. sp_group is LOCAL when sp_size is 1."""
     rank: int
     world_size: int
     sp_size: int
@@ -700,6 +706,11 @@ class Parallel:
         self.dp_size = self.world_size // self.sp_size
 
 
+def one_process(device):
+    """The Parallel of work done whole in this process (e.g. short inputs), whatever the world."""
+    return Parallel(0, 1, 1, LOCAL, device)
+
+
 def check_sp_size(sp_size):
     """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -709,12 +720,10 @@ def check_sp_size(sp_size):
 
 
 def setup_parallel(sp_size, rank, world_size, device):
-    """The SP groups of an initialised world (sp_size 0: one ring over all ranks)."""
+    """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
     sp_size = sp_size or world_size
-    if sp_size < 1 or world_size % sp_size:
-        raise UsageError(f"--sp-size {sp_size} must divide the world size {world_size} "
-                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world_size}")
-    sp_group = None
+    assert world_size % sp_size == 0, (sp_size, world_size)
+    sp_group = LOCAL
     for first in range(0, world_size if sp_size > 1 else 0, sp_size):
         ranks = list(range(first, first + sp_size))
         group = dist.new_group(ranks)  # every rank creates every group, in the same order
