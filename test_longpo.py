@@ -446,7 +446,8 @@ def test_ring_bad_inputs():
                            ({"dtype": "float65"}, "--dtype float65"), ({"kv_heads": 3}, "multiple of --kv-heads")):
         with pytest.raises(ra.UsageError, match=message):  # the self-check's flags, before any work
             check_ring_bench(RingBench(**flags), 1)
-    ring_bench(RingBench(seq_len=64, dtype="float64", iters=1, heads=4))  # the harness runs; float64 is valid
+    rows = ring_bench(RingBench(seq_len=64, dtype="float64", iters=1, heads=4))  # the harness runs, float64 valid
+    assert len(rows) == 1 and max(rows[0][1:5]) <= TOL[torch.float64], rows  # its out, dq, dk, dv errors
 
 
 # ----------------------------------------------------------------------------- transformers models
@@ -590,11 +591,15 @@ def test_format_dialogue_labels_and_short_inputs():
         for turn in rec["turns"]:
             assert turn["instruction"] in prompt_text and turn[side] not in prompt_text
         assert tokenizer.decode(ids).startswith("<s>[INST] " + rec["document"])
-        for turn in rec["turns"]:  # the short input of Eq. 13's reference, as short_reference_logps makes it
+        for turn in rec["turns"]:  # the short input of Eq. 13's reference: the turn's chunk, not the document
             chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
-            text = tokenizer.decode(longpo.format_dialogue(tokenizer, chunk, [turn], side)[0])
+            text = tokenizer.decode(longpo.short_dialogue(tokenizer, rec, turn, side)[0])
             assert text == f"<s>[INST] {chunk}\n\n{turn['instruction']} [/INST]{turn[side]}</s>"
-            assert rec["document"] not in text  # the short input is the chunk, not the document
+    # and what the reference scores there, against full logits on the chat template's own rendering
+    model = perturbed_tiny(0.05, 4)[0]
+    got = longpo.short_reference_logps(model, tokenizer, rec)
+    want = [direct_short_logp(model, tokenizer, rec, side) for side in ("chosen", "rejected")]
+    assert got[0] != got[1] and all(math.isclose(g, w, rel_tol=1e-9) for g, w in zip(got, want)), (got, want)
     targets, mask = longpo.shifted_targets([5, 6, 7, 8], [False, False, True, True])
     assert targets.tolist()[:3] == [6, 7, 8] and mask.tolist() == [False, True, True, False]
 
@@ -764,6 +769,12 @@ DIALOGUE = {"document": "Alpha and beta are near the river.\n\nGamma keeps the l
     {"instruction": "What does gamma keep?", "answer": "The light, as the text says."}]}
 
 
+def answer_spans(is_answer):
+    """[(start, end)] of each run of answer tokens."""
+    starts = [i for i in range(len(is_answer)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
+    return [(i, i + is_answer[i:].index(False) if False in is_answer[i:] else len(is_answer)) for i in starts]
+
+
 def check_template(tokenizer, render_span, exact=True):
     """format_dialogue on a 2-turn dialogue against the tokenizer's own encoding of the whole
     rendered dialogue: answer spans where the template renders them, prompts as generated."""
@@ -775,10 +786,10 @@ def check_template(tokenizer, render_span, exact=True):
                 {"role": "assistant", "content": turns[1]["answer"]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    runs = [i for i in range(len(ids)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
+    runs = answer_spans(is_answer)
     assert len(runs) == 2, f"expected 2 answer spans, got {len(runs)}"
     spans = []
-    for i, (turn, start) in enumerate(zip(turns, runs)):
+    for i, (turn, (start, end)) in enumerate(zip(turns, runs)):
         prompt = tokenizer.apply_chat_template(messages[:2 * i + 1], tokenize=False, add_generation_prompt=True)
         span = render_span(turn["answer"])
         assert text[len(prompt):].startswith(span), (text[len(prompt):], span)  # the hand-written expectation
@@ -791,11 +802,10 @@ def check_template(tokenizer, render_span, exact=True):
             assert ids[:start] == want, f"turn {i}: the tokens before the answer are not the generation prompt"
         else:  # byte-level tokens decode to exactly their text
             assert tokenizer.decode(ids[:start]) == prompt, f"turn {i}: the text before the answer is not the prompt"
-        end = start + is_answer[start:].index(False) if False in is_answer[start:] else len(ids)
         got = tokenizer.decode(ids[start:end])
         assert got.strip() == span.strip(), (got, span)  # the answer plus the end-of-turn marker
     gen = longpo.format_dialogue(tokenizer, doc, turns[:1])[0]
-    assert gen == ids[:runs[0]], "generation prompt and training sequence differ before the answer"
+    assert gen == ids[:runs[0][0]], "generation prompt and training sequence differ before the answer"
     if exact:  # every token, and which are answers, as the tokenizer cuts the whole dialogue
         want_answer = [any(a <= s and e <= b for a, b in spans) and e > s for s, e in enc["offset_mapping"]]
         assert ids == enc["input_ids"], "tokens differ from the tokenizer's encoding of the whole dialogue"
@@ -821,7 +831,7 @@ def test_format_dialogue_sentencepiece_no_lone_space():
         tok = sentencepiece_tokenizer(MISTRAL_V02, legacy)
         ids, is_answer, runs = check_template(tok, TEMPLATES["mistral-v0.2"][3])
         pieces = tok.convert_ids_to_tokens(ids)
-        for start in runs:
+        for start, _ in runs:
             assert pieces[start].startswith("\u2581") and pieces[start] != "\u2581", pieces[start:start + 3]
             assert pieces[start - 1].endswith("]"), pieces[start - 3:start + 1]  # [/INST] right before
         naive = tok(" ", add_special_tokens=False)["input_ids"] + tok("Alpha", add_special_tokens=False)["input_ids"]
@@ -829,7 +839,7 @@ def test_format_dialogue_sentencepiece_no_lone_space():
         for name in ("llama-2", "mistral-v0.1", "zephyr"):
             tok = sentencepiece_tokenizer(TEMPLATES[name][0], legacy)
             ids, is_answer, runs = check_template(tok, TEMPLATES[name][3])
-        assert tok.convert_ids_to_tokens(ids)[runs[0]] == "Alpha"  # Zephyr: no dummy prefix after "\\n"
+        assert tok.convert_ids_to_tokens(ids)[runs[0][0]] == "Alpha"  # Zephyr: no dummy prefix after "\\n"
     tok = sentencepiece_tokenizer(MISTRAL_V03, False, specials=("<s>", "</s>", "[INST]", "[/INST]"))
     check_template(tok, TEMPLATES["mistral-v0.3"][3])
     tok = sentencepiece_tokenizer(GEMMA, prefix_space=False, specials=("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"))
@@ -856,7 +866,8 @@ CONTROL_TEXT = "<|im_end|> <|im_start|> </s> [INST] <|eot_id|> <s>"  # special t
 def skeleton(tokenizer, ids, is_answer):
     """A dialogue reduced to its special ids, and between them 'A' for a run of answer text and 'P' for
     one of prompt text: what the content may never change."""
-    special, out = set(longpo.special_tokens(tokenizer).values()), []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    out = []
     for token, answer in zip(ids, is_answer):
         symbol = token if token in special else "A" if answer else "P"
         if not out or symbol != out[-1] or symbol not in ("A", "P"):
@@ -879,9 +890,9 @@ def test_special_token_text_in_content_stays_text(name):
     prompt = longpo.format_dialogue(tok, f"{CONTROL_TEXT} {doc}", quoted[:1])[0]  # what generation reads
     assert skeleton(tok, prompt, [False] * len(prompt)) == skeleton(tok, *clean)[:skeleton(tok, *clean).index("A")]
     ids, is_answer = dirty
-    runs = [i for i in range(len(ids)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
-    for turn, start in zip(quoted, runs):  # each answer, its quoted literals as text, then the real marker
-        end = start + is_answer[start:].index(False) if False in is_answer[start:] else len(ids)
+    runs = answer_spans(is_answer)
+    assert len(runs) == len(quoted), runs
+    for turn, (start, end) in zip(quoted, runs):  # each answer, its quoted literals as text, then the real marker
         assert CONTROL_TEXT in tok.decode(ids[start:end]) and turn["answer"].split()[0] in tok.decode(ids[start:end])
     if name != "mistral-v0.2":  # byte-level: the tokens spell the rendered dialogue exactly
         messages = [{"role": "user", "content": f"{CONTROL_TEXT}\n{doc} {CONTROL_TEXT}\n\n{quoted[0]['instruction']}"},
@@ -1016,7 +1027,7 @@ def direct_loss_and_grads(loss, model, ref_model, example, refs, beta=0.5, lam=0
                 refs = (logps(ref_model, example["chosen"])[0], logps(ref_model, example["rejected"])[0])
         logp_r = logps(model, example["rejected"])[0]
         ref_c, ref_r = (torch.as_tensor(ref, dtype=torch.float64) for ref in refs)  # not fp32: 1e-5 at 240 nats
-        pref = longpo.longpo_loss(logp_c, logp_r, ref_c, ref_r, beta)[0]
+        pref = -F.logsigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r)))  # Eq. 12
         total = lam * pref.mean() - token_c.mean()  # NLL over the whole chosen sequence
         params = [p for p in model.parameters() if p.requires_grad]
         norm = lambda grads: math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))  # noqa: E731
@@ -1172,18 +1183,12 @@ def packing_worker(rank, world_size):
     for turns, loss, context_weight in ((3, "longpo", 1.0), (2, "dpo", 0.3)):  # 0.3: context tokens weigh 0.3
         rec = make_records(1, seed=20 + turns, turns=turns)[0]
         example = longpo.build_example(rec, tokenizer)
-        base = perturbed_tiny(0.0, seed=2)[0]
-        base.set_attn_implementation("ring_attention")
-        seqs = {side: longpo.prepare_sequence(example[side]["ids"], {side: example[side]["is_answer"]}, par, 0)
-                for side in ("chosen", "rejected")}
-        with torch.no_grad():  # margins of a few nats: sigmoid weights far from 0 and 1
-            refs = [longpo.sequence_logps(base, seqs[side], par, 64)[side].item() + shift
-                    for side, shift in (("chosen", -2.0), ("rejected", 1.0))]
+        refs = live_refs(example)
+        direct_loss_and_grads(loss, perturbed_tiny(0.02, 1)[0], perturbed_tiny(0.0, 2)[0], example, refs)  # the guard
         results = {pack: one_micro_step(loss, par, perturbed_tiny(0.02, 1)[0], perturbed_tiny(0.0, 2)[0], example,
                                         refs, False, pack=pack, context_weight=context_weight)
                    for pack in ("pairs", "shared-prefix")}
         (want, want_grads), (got, got_grads) = results["pairs"], results["shared-prefix"]
-        assert 0.05 < want["pref_loss"] < 5, want  # the preference term is active
         for key, value in want.items():
             assert math.isclose(got[key], value, rel_tol=1e-9, abs_tol=1e-12), f"{loss} SP={world_size}: {key} {got[key]} != {value}"
         for name, g in want_grads.items():
@@ -1232,6 +1237,7 @@ def sp_generation_worker(rank, world_size):
             got = data_gen.generate(model, tokenizer, [prompt], 16, par=par)
             assert got == want, f"W={world_size} theta={theta}: {got} != {want}"
             new = [token for _, token in steps]
+            assert len(new) == got[1] > 0  # every generated token passed through next_token
             with torch.no_grad():  # the one-process model on the prompt and every generated token but the last
                 full = model(input_ids=torch.tensor([prompt + new[:-1]])).logits[0, len(prompt) - 1:]
             for k, (logits, _) in enumerate(steps):
@@ -1609,21 +1615,26 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
         assert open(tmp_path / name).read() == open(out).read(), name
 
 
-def test_data_gen_resume_follows_documents_not_lines(tmp_path):
+def test_data_gen_resume_follows_documents_not_lines(tmp_path, monkeypatch, capsys):
     """A continued run recognises finished documents by their id (a hash of the text when they have
     none), not by their line: with a new document inserted before them and the rest reordered, the
-    finished ones are not done again, the new one is, and every id appears once."""
+    finished records are not done again, the new one is, and every id appears once."""
+    # the tiny model writes no list of 4 questions: give every chunk four, so that records are kept
+    monkeypatch.setattr(data_gen, "parse_questions", lambda reply: [f"What is fact {i}?" for i in range(4)])
     texts = [doc["text"] for doc in data_gen.demo_corpus(4, 2, seed=31)]
     docs, out = tmp_path / "docs.jsonl", str(tmp_path / "out.jsonl")
-    args = ["data_gen.py", "--docs", str(docs), "--out", out, "--questions", "model", "--question-tokens", "8",
-            "--min-doc-len", "1", "--chunk-min", "8", "--chunk-max", "200", "--allow-empty"]
+    args = ["--docs", str(docs), "--out", out, "--questions", "model", "--question-tokens", "8", "--turns", "2",
+            "--max-new-tokens", "4", "--min-doc-len", "1", "--chunk-min", "8", "--chunk-max", "200"]
+    main = lambda: data_gen.main(ra.config_from_cli(data_gen.DataGenConfig, args))  # noqa: E731
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
-    run_script(args)
+    main()
     part = out + ".parts/rank0.jsonl"
     first = open(part).read().splitlines()
+    assert len(first) == 3 and not any("dropped" in json.loads(line) for line in first), first
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [texts[3], texts[2], texts[0], texts[1]]))
-    result = run_script(args)
-    assert "4 documents, 3 already done" in result.stdout, result.stdout
+    capsys.readouterr()
+    main()
+    assert "4 documents, 3 already done" in capsys.readouterr().out
     lines = open(part).read().splitlines()
     assert lines[:3] == first and len(lines) == 4, "finished documents were done again"
     ids = [json.loads(line)["id"] for line in lines]
@@ -1738,8 +1749,12 @@ def test_mc_scorer_and_kl():
 
 
 def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
-    """python eval.py --model tiny prints the table and writes the JSON; the pref scores at SP = 2
-    (2 gloo processes, ring attention prefill) equal those of one process."""
+    """python eval.py --model tiny prints the table (each model's row and the delta from the baseline)
+    and writes the JSON; the pref scores at SP = 2 (2 gloo processes, ring attention) equal those of
+    one process (the RULER answers: eval_sp_decoding_worker, the tiny model scoring 0 either way)."""
+    baseline = str(tmp_path / "baseline")
+    for part in perturbed_tiny(0.05, 3):
+        part.save_pretrained(baseline)
     data = write_jsonl(tmp_path / "pairs.jsonl", make_records(3, seed=8, paragraphs=6, with_ref=True))
     infb = tmp_path / "infbench"
     infb.mkdir()
@@ -1748,26 +1763,52 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     (infb / "longbook_choice_eng.jsonl").write_text(json.dumps({"context": context, "input": "Ship?", "options": ["Aurora", "Vega", "Nova", "Lyra"], "answer": ["Aurora"]}) + "\n")
     (infb / "longbook_sum_eng.jsonl").write_text(json.dumps({"context": context, "answer": "A keeper counted ships."}) + "\n")
     out = str(tmp_path / "eval.json")
-    result = run_script(["eval.py", "--model", "tiny", "--baseline", "tiny", "--pref-data", data, "--lengths", "600",
+    result = run_script(["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data, "--lengths", "600",
                          "--depths", "2", "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb),
                          "--infbench-max-len", "300", "--out", out])
     assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
     scores = json.load(open(out))
     assert scores["complete"] is True
     tiny = scores["results"]["tiny"]
-    assert set(scores["results"]) == {"tiny (baseline)", "tiny"}
+    assert list(scores["table"]) == [baseline, "tiny", "delta"]
     assert set(tiny["infbench"]) == {"en_qa", "en_mc", "en_sum"} and set(tiny["ruler"]) == set(evaluation.RULER_TASKS)
-    assert tiny["kl"]["kl"] == 0.0 and 0 <= tiny["mc"]["demo_mc"]["acc"] <= 1
-    assert all(v == 0.0 for v in scores["table"]["delta"].values())  # the same model twice
+    assert scores["results"][baseline]["kl"]["kl"] == 0.0 < tiny["kl"]["kl"]  # KL from the baseline, its own 0
+    table = scores["table"]
+    assert set(table["delta"]) == set(table["tiny"]) and table["delta"]["kl"] > 0 and table["delta"]["pref/margin"]
+    for column, value in table["delta"].items():
+        assert value == table["tiny"][column] - table[baseline][column], column  # the model minus the baseline
     sp_out, one_out = str(tmp_path / "sp.json"), str(tmp_path / "one.json")
     args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,ruler",
             "--lengths", "300", "--depths", "1"]
     run_script(args + ["--sp-size", "2", "--out", sp_out], nproc=2)  # SP scoring and SP decoding
     run_script(args + ["--out", one_out])
     sp, one = (json.load(open(p))["results"]["tiny"] for p in (sp_out, one_out))
-    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and sp["ruler"] == one["ruler"]
+    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and set(sp["ruler"]) == set(one["ruler"])
     assert math.isclose(sp["pref"]["reward_margin"], one["pref"]["reward_margin"], rel_tol=1e-5), (sp, one)
     assert json.load(open(sp_out))["settings"]["world_size"] == 2
+
+
+def eval_sp_decoding_worker(rank, world_size):
+    """eval's RULER generation with an SP group of 2 decodes each prompt sequence-parallel (generate_sp)
+    to the text one process writes (the decoding itself: test_sequence_parallel_generation, 1e-10)."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)  # no near-tie of fp32 flips a token
+    par = ra.setup_parallel(2, rank, world_size, torch.device("cpu"))
+    texts, sp_calls, greedy, generate_sp = [], [], evaluation.greedy, data_gen.generate_sp
+    evaluation.greedy = lambda *args: texts.append(greedy(*args)) or texts[-1]
+    data_gen.generate_sp = lambda *args, **kw: sp_calls.append(args[2]) or generate_sp(*args, **kw)
+    try:
+        for p in (None, par):
+            evaluation.eval_ruler(model, tokenizer, evaluation.haystack_sentences(""), [300],
+                                  evaluation.EvalConfig(depths=2), p)
+    finally:
+        evaluation.greedy, data_gen.generate_sp = greedy, generate_sp
+    n = len(evaluation.RULER_TASKS) * 2
+    assert len(texts) == 2 * n and texts[:n] == texts[n:] and any(texts), texts
+    assert len(sp_calls) == n and all(len(prompt) >= 300 for prompt in sp_calls), "not decoded sequence-parallel"
+
+
+def test_eval_sequence_parallel_decoding():
+    run_distributed(eval_sp_decoding_worker, 2)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "sft"])
@@ -2073,6 +2114,19 @@ def test_gold_questions_in_random_order(tmp_path):
     assert len(orders) >= 16, orders  # of the 24 orders of 4 facts (in document order: 4)
 
 
+def check_gold_records(path):
+    """--answers gold: a turn per fact of the chunk, the planted answer chosen, the place with another
+    number of the document rejected; no reference log-probs (no model ran)."""
+    for rec in longpo.Records(path):
+        assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
+        for turn in rec["turns"]:
+            place = re.search(r"at (\w+)\?", turn["instruction"]).group(1)
+            right = re.findall(rf"At {place} (\d+) ", rec["document"])
+            wrong = re.fullmatch(rf"At {place} (\d+)\.", turn["rejected"]).group(1)
+            assert [turn["chosen"]] == [f"At {place} {n}." for n in right] and wrong != right[0]
+            assert re.search(rf"At \w+ {wrong} ", rec["document"]), "the rejected number is another fact's"
+
+
 def check_copy_records(path):
     """--answers copy: repeat "Words:" and 16-32 random words of the corpus, each ONE token of
     the small tokenizer, distinct (each word's earlier copy is unique, so copying by content is
@@ -2102,7 +2156,9 @@ def test_miniature_recipe_end_to_end(tmp_path):
     copy = tmp_path / "copy.jsonl"
     small = tmp_path / "small"
     run(data_gen, data_gen.DataGenConfig, "--make-small", small)
-    assert len(longpo.load_tokenizer(str(small))) == len(longpo.load_tokenizer(small_model()))  # deterministic
+    (m1, t1), (m2, t2) = (longpo.load_model_and_tokenizer(str(path)) for path in (small, small_model()))
+    assert t1.get_vocab() == t2.get_vocab() and all(  # made the same each time: tokenizer and weights
+        torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
         "--max-doc-len", 512, "--out", copy)
     check_copy_records(str(copy))
@@ -2111,14 +2167,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
     run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "gold", "--demo-docs", 12,
         "--demo-paragraphs", "1-2", "--chunk-min", 8, "--chunk-max", 100, "--min-doc-len", 1, "--max-doc-len", 512,
         "--out", gold)
-    for rec in longpo.Records(str(gold)):  # the planted answers, and another number of the document
-        assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
-        for turn in rec["turns"]:
-            place = re.search(r"at (\w+)\?", turn["instruction"]).group(1)
-            right = re.findall(rf"At {place} (\d+) ", rec["document"])
-            wrong = re.fullmatch(rf"At {place} (\d+)\.", turn["rejected"]).group(1)
-            assert [turn["chosen"]] == [f"At {place} {n}." for n in right] and wrong != right[0]
-            assert re.search(rf"At \w+ {wrong} ", rec["document"]), "the rejected number is another fact's"
+    check_gold_records(str(gold))
     base = tmp_path / "base"
     run(longpo, longpo.TrainConfig, "--model", tmp_path / "copy" / "final", "--loss", "sft", "--data", f"{copy},{gold}", "--output-dir", base,
         "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")  # non-empty answers
@@ -2139,10 +2188,9 @@ def test_miniature_recipe_end_to_end(tmp_path):
     scores = json.load(open(out))
     assert scores["complete"] and list(scores["table"]) == [str(model)] + finals
     for name, row in scores["table"].items():
-        assert 0 <= row["facts/128"] <= 1 and 0 <= row["facts/512"] <= 1 and 0 <= row["pref/acc"] <= 1
+        assert {"facts/128", "facts/512", "pref/acc", "pref/margin"} <= set(row), row
         assert (row["kl"] == 0) == (name == str(model)), (name, row["kl"])  # trained models moved, the base did not
-    config = json.load(open(tmp_path / "longpo" / "final" / "config.json"))  # the policy keeps its raised theta
-    assert (config.get("rope_parameters") or config)["rope_theta"] == 1e5
+    assert rope_theta(longpo.load_config(finals[0])) == 1e5  # the policy keeps its raised theta
 
 
 # ============================================================================= opt-in benchmark harness
@@ -2174,9 +2222,7 @@ def check_ring_bench(cfg, world_size):
         raise ra.UsageError(f"--dtype {cfg.dtype}: choose one of float32, bfloat16, float16, float64")
     if cfg.kernel != "auto" and cfg.kernel not in ra.KERNELS:
         raise ra.UsageError(f"--kernel {cfg.kernel}: choose one of auto, {', '.join(ra.KERNELS)}")
-    for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"):
-        if getattr(cfg, name) < 1:
-            raise ra.UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    ra.check_at_least(cfg, ("seq_len", "batch", "heads", "kv_heads", "head_dim", "iters"), 1)
     if cfg.seq_len % (2 * world_size):
         raise ra.UsageError(f"--seq-len {cfg.seq_len} must be a multiple of 2 x {world_size} processes "
                             f"(zigzag chunks), e.g. {-(-cfg.seq_len // (2 * world_size)) * 2 * world_size}")
@@ -2253,6 +2299,7 @@ def ring_bench(cfg):
         ra.print0(f"{int(r[0]):>4} {r[1]:9.2e} {r[2]:9.2e} {r[3]:9.2e} {r[4]:9.2e} {r[5]:9.3f} {r[6]:9.3f} "
                   f"{ring_total:9.3f} {r[7]:9.3f} {ring_total / (r[7] / world_size):13.3f} "
                   f"{flops / world_size / ring_total / 1e12:12.2f} {flops / r[7] / 1e12:12.2f}")
+    return rows
 
 
 def synthetic_record(tokenizer, n_tokens, seed=0):
