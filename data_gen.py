@@ -592,22 +592,19 @@ def gold_record(draft, cfg):
 def copy_record(doc, doc_index, tokenizer, cfg):
     """--answers copy: "Repeat the text above.", chosen = the document, rejected = its words in
     reverse order; no reference log-probs (no model ran)."""
-    text, n_tokens = doc["text"], measure(doc, tokenizer, cfg)[0]
+    text, (n_tokens, starts) = doc["text"], measure(doc, tokenizer, cfg)
     turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
             "rejected": " ".join(reversed(text.split()))}
-    return new_record(doc, doc_index, [turn], cfg, "copy", n_tokens, {}, [n_tokens])
-
-
-def new_record(doc, doc_index, turns, cfg, generator, doc_tokens, filtered, chunk_tokens, **more_meta):
-    """A record as written: the document, its turns, and where they came from (meta)."""
-    meta = {"doc_index": doc_index, "generator": generator, "questions": cfg.questions, "doc_tokens": doc_tokens,
-            "filtered_turns": filtered, "chunk_tokens": chunk_tokens, **more_meta, "seed": cfg.seed}
-    return {"id": doc["id"], "document": doc["text"], "turns": turns, "meta": meta}
+    draft = {"doc": doc, "doc_index": doc_index, "doc_tokens": n_tokens, "filtered": {}, "starts": starts}
+    return draft_record(draft, [turn], cfg, "copy")
 
 
 def draft_record(draft, turns, cfg, generator, **more_meta):
-    return new_record(draft["doc"], draft["doc_index"], turns, cfg, generator, draft["doc_tokens"], draft["filtered"],
-                      [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta)
+    """The record as written: the document, these turns, and where they came from (meta)."""
+    meta = {"doc_index": draft["doc_index"], "generator": generator, "questions": cfg.questions,
+            "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
+            "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta, "seed": cfg.seed}
+    return {"id": draft["doc"]["id"], "document": draft["doc"]["text"], "turns": turns, "meta": meta}
 
 
 def save_small_model(path):
@@ -858,8 +855,7 @@ def generation_plan(cfg):
         c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
     bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
-    kv_token = n_layers * 2 * hkv * d * bf16
-    copies = 2 if cfg.rope_theta else 1  # --rope-theta: the long-input model is a second copy (its own RoPE)
+    kv_token, copies = n_layers * 2 * hkv * d * bf16, 2 if cfg.rope_theta else 1  # --rope-theta: a long-input copy
     rows = [(f"bf16 weights, whole on every GPU (copies: {copies})", copies * params * bf16),
             (f"K/V cache: {P} prompt tokens + {new} generated, {n_layers} layers", (P + new) * kv_token),
             ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",

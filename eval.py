@@ -497,13 +497,6 @@ def eval_pref(model, tokenizer, records, par, beta, chunk=4096):
 
 # ----------------------------------------------------------------------------- glue
 
-def check_model_flag(flag, name):
-    if name.startswith("runs/") and not os.path.exists(name):
-        raise UsageError(f"{flag} {name} does not exist: train it first with `torchrun --nproc_per_node 2 "
-                         "longpo.py --sp-size 2` (after `python data_gen.py`)")
-    longpo.check_model(name, flag)
-
-
 def free_name(path, overwrite):
     """path, or, when it exists and overwrite is off, the first free path-1.ext, path-2.ext, ..."""
     if overwrite or not os.path.exists(path):
@@ -524,9 +517,9 @@ def prepare_inputs(cfg, tasks):
     check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
     for name in model_names(cfg):
-        check_model_flag("--model", name)
+        longpo.check_model(name, "--model")
     if cfg.ref_model:
-        check_model_flag("--ref-model", cfg.ref_model)
+        longpo.check_model(cfg.ref_model, "--ref-model")
     inputs = {"lengths": lengths}
     if "ruler" in tasks:
         inputs["sentences"] = haystack_sentences(cfg.haystack)
@@ -681,7 +674,7 @@ def resolve_models(cfg):
     run, names = trained_run(cfg), model_names(cfg)
     baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
     if baseline:
-        check_model_flag("--baseline", baseline)
+        longpo.check_model(baseline, "--baseline")
     models = {name: name for name in names}
     if baseline:
         models = {(baseline if baseline not in names else f"{baseline} (baseline)"): baseline, **models}

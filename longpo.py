@@ -140,15 +140,12 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=4096):
     log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
     the release code (the paper writes the log of a sum of probabilities)."""
     one_device = one_process(ref_model.device)  # short inputs
-    sums = []
-    for side in ("chosen", "rejected"):
-        total = 0.0
-        for turn in record["turns"]:
-            ids, is_answer = short_dialogue(tokenizer, record, turn, side)
-            seq = prepare_sequence(ids, {side: is_answer}, one_device, tokenizer.pad_token_id)
-            total += sequence_logps(ref_model, seq, one_device, chunk_size)[side].item()
-        sums.append(total)
-    return tuple(sums)
+
+    def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i)
+        ids, is_answer = short_dialogue(tokenizer, record, turn, side)
+        seq = prepare_sequence(ids, {side: is_answer}, one_device, tokenizer.pad_token_id)
+        return sequence_logps(ref_model, seq, one_device, chunk_size)[side].item()
+    return tuple(sum(logp(turn, side) for turn in record["turns"]) for side in ("chosen", "rejected"))
 
 
 def short_dialogue(tokenizer, record, turn, side):
@@ -388,8 +385,7 @@ def pair_reference_logps(ref_model, sequences, refs, cfg, par):
 
 
 def answer_logps(model, sequences, par, chunk_size):
-    """(log p(chosen answers), log p(rejected answers)) as (B,) tensors from a packed pair or its two
-    sequences (their NLL weights ignored)."""
+    """(log p(chosen answers), log p(rejected answers)), (B,) each, from a packed pair or its two sequences."""
     logps = [sequence_logps(model, {k: v for k, v in seq.items() if k != "nll"}, par, chunk_size)
              for seq in sequences]
     by_side = {name: value for part in logps for name, value in part.items()}  # packed: one part; pairs: two
@@ -585,7 +581,6 @@ def train(cfg, par, records):
             return
     save_final(policy, tokenizer, cfg, par)
     print0(f"final model: {os.path.join(cfg.output_dir, 'final')}")
-    return policy
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1068,7 +1063,8 @@ def check_model(name, flag="--model"):
                              "e.g. a run's final/)")
         return
     if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name) or os.path.isdir(name.split("/")[0]):
-        raise UsageError(f"{flag} {name}: no such folder (nor a hub id of the form org/name)")
+        raise UsageError(f"{flag} {name}: no such folder (nor a hub id of the form org/name); a training run "
+                         "writes its model to <--output-dir>/final when it finishes")
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     if isinstance(try_to_load_from_cache(name, "config.json"), str):

@@ -60,9 +60,7 @@ def zigzag_shard(x, rank, world_size, dim=1):
 
 
 def zigzag_unshard(x_local, group=None, dim=1):
-    """Inverse of zigzag_shard: gather every rank's shard, return the full tensor in original order.
-
-    A collective (every rank of `group` must call it); not differentiable, for outputs and checks."""
+    """Inverse of zigzag_shard, the full tensor in order: a collective of `group`, not differentiable."""
     world_size = _group_size_rank(group)[0]
     if world_size == 1:
         return x_local
@@ -88,9 +86,8 @@ def _plain_scores(q, k, scale, causal):
     """fp32 (fp64 for fp64 inputs) scores, grouped for GQA: (B, Hkv, G, Tq, Tk)."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.to(ct).view(B, Tq, Hkv, Hq // Hkv, D)  # head h = hkv*G + g, as repeat_interleave
-    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(ct)) * scale
+    qg = q.to(_acc_dtype(q)).view(B, Tq, Hkv, Hq // Hkv, D)  # head h = hkv*G + g, as repeat_interleave
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(qg.dtype)) * scale
     if causal:
         s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return s
@@ -566,11 +563,10 @@ def merge_over_ranks(out, lse, group):
 
 def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
     """Attention of new tokens during sequence-parallel generation. This rank's k, v (B, n_prefix + n,
-    Hkv, D): its part of the prompt (the prefill's zigzag shard, padding removed; all of it in the
-    past of the new tokens), then the n tokens generated so far, the same on every rank and counted
-    on the group's rank 0 only. q (B, Tq, Hq, D): the newest Tq tokens, the last of the generated
-    ones. Each rank attends to its keys, and the partial results are merged across the group with
-    the lse rule: the same queries-against-a-sharded-prefix merge as the branches above."""
+    Hkv, D): its part of the prompt (the prefill's zigzag shard without padding, all in the past of the
+    new tokens), then the n tokens generated so far, the same on every rank and counted on the group's
+    rank 0 only. q (B, Tq, Hq, D): the newest Tq of them. Each rank attends to its keys; the partial
+    results merge across the group by the lse rule, as the branches above merge the prefix blocks."""
     _, rank = _group_size_rank(group)
     fwd = KERNELS[pick_kernel(q, kernel, k.shape[2])][0]
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -654,7 +650,7 @@ def check_at_least(cfg, names, least, hint=""):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= {least}{hint}")
 
 
-def check_output_file(flag, path, example):
+def check_output_file(flag, path, example):  # before any work: a folder where a file goes
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UsageError(f"{flag} {path} is a folder; give the output file, e.g. {os.path.join(path, example)}")
 
@@ -666,10 +662,9 @@ def config_from_cli(cls, argv=None):
 
 
 def init_distributed(group_of_one=False):
-    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them); nccl on CUDA, gloo on
-    CPU; every group with a timeout. group_of_one: a process group even for one process without
-    torchrun (FSDP2, which training uses for mixed precision, needs one). Returns (rank, world_size,
-    device)."""
+    """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
+    nccl on CUDA, gloo on CPU, 30 min timeouts. group_of_one: a process group even for one process
+    without torchrun (FSDP2, which training uses for mixed precision, needs one)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
@@ -723,13 +718,9 @@ def setup_parallel(sp_size, rank, world_size, device):
     """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
     sp_size = sp_size or world_size
     assert world_size % sp_size == 0, (sp_size, world_size)
-    sp_group = LOCAL
-    for first in range(0, world_size if sp_size > 1 else 0, sp_size):
-        ranks = list(range(first, first + sp_size))
-        group = dist.new_group(ranks)  # every rank creates every group, in the same order
-        if rank in ranks:
-            sp_group = group
-    return Parallel(rank, world_size, sp_size, sp_group, device)
+    # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
+    groups = [dist.new_group(list(range(f, f + sp_size))) for f in range(0, world_size, sp_size)] if sp_size > 1 else []
+    return Parallel(rank, world_size, sp_size, groups[rank // sp_size] if groups else LOCAL, device)
 
 
 def barrier(par):
