@@ -32,6 +32,8 @@ each finished record (or dropped document) to <out>.parts/; a restart skips what
     python data_gen.py --plan --model DIR --max-doc-len 524288 --sp-size 8   # generation memory per GPU
 """
 import bisect
+import contextlib
+import copy
 import dataclasses
 import functools
 import glob
@@ -56,7 +58,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import longpo
 from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
-                            run_cli, setup_parallel)
+                            run_cli, setup_parallel, use_kernel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -83,9 +85,14 @@ class DataGenConfig:
     demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (drawn from --seed)"})
     demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs (1-64) a document, or A-B"})
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the LONG-input generation (paper 1e7)"})
+    max_length: int = field(default=0, metadata={
+        "help": "training's --max-length: turns trimmed, documents dropped before their long answers, to fit it"})
     sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input answer together"})
     batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
     skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
+    retry_failed: bool = field(default=False, metadata={"help": "redo the documents an error dropped in earlier runs"})
+    attn_kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
+    timeout_minutes: float = field(default=30.0, metadata={"help": "a collective waiting longer fails the job"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/"})
     allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
     plan: bool = field(default=False, metadata={"help": "print generation memory per GPU and exit"})
@@ -367,10 +374,24 @@ def seeds(cfg, doc, n, role):
 
 
 class Dropped(Exception):
-    """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
-    def __init__(self, reason, filtered=None):
+    """A document that gives no record: the reason (counted in the summary), the turns filtered, and for
+    a failure inside it ("error") one line of the error."""
+    def __init__(self, reason, filtered=None, error=None):
         super().__init__(reason)
-        self.reason, self.filtered = reason, filtered or {}
+        self.reason, self.filtered, self.error = reason, filtered or {}, error
+
+
+def attempt(fn, *args):
+    """fn(*args), an error inside it (out of memory, a template that fails) made Dropped("error"): one bad
+    document is recorded with its error and the run goes on, instead of stopping every restart on it."""
+    try:
+        return fn(*args)
+    except Dropped:
+        raise
+    except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed document held
+        raise Dropped("error", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}") from e
 
 
 @functools.lru_cache(maxsize=4)
@@ -395,19 +416,43 @@ def measure(doc, tokenizer, cfg):
 
 
 def make_record(doc, doc_index, models, tokenizer, cfg, counts):
-    """One process: the record of a document (raises Dropped); counts collects generated tokens."""
-    model, long_model = models
+    """One process: the record of a document (raises Dropped); counts collects generated tokens.
+    models: (the model, the rotary embedding of its long-input passes or None: long_rotary)."""
+    model, rotary = models
     if cfg.answers == "copy":
         return copy_record(doc, doc_index, tokenizer, cfg)
     draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)
     if cfg.answers == "gold":
-        return gold_record(draft, cfg)
+        return gold_record(draft, tokenizer, cfg)
     turns = draft["turns"]
-    rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
-                      seeds(cfg, doc, len(turns), "rejected"), cfg, False,
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one at a time
+    with long_input(model, rotary) as long_model:
+        rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
+                          seeds(cfg, doc, len(turns), "rejected"), cfg, False,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one by one
     counts["generated"] += n
     return finish_record(draft, rejected, model, tokenizer, cfg)
+
+
+def long_rotary(model, theta):
+    """--rope-theta: the rotary embedding of the long-input passes. The weights do not depend on theta,
+    so the one model serves both passes, this swapped in for the long ones (long_input)."""
+    if not theta or model is None:
+        return None
+    config, short = copy.deepcopy(model.config), model.get_decoder().rotary_emb
+    longpo.set_rope_theta(config, theta)
+    return type(short)(config).to(short.inv_freq.device, short.inv_freq.dtype)  # as a loaded model has it
+
+
+@contextlib.contextmanager
+def long_input(model, rotary):
+    """The model with its rotary embedding swapped for `rotary` (None: its own) while inside."""
+    decoder = model.get_decoder()
+    short = decoder.rotary_emb
+    decoder.rotary_emb = rotary or short
+    try:
+        yield model
+    finally:
+        decoder.rotary_emb = short
 
 
 def start_record(doc, doc_index, model, tokenizer, cfg, counts):
@@ -415,6 +460,8 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     whose turns still need their rejected (long-input) answers; raises Dropped if the document gives none."""
     text = doc["text"]
     n_tokens, starts = measure(doc, tokenizer, cfg)
+    if cfg.max_length and n_tokens >= cfg.max_length:  # cannot fit with any answer: no generation at all
+        raise Dropped("max_length")
     chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
     chunks = sorted(random.Random(stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
@@ -444,12 +491,30 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "filtered": filtered,
              "doc_tokens": n_tokens, "starts": starts}
     if cfg.answers == "model":
-        draft["chosen"], n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                                 [t["instruction"] for t in turns],
-                                 seeds(cfg, doc, len(turns), "chosen"), cfg, True,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
+                        [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg, True,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         counts["generated"] += n
+        # before the long-input answers: the turns that fit --max-length whatever those answers will be
+        kept = fit_max_length(text, [{**t, "chosen": c, "rejected": "."} for t, c in zip(turns, chosen)],
+                              tokenizer, cfg, filtered, slack=cfg.max_new_tokens + 2)
+        draft["turns"], draft["chosen"] = turns[:len(kept)], chosen[:len(kept)]
     return draft
+
+
+def fit_max_length(text, turns, tokenizer, cfg, filtered, slack=0):
+    """--max-length (training's, longpo.trained_length): the first turns whose trained sequence fits it with
+    `slack` tokens a turn left for answers not yet written (a generated token may re-tokenize as two at
+    an answer's border: 2 spare); the turns cut are counted in `filtered`. None fits: Dropped."""
+    for n in range(len(turns), 0, -1) if cfg.max_length else ():
+        example = longpo.build_example({"document": text, "turns": turns[:n]}, tokenizer)
+        if longpo.trained_length(example) + n * slack <= cfg.max_length:
+            if n < len(turns):
+                filtered["max_length"] = filtered.get("max_length", 0) + len(turns) - n
+            return turns[:n]
+    if cfg.max_length:
+        raise Dropped("max_length", filtered)
+    return turns
 
 
 def finish_record(draft, rejected, model, tokenizer, cfg):
@@ -463,7 +528,7 @@ def finish_record(draft, rejected, model, tokenizer, cfg):
             kept.append({**turn, "chosen": c, "rejected": r})
     if not kept:
         raise Dropped("all_turns_filtered", filtered)
-    rec = draft_record(draft, kept, cfg, cfg.model, temperature=cfg.temperature,
+    rec = draft_record(draft, kept, cfg, tokenizer, cfg.model, temperature=cfg.temperature,
                        rope_theta_long=cfg.rope_theta or None)
     # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
@@ -473,15 +538,16 @@ def finish_record(draft, rejected, model, tokenizer, cfg):
 def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
     """--sp-size: this rank's short-input work (doc None: none this round), then the SP group's decoding of
     every member's long prompts, in which every member takes part. The record (or None), or Dropped."""
-    (model, long_model), draft, dropped = models, None, None
-    try:
-        draft = start_record(doc, doc_index, model, tokenizer, cfg, counts) if doc else None
+    (model, rotary), draft, dropped = models, None, None
+    try:  # an error here is this rank's alone and drops the document; one in the decoding would be the group's
+        draft = attempt(start_record, doc, doc_index, model, tokenizer, cfg, counts) if doc else None
     except Dropped as reason:
         dropped = reason
-    rejected = sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts)
+    with long_input(model, rotary) as long_model:
+        rejected = sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts)
     if dropped:
         raise dropped
-    return finish_record(draft, rejected, model, tokenizer, cfg) if draft else None
+    return attempt(finish_record, draft, rejected, model, tokenizer, cfg) if draft else None
 
 
 def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
@@ -573,7 +639,7 @@ def template_questions(chunk_text, facts):
     return "\n".join(f"{i + 1}. {q}" for i, q in enumerate(inside[:4]))
 
 
-def gold_record(draft, cfg):
+def gold_record(draft, tokenizer, cfg):
     """--answers gold: the planted answers ("At Barwick 57.") as chosen, the place with another number of
     the document as rejected; no reference log-probs. The questions in random order: in document order
     a model learns to answer by elimination (turn 2 = the fact turn 1 skipped) instead of matching."""
@@ -586,7 +652,7 @@ def gold_record(draft, cfg):
         others = [n for n in numbers if n != right] or [str(int(right) % 90 + 10)]
         wrong = random.Random(stream(cfg, doc, i, "gold-wrong")).choice(others)
         turns.append({**draft["turns"][i], "chosen": gold_answer(place, right), "rejected": gold_answer(place, wrong)})
-    return draft_record(draft, turns, cfg, "gold")
+    return draft_record(draft, turns, cfg, tokenizer, "gold")
 
 
 def copy_record(doc, doc_index, tokenizer, cfg):
@@ -596,11 +662,12 @@ def copy_record(doc, doc_index, tokenizer, cfg):
     turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
             "rejected": " ".join(reversed(text.split()))}
     draft = {"doc": doc, "doc_index": doc_index, "doc_tokens": n_tokens, "filtered": {}, "starts": starts}
-    return draft_record(draft, [turn], cfg, "copy")
+    return draft_record(draft, [turn], cfg, tokenizer, "copy")
 
 
-def draft_record(draft, turns, cfg, generator, **more_meta):
-    """The record as written: the document, these turns, and where they came from (meta)."""
+def draft_record(draft, turns, cfg, tokenizer, generator, **more_meta):
+    """The record as written: the document, these turns (those that fit --max-length), where they came from."""
+    turns = fit_max_length(draft["doc"]["text"], turns, tokenizer, cfg, draft["filtered"])
     meta = {"doc_index": draft["doc_index"], "generator": generator, "questions": cfg.questions,
             "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
             "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta, "seed": cfg.seed}
@@ -729,6 +796,10 @@ def resolve(cfg):
     check_at_least(cfg, ("turns", "max_new_tokens", "question_tokens", "batch_size", "sp_size"), 1)
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
+    check_at_least(cfg, ("max_length",), 0, " (0: no limit)")
+    if not cfg.timeout_minutes > 0:
+        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
+    use_kernel(cfg.attn_kernel)
     if not cfg.plan:
         check_sp_size(cfg.sp_size)
     check_output_file("--out", cfg.out, "x.jsonl")
@@ -769,7 +840,7 @@ def open_part(path):
     return open(path, "a", encoding="utf-8")
 
 
-HARMLESS = ("batch_size", "overwrite", "allow_empty")  # may change when a run is continued
+HARMLESS = ("batch_size", "overwrite", "allow_empty", "retry_failed", "attn_kernel", "timeout_minutes")  # may change
 
 
 def run_arguments(cfg):
@@ -796,7 +867,8 @@ def check_out(cfg):
 
 
 def start_parts(cfg):
-    """Rank 0: the parts folder with the run's arguments; --overwrite first removes earlier results."""
+    """Rank 0: the parts folder with the run's arguments, without an earlier run's completion marks;
+    --overwrite first removes earlier results."""
     folder = cfg.out + ".parts"
     if cfg.overwrite:
         shutil.rmtree(folder, ignore_errors=True)
@@ -804,12 +876,16 @@ def start_parts(cfg):
             if os.path.exists(path):
                 os.remove(path)
     os.makedirs(folder, exist_ok=True)
+    for path in glob.glob(os.path.join(folder, "rank*.done")) + glob.glob(os.path.join(folder, "merging")):
+        os.remove(path)
     if not os.path.exists(os.path.join(folder, "args.json")):
         with open(os.path.join(folder, "args.json"), "w") as f:
             json.dump(run_arguments(cfg), f, indent=2)
 
 
 def summarise(records, dropped, n_docs, bad_lines):
+    kept = {r["id"] for r in records}
+    dropped = list({d["id"]: d for d in dropped if d["id"] not in kept}.values())  # --retry-failed: the last say
     filtered, reasons = {}, {}
     for entry in records + dropped:
         for reason, n in entry.get("filtered_turns", {}).items():
@@ -818,12 +894,42 @@ def summarise(records, dropped, n_docs, bad_lines):
         reasons[d["dropped"]] = reasons.get(d["dropped"], 0) + 1
     return {"documents_in": n_docs, "bad_lines_skipped": bad_lines, "kept": len(records),
             "dropped_documents": reasons, "turns_kept": sum(r["turns"] for r in records),
-            "turns_filtered": filtered}
+            "turns_filtered": filtered, "errors": {d["id"]: d["error"] for d in dropped if d.get("error")}}
+
+
+def finish(cfg, rank, world_size, n_docs, bad_lines, stats):
+    """This rank's completion mark (its stats); the rank that finds every rank's mark merges (join_parts).
+    No rank waits for another (a barrier would fail after --timeout-minutes, stopping every rank before
+    the merge); if a rank never finishes, rerunning the command does its rest and merges."""
+    folder = cfg.out + ".parts"
+    with open(os.path.join(folder, f"rank{rank}.tmp"), "w") as f:
+        json.dump(stats, f)
+    os.replace(f.name, os.path.join(folder, f"rank{rank}.done"))
+    marks = [os.path.join(folder, f"rank{r}.done") for r in range(world_size)]
+    if not all(map(os.path.exists, marks)):
+        return print(f"rank {rank}: done; the last rank to finish writes {cfg.out}", flush=True)
+    try:
+        os.close(os.open(os.path.join(folder, "merging"), os.O_CREAT | os.O_EXCL))  # two last ranks: one merges
+    except FileExistsError:
+        return
+    everyone = []
+    for mark in marks:
+        with open(mark) as f:
+            everyone.append(json.load(f))
+    generated, seconds = sum(e["generated"] for e in everyone), sum(e["seconds"] for e in everyone)
+    summary = join_parts(cfg, n_docs, bad_lines, {"generated_tokens_this_run": generated,
+                                                  "generated_tokens_per_s": round(generated / max(seconds / world_size,
+                                                                                                  1e-9), 1)})
+    print(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}", flush=True)
+    if not summary["kept"] and not cfg.allow_empty:
+        raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: {summary['dropped_documents']}, "
+                         f"turns filtered: {summary['turns_filtered']}); check --min-doc-len/--max-doc-len and "
+                         "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
 
 
 def join_parts(cfg, n_docs, bad_lines, stats):
-    """Rank 0: the parts into one JSONL in document order, line by line and atomically (tmp file,
-    then rename), plus <out>.meta.json."""
+    """The parts into one JSONL in document order, line by line and atomically (tmp file, then
+    rename), plus <out>.meta.json."""
     records, dropped = read_parts(cfg.out + ".parts")
     records = sorted({r["id"]: r for r in records}.values(), key=lambda r: r["doc_index"])  # once each
     tmp = cfg.out + ".tmp"
@@ -855,8 +961,8 @@ def generation_plan(cfg):
         c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
     bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
-    kv_token, copies = n_layers * 2 * hkv * d * bf16, 2 if cfg.rope_theta else 1  # --rope-theta: a long-input copy
-    rows = [(f"bf16 weights, whole on every GPU (copies: {copies})", copies * params * bf16),
+    kv_token = n_layers * 2 * hkv * d * bf16
+    rows = [("bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)", params * bf16),
             (f"K/V cache: {P} prompt tokens + {new} generated, {n_layers} layers", (P + new) * kv_token),
             ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
              P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
@@ -884,11 +990,14 @@ def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, 
             doc = docs[i] if i is not None else None
             try:
                 if par is None:
-                    entry = make_record(doc, i, models, tokenizer, cfg, counts)
+                    entry = attempt(make_record, doc, i, models, tokenizer, cfg, counts)
                 else:
                     entry = sp_record(doc, i, models, tokenizer, cfg, par, counts)
             except Dropped as d:
                 entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
+                if d.error:
+                    entry["error"] = d.error
+                    bar.write(f"rank {rank}: document {doc['id']!r} dropped: {d.error}")
             if doc is None:
                 continue
             part.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -907,7 +1016,7 @@ def main(cfg):
         return print(generation_plan(cfg))
     docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), cfg.answers == "copy")
     check_out(cfg)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.timeout_minutes)
     folder = cfg.out + ".parts"
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -915,7 +1024,7 @@ def main(cfg):
     if world_size > 1:
         dist.barrier()
     records, dropped = read_parts(folder)
-    done = {e["id"] for e in records + dropped}
+    done = {e["id"] for e in records + [d for d in dropped if not (cfg.retry_failed and d.get("error"))]}
     mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
@@ -923,27 +1032,11 @@ def main(cfg):
         model, tokenizer = None, longpo.load_tokenizer(cfg.model)
     else:
         model, tokenizer = load_for_inference(cfg.model, device)
-    long_model = model
-    if cfg.rope_theta and model is not None:  # only the long-input generation sees the raised theta
-        long_model = load_for_inference(cfg.model, device, cfg.rope_theta)[0]
-    counts, t0 = {"generated": 0}, time.perf_counter()
-    write_records(docs, mine, (model, long_model), tokenizer, cfg, counts, rank, world_size, device)
-    elapsed = time.perf_counter() - t0
-    stats = torch.tensor([counts["generated"], elapsed], dtype=torch.float64, device=device)  # nccl: on the GPU
-    if world_size > 1:
-        dist.barrier()
-        dist.all_reduce(stats)  # generated tokens summed; seconds summed over ranks
-    if rank == 0:
-        generated, seconds = stats.tolist()
-        summary = join_parts(cfg, len(docs), docs.bad_lines, {
-            "generated_tokens_this_run": int(generated),
-            "generated_tokens_per_s": round(generated / max(seconds / world_size, 1e-9), 1)})
-        print0(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}")
-        if not summary["kept"] and not cfg.allow_empty:
-            raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: "
-                             f"{summary['dropped_documents']}, turns filtered: {summary['turns_filtered']}); check "
-                             "--min-doc-len/--max-doc-len and "
-                             "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
+    counts, t0 = {"generated": 0}, time.perf_counter()  # only the long-input passes see a raised theta:
+    models = (model, long_rotary(model, cfg.rope_theta))
+    write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device)
+    finish(cfg, rank, world_size, len(docs), docs.bad_lines,
+           {"generated": counts["generated"], "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":

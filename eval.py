@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data_gen
 import longpo
 from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
-                            run_cli, setup_parallel)
+                            run_cli, setup_parallel, use_kernel)
 
 
 @dataclass
@@ -69,6 +69,8 @@ class EvalConfig:
     sp_size: int = field(default=0, metadata={"help": "sequence-parallel group size for long inputs (0: all ranks)"})
     out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores (taken: the next free name)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    attn_kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
+    timeout_minutes: float = field(default=30.0, metadata={"help": "a collective waiting longer fails the job"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic tasks"})
 
 
@@ -512,8 +514,9 @@ def prepare_inputs(cfg, tasks):
     if unknown or not tasks:
         raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, infbench, mc, kl, pref")
     check_at_least(cfg, ("depths", "samples", "max_pairs", "infbench_max_len"), 1)
-    if cfg.infbench_limit < 0 or not cfg.beta >= 0:
-        raise UsageError("--infbench-limit and --beta must be >= 0")
+    if cfg.infbench_limit < 0 or not cfg.beta >= 0 or not cfg.timeout_minutes > 0:
+        raise UsageError("--infbench-limit and --beta must be >= 0, --timeout-minutes > 0")
+    use_kernel(cfg.attn_kernel)
     check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
     for name in model_names(cfg):
@@ -637,7 +640,7 @@ def main(cfg):
     models, baseline, ref_name, beta = resolve_models(cfg)
     if "facts" in tasks:
         inputs["facts"] = check_facts(list(models.values()), inputs["lengths"], cfg)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.timeout_minutes)
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     results = {label: {} for label in models}
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": baseline, "ref_model_resolved": ref_name,

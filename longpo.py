@@ -42,6 +42,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -59,9 +60,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mistra
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
 from ring_attention import (UsageError, barrier, check_at_least, check_sp_size, distributed_map, init_distributed,
-                            one_process, print0, run_cli, setup_parallel, world_mean, zigzag_shard)
+                            one_process, print0, run_cli, setup_parallel, use_kernel, world_mean, zigzag_shard)
 
-# FSDP2 warns that the root module returns a view (we read hidden_states[-1]); we never modify it
+# FSDP2 warns that the root module returns a view (its one position's logits); we never modify it
 # in place, which is the case the warning is about.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
@@ -102,9 +103,12 @@ class TrainConfig:
     logprob_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of the log-softmax"})
     seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N checkpoints (0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run held in --output-dir"})
     stop_after: int = field(default=0, metadata={"help": "checkpoint and stop after N steps (then --resume)"})
+    attn_kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
+    timeout_minutes: float = field(default=30.0, metadata={"help": "a collective waiting longer fails the job"})
     plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
     world_size: int = field(default=8, metadata={"help": "GPUs assumed by --plan"})
     gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU assumed by --plan"})
@@ -278,6 +282,19 @@ def prepare_packed(example, par, pad_id, nll):
     return {**packed, "layout": layout}
 
 
+def last_hidden_state(model, **inputs):
+    """(B, T, H): the decoder's output after its final norm, caught as it leaves the norm. The model's
+    own head computes one position's logits (unused); no other layer's output is kept (a no-grad pass
+    asking output_hidden_states would hold all of them: 33 x T x H for Mistral-7B)."""
+    caught = []
+    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[0]
+
+
 def sequence_logps(model, seq, par, chunk_size):
     """Log-probs of one (sharded, possibly packed) batch, named values of shape (B,) summed over the SP
     group: "chosen" and "rejected" (those seq holds), the log-probs summed over that mask's positions;
@@ -287,9 +304,7 @@ def sequence_logps(model, seq, par, chunk_size):
         ring_kwargs = {"ring_group": par.sp_group, "ring_layout": seq.get("layout")}
     elif "layout" in seq or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
-    out = model(input_ids=seq["input_ids"], position_ids=seq["position_ids"], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1, **ring_kwargs)  # one position's logits: unused
-    hidden = out.hidden_states[-1]  # (1, T, H) after the final norm
+    hidden = last_hidden_state(model, input_ids=seq["input_ids"], position_ids=seq["position_ids"], **ring_kwargs)
     weight = model.get_output_embeddings().weight
     names = [name for name in ("chosen", "rejected", "nll") if name in seq]
     mask = functools.reduce(torch.logical_or, [seq[name] for name in names])
@@ -471,8 +486,8 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     t0, sums, tokens = time.perf_counter(), {}, 0
     sides = trained_sides(cfg)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
-        idxs = [record_index((step * cfg.grad_accum + micro) * par.dp_size + par.dp_rank, len(records), cfg.seed)
-                for micro in range(first, first + cfg.micro_batch)]
+        ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank for m in range(first, first + cfg.micro_batch)]
+        idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # sample numbers
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
         refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
         metrics, n = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
@@ -495,7 +510,7 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # tokens: the world mean of tokens * dp is the sum over DP groups (sp replicas each)
-    metrics = world_mean({**sums, "tokens": tokens * par.dp_size}, par)
+    metrics = world_mean({**sums, "tokens": tokens * par.dp_size, "signalled": float(bool(SIGNALLED))}, par)
     elapsed = time.perf_counter() - t0
     return {"step": step + 1, **{k: v for k, v in metrics.items() if k != "tokens"},
             "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
@@ -505,22 +520,42 @@ def trained_sides(cfg):
     return ("chosen",) if cfg.loss == "sft" else ("chosen", "rejected")
 
 
-def prepare_data(records, cfg, par, tokenizer, compute_dtype):
-    """Records filtered by --max-length, with their reference log-probs (computed on the SHORT inputs
-    where the file has none, Eq. 13). Every rank ends with the same records."""
-    if cfg.max_length:
-        def length(i):  # of the sequence trained: the packed pair, the longer of the two, or sft's chosen
-            example = build_example(records[i], tokenizer, trained_sides(cfg))
-            packed = pack_pair(example, par.sp_size, 0, nll_weights(example["chosen"]["is_answer"], cfg)) \
-                if cfg.pack == "shared-prefix" and cfg.loss != "sft" else None
-            return len(packed["input_ids"]) if packed else max(len(side["ids"]) for side in example.values())
-        lengths = distributed_map(length, range(len(records)), par, "lengths")
-        kept = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
-        print0(f"--max-length {cfg.max_length}: kept {len(kept)} of {len(records)} records "
-               f"({len(records) - len(kept)} longer ones skipped)")
-        if not kept:
-            raise UsageError(f"no record of --data {cfg.data} fits --max-length {cfg.max_length}; raise it")
-        records = records.select(kept)
+def trained_length(example, packed=True):
+    """Tokens of the sequence training runs for a record, padding aside: the shared-prefix packed pair (the
+    prompt once, then both answer branches; data_gen.py --max-length counts this), else the longer one."""
+    lengths = [len(side["ids"]) for side in example.values()]
+    if packed and len(lengths) == 2:
+        c, r = example["chosen"], example["rejected"]
+        first = c["is_answer"].index(True)  # the shared prompt ends here; its last token goes to both branches
+        if c["ids"][:first] == r["ids"][:first]:
+            return sum(lengths) - (first - 1)
+    return max(lengths)
+
+
+def prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length=None):
+    """Records with their lengths and reference log-probs (computed on the SHORT inputs where the file
+    has none, Eq. 13); every rank ends with the same. Those longer than the --max-length the run started
+    with (run_max_length) are skipped; a --max-length lowered on resume keeps that set (and so the data
+    order) and replaces each record longer than it by the next one that fits (records.substitute)."""
+    packed = cfg.pack == "shared-prefix" and cfg.loss != "sft"
+    lengths = distributed_map(lambda i: trained_length(build_example(records[i], tokenizer, trained_sides(cfg)),
+                                                       packed), range(len(records)), par, "lengths")
+    limit = cfg.max_length if run_max_length is None else run_max_length
+    kept = [i for i, n in enumerate(lengths) if n <= (limit or math.inf)]
+    print0(f"--max-length {limit or 'none'}: kept {len(kept)} of {len(records)} records; {len(records) - len(kept)} "
+           f"skipped as longer (the trained sequences have {min(lengths)}-{max(lengths)} tokens)")
+    if not kept:
+        raise UsageError(f"no record of --data {cfg.data} fits --max-length {limit}; raise it")
+    records = records.select(kept)
+    records.lengths = [lengths[i] for i in kept]
+    fits = [n <= (cfg.max_length or math.inf) for n in records.lengths]
+    if not any(fits):
+        raise UsageError(f"no record of this run fits the lowered --max-length {cfg.max_length}; raise it")
+    n = len(fits)
+    records.substitute = [next(j % n for j in range(i, i + n) if fits[j % n]) for i in range(n)]
+    if not all(fits):
+        print0(f"--max-length lowered from {limit or 'none'} to {cfg.max_length}: {n - sum(fits)} records longer "
+               "than it are each replaced by the next record that fits")
     missing = [i for i, ref in enumerate(records.refs) if None in ref]
     if cfg.loss == "longpo" and missing:
         name = cfg.ref_model or cfg.model
@@ -548,10 +583,21 @@ def open_metrics(cfg, start_step, par):
     return open(path, "a")
 
 
-def train(cfg, par, records):
+SIGNALLED = []  # the stop signals received: training checkpoints at the next step boundary and exits
+
+
+def checkpoint_on_signals():
+    """SIGTERM and SIGUSR1 (a scheduler's time limit) ask for a checkpoint at the end of the step in flight;
+    every rank learns of any rank's signal through that step's metrics reduction, so all stop together."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: SIGNALLED.append(signal.Signals(signum).name))
+
+
+def train(cfg, par, records, run_max_length=None):
+    checkpoint_on_signals()
     master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
-    records = prepare_data(records, cfg, par, tokenizer, compute_dtype)
+    records = prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length)
     ref_model = None
     if cfg.loss == "dpo":
         ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]
@@ -568,32 +614,40 @@ def train(cfg, par, records):
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0, desc="train")
     for step in bar:
         metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler)
+        signalled = metrics.pop("signalled") > 0  # on any rank
         if metrics_file:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in metrics.items()))
         stop = cfg.stop_after and metrics["step"] - start >= cfg.stop_after and metrics["step"] < total_steps
-        if stop or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
+        if stop or signalled or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
             save_checkpoint(policy, optimizer, scheduler, metrics["step"], cfg, par)
-        if stop:
-            print0(f"--stop-after {cfg.stop_after}: stopped at step {metrics['step']}; continue with --resume")
+        if stop or signalled:
+            why = f"--stop-after {cfg.stop_after}" if stop else f"signal {', '.join(SIGNALLED) or 'on another rank'}"
+            print0(f"{why}: stopped at step {metrics['step']} with a checkpoint; continue with --resume")
             return
-    save_final(policy, tokenizer, cfg, par)
+    save_final(policy, tokenizer, cfg, par, cfg.max_length or max(records.lengths))
     print0(f"final model: {os.path.join(cfg.output_dir, 'final')}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def last_checkpoint(output_dir):
+def checkpoint_steps(output_dir):
+    """The steps of the complete checkpoints in output_dir, ascending."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    steps = [int(d.split("-")[1]) for d in names if d.startswith("checkpoint-") and d.split("-")[1].isdigit()
-             and os.path.exists(os.path.join(output_dir, d, "trainer_state.json"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    return sorted(int(d.split("-")[1]) for d in names if d.startswith("checkpoint-") and d.split("-")[1].isdigit()
+                  and os.path.exists(os.path.join(output_dir, d, "trainer_state.json")))
+
+
+def last_checkpoint(output_dir):
+    steps = checkpoint_steps(output_dir)
+    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
 # What defines a run: --resume must continue with the same (save_every, stop_after, logprob_chunk,
-# grad_checkpointing and the like may change; they do not change what is computed).
+# grad_checkpointing and the like may change; they do not change what is computed). max_length may
+# be lowered (prepare_data keeps the run's records and replaces those longer than the new limit).
 RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "nll_context_weight", "pack", "lr",
                 "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps", "grad_accum", "max_length", "rope_theta",
                 "dtype", "seed")
@@ -635,7 +689,8 @@ def check_output_dir(cfg, identity):
             return "fresh"  # nothing of a run there yet
         raise UsageError(f"--resume: {path} does not record the run's arguments, so it cannot be checked; "
                          "start a new run (--overwrite or another --output-dir)")
-    changed = changed_arguments(before, identity)
+    lowered = 0 < identity["max_length"] <= (before.get("max_length") or math.inf)
+    changed = changed_arguments({**before, **({"max_length": identity["max_length"]} if lowered else {})}, identity)
     if changed:
         raise UsageError(f"--resume: {out} holds a run with other arguments ({changed}); resume it with "
                          "the same ones, or start a new run (--overwrite or another --output-dir)")
@@ -657,7 +712,8 @@ def clear_output_dir(out):
 
 def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
     """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and every
-    rank's RNG, written to a temporary folder and renamed: a crash never leaves half a checkpoint."""
+    rank's RNG, written to a temporary folder and renamed: a crash never leaves half a checkpoint.
+    Then --save-total-limit: the oldest checkpoints beyond the newest N are removed."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if par.rank == 0:
@@ -676,6 +732,8 @@ def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
             json.dump(state, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        for old in checkpoint_steps(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
+            shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"))
     barrier(par)
 
 
@@ -697,13 +755,16 @@ def load_checkpoint(path, model, optimizer, scheduler, par):
     return trainer_state["step"]
 
 
-def save_final(model, tokenizer, cfg, par):
-    """Gather the full weights and write an HF model that AutoModelForCausalLM.from_pretrained loads."""
+def save_final(model, tokenizer, cfg, par, trained_tokens):
+    """Gather the full weights and write an HF model that AutoModelForCausalLM.from_pretrained loads; its
+    config carries the trained context (max_position_embeddings, which serving stacks take as the limit)
+    and the RoPE theta it was trained with."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.rank == 0:
         final = os.path.join(cfg.output_dir, "final")
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.use_cache = True  # for generation after training
+        config.max_position_embeddings = max(config.max_position_embeddings, trained_tokens)
         clean = AutoModelForCausalLM.from_config(config)
         clean.load_state_dict(state)
         clean.save_pretrained(final)
@@ -724,7 +785,10 @@ def check_config(cfg):
                          "tokens of --nll-target sequence (responses trains the answers only)")
     check_at_least(cfg, ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"), 1)
     check_at_least(cfg, ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length",
-                         "rope_theta", "save_every", "stop_after"), 0, " (0: the default behaviour)")
+                         "rope_theta", "save_every", "save_total_limit", "stop_after"), 0, " (0: the default)")
+    if not cfg.timeout_minutes > 0:
+        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
+    use_kernel(cfg.attn_kernel)
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
     if not 0 <= cfg.warmup_ratio <= 1:
@@ -763,10 +827,14 @@ def main(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     identity = run_identity(cfg, world, cfg.sp_size or world)
     state = check_output_dir(cfg, identity)
+    run_max_length = identity["max_length"]
+    if state == "resume":
+        with open(os.path.join(cfg.output_dir, "config.json")) as f:
+            run_max_length = json.load(f)["identity"]["max_length"]  # a lowered --max-length keeps its records
     if state == "finished":
         print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
         return
-    rank, world_size, device = init_distributed(group_of_one=True)
+    rank, world_size, device = init_distributed(cfg.timeout_minutes, group_of_one=True)
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree
@@ -776,7 +844,7 @@ def main(cfg):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "identity": identity}, f, indent=2)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    train(cfg, par, records)
+    train(cfg, par, records, run_max_length)
 
 
 # ============================================================================= plumbing shared by the scripts

@@ -605,9 +605,33 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
                          f"sliding_window={sliding_window}; set config.sliding_window = None")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     if ring_decode is not None:
-        return decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling), None
-    out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, layout=ring_layout)
+        return decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0]), None
+    out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0], layout=ring_layout)
     return out, None  # (B, T, Hq, D), no attention weights
+
+
+KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
+
+
+def use_kernel(name):
+    """--attn-kernel: the block kernel of the models' ring attention, and on CUDA the only backend left
+    to transformers' "sdpa" attention (one-process generation), so a misbehaving kernel can be pinned
+    away everywhere. Checked before any work: a CUDA kernel on a machine without CUDA is refused."""
+    if name not in ("auto", *KERNELS):
+        raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(KERNELS)}")
+    on_cuda = torch.cuda.is_available()
+    if name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda or name == "cpu" and on_cuda:
+        raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
+                         "use auto or plain")
+    if name == "flash_attn" and not flash_attn_available():
+        raise UsageError("--attn-kernel flash_attn: flash-attn >= 2.7 is not installed "
+                         "(pip install flash-attn --no-build-isolation)")
+    KERNEL[0] = name
+    if on_cuda and name != "auto":  # flash_attn has no sdpa twin: its nearest, PyTorch's flash op
+        torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(name in ("sdpa_flash", "flash_attn"))
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(name == "plain")
 
 
 def _register_with_transformers():
@@ -661,17 +685,18 @@ def config_from_cli(cls, argv=None):
     return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
 
 
-def init_distributed(group_of_one=False):
+def init_distributed(timeout_minutes=30.0, group_of_one=False):
     """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
-    nccl on CUDA, gloo on CPU, 30 min timeouts. group_of_one: a process group even for one process
-    without torchrun (FSDP2, which training uses for mixed precision, needs one)."""
+    nccl on CUDA, gloo on CPU; a collective waiting longer than timeout_minutes fails (--timeout-minutes).
+    group_of_one: a process group even for one process without torchrun (FSDP2, which training uses
+    for mixed precision, needs one)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=30)
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if world_size > 1:
             dist.init_process_group(backend, timeout=timeout)

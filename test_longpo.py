@@ -1405,7 +1405,8 @@ def test_resume_refuses_each_run_defining_change(tmp_path):
     refused, naming it (the list here is written out, not taken from longpo's own)."""
     data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=3, with_ref=True))
     other = write_jsonl(tmp_path / "other.jsonl", make_records(2, seed=4, with_ref=True))
-    base = longpo.TrainConfig(data=data, output_dir=str(tmp_path / "run"), resume=True, lr=1e-4, grad_accum=1)
+    base = longpo.TrainConfig(data=data, output_dir=str(tmp_path / "run"), resume=True, lr=1e-4, grad_accum=1,
+                              max_length=500)
     os.makedirs(base.output_dir)
     with open(os.path.join(base.output_dir, "config.json"), "w") as f:
         json.dump({"identity": longpo.run_identity(base, 2, 2)}, f)
@@ -1413,7 +1414,8 @@ def test_resume_refuses_each_run_defining_change(tmp_path):
     assert longpo.check_output_dir(base, longpo.run_identity(base, 2, 2)) == "resume"
     changes = {"model": "org/other-7b", "ref_model": "org/ref-7b", "data": other, "loss": "dpo", "beta": 0.2,
                "lam": 0.5, "nll_target": "responses", "nll_context_weight": 0.5, "pack": "pairs", "lr": 1e-3, "warmup_ratio": 0.2,
-               "weight_decay": 0.1, "max_grad_norm": 2.0, "max_steps": 9, "grad_accum": 2, "max_length": 999,
+               "weight_decay": 0.1, "max_grad_norm": 2.0, "max_steps": 9, "grad_accum": 2, "max_length": 999,  # raised
+
                "rope_theta": 1e6, "dtype": "float64", "seed": 7}
     for key, value in changes.items():
         changed = dataclasses.replace(base, **{key: value})
@@ -1422,6 +1424,12 @@ def test_resume_refuses_each_run_defining_change(tmp_path):
     for world, sp in ((4, 2), (2, 1)):
         with pytest.raises(ra.UsageError, match="world_size|sp_size"):
             longpo.check_output_dir(base, longpo.run_identity(base, world, sp))
+    for limit in (0, 999):  # no limit, or a higher one, would change the record set: refused (above)
+        with pytest.raises(ra.UsageError, match="max_length: 500 there"):
+            changed = dataclasses.replace(base, max_length=limit)
+            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2))
+    lowered = dataclasses.replace(base, max_length=400)  # a record that runs out of memory: allowed
+    assert longpo.check_output_dir(lowered, longpo.run_identity(lowered, 2, 2)) == "resume"
 
 
 def test_default_learning_rates_follow_the_paper():
@@ -1832,7 +1840,7 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     tokenizer = longpo.tiny_tokenizer()
     single = ra.one_process(torch.device("cpu"))
     examples = [longpo.build_example(r, tokenizer) for r in records]
-    packed = [len(longpo.pack_pair(ex, 1, 0, [1.0] * len(ex["chosen"]["ids"]))["input_ids"]) for ex in examples]
+    packed = [packed_length(r, tokenizer) for r in records]
     longer = [max(len(ex["chosen"]["ids"]), len(ex["rejected"]["ids"])) for ex in examples]
     assert all(p > n for p, n in zip(packed, longer)) and packed[1] > max(packed[0], packed[2])
 
@@ -1846,6 +1854,12 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     kept = longpo.prepare_data(longpo.Records(path), dataclasses.replace(cfg, pack="pairs"), single, tokenizer,
                                torch.float32)
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
+    # --max-length lowered on resume: the run's records (and order) kept, each longer one replaced by the
+    # next that fits (cyclically), so every rank still runs every step
+    cfg = longpo.TrainConfig(data=path, max_length=min(packed), grad_accum=1)
+    lowered = longpo.prepare_data(longpo.Records(path), cfg, single, tokenizer, torch.float32, max(packed))
+    assert [r["id"] for r in lowered] == ["doc-0", "doc-1", "doc-2"] and lowered.lengths == packed
+    assert lowered.substitute == {0: [0, 0, 0], 2: [2, 2, 2]}[packed.index(min(packed))]
     assert kept.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
     assert kept[1] == records[2] and list(kept)[-1:] == [records[2]]  # read back from the file on demand
 
@@ -1885,18 +1899,37 @@ def test_several_data_files_are_one_set(tmp_path):
         longpo.Records(f"{a},{tmp_path / 'empty.jsonl'}")
 
 
-def test_data_gen_long_model_answers_only_the_long_inputs():
-    """make_record takes (model, long_model): the long model (e.g. with --rope-theta raised) writes
-    the rejected answers only; chosen answers and reference log-probs stay with the model."""
+def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_inputs():
+    """--rope-theta: the one model with its rotary embedding swapped for the long-input passes (long_input)
+    gives the logits and answers of a second model loaded with that theta; the chosen answers and the
+    reference log-probs keep the model's own theta, which comes back after the swap."""
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
-    other, _ = perturbed_tiny(0.5, seed=4)
-    cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16))
+    second, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e6)
+    rotary = data_gen.long_rotary(model, 1e6)
+    ids = torch.randint(3, 200, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        with data_gen.long_input(model, rotary) as long_model:
+            raised = long_model(input_ids=ids).logits
+        assert torch.equal(raised, second(input_ids=ids).logits) and torch.equal(model(input_ids=ids).logits, own)
+        assert rel_err(raised, own) > 1e-3  # the theta matters at this length
+    cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16, temperature=0.0))  # greedy
     doc = data_gen.demo_corpus()[0]
-    same = data_gen.make_record(doc, 0, (model, model), tokenizer, cfg, {"generated": 0})
-    mixed = data_gen.make_record(doc, 0, (model, other.float()), tokenizer, cfg, {"generated": 0})
+    same = data_gen.make_record(doc, 0, (model, None), tokenizer, cfg, {"generated": 0})
+    seen = {"long": [], "short": []}  # the last position each rotary embedding was asked for
+    for name, module in (("long", rotary), ("short", model.get_decoder().rotary_emb)):
+        module.register_forward_hook(lambda m, args, kwargs, out, name=name: seen[name].append(
+            int({**dict(zip(("x", "position_ids"), args)), **kwargs}["position_ids"].max())), with_kwargs=True)
+    mixed = data_gen.make_record(doc, 0, (model, rotary), tokenizer, cfg, {"generated": 0})
+    assert seen["long"] and seen["short"] and min(seen["long"]) > mixed["meta"]["doc_tokens"] > max(seen["short"])
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
-    assert [t["rejected"] for t in same["turns"]] != [t["rejected"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
+    turns = mixed["turns"]
+    assert len(turns) == cfg.turns  # none filtered: the answers line up with the second model's
+    want, _ = data_gen.ask(second, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
+                           data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg, False,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    assert [t["rejected"] for t in turns] == want
 
 
 # ----------------------------------------------------------------------------- user mistakes
@@ -1911,7 +1944,10 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
              ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
              ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o.jsonl")],
              ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
-             ["eval.py", "--haystack", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "ruler"]]
+             ["eval.py", "--haystack", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "ruler"],
+             ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
+             ["data_gen.py", "--timeout-minutes", "0", "--out", str(tmp_path / "o.jsonl")],
+             ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
     procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
@@ -1996,10 +2032,10 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
     huge = {"id": "huge", "text": "word " * 4_000_000}
     t0 = time.perf_counter()
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.make_record(huge, 0, (model, model), tokenizer, cfg, {"generated": 0})
+        data_gen.make_record(huge, 0, (model, None), tokenizer, cfg, {"generated": 0})
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.make_record({"id": "small", "text": "short"}, 0, (model, model), tokenizer, cfg, {"generated": 0})
+        data_gen.make_record({"id": "small", "text": "short"}, 0, (model, None), tokenizer, cfg, {"generated": 0})
     # no record kept: an error unless --allow-empty
     empty = str(tmp_path / "empty.jsonl")
     with pytest.raises(AssertionError, match="no document of --docs demo gave a record"):
@@ -2055,6 +2091,155 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler", "needle_by_depth"}
     assert evaluation.prepare_inputs(cfg, ["ruler"])["out"] == str(tmp_path / "eval-1.json")  # never replaced
     assert evaluation.prepare_inputs(dataclasses.replace(cfg, overwrite=True), ["ruler"])["out"] == cfg.out
+
+
+# ----------------------------------------------------------------------------- a week-long job on a cluster
+
+def slow_rank_worker(rank, world_size, port, out):
+    """data_gen over 2 ranks whose rank 1 finishes ~6 s after rank 0, with a 3 s process-group timeout."""
+    dist.destroy_process_group()  # the harness's group; data_gen makes its own with --timeout-minutes
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
+    if rank == 1:
+        real = data_gen.make_record
+
+        def slow(*args):
+            time.sleep(6 if args[1] == 1 else 0)  # its first document
+            return real(*args)
+        data_gen.make_record = slow  # this process only
+    data_gen.main(data_gen.DataGenConfig(out=out, answers="gold", demo_docs=4, timeout_minutes=0.05))
+    assert os.path.exists(out) == (rank == 1), "the last rank to finish merges, and only it"
+
+
+def test_data_gen_rank_finishing_late_still_merges(tmp_path):
+    """Ranks that finish early never wait on the others (a barrier would fail after the timeout and stop
+    every rank before the merge): the last one writes the output, with every rank's records and counts."""
+    out = str(tmp_path / "gold.jsonl")
+    run_distributed(slow_rank_worker, 2, _free_port(), out)
+    with open(out) as f:
+        assert [json.loads(line)["meta"]["doc_index"] for line in f] == [0, 1, 2, 3]
+    with open(out + ".meta.json") as f:
+        assert json.load(f)["summary"]["kept"] == 4
+
+
+def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, capsys):
+    """An error inside one document (here out of memory) drops it with its reason and the error's first
+    line; the run completes; a rerun leaves it alone unless --retry-failed."""
+    cfg = data_gen.DataGenConfig(out=str(tmp_path / "gold.jsonl"), answers="gold", demo_docs=3)
+    real = data_gen.gold_record
+
+    def failing(draft, tokenizer, cfg):
+        if draft["doc_index"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(draft, tokenizer, cfg)
+    monkeypatch.setattr(data_gen, "gold_record", failing)
+
+    def run(**flags):
+        data_gen.main(dataclasses.replace(cfg, **flags))
+        with open(cfg.out + ".meta.json") as f:
+            summary = json.load(f)["summary"]
+        with open(cfg.out) as f:
+            return [json.loads(line)["id"] for line in f], summary
+    ids, summary = run()
+    assert ids == ["demo-0", "demo-2"] and summary["dropped_documents"] == {"error": 1}
+    assert summary["errors"] == {"demo-1": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert "document 'demo-1' dropped: OutOfMemoryError" in capsys.readouterr().out
+    monkeypatch.setattr(data_gen, "gold_record", real)  # the cause gone
+    again, summary_again = run()
+    assert "3 documents, 3 already done" in capsys.readouterr().out  # not retried
+    assert again == ids and summary_again["errors"] == summary["errors"]
+    ids, summary = run(retry_failed=True)
+    assert ids == ["demo-0", "demo-1", "demo-2"] and summary["dropped_documents"] == {} and summary["errors"] == {}
+
+
+def packed_length(record, tokenizer):
+    """Tokens of the packed pair counted directly: both sequences, less their common prompt (up to the first
+    answer) but its last token, which predicts each side's first answer token."""
+    (c, is_answer), (r, _) = (longpo.format_dialogue(tokenizer, record["document"], record["turns"], side)
+                              for side in ("chosen", "rejected"))
+    prompt = is_answer.index(True)
+    assert c[:prompt] == r[:prompt]
+    return len(c) + len(r) - (prompt - 1)
+
+
+def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path):
+    """--max-length (training's): each record is the longest first turns of the unlimited one that fit
+    (counted directly), documents without one dropped, cut turns counted; with model answers, every
+    record fits and the long-input answers are asked only for turns that fit whatever they will be."""
+    tokenizer = longpo.tiny_tokenizer()
+
+    def run(limit, **flags):
+        cfg = data_gen.DataGenConfig(out=str(tmp_path / f"{limit}-{len(flags)}.jsonl"), max_length=limit, **flags)
+        data_gen.main(cfg)
+        with open(cfg.out) as f, open(cfg.out + ".meta.json") as m:
+            return {r["id"]: r for r in map(json.loads, f)}, json.load(m)["summary"]
+    whole, _ = run(0, answers="gold", demo_docs=4, demo_paragraphs="8-24")
+    prefix = {i: [packed_length({**r, "turns": r["turns"][:n]}, tokenizer) for n in range(1, len(r["turns"]) + 1)]
+              for i, r in whole.items()}
+    limit = sorted(n for lengths in prefix.values() for n in lengths)[len(whole)]  # some cut, one dropped
+    fit = {i: sum(n <= limit for n in lengths) for i, lengths in prefix.items()}
+    got, summary = run(limit, answers="gold", demo_docs=4, demo_paragraphs="8-24")
+    assert {i: len(r["turns"]) for i, r in got.items()} == {i: n for i, n in fit.items() if n}
+    assert all(r["turns"] == whole[i]["turns"][:fit[i]] for i, r in got.items())
+    assert summary["dropped_documents"] == {"max_length": sum(n == 0 for n in fit.values())} != {}
+    cut = sum(len(whole[i]["turns"]) - n for i, n in fit.items() if n)
+    assert cut and summary["turns_filtered"] == {"max_length": cut}
+    model_made, summary = run(6000)  # the tiny default: 4 records of 6268-6632 tokens unlimited
+    assert model_made and all(packed_length(r, tokenizer) <= 6000 for r in model_made.values())
+    assert summary["turns_filtered"]["max_length"] >= len(model_made)
+
+
+def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM mid-run: a checkpoint at the end of the step in flight, exit 0; --resume ends with the
+    weights of the uninterrupted run. --save-total-limit 2 keeps the newest two checkpoints. The final
+    config carries the trained length (--max-length) and the RoPE theta trained with."""
+    from transformers import AutoModelForCausalLM
+    base = tmp_path / "base"  # tiny, but its config says 512 positions, as a 32K model says 32768
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model.config.max_position_embeddings = 512
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
+    args = ["longpo.py", "--model", str(base), "--data", data, "--max-steps", "12", "--grad-accum", "1",
+            "--lr", "1e-3", "--max-length", "4000", "--rope-theta", "1e5"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_script(args + ["--output-dir", full, "--save-every", "1", "--save-total-limit", "2"])
+    assert longpo.checkpoint_steps(full) == [11, 12]
+    config = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).config
+    assert config.max_position_embeddings == 4000 and rope_theta(config) == 1e5
+    proc = subprocess.Popen([sys.executable, "-u"] + args + ["--output-dir", part], cwd=HERE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith("step 1 |"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "signal SIGTERM: stopped at step" in log, log[-2000:]
+    steps = longpo.checkpoint_steps(part)
+    assert len(steps) == 1 and 1 <= steps[0] < 12 and not os.path.exists(os.path.join(part, "final"))
+    run_script(args + ["--output-dir", part, "--resume"])
+    got = AutoModelForCausalLM.from_pretrained(os.path.join(part, "final")).state_dict()
+    for name, want in AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).state_dict().items():
+        assert_close(got[name], want, 1e-6, f"{name} after a signal and --resume")
+
+
+def test_log_probs_keep_only_the_last_hidden_state():
+    """sequence_logps reads the decoder's last hidden state without asking the model for every layer's:
+    the same log-probs as from output_hidden_states=True, bit for bit, and equal to a full log-softmax."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    rec = make_records(1, seed=7)[0]
+    ids, is_answer = longpo.format_dialogue(tokenizer, rec["document"], rec["turns"], "chosen")
+    seq = longpo.prepare_sequence(ids, {"chosen": is_answer}, ra.one_process(torch.device("cpu")), 0)
+    asked = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: asked.append(kw.get("output_hidden_states")) or forward(*a, **kw)
+    with torch.no_grad():
+        got = longpo.sequence_logps(model, seq, ra.one_process(torch.device("cpu")), 64)["chosen"]
+        out = forward(input_ids=seq["input_ids"], position_ids=seq["position_ids"], output_hidden_states=True)
+        before = longpo.token_logps(out.hidden_states[-1], model.lm_head.weight, seq["targets"], seq["chosen"], 64)
+        full = torch.log_softmax(out.logits.double(), -1).gather(-1, seq["targets"].unsqueeze(-1))[..., 0]
+    assert asked == [None], "the model was asked for every layer's hidden states"
+    assert torch.equal(got, (before * seq["chosen"]).sum(-1))
+    assert math.isclose(got.item(), (full * seq["chosen"]).sum().item(), rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the miniature reproduction
