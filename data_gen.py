@@ -506,15 +506,15 @@ def fit_max_length(text, turns, tokenizer, cfg, filtered, slack=0):
     """--max-length (training's, longpo.trained_length): the first turns whose trained sequence fits it with
     `slack` tokens a turn left for answers not yet written (a generated token may re-tokenize as two at
     an answer's border: 2 spare); the turns cut are counted in `filtered`. None fits: Dropped."""
-    for n in range(len(turns), 0, -1) if cfg.max_length else ():
+    if not cfg.max_length:
+        return turns
+    for n in range(len(turns), 0, -1):
         example = longpo.build_example({"document": text, "turns": turns[:n]}, tokenizer)
         if longpo.trained_length(example) + n * slack <= cfg.max_length:
             if n < len(turns):
                 filtered["max_length"] = filtered.get("max_length", 0) + len(turns) - n
             return turns[:n]
-    if cfg.max_length:
-        raise Dropped("max_length", filtered)
-    return turns
+    raise Dropped("max_length", filtered)
 
 
 def finish_record(draft, rejected, model, tokenizer, cfg):
@@ -917,9 +917,9 @@ def finish(cfg, rank, world_size, n_docs, bad_lines, stats):
         with open(mark) as f:
             everyone.append(json.load(f))
     generated, seconds = sum(e["generated"] for e in everyone), sum(e["seconds"] for e in everyone)
+    per_s = generated / max(seconds / world_size, 1e-9)  # the seconds summed over ranks
     summary = join_parts(cfg, n_docs, bad_lines, {"generated_tokens_this_run": generated,
-                                                  "generated_tokens_per_s": round(generated / max(seconds / world_size,
-                                                                                                  1e-9), 1)})
+                                                  "generated_tokens_per_s": round(per_s, 1)})
     print(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}", flush=True)
     if not summary["kept"] and not cfg.allow_empty:
         raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: {summary['dropped_documents']}, "

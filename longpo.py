@@ -487,7 +487,7 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     sides = trained_sides(cfg)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
         ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank for m in range(first, first + cfg.micro_batch)]
-        idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # sample numbers
+        idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # k: the sample's number
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
         refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
         metrics, n = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
@@ -551,8 +551,10 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length=Non
     fits = [n <= (cfg.max_length or math.inf) for n in records.lengths]
     if not any(fits):
         raise UsageError(f"no record of this run fits the lowered --max-length {cfg.max_length}; raise it")
-    n = len(fits)
-    records.substitute = [next(j % n for j in range(i, i + n) if fits[j % n]) for i in range(n)]
+    n, following, records.substitute = len(fits), None, [0] * len(fits)
+    for i in reversed(range(2 * n)):  # each record's next one that fits, itself included, cyclically
+        following = i % n if fits[i % n] else following
+        records.substitute[i % n] = following
     if not all(fits):
         print0(f"--max-length lowered from {limit or 'none'} to {cfg.max_length}: {n - sum(fits)} records longer "
                "than it are each replaced by the next record that fits")

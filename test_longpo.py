@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import socket
+import string
 import time
 import traceback
 
@@ -2161,7 +2162,7 @@ def packed_length(record, tokenizer):
     return len(c) + len(r) - (prompt - 1)
 
 
-def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path):
+def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeypatch):
     """--max-length (training's): each record is the longest first turns of the unlimited one that fit
     (counted directly), documents without one dropped, cut turns counted; with model answers, every
     record fits and the long-input answers are asked only for turns that fit whatever they will be."""
@@ -2183,9 +2184,19 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path):
     assert summary["dropped_documents"] == {"max_length": sum(n == 0 for n in fit.values())} != {}
     cut = sum(len(whole[i]["turns"]) - n for i, n in fit.items() if n)
     assert cut and summary["turns_filtered"] == {"max_length": cut}
+    long_asked = []
+
+    def longest_answers(model, tokenizer, contexts, instructions, seeds, cfg, batched, max_new_tokens, **sampling):
+        """Every answer as long as --max-new-tokens allows (one byte-level token a letter): the worst case."""
+        long_asked.append(0 if batched else len(contexts))  # the long prompts go one at a time
+        return ["".join(random.Random(seed).choices(string.ascii_letters, k=max_new_tokens)) for seed in seeds], 0
+    monkeypatch.setattr(data_gen, "ask", longest_answers)
     model_made, summary = run(6000)  # the tiny default: 4 records of 6268-6632 tokens unlimited
     assert model_made and all(packed_length(r, tokenizer) <= 6000 for r in model_made.values())
-    assert summary["turns_filtered"]["max_length"] >= len(model_made)
+    filtered = summary["turns_filtered"]
+    assert filtered["max_length"] >= len(model_made)
+    # no long answer was generated for a turn then cut for length: only kept turns and answer filters
+    assert sum(long_asked) == summary["turns_kept"] + sum(n for k, n in filtered.items() if k != "max_length")
 
 
 def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
