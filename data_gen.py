@@ -583,6 +583,7 @@ FILLER = ["The morning fog lifted slowly over the valley.", "Travellers often st
           "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
 MAX_DEMO_PARAGRAPHS = len(PLACES) // 2  # two facts a paragraph, no place twice in a document
 COPY_WORDS = (16, 32)  # fewest and most words of an --answers copy record
+COPY_INSTRUCTION = "Repeat the text above."
 
 
 def parse_paragraphs(spec):
@@ -659,7 +660,7 @@ def copy_record(doc, doc_index, tokenizer, cfg):
     """--answers copy: "Repeat the text above.", chosen = the document, rejected = its words in
     reverse order; no reference log-probs (no model ran)."""
     text, (n_tokens, starts) = doc["text"], measure(doc, tokenizer, cfg)
-    turn = {"instruction": "Repeat the text above.", "chunk": [0, len(text)], "chosen": text,
+    turn = {"instruction": COPY_INSTRUCTION, "chunk": [0, len(text)], "chosen": text,
             "rejected": " ".join(reversed(text.split()))}
     draft = {"doc": doc, "doc_index": doc_index, "doc_tokens": n_tokens, "filtered": {}, "starts": starts}
     return draft_record(draft, [turn], cfg, tokenizer, "copy")

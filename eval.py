@@ -54,10 +54,11 @@ class EvalConfig:
     model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s), comma-separated: hub id or dir"})
     baseline: str = field(default="auto", metadata={"help": "model to compare with (auto: a longpo.py run's base)"})
     ref_model: str = field(default="", metadata={"help": "reference for the KL check (default: the baseline)"})
-    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "of ruler, facts, infbench, mc, kl, pref"})
+    tasks: str = field(default="ruler,mc,kl,pref", metadata={"help": "of ruler, facts, copy, infbench, mc, kl, pref"})
     lengths: str = field(default="1k,2k", metadata={"help": "RULER and facts prompt lengths (k = 1024), e.g. 4k,128k"})
     depths: int = field(default=5, metadata={"help": "needle depths spread over [0, 1]"})
     samples: int = field(default=1, metadata={"help": "RULER samples per task, length and depth"})
+    copy_lists: int = field(default=64, metadata={"help": "copy task: held-out word lists to repeat"})
     haystack: str = field(default="", metadata={"help": "haystack text or JSONL ('text') file (default: filler)"})
     infbench: str = field(default="", metadata={"help": "folder with longbook_{qa,choice,sum}_eng.jsonl"})
     infbench_max_len: int = field(default=131072, metadata={"help": "InfiniteBench truncation length (middle cut)"})
@@ -242,6 +243,21 @@ def eval_facts(model, tokenizer, prompts, par=None):
         scores.setdefault(str(length), []).append(float(numbers[:1] == [expected]))
     per_length = {n: sum(v) / len(v) for n, v in scores.items()}
     return {"avg": sum(per_length.values()) / len(per_length), **per_length}
+
+
+def eval_copy(model, tokenizer, cfg, par=None):
+    """The miniature's short skill that its long pairs never train: "Repeat the text above." after a
+    held-out list of 16-32 words (data_gen.copy_corpus, a seed far from any training one), answered
+    greedily. Exact copies, and the share of words right at their place."""
+    exact, words = [], []
+    for doc in tqdm(data_gen.copy_corpus(cfg.copy_lists, seed=(1 << 30) + cfg.seed), desc="copy", leave=False):
+        text = doc["text"]
+        ids = longpo.format_dialogue(tokenizer, text, [{"instruction": data_gen.COPY_INSTRUCTION}])[0]
+        answer = greedy(model, tokenizer, ids, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 8, par)
+        want, got = text.split(), answer.split()
+        exact.append(float(got == want))
+        words.append(sum(a == b for a, b in zip(got, want)) / len(want))
+    return {"exact": sum(exact) / len(exact), "words": sum(words) / len(words)}
 
 
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "qa")
@@ -510,10 +526,10 @@ def free_name(path, overwrite):
 def prepare_inputs(cfg, tasks):
     """Every flag and input file checked and read before any model is loaded: a mistake found after
     hours of generation at 128K would lose them. Returns the inputs of the tasks and the output paths."""
-    unknown = set(tasks) - {"ruler", "facts", "infbench", "mc", "kl", "pref"}
+    unknown = set(tasks) - {"ruler", "facts", "copy", "infbench", "mc", "kl", "pref"}
     if unknown or not tasks:
-        raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, infbench, mc, kl, pref")
-    check_at_least(cfg, ("depths", "samples", "max_pairs", "infbench_max_len"), 1)
+        raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, copy, infbench, mc, kl, pref")
+    check_at_least(cfg, ("depths", "samples", "copy_lists", "max_pairs", "infbench_max_len"), 1)
     if cfg.infbench_limit < 0 or not cfg.beta >= 0 or not cfg.timeout_minutes > 0:
         raise UsageError("--infbench-limit and --beta must be >= 0, --timeout-minutes > 0")
     use_kernel(cfg.attn_kernel)
@@ -574,6 +590,9 @@ def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results,
     if "facts" in tasks:
         results["facts"] = eval_facts(model, tokenizer, inputs["facts"][name], par)
         save()
+    if "copy" in tasks:
+        results["copy"] = eval_copy(model, tokenizer, cfg, par)
+        save()
     if "infbench" in tasks:
         results["infbench"] = eval_infbench(model, tokenizer, cfg, inputs["infbench"], par)
         save()
@@ -588,6 +607,7 @@ def answer_tasks(name, model, tokenizer, ref_model, tasks, inputs, cfg, results,
 def summary_row(res):
     """The paper-style columns of one model's results."""
     row = {f"facts/{n}": v for n, v in res.get("facts", {}).items()}
+    row.update({f"copy/{k}": v for k, v in res.get("copy", {}).items()})
     for task, by_len in res.get("ruler", {}).items():
         row[f"ruler/{task}"] = by_len["avg"]
     if res.get("ruler"):  # the paper's RULER average: the mean of its three categories NIAH, VT, QA

@@ -1726,6 +1726,29 @@ class BiasedLM(torch.nn.Module):
         return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})()
 
 
+def test_copy_task_scores_a_copier_at_one_and_others_below(monkeypatch):
+    """eval's copy task on held-out lists: a model that repeats the list scores 1.0 (exact and per word),
+    one that skips a word or stops halfway scores what a direct count says; the real decoding runs."""
+    tokenizer, cfg = longpo.tiny_tokenizer(), evaluation.EvalConfig(copy_lists=8)
+    lists = [d["text"] for d in data_gen.copy_corpus(8, seed=1 << 30)]  # held out: no training seed is near
+
+    def answer(model, tokenizer, ids, max_new_tokens, par=None):  # `model` maps the list to its answer
+        text = next(t for t in lists if t in tokenizer.decode(ids))
+        assert max_new_tokens >= len(tokenizer(text, add_special_tokens=False)["input_ids"])  # room to copy
+        return model(text)
+    monkeypatch.setattr(evaluation, "greedy", answer)
+    assert evaluation.eval_copy(lambda text: text, tokenizer, cfg) == {"exact": 1.0, "words": 1.0}
+    skips = evaluation.eval_copy(lambda text: " ".join(text.split()[:1] + text.split()[2:]), tokenizer, cfg)
+    assert skips == {"exact": 0.0, "words": pytest.approx(sum(1 / len(t.split()) for t in lists) / 8)}
+    halfway = evaluation.eval_copy(lambda text: " ".join(text.split()[:len(text.split()) // 2]), tokenizer, cfg)
+    assert halfway == {"exact": 0.0, "words": pytest.approx(sum(len(t.split()) // 2 / len(t.split())
+                                                                for t in lists) / 8)}
+    monkeypatch.undo()
+    model, _ = longpo.load_model_and_tokenizer("tiny")
+    random_model = evaluation.eval_copy(model, tokenizer, dataclasses.replace(cfg, copy_lists=2))
+    assert random_model["exact"] == 0.0 and 0.0 <= random_model["words"] < 1.0
+
+
 def test_mc_scorer_and_kl():
     tokenizer = longpo.tiny_tokenizer()
     seven = tokenizer("7", add_special_tokens=False)["input_ids"][0]
@@ -2379,12 +2402,13 @@ def test_miniature_recipe_end_to_end(tmp_path):
         run(longpo, longpo.TrainConfig, "--model", model, "--loss", loss, "--data", pairs, "--output-dir",
             tmp_path / loss, "--lr", "1e-3", "--grad-accum", 1, "--max-steps", 2, "--rope-theta", "1e5")
         finals.append(str(tmp_path / loss / "final"))
-    run(evaluation, evaluation.EvalConfig, "--model", ",".join(finals), "--baseline", model, "--tasks", "facts,kl,pref",
-        "--lengths", "128,512", "--depths", 2, "--pref-data", heldout, "--out", out)
+    run(evaluation, evaluation.EvalConfig, "--model", ",".join(finals), "--baseline", model, "--tasks",
+        "facts,copy,kl,pref", "--lengths", "128,512", "--depths", 2, "--copy-lists", 4, "--pref-data", heldout,
+        "--out", out)
     scores = json.load(open(out))
     assert scores["complete"] and list(scores["table"]) == [str(model)] + finals
     for name, row in scores["table"].items():
-        assert {"facts/128", "facts/512", "pref/acc", "pref/margin"} <= set(row), row
+        assert {"facts/128", "facts/512", "copy/exact", "copy/words", "pref/acc", "pref/margin"} <= set(row), row
         assert (row["kl"] == 0) == (name == str(model)), (name, row["kl"])  # trained models moved, the base did not
     assert rope_theta(longpo.load_config(finals[0])) == 1e5  # the policy keeps its raised theta
 
