@@ -389,9 +389,12 @@ def attempt(fn, *args):
     except Dropped:
         raise
     except Exception as e:
-        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # what the failed document held
-        raise Dropped("error", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}") from e
+        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    # out of the except block, the error and the frames it held (their tensors) are gone
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a broken device (an illegal access, ECC) raises here and stops the run
+        torch.cuda.empty_cache()  # what the failed document held
+    raise Dropped("error", error=error)
 
 
 @functools.lru_cache(maxsize=4)
@@ -907,7 +910,11 @@ def finish(cfg, rank, world_size, n_docs, bad_lines, stats):
         json.dump(stats, f)
     os.replace(f.name, os.path.join(folder, f"rank{rank}.done"))
     marks = [os.path.join(folder, f"rank{r}.done") for r in range(world_size)]
-    if not all(map(os.path.exists, marks)):
+    for _ in range(30):  # a shared file system may show another node's mark late (NFS caches "no such file")
+        if all(map(os.path.exists, marks)):
+            break
+        time.sleep(2)
+    else:
         return print(f"rank {rank}: done; the last rank to finish writes {cfg.out}", flush=True)
     try:
         os.close(os.open(os.path.join(folder, "merging"), os.O_CREAT | os.O_EXCL))  # two last ranks: one merges

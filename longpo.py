@@ -536,7 +536,7 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length=Non
     """Records with their lengths and reference log-probs (computed on the SHORT inputs where the file
     has none, Eq. 13); every rank ends with the same. Those longer than the --max-length the run started
     with (run_max_length) are skipped; a --max-length lowered on resume keeps that set (and so the data
-    order) and replaces each record longer than it by the next one that fits (records.substitute)."""
+    order) and replaces each record longer than it by one that fits, drawn from the seed (records.substitute)."""
     packed = cfg.pack == "shared-prefix" and cfg.loss != "sft"
     lengths = distributed_map(lambda i: trained_length(build_example(records[i], tokenizer, trained_sides(cfg)),
                                                        packed), range(len(records)), par, "lengths")
@@ -551,13 +551,11 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length=Non
     fits = [n <= (cfg.max_length or math.inf) for n in records.lengths]
     if not any(fits):
         raise UsageError(f"no record of this run fits the lowered --max-length {cfg.max_length}; raise it")
-    n, following, records.substitute = len(fits), None, [0] * len(fits)
-    for i in reversed(range(2 * n)):  # each record's next one that fits, itself included, cyclically
-        following = i % n if fits[i % n] else following
-        records.substitute[i % n] = following
-    if not all(fits):
-        print0(f"--max-length lowered from {limit or 'none'} to {cfg.max_length}: {n - sum(fits)} records longer "
-               "than it are each replaced by the next record that fits")
+    fitting = [i for i, ok in enumerate(fits) if ok]  # substitutes drawn at random: none is used twice as often
+    records.substitute = [i if ok else random.Random(f"{cfg.seed}-{i}").choice(fitting) for i, ok in enumerate(fits)]
+    if len(fitting) < len(fits):
+        print0(f"--max-length lowered from {limit or 'none'} to {cfg.max_length}: {len(fits) - len(fitting)} records "
+               "longer than it are each replaced by a random one that fits")
     missing = [i for i, ref in enumerate(records.refs) if None in ref]
     if cfg.loss == "longpo" and missing:
         name = cfg.ref_model or cfg.model
@@ -596,7 +594,6 @@ def checkpoint_on_signals():
 
 
 def train(cfg, par, records, run_max_length=None):
-    checkpoint_on_signals()
     master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
     records = prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length)
@@ -614,6 +611,7 @@ def train(cfg, par, records, run_max_length=None):
     print0(f"training: {len(records)} records, {total_steps} steps of {cfg.grad_accum} x {par.dp_size} "
            f"samples, world {par.world_size} = dp {par.dp_size} x sp {par.sp_size}, device {par.device}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0, desc="train")
+    checkpoint_on_signals()  # from here on a stop signal costs at most the step in flight
     for step in bar:
         metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler)
         signalled = metrics.pop("signalled") > 0  # on any rank
@@ -623,6 +621,7 @@ def train(cfg, par, records, run_max_length=None):
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in metrics.items()))
         stop = cfg.stop_after and metrics["step"] - start >= cfg.stop_after and metrics["step"] < total_steps
+        signalled = signalled and metrics["step"] < total_steps  # at the last step: the final model follows
         if stop or signalled or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
             save_checkpoint(policy, optimizer, scheduler, metrics["step"], cfg, par)
         if stop or signalled:

@@ -614,9 +614,9 @@ KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in
 
 
 def use_kernel(name):
-    """--attn-kernel: the block kernel of the models' ring attention, and on CUDA the only backend left
-    to transformers' "sdpa" attention (one-process generation), so a misbehaving kernel can be pinned
-    away everywhere. Checked before any work: a CUDA kernel on a machine without CUDA is refused."""
+    """--attn-kernel: the block kernel of the models' ring attention; any other than auto or cudnn also
+    takes cuDNN from transformers' "sdpa" attention (one-process generation; its other backends stay, as
+    masked batches need them). Checked before any work: a CUDA kernel without CUDA is refused."""
     if name not in ("auto", *KERNELS):
         raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(KERNELS)}")
     on_cuda = torch.cuda.is_available()
@@ -627,11 +627,8 @@ def use_kernel(name):
         raise UsageError("--attn-kernel flash_attn: flash-attn >= 2.7 is not installed "
                          "(pip install flash-attn --no-build-isolation)")
     KERNEL[0] = name
-    if on_cuda and name != "auto":  # flash_attn has no sdpa twin: its nearest, PyTorch's flash op
-        torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
-        torch.backends.cuda.enable_flash_sdp(name in ("sdpa_flash", "flash_attn"))
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(name == "plain")
+    if on_cuda and name not in ("auto", "cudnn"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _register_with_transformers():
@@ -685,6 +682,9 @@ def config_from_cli(cls, argv=None):
     return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
 
 
+TIMEOUT = [datetime.timedelta(minutes=30)]  # of every process group: init_distributed's timeout_minutes
+
+
 def init_distributed(timeout_minutes=30.0, group_of_one=False):
     """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
     nccl on CUDA, gloo on CPU; a collective waiting longer than timeout_minutes fails (--timeout-minutes).
@@ -697,6 +697,7 @@ def init_distributed(timeout_minutes=30.0, group_of_one=False):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+    TIMEOUT[0] = timeout  # the SP groups' too (setup_parallel)
     if not dist.is_initialized():
         if world_size > 1:
             dist.init_process_group(backend, timeout=timeout)
@@ -744,7 +745,8 @@ def setup_parallel(sp_size, rank, world_size, device):
     sp_size = sp_size or world_size
     assert world_size % sp_size == 0, (sp_size, world_size)
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
-    groups = [dist.new_group(list(range(f, f + sp_size))) for f in range(0, world_size, sp_size)] if sp_size > 1 else []
+    groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT[0])
+              for f in range(0, world_size, sp_size)] if sp_size > 1 else []
     return Parallel(rank, world_size, sp_size, groups[rank // sp_size] if groups else LOCAL, device)
 
 
