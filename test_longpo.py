@@ -2153,16 +2153,17 @@ def test_data_gen_rank_finishing_late_still_merges(tmp_path):
 
 
 def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, capsys):
-    """An error inside one document (here out of memory) drops it with its reason and the error's first
-    line; the run completes; a rerun leaves it alone unless --retry-failed."""
-    cfg = data_gen.DataGenConfig(out=str(tmp_path / "gold.jsonl"), answers="gold", demo_docs=3)
-    real = data_gen.gold_record
+    """An error inside the generation for one document (here out of memory, in its long-input answers) drops
+    it with its reason and the error's first line; the run completes; a rerun leaves it alone unless
+    --retry-failed."""
+    cfg = data_gen.DataGenConfig(out=str(tmp_path / "pairs.jsonl"), demo_docs=3, turns=1, max_new_tokens=8)
+    real, second = data_gen.generate, data_gen.demo_corpus(3)[1]["text"]
 
-    def failing(draft, tokenizer, cfg):
-        if draft["doc_index"] == 1:
+    def failing(model, tokenizer, prompts, *args, **kwargs):
+        if any(second[:200] in tokenizer.decode(p) for p in prompts) and len(prompts[0]) > 1000:  # its long prompt(s)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return real(draft, tokenizer, cfg)
-    monkeypatch.setattr(data_gen, "gold_record", failing)
+        return real(model, tokenizer, prompts, *args, **kwargs)
+    monkeypatch.setattr(data_gen, "generate", failing)
 
     def run(**flags):
         data_gen.main(dataclasses.replace(cfg, **flags))
@@ -2174,7 +2175,7 @@ def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, ca
     assert ids == ["demo-0", "demo-2"] and summary["dropped_documents"] == {"error": 1}
     assert summary["errors"] == {"demo-1": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
     assert "document 'demo-1' dropped: OutOfMemoryError" in capsys.readouterr().out
-    monkeypatch.setattr(data_gen, "gold_record", real)  # the cause gone
+    monkeypatch.setattr(data_gen, "generate", real)  # the cause gone
     again, summary_again = run()
     assert "3 documents, 3 already done" in capsys.readouterr().out  # not retried
     assert again == ids and summary_again["errors"] == summary["errors"]
