@@ -183,6 +183,33 @@ def test_imports_point_down_only():
     assert any("ring_attention.py" in p and "imports eval" in p for p in import_problems(dynamic))
 
 
+def test_readme_gpu_commands_parse():
+    """Every script command of the README's GPU section (shell variables filled in) parses with that
+    script's arguments: a flag given to the wrong script would stop a job on the node."""
+    import shlex
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text[text.index("## On a GPU node"):text.index("## Code map")]
+    block = "\n".join(line[4:] for line in section.splitlines() if line.startswith("    ")).replace("\\\n", " ")
+    configs = {"longpo.py": longpo.TrainConfig, "data_gen.py": data_gen.DataGenConfig, "eval.py": evaluation.EvalConfig}
+    shell, parsed = {}, []
+    for part in (p.strip() for line in block.splitlines() for p in line.split("; ")):
+        for name, value in sorted(shell.items(), key=lambda kv: -len(kv[0])):
+            part = part.replace("$" + name, value)
+        assignment = re.fullmatch(r'(\w+)="?([^"]*)"?', part)
+        if assignment:
+            shell[assignment.group(1)] = assignment.group(2)
+            continue
+        args = shlex.split(part) if part.startswith(("python ", "torchrun ")) and " -c " not in part else []
+        script = next((a for a in args if a in configs), None)
+        if script:
+            try:
+                ra.config_from_cli(configs[script], args[args.index(script) + 1:])
+            except SystemExit:
+                pytest.fail(f"the README's command does not parse: {part}")
+            parsed.append(script)
+    assert parsed.count("data_gen.py") >= 5 and parsed.count("longpo.py") >= 4 and parsed.count("eval.py") >= 2
+
+
 def test_script_lines_fit_120_characters():
     for module in ("ring_attention", "longpo", "data_gen", "eval"):
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")
