@@ -57,8 +57,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import longpo
-from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
-                            run_cli, setup_parallel, use_kernel)
+from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
+                            init_distributed, print0, run_cli, setup_parallel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -203,10 +203,10 @@ def with_lead_in(lead_in, question):
 
 # ----------------------------------------------------------------------------- generation
 
-def load_for_inference(name, device, rope_theta=0.0):
+def load_for_inference(name, device):
     """(model, tokenizer) for generation and scoring: bf16 on CUDA, fp32 on CPU, in eval mode."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = longpo.load_model_and_tokenizer(name, dtype, rope_theta)
+    model, tokenizer = longpo.load_model_and_tokenizer(name, dtype)
     return model.to(device).eval(), tokenizer
 
 
@@ -801,9 +801,7 @@ def resolve(cfg):
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
         raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
     check_at_least(cfg, ("max_length",), 0, " (0: no limit)")
-    if not cfg.timeout_minutes > 0:
-        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
-    use_kernel(cfg.attn_kernel)
+    check_runtime(cfg)
     if not cfg.plan:
         check_sp_size(cfg.sp_size)
     check_output_file("--out", cfg.out, "x.jsonl")

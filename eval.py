@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 import data_gen
 import longpo
-from ring_attention import (UsageError, check_at_least, check_output_file, check_sp_size, init_distributed, print0,
-                            run_cli, setup_parallel, use_kernel)
+from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
+                            init_distributed, print0, run_cli, setup_parallel)
 
 
 @dataclass
@@ -530,9 +530,9 @@ def prepare_inputs(cfg, tasks):
     if unknown or not tasks:
         raise UsageError(f"--tasks {cfg.tasks!r}: choose from ruler, facts, copy, infbench, mc, kl, pref")
     check_at_least(cfg, ("depths", "samples", "copy_lists", "max_pairs", "infbench_max_len"), 1)
-    if cfg.infbench_limit < 0 or not cfg.beta >= 0 or not cfg.timeout_minutes > 0:
-        raise UsageError("--infbench-limit and --beta must be >= 0, --timeout-minutes > 0")
-    use_kernel(cfg.attn_kernel)
+    if cfg.infbench_limit < 0 or not cfg.beta >= 0:
+        raise UsageError("--infbench-limit and --beta must be >= 0")
+    check_runtime(cfg)
     check_sp_size(cfg.sp_size)
     lengths = parse_lengths(cfg.lengths) if {"ruler", "facts"} & set(tasks) else None
     for name in model_names(cfg):

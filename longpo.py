@@ -59,8 +59,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
-from ring_attention import (UsageError, barrier, check_at_least, check_sp_size, distributed_map, init_distributed,
-                            one_process, print0, run_cli, setup_parallel, use_kernel, world_mean, zigzag_shard)
+from ring_attention import (UsageError, barrier, check_at_least, check_runtime, check_sp_size, distributed_map,
+                            init_distributed, one_process, print0, run_cli, setup_parallel, world_mean, zigzag_shard)
 
 # FSDP2 warns that the root module returns a view (its one position's logits); we never modify it
 # in place, which is the case the warning is about.
@@ -787,9 +787,7 @@ def check_config(cfg):
     check_at_least(cfg, ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"), 1)
     check_at_least(cfg, ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length",
                          "rope_theta", "save_every", "save_total_limit", "stop_after"), 0, " (0: the default)")
-    if not cfg.timeout_minutes > 0:
-        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
-    use_kernel(cfg.attn_kernel)
+    check_runtime(cfg)
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
     if not 0 <= cfg.warmup_ratio <= 1:

@@ -620,7 +620,7 @@ def use_kernel(name):
     if name not in ("auto", *KERNELS):
         raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(KERNELS)}")
     on_cuda = torch.cuda.is_available()
-    if name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda or name == "cpu" and on_cuda:
+    if (name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda) or (name == "cpu" and on_cuda):
         raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
                          "use auto or plain")
     if name == "flash_attn" and not flash_attn_available():
@@ -629,6 +629,13 @@ def use_kernel(name):
     KERNEL[0] = name
     if on_cuda and name not in ("auto", "cudnn"):
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def check_runtime(cfg):
+    """Every script's --timeout-minutes and --attn-kernel, checked (and the kernel set) before any work."""
+    if not cfg.timeout_minutes > 0:
+        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
+    use_kernel(cfg.attn_kernel)
 
 
 def _register_with_transformers():
