@@ -476,14 +476,19 @@ def epoch_order(n, seed):
 
 def stop_non_finite(what, cfg):
     raise FloatingPointError(
-        f"non-finite {what}; no update was applied. The last good checkpoint is "
-        f"{last_checkpoint(cfg.output_dir)}: resume from it with --resume and a lower --lr")
+        f"non-finite {what}; no update was applied. The last good checkpoint is {last_checkpoint(cfg.output_dir)}: "
+        "a fused attention kernel can fail on one record's block shapes, so resume from it with --resume and another "
+        "--attn-kernel (sdpa_flash on CUDA, plain on CPU) first; if that fails the same way, with a lower --lr")
+
+
+def which_records(records, idxs):
+    return "record " + ", ".join(f"{records[i].get('id', i)!r} of {records.lengths[i]} tokens" for i in idxs)
 
 
 def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule."""
     records, tokenizer = data
-    t0, sums, tokens = time.perf_counter(), {}, 0
+    t0, sums, tokens, mine = time.perf_counter(), {}, 0, []
     sides = trained_sides(cfg)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
         ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank for m in range(first, first + cfg.micro_batch)]
@@ -495,16 +500,16 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
         if par.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
-            ids = ", ".join(repr(records[i].get("id", i)) for i in idxs)
-            stop_non_finite(f"loss at step {step + 1} (record id {ids} on rank {par.rank})", cfg)
+            stop_non_finite(f"loss at step {step + 1} ({which_records(records, idxs)} on rank {par.rank})", cfg)
+        mine += idxs
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
         tokens += n
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    if not math.isfinite(grad_norm.item()):  # the same global norm on every rank
-        stop_non_finite(f"gradient norm at step {step + 1}", cfg)
+    if not math.isfinite(grad_norm.item()):  # the same global norm on every rank: each says its records
+        stop_non_finite(f"gradient norm at step {step + 1} ({which_records(records, mine)} on rank {par.rank})", cfg)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -28,6 +28,7 @@ Self-check and benchmark against SDPA of the whole sequence (the test file's opt
 """
 import datetime
 import functools
+import math
 import os
 import sys
 import time
@@ -197,54 +198,98 @@ def flash_attn_available():
     return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 7)
 
 
-def _rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+# The shapes the probe checks, (query rows, keys, causal). "regular" blocks are the ring's chunks and the
+# branches' pieces: any length, odd ones included. "small" ones, under SMALL_BLOCK rows or keys, come
+# at a sequence's end (its last 1-7 padding or answer tokens on one rank) and in decoding (1 query a
+# token); a fused op may refuse them or return NaN where PyTorch's own dispatcher would not call it.
+PROBES = {"regular": ((128, 128, True), (64, 128, False), (67, 67, True), (67, 131, False), (131, 67, False)),
+          "small": ((1, 1, True), (1, 1, False), (1, 67, False), (67, 1, False), (5, 5, True))}
+SMALL_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A block kernel as the ring calls it: `name`'s, except that small blocks go to the plain kernel
+    when the probe found `name` wrong on them (small_ok False); a block's backward goes where its
+    forward went (the routing depends on its shape alone)."""
+    name: str
+    small_ok: bool = True
+
+    def pick(self, q, k):
+        small = min(q.shape[1], k.shape[1]) < SMALL_BLOCK
+        return KERNELS["plain" if small and not self.small_ok else self.name]
+
+    def fwd(self, q, k, v, scale, causal):
+        return self.pick(q, k)[0](q, k, v, scale, causal)
+
+    def bwd(self, dout, q, k, v, out, lse, aux, scale, causal):
+        return self.pick(q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
+
+
+def probe_block(name, tq, tk, causal, device, dtype, heads, kv_heads, head_dim):
+    """None if kernel `name` computes this block's out, lse, dq, dk, dv as the plain kernel does, else
+    what went wrong. A NaN or inf anywhere fails (a NaN error would pass any `error > tol` test)."""
+    fwd, bwd = KERNELS[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, dout = (torch.randn(1, tq, heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+    scale = head_dim ** -0.5
+    want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
+    # The backward as the ring calls it, with a GLOBAL out and lse: this block's merged with one of equal
+    # mass and zero values (with its own lse, a one-key block's dq and dk would be exactly zero).
+    out_g, lse_g = (want_out / 2).to(dtype), want_lse + math.log(2)
+    try:
+        out, lse, aux = fwd(q, k, v, scale, causal)
+        got = [out, lse, *bwd(dout, q, k, v, out_g, lse_g, aux, scale, causal)]
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as e:
+        return f"fails ({str(e).splitlines()[0][:160]})"
+    want = [want_out, want_lse, *plain_bwd(dout, q, k, v, out_g, lse_g, None, scale, causal)]
+    if any(g.shape != w.shape for g, w in zip(got, want)):
+        return f"returns shapes {[tuple(g.shape) for g in got]}, not {[tuple(w.shape) for w in want]}"
+    if not all(bool(torch.isfinite(g).all()) for g in got):
+        return "returns NaN or inf"
+    error = max(float((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30))
+                for g, w in zip(got, want))
+    return f"is wrong (max relative error {error:.2g})" if error > 0.05 else None  # bf16: within 1e-2
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_works(name, device, dtype, heads, kv_heads, head_dim):
-    """Whether kernel `name` handles this device, dtype and head shape: a causal and a rectangular
-    block, forward and backward, checked once per configuration against the plain kernel (a fused
-    op may refuse inputs, e.g. cuDNN on older GPUs, or change its private signature)."""
+def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
+    """(usable, small_ok, failure): whether kernel `name` handles this device, dtype and head shape on
+    every probe shape (small_ok) or on the regular ones only; failure names the first shape it got
+    wrong. Checked once per configuration against the plain kernel, forward and backward."""
     if name == "flash_attn" and not flash_attn_available():
-        return False
-    fwd, bwd = KERNELS[name]
-    gen = torch.Generator(device=device).manual_seed(0)
-    try:
-        for tq, tk, causal in ((128, 128, True), (64, 128, False)):
-            q, dout = (torch.randn(1, tq, heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
-            k, v = (torch.randn(1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
-            scale = head_dim ** -0.5
-            out, lse, aux = fwd(q, k, v, scale, causal)
-            want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
-            got = [out, lse, *bwd(dout, q, k, v, out.to(dtype), lse, aux, scale, causal)]
-            want = [want_out, want_lse, *plain_bwd(dout, q, k, v, want_out.to(dtype), want_lse, None, scale, causal)]
-            errors = [_rel_err(a, b) for a, b in zip(got, want)]
-            if max(errors) > 0.05:  # bf16 is within 1e-2; a wrong layout or mask is off by O(1)
-                raise RuntimeError(f"wrong results (max relative error {max(errors):.2g})")
-    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
-        warnings.warn(f"ring_attention: kernel {name!r} does not handle {dtype} with {heads}/{kv_heads} heads "
-                      f"of {head_dim} on {device} ({str(e).splitlines()[0][:160]}); trying the next kernel")
-        return False
-    return True
+        return False, False, "needs flash-attn >= 2.7, not installed (pip install flash-attn --no-build-isolation)"
+    for kind, shapes in PROBES.items():
+        for tq, tk, causal in shapes:
+            failure = probe_block(name, tq, tk, causal, device, dtype, heads, kv_heads, head_dim)
+            if failure:
+                what = f"{failure} on a {'causal' if causal else 'full'} {tq}x{tk} block of {dtype}"
+                return kind == "small", False, what
+    return True, True, None
 
 
 def pick_kernel(q, kernel="auto", kv_heads=None):
-    """The block kernel for q (B, T, Hq, D) of the LOCAL sequence: the first of AUTO_ORDER that works
-    for its device, dtype and heads; the plain kernel only for short sequences (or when asked)."""
+    """The Kernel for q (B, T, Hq, D) of the LOCAL sequence: the first of AUTO_ORDER that the probe
+    passes for its device, dtype and heads (small blocks routed to the plain kernel where it found
+    the kernel wrong on them only); the plain kernel only for short sequences (or when asked). A
+    kernel asked for by name must pass every probe: else one line names the block it got wrong."""
     B, T, Hq, D = q.shape
     if kernel != "auto":
         if kernel not in KERNELS:
             raise UsageError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
-        if kernel != "plain" and not kernel_works(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D):
-            missing = kernel == "flash_attn" and not flash_attn_available()
-            raise UsageError(f"kernel={kernel!r} cannot run {q.dtype} on {q.device.type}"
-                             + (": flash-attn >= 2.7 is not installed (pip install flash-attn --no-build-isolation)"
-                                if missing else " (see the warning above)") + "; use kernel='auto'")
-        return kernel
+        failure = None if kernel == "plain" else probe_kernel(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D)[2]
+        if failure:
+            raise UsageError(f"--attn-kernel {kernel} {failure} with {Hq}/{kv_heads or Hq} heads of {D} on "
+                             f"{q.device.type}; use --attn-kernel auto (it routes around such blocks)")
+        return Kernel(kernel)
     for name in AUTO_ORDER.get(q.device.type, ()):
-        if kernel_works(name, q.device, q.dtype, Hq, kv_heads or Hq, D):
-            return name
+        usable, small_ok, failure = probe_kernel(name, q.device, q.dtype, Hq, kv_heads or Hq, D)
+        if failure:
+            warnings.warn(f"ring_attention: kernel {name!r} {failure} with {Hq}/{kv_heads or Hq} heads of {D}; "
+                          + ("blocks under 8 rows or keys go to the plain kernel" if usable else "not used"))
+        if usable:
+            return Kernel(name, small_ok)
     score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
     if score_bytes > PLAIN_MAX_SCORE_BYTES:
         raise UsageError(
@@ -254,7 +299,7 @@ def pick_kernel(q, kernel="auto", kv_heads=None):
     if q.device.type != "cpu":
         warnings.warn(f"ring_attention: no fused kernel for {q.dtype} on {q.device.type}; the plain kernel "
                       f"materialises {T} x {T} scores per block (fine only for short sequences)")
-    return "plain"
+    return Kernel("plain")
 
 
 # ----------------------------------------------------------------------------- merging blocks
@@ -352,7 +397,7 @@ def _ring_forward(q, k, v, scale, group, kernel, visit=None):
     """(out, lse, auxes) of the local zigzag shard: out (B, T, Hq, D) and lse (B, Hq, T) in fp32,
     auxes[step] what that block's backward needs from its forward. visit(step, kv), if given, sees
     each K/V block (2, B, T, Hkv, D) as it passes (the shared-prefix branches attend to every one)."""
-    fwd = KERNELS[kernel][0]
+    fwd = kernel.fwd
     ring, c = _Ring(group), q.shape[1] // 2
     kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
     auxes = []
@@ -377,7 +422,7 @@ def _ring_forward(q, k, v, scale, group, kernel, visit=None):
 def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=None):
     """(dq, dk, dv) in fp32 of the local zigzag shard, given the forward's final out and lse.
     visit(step, kv, dkv), if given, adds its own share to the travelling dk/dv of each block."""
-    bwd = KERNELS[kernel][1]
+    bwd = kernel.bwd
     ring, c = _Ring(group), q.shape[1] // 2
     kv = torch.stack([k, v])
     dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
@@ -502,7 +547,7 @@ def _branched_forward(q, k, v, scale, group, kernel, layout):
     """The plain ring over the prefix, the branch queries attending to every prefix block on its way
     (all of the prefix is in their past); then the branch region, gathered from every rank: the
     earlier tokens of their own segment in full, then the causal diagonal; all merged by lse."""
-    fwd, n, ring = KERNELS[kernel][0], layout.n_prefix, _Ring(group)
+    fwd, n, ring = kernel.fwd, layout.n_prefix, _Ring(group)
     qb, auxes, acc = q[:, n:], {}, {}
 
     def visit(step, kv):
@@ -521,7 +566,7 @@ def _branched_forward(q, k, v, scale, group, kernel, layout):
 def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout):
     """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
     over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
-    bwd, n, ring = KERNELS[kernel][1], layout.n_prefix, _Ring(group)
+    bwd, n, ring = kernel.bwd, layout.n_prefix, _Ring(group)
     (ring_auxes, auxes), dout_b, qb, out_b, lse_b = auxes, dout[:, n:], q[:, n:], out[:, n:], lse[:, :, n:]
     dq_b = torch.zeros(qb.shape, dtype=_acc_dtype(q), device=q.device)
 
@@ -568,7 +613,7 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     rank 0 only. q (B, Tq, Hq, D): the newest Tq of them. Each rank attends to its keys; the partial
     results merge across the group by the lse rule, as the branches above merge the prefix blocks."""
     _, rank = _group_size_rank(group)
-    fwd = KERNELS[pick_kernel(q, kernel, k.shape[2])][0]
+    fwd = pick_kernel(q, kernel, k.shape[2]).fwd
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     B, Tq, Hq, D = q.shape
     blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
