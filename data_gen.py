@@ -14,7 +14,8 @@ For every long document:
   6. pack a document's kept turns into one record (Eq. 13) with the reference log-probs on the SHORT
      inputs (longpo.short_reference_logps, the generating model with its own RoPE).
 Prompts come from longpo.format_dialogue, as in training. Generation lives here, shared with eval.py:
-generate, and generate_sp (one prompt decoded sequence-parallel, each rank holding its share of its K/V).
+generate (short prompts in batches), and generate_long (a document's prompts: the document prefilled once,
+sequence-parallel with --sp-size, each rank holding its share of its K/V).
 
 Deliberate deviations: a random tiny model cannot write questions, so the built-in demo corpus
 (documents with planted, checkable facts) has template questions (--questions auto). Size flags
@@ -54,11 +55,12 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, Cache
+from transformers.cache_utils import DynamicLayer
 
 import longpo
 from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
-                            init_distributed, print0, run_cli, setup_parallel)
+                            init_distributed, one_process, print0, setup_parallel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -231,10 +233,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     """Decode token-id prompts until an end-of-turn token: greedy at temperature 0, else each row sampled
     from its own generator (seeds[i]): a row's answer depends on its prompt and seed alone. Returns
     (texts, new tokens). One process: the rows together, left-padded, with a K/V cache; with par of SP
-    size > 1, one prompt at a time, sequence-parallel (generate_sp), the same texts on every rank."""
+    size > 1, one prompt at a time, sequence-parallel (generate_long), the same texts on every rank."""
     seeds = seeds or [0] * len(prompts)
     if par is not None and par.sp_size > 1:
-        results = [generate_sp(model, tokenizer, p, max_new_tokens, par, temperature, top_p, seed)
+        results = [generate_long(model, tokenizer, [p], max_new_tokens, par, temperature, top_p, [seed])[0]
                    for p, seed in zip(prompts, seeds)]
         return [text for text, _ in results], sum(n for _, n in results)
     device, width, stops = model.device, max(map(len, prompts)), set(stop_token_ids(tokenizer, model))
@@ -242,7 +244,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # every prompt from position 0, after its padding
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    cache, new = DynamicCache(config=model.config), [[] for _ in prompts]
+    cache, new = room_cache(model, max_new_tokens), [[] for _ in prompts]
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                        logits_to_keep=1).logits[:, -1].float()  # (B, V)
@@ -269,91 +271,108 @@ def next_token(logits, temperature, top_p, generator):
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class PromptShardCache:
-    """The K/V cache of sequence-parallel generation, per layer: this rank's part of the prompt (its zigzag
-    shard without padding), then the generated tokens in room reserved up front (a step copies nothing).
-    The prefill sees the padding, at the end of the sequence in every real token's future: harmless."""
+class RoomLayer(DynamicLayer):
+    """One layer's K/V cache with room for `room` more tokens reserved at its first update (the prefill),
+    so a decoding step writes in place and copies nothing (transformers' DynamicLayer concatenates: at a
+    122K-token prompt, the whole cache moves per token). keep, a (T,) bool: the prefill tokens to cache
+    (sequence-parallel: this rank's real prompt tokens, not the padding). `length` may be cut back."""
 
-    def __init__(self, keep, room):
-        self.keep, self.room = keep, room  # keep: (T,) bool, the real prompt tokens of the shard
-        self.n_prompt = int(keep.sum())
-        self.keys, self.values, self.length = {}, {}, {}
+    def __init__(self, room, keep=None):
+        super().__init__()
+        self.room, self.keep, self.length = room, keep, 0
 
-    def get_seq_length(self, layer_idx=0):
-        return self.length.get(layer_idx, 0)
-
-    def update(self, key, value, layer_idx, *args, **kwargs):  # key, value (B, Hkv, T, D)
-        if layer_idx not in self.keys:  # the prefill
-            shape = (*key.shape[:2], self.n_prompt + self.room, key.shape[3])
-            self.keys[layer_idx], self.values[layer_idx] = key.new_empty(shape), value.new_empty(shape)
-            self.keys[layer_idx][:, :, :self.n_prompt] = key[:, :, self.keep]
-            self.values[layer_idx][:, :, :self.n_prompt] = value[:, :, self.keep]
-            self.length[layer_idx] = self.n_prompt
+    def update(self, key, value, *args, **kwargs):  # (B, Hkv, T, D)
+        if not self.is_initialized:  # the prefill attends to all of its own tokens
+            kept = [t if self.keep is None else t[:, :, self.keep] for t in (key, value)]
+            n = kept[0].shape[2]
+            self.keys, self.values = (t.new_empty(*t.shape[:2], n + self.room, t.shape[3]) for t in kept)
+            self.keys[:, :, :n], self.values[:, :, :n] = kept
+            self.length, self.is_initialized = n, True
             return key, value
-        n, t = self.length[layer_idx], key.shape[2]
-        self.keys[layer_idx][:, :, n:n + t], self.values[layer_idx][:, :, n:n + t] = key, value
-        self.length[layer_idx] = n + t
-        return self.keys[layer_idx][:, :, :n + t], self.values[layer_idx][:, :, :n + t]
+        n = self.length + key.shape[2]
+        self.keys[:, :, self.length:n], self.values[:, :, self.length:n] = key, value
+        self.length = n
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def get_seq_length(self):
+        return self.length
+
+
+def shared_prefix(prompts):
+    """How many tokens all prompts begin with, leaving each one of its own (whose logits begin its answer)."""
+    n = min(map(len, prompts)) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != prompts[0][i]), n)
+    return n
+
+
+def room_cache(model, room, keep=None):
+    return Cache(layers=[RoomLayer(room, keep) for _ in range(model.config.num_hidden_layers)])
 
 
 @torch.no_grad()
-def generate_sp(model, tokenizer, prompt, max_new_tokens, par, temperature=0.0, top_p=1.0, seed=0, stats=None):
-    """One prompt decoded sequence-parallel over par's SP group: (text, new tokens) on every rank. The
-    prefill (padded, zigzag-sharded, ring attention) leaves each rank ITS part of every layer's K/V;
-    each new token's query attends to every rank's part and to the tokens generated so far (counted
-    once), merged by the exact lse rule (ring_attention.decode_attention): every rank computes the same
-    logits and token (sampling from the same seeded stream). stats, a dict: timings and cache bytes."""
-    sp, rank, group, length = par.sp_size, par.sp_rank, par.sp_group, len(prompt)
-    seq = longpo.prepare_sequence(prompt, {}, par, tokenizer.pad_token_id)  # padded, zigzag-sharded, on the device
-    ids, positions = seq["input_ids"], seq["position_ids"]
-    cache = PromptShardCache(positions[0] < length, max_new_tokens)
+def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.0, top_p=1.0, seeds=None, stats=None):
+    """Answers to prompts that share a prefix (one document's turns), decoded by par's SP group (in one
+    process, a group of one): [(text, new tokens)], the same on every rank. The shared prefix is prefilled
+    ONCE (padded, zigzag-sharded, ring attention), each rank keeping ITS part of every layer's K/V; each
+    prompt's own tokens, then its answer, run as decoding steps: every query attends to every rank's part
+    of the prefix and to the tokens after it (on every rank, counted on one), merged by the exact lse rule
+    (ring_attention.decode_attention), so every rank computes the same logits and token (sampling from
+    the same seeded stream). Before the next prompt the cache is cut back to the prefix."""
+    seeds, n = seeds or [0] * len(prompts), shared_prefix(prompts)
+    seq = n and longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id)  # padded, zigzag-sharded
+    room = max(map(len, prompts)) - n + max_new_tokens
+    cache = room_cache(model, room, seq["position_ids"][0] < n if n else None)  # no prefix: all decoded
     attn = model.config._attn_implementation
     model.set_attn_implementation("ring_attention")
     decoder, head = model.get_decoder(), model.get_output_embeddings().weight
     head = head.to(torch.promote_types(head.dtype, torch.float32))  # fp32 logits, as in training
-    kwargs = dict(cache=cache, use_cache=True, ring_group=group)
+    kwargs, results = dict(cache=cache, use_cache=True, ring_group=par.sp_group), []
+    stops = stop_token_ids(tokenizer, model)
     clock = time.perf_counter()
     try:
-        hidden = decoder(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
-        last = (positions[0] == length - 1).nonzero()  # the rank holding the last prompt token
-        logits = torch.zeros(head.shape[0], dtype=head.dtype, device=par.device)
-        if len(last):
-            logits = F.linear(hidden[0, int(last[0])].to(head.dtype), head)
-        if sp > 1:  # from the owner of the last prompt token (chunk 2sp-1 or an earlier one) to all
-            owner = torch.tensor([rank if len(last) else -1], device=par.device)
-            dist.all_reduce(owner, op=dist.ReduceOp.MAX, group=group)
-            dist.broadcast(logits, dist.get_global_rank(group, int(owner)), group=group)
-        generator = torch.Generator(device=par.device).manual_seed(seed)
-        stops, new = set(stop_token_ids(tokenizer, model)), []
-        prefill, clock = time.perf_counter() - clock, time.perf_counter()
-        while len(new) < max_new_tokens:
-            new.append(next_token(logits, temperature, top_p, generator))
-            if new[-1] in stops or len(new) == max_new_tokens:
-                break
-            hidden = decoder(input_ids=torch.tensor([[new[-1]]], device=par.device),
-                             position_ids=torch.tensor([[length + len(new) - 1]], device=par.device),
-                             ring_decode=cache.n_prompt, **kwargs).last_hidden_state
-            logits = F.linear(hidden[0, -1].to(head.dtype), head)
+        if n:
+            decoder(input_ids=seq["input_ids"], position_ids=seq["position_ids"], **kwargs)  # the prefix, once
+        n_prefix, prefill, clock = cache.layers[0].length, time.perf_counter() - clock, time.perf_counter()
+        for prompt, seed in zip(prompts, seeds):
+            generator, new, feed = torch.Generator(device=par.device).manual_seed(seed), [], prompt[n:]
+            while not new or (new[-1] not in stops and len(new) < max_new_tokens):
+                start = len(prompt) + len(new) - len(feed)  # the position of feed's first token
+                hidden = decoder(input_ids=torch.tensor([feed], device=par.device), ring_decode=n_prefix,
+                                 position_ids=torch.arange(start, start + len(feed), device=par.device)[None],
+                                 **kwargs).last_hidden_state
+                new.append(next_token(F.linear(hidden[0, -1].to(head.dtype), head), temperature, top_p, generator))
+                feed = new[-1:]
+            for layer in cache.layers:
+                layer.length = n_prefix  # back to the prefix: the next prompt's own tokens follow it
+            results.append((tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
     finally:
         model.set_attn_implementation(attn)
     if stats is not None:
-        cached = [*cache.keys.values(), *cache.values.values()]
-        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=len(new),
-                     cache_bytes=sum(t.numel() * t.element_size() for t in cached))
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=sum(n for _, n in results),
+                     cache_bytes=sum(t.numel() * t.element_size() for layer in cache.layers
+                                     for t in (layer.keys, layer.values)))
+    return results
 
 
-def ask(model, tokenizer, contexts, instructions, seeds, cfg, batched, **sampling):
-    """Answers of the model to each (context, instruction), with longpo's chat formatting; each
-    sampled from its own seed."""
+def ask(model, tokenizer, contexts, instructions, seeds, cfg, **sampling):
+    """Answers of the model to each (context, instruction) on short inputs, --batch-size at a time, with
+    longpo's chat formatting; each sampled from its own seed."""
     prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
-    step = cfg.batch_size if batched else 1
     texts, n_new = [], 0
-    for k in range(0, len(prompts), step):
-        t, n = generate(model, tokenizer, prompts[k:k + step], seeds=seeds[k:k + step], **sampling)
+    for k in range(0, len(prompts), cfg.batch_size):
+        t, n = generate(model, tokenizer, prompts[k:k + cfg.batch_size], seeds=seeds[k:k + cfg.batch_size], **sampling)
         texts += t
         n_new += n
     return texts, n_new
+
+
+def long_answers(long_model, tokenizer, doc, turns, cfg, par):
+    """The rejected answers: each turn's instruction after the WHOLE document, the document prefilled once
+    for all turns (generate_long); [(text, new tokens)]."""
+    prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0] for t in turns]
+    return generate_long(long_model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
+                         seeds=seeds(cfg, doc, len(turns), "rejected"))
 
 
 # ----------------------------------------------------------------------------- records
@@ -427,13 +446,10 @@ def make_record(doc, doc_index, models, tokenizer, cfg, counts):
     draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)
     if cfg.answers == "gold":
         return gold_record(draft, tokenizer, cfg)
-    turns = draft["turns"]
     with long_input(model, rotary) as long_model:
-        rejected, n = ask(long_model, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
-                          seeds(cfg, doc, len(turns), "rejected"), cfg, False,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # long prompts one by one
-    counts["generated"] += n
-    return finish_record(draft, rejected, model, tokenizer, cfg)
+        rejected = long_answers(long_model, tokenizer, doc, draft["turns"], cfg, one_process(model.device))
+    counts["generated"] += sum(n for _, n in rejected)
+    return finish_record(draft, [text for text, _ in rejected], model, tokenizer, cfg)
 
 
 def long_rotary(model, theta):
@@ -474,7 +490,7 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
         replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
-                         seeds(cfg, doc, len(pieces), "questions"), cfg, True,
+                         seeds(cfg, doc, len(pieces), "questions"), cfg,
                          max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
         counts["generated"] += n
     turns, asked, filtered = [], [], {}
@@ -495,7 +511,7 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
              "doc_tokens": n_tokens, "starts": starts}
     if cfg.answers == "model":
         chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                        [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg, True,
+                        [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         counts["generated"] += n
         # before the long-input answers: the turns that fit --max-length whatever those answers will be
@@ -554,22 +570,17 @@ def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
 
 
 def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
-    """--sp-size: the long prompts of every member's draft (None: none this round) are gathered, each is
-    decoded by the whole SP group (generate_sp), and each rank keeps its own document's answers."""
-    prompts = []
-    if draft is not None:
-        doc, turns = draft["doc"], draft["turns"]
-        prompts = list(zip([longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
-                            for t in turns], seeds(cfg, doc, len(turns), "rejected")))
+    """--sp-size: every member's document and turns (None: none this round) are gathered, each document's
+    long prompts decoded by the whole SP group (long_answers), and each rank keeps its own answers."""
     everyone = [None] * par.sp_size
-    dist.all_gather_object(everyone, prompts, group=par.sp_group)
+    dist.all_gather_object(everyone, draft and (draft["doc"], draft["turns"]), group=par.sp_group)
     mine = []
-    for member, member_prompts in enumerate(everyone):  # the same order on every rank: lockstep
-        for prompt, seed in member_prompts:
-            text, n = generate_sp(long_model, tokenizer, prompt, cfg.max_new_tokens, par, cfg.temperature, seed=seed)
+    for member, work in enumerate(everyone):  # the same order on every rank: lockstep
+        if work is not None:
+            answers = long_answers(long_model, tokenizer, *work, cfg, par)
             if member == par.sp_rank:
-                mine.append(text)
-                counts["generated"] += n
+                mine = [text for text, _ in answers]
+                counts["generated"] += sum(n for _, n in answers)
     return mine
 
 
@@ -958,7 +969,7 @@ def join_parts(cfg, n_docs, bad_lines, stats):
 # ----------------------------------------------------------------------------- generation memory plan
 
 def generation_plan(cfg):
-    """Per-GPU memory of generating from a --max-doc-len prompt over --sp-size GPUs (generate_sp): bf16
+    """Per-GPU memory of generating from a --max-doc-len prompt over --sp-size GPUs (generate_long): bf16
     weights whole on every GPU, its share of the K/V and the generated tokens', one prefill layer."""
     c = longpo.load_config(cfg.model)
     with torch.device("meta"):  # shapes only
@@ -969,13 +980,12 @@ def generation_plan(cfg):
     bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
     kv_token = n_layers * 2 * hkv * d * bf16
     rows = [("bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)", params * bf16),
-            (f"K/V cache: {P} prompt tokens + {new} generated, {n_layers} layers", (P + new) * kv_token),
+            (f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {n_layers} layers",
+             (P + new) * kv_token),
             ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
              P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
-    lines = [f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} (the whole "
-             f"prompt's K/V: {cfg.max_doc_len * kv_token / 1e9:.2f} GB):"]
-    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows]
-    return "\n".join(lines + [f"generation peak per GPU: {sum(b for _, b in rows) / 1e9:.2f} GB"])
+    return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} "
+                               f"(the whole prompt's K/V: {cfg.max_doc_len * kv_token / 2**30:.2f} GiB):"], rows)
 
 
 # ----------------------------------------------------------------------------- main
@@ -1046,4 +1056,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run_cli(main, DataGenConfig)
+    longpo.run_cli(main, DataGenConfig, watch=lambda cfg: cfg.sp_size > 1)  # SP groups wait on each member

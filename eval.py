@@ -19,7 +19,7 @@ Short context:
 Output: a table like the paper's (rows models, columns tasks), --baseline MODEL side by side with
 deltas, the needle's scores by depth and length, and every score and setting as JSON in --out.
 Long inputs are sequence-parallel under torchrun with --sp-size: the preference scoring (ring
-attention) and the RULER / InfiniteBench generation (data_gen.generate_sp). The built-in haystack
+attention) and the RULER / InfiniteBench generation (data_gen.generate_long). The built-in haystack
 and demo multiple-choice set are synthetic: the tiny default shows the machinery, not quality.
 
     python eval.py                                   # the tiny run's final model vs its base model
@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data_gen
 import longpo
 from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
-                            init_distributed, print0, run_cli, setup_parallel)
+                            init_distributed, print0, setup_parallel)
 
 
 @dataclass
@@ -717,4 +717,4 @@ def report(results, baseline, tasks):
 
 
 if __name__ == "__main__":
-    run_cli(main, EvalConfig)
+    longpo.run_cli(main, EvalConfig)

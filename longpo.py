@@ -33,6 +33,7 @@ one sample per micro-step (the batch of 8 is accumulation). Baselines: --loss sf
 """
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -43,7 +44,10 @@ import random
 import re
 import shutil
 import signal
+import sys
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -52,7 +56,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
@@ -60,7 +64,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mistra
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
 from ring_attention import (UsageError, barrier, check_at_least, check_runtime, check_sp_size, distributed_map,
-                            init_distributed, one_process, print0, run_cli, setup_parallel, world_mean, zigzag_shard)
+                            init_distributed, one_process, print0, setup_parallel, world_mean, zigzag_shard)
 
 # FSDP2 warns that the root module returns a view (its one position's logits); we never modify it
 # in place, which is the case the warning is about.
@@ -99,10 +103,12 @@ class TrainConfig:
     rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the POLICY (paper 1e7; 0: the model's)"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32) | bfloat16 (that anywhere) | float32 | float64"})
+    save_dtype: str = field(default="auto", metadata={"help": "final/'s weights: auto (the base model's) | float32"})
     grad_checkpointing: bool = field(default=True, metadata={"help": "recompute each decoder layer in backward"})
     logprob_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of the log-softmax"})
     seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
+    save_every_minutes: float = field(default=0.0, metadata={"help": "checkpoint when N minutes passed since the last"})
     save_total_limit: int = field(default=0, metadata={"help": "keep the newest N checkpoints (0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run held in --output-dir"})
@@ -111,7 +117,7 @@ class TrainConfig:
     timeout_minutes: float = field(default=30.0, metadata={"help": "a collective waiting longer fails the job"})
     plan: bool = field(default=False, metadata={"help": "print the per-GPU memory plan and exit (no weights loaded)"})
     world_size: int = field(default=8, metadata={"help": "GPUs assumed by --plan"})
-    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU assumed by --plan"})
+    gpu_gib: float = field(default=0.0, metadata={"help": "--plan: usable GiB per GPU (0: this card's, else 79.1)"})
     plan_branch_tokens: int = field(default=4608, metadata={"help": "--plan: tokens of the rejected branch (4 x 1152)"})
 
 
@@ -325,19 +331,18 @@ def sequence_logps(model, seq, par, chunk_size):
 
 def micro_step(model, ref_model, examples, refs, cfg, par, pad_id):
     """Forward and backward of one pair on this SP group (sft: --micro-batch chosen sequences), refs its
-    (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13). Returns (metrics, long-sequence tokens)."""
+    (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13). Returns its metrics."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
     # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
     if cfg.loss == "sft":
-        return sft_step(model, examples, cfg, par, pad_id, grad_scale), sum(len(ex["chosen"]["ids"]) for ex in examples)
+        return sft_step(model, examples, cfg, par, pad_id, grad_scale)
     (example,) = examples
-    n_tokens = len(example["chosen"]["ids"]) + len(example["rejected"]["ids"])
     if cfg.pack == "shared-prefix":
         packed = prepare_packed(example, par, pad_id, nll_weights(example["chosen"]["is_answer"], cfg))
         if packed is not None:
-            return packed_step(model, ref_model, packed, refs, cfg, par, grad_scale), n_tokens
-    return pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale), n_tokens
+            return packed_step(model, ref_model, packed, refs, cfg, par, grad_scale)
+    return pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale)
 
 
 def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
@@ -426,15 +431,34 @@ def resolve_dtypes(cfg, device):
     return dtype, dtype
 
 
-def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True):
-    """Ring attention, activation checkpointing and FSDP2 full sharding on a loaded model."""
+def load_for_training(name, par, dtypes, rope_theta=0.0, grad_checkpointing=True, trainable=True):
+    """A model set up on par's world (setup_model), to train or, trainable False, to score. Under FSDP its
+    weights are read ONCE, by rank 0 and in the checkpoint's own dtype: the other ranks build the model's
+    shapes on the meta device, and the sharding hands each rank its share of rank 0's weights (Mistral-7B:
+    14.5 GB of host memory on one rank, not 29 GB on each; 70B loads at all)."""
+    master_dtype, compute_dtype = dtypes
+    if par.world_size == 1 and master_dtype == compute_dtype:  # nothing to shard or cast: the plain module
+        model = load_model_and_tokenizer(name, master_dtype, rope_theta)[0]
+        return setup_model(model, par, compute_dtype, grad_checkpointing, trainable)
+    source = load_model_and_tokenizer(name, "auto", rope_theta)[0] if par.rank == 0 else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name, rope_theta), dtype=master_dtype,
+                                                 attn_implementation="sdpa")
+    return setup_model(model, par, compute_dtype, grad_checkpointing, trainable, source)
+
+
+def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, source=None):
+    """Ring attention, activation checkpointing and FSDP2 full sharding on a model. A model on the meta
+    device takes its weights and buffers from `source`, rank 0's loaded model (the others': None)."""
+    meta = next(model.parameters()).is_meta
     model.config.use_cache = False
     # THE swap: every attention layer now runs zigzag ring attention over the SP group (a group of
     # one at SP size 1: the same block kernels, and the branch mask of a packed pair)
     model.set_attn_implementation("ring_attention")
     if grad_checkpointing and trainable:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    model.to(par.device)
+    if not meta:
+        model.to(par.device)
     # FSDP2 does both jobs, with one code path for every world size: weights, grads and AdamW states
     # sharded over ALL ranks (dp x sp), and mixed precision (bf16 compute of fp32 master weights,
     # gradients reduced in fp32), which it applies on a process group of one as well. A single
@@ -445,6 +469,15 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True):
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
+    if meta:  # each rank's shard of rank 0's weights, cast to the master dtype
+        model.to_empty(device=par.device)
+        set_model_state_dict(model, source.state_dict() if source else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buffer in model.named_buffers():  # not weights (the rotary frequencies): rank 0's too
+            if source is not None:
+                buffer.copy_(source.get_buffer(name))
+            if par.world_size > 1:
+                dist.broadcast(buffer, 0)
     model.train(trainable)
     model.requires_grad_(trainable)
     return model
@@ -474,19 +507,18 @@ def epoch_order(n, seed):
     return tuple(order)
 
 
-def stop_non_finite(what, cfg):
-    raise FloatingPointError(
-        f"non-finite {what}; no update was applied. The last good checkpoint is {last_checkpoint(cfg.output_dir)}: "
-        "a fused attention kernel can fail on one record's block shapes, so resume from it with --resume and another "
-        "--attn-kernel (sdpa_flash on CUDA, plain on CPU) first; if that fails the same way, with a lower --lr")
+class NonFinite(FloatingPointError):
+    """A non-finite loss or gradient norm, seen by every rank at once (the same reduced values)."""
 
 
 def which_records(records, idxs):
     return "record " + ", ".join(f"{records[i].get('id', i)!r} of {records.lengths[i]} tokens" for i in idxs)
 
 
-def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
-    """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule."""
+def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, last_save):
+    """One optimiser step: grad_accum samples per DP group, clipping, AdamW, schedule. Its metrics say too
+    whether any rank got SIGUSR1 ("signalled") and whether --save-every-minutes have passed since last_save
+    on any rank's clock ("due"): they ride on the metrics' reduction, no collective of their own."""
     records, tokenizer = data
     t0, sums, tokens, mine = time.perf_counter(), {}, 0, []
     sides = trained_sides(cfg)
@@ -495,30 +527,35 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
         idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # k: the sample's number
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
         refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
-        metrics, n = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
+        metrics = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
         bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
         if par.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
-            stop_non_finite(f"loss at step {step + 1} ({which_records(records, idxs)} on rank {par.rank})", cfg)
+            raise NonFinite(f"non-finite loss at step {step + 1} ({which_records(records, idxs)} on rank {par.rank}); "
+                            "no update was applied.")
         mine += idxs
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
-        tokens += n
+        tokens += sum(map(trained_length, examples))  # the tokens trained, each once: the packed pair
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     if not math.isfinite(grad_norm.item()):  # the same global norm on every rank: each says its records
-        stop_non_finite(f"gradient norm at step {step + 1} ({which_records(records, mine)} on rank {par.rank})", cfg)
+        raise NonFinite(f"non-finite gradient norm at step {step + 1} ({which_records(records, mine)} on rank "
+                        f"{par.rank}); no update was applied.")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # tokens: the world mean of tokens * dp is the sum over DP groups (sp replicas each)
-    metrics = world_mean({**sums, "tokens": tokens * par.dp_size, "signalled": float(bool(SIGNALLED))}, par)
+    # tokens: the world mean of tokens * dp is the sum over DP groups (their sp ranks hold the same count)
+    due = cfg.save_every_minutes and time.monotonic() - last_save >= 60 * cfg.save_every_minutes
+    metrics = world_mean({**sums, "tokens": tokens * par.dp_size, "signalled": float(bool(SIGNALLED)),
+                          "due": float(bool(due))}, par)
     elapsed = time.perf_counter() - t0
-    return {"step": step + 1, **{k: v for k, v in metrics.items() if k != "tokens"},
-            "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": metrics["tokens"] / elapsed}
+    return {"step": step + 1, **metrics, "grad_norm": grad_norm.item(), "lr": lr,
+            "tokens_per_s": metrics["tokens"] / elapsed,
+            "tokens_per_s_per_gpu": metrics["tokens"] / elapsed / par.world_size}
 
 
 def trained_sides(cfg):
@@ -588,25 +625,24 @@ def open_metrics(cfg, start_step, par):
     return open(path, "a")
 
 
-SIGNALLED = []  # the stop signals received: training checkpoints at the next step boundary and exits
+SIGNALLED = []  # SIGUSR1 received: training checkpoints at the next step boundary and exits
 
 
-def checkpoint_on_signals():
-    """SIGTERM and SIGUSR1 (a scheduler's time limit) ask for a checkpoint at the end of the step in flight;
-    every rank learns of any rank's signal through that step's metrics reduction, so all stop together."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: SIGNALLED.append(signal.Signals(signum).name))
+def checkpoint_on_signal():
+    """SIGUSR1 (a scheduler's warning before its time limit, e.g. SLURM's --signal=USR1@600) asks for a
+    checkpoint at the end of the step in flight; every rank learns of any rank's signal through that step's
+    metrics reduction, so all stop together. SIGTERM keeps its meaning, stop now: torchrun sends it to
+    every rank when one has failed, and a rank waiting on a dead one would never finish its step."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: SIGNALLED.append("SIGUSR1"))
 
 
 def train(cfg, par, records, run_max_length=None):
-    master_dtype, compute_dtype = resolve_dtypes(cfg, par.device)
-    policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
-    records = prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length)
+    dtypes, tokenizer = resolve_dtypes(cfg, par.device), load_tokenizer(cfg.model)
+    records = prepare_data(records, cfg, par, tokenizer, dtypes[1], run_max_length)
     ref_model = None
     if cfg.loss == "dpo":
-        ref_model = load_model_and_tokenizer(cfg.ref_model or cfg.model, master_dtype)[0]
-        ref_model = setup_model(ref_model, par, compute_dtype, False, trainable=False)
-    policy = setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
+        ref_model = load_for_training(cfg.ref_model or cfg.model, par, dtypes, trainable=False)
+    policy = load_for_training(cfg.model, par, dtypes, cfg.rope_theta, cfg.grad_checkpointing)
     total_steps = cfg.max_steps or math.ceil(len(records) / (par.dp_size * cfg.grad_accum))
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
     ckpt = last_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -616,10 +652,20 @@ def train(cfg, par, records, run_max_length=None):
     print0(f"training: {len(records)} records, {total_steps} steps of {cfg.grad_accum} x {par.dp_size} "
            f"samples, world {par.world_size} = dp {par.dp_size} x sp {par.sp_size}, device {par.device}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0, desc="train")
-    checkpoint_on_signals()  # from here on a stop signal costs at most the step in flight
+    checkpoint_on_signal()  # from here on a stop signal costs at most the step in flight
+    checkpoints, last_save = Checkpoints(cfg, par), time.monotonic()
     for step in bar:
-        metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler)
-        signalled = metrics.pop("signalled") > 0  # on any rank
+        try:
+            metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler,
+                                 last_save)
+        except NonFinite as e:  # on every rank together: the checkpoint being written is the last good one
+            checkpoints.finish()
+            raise NonFinite(f"{e} The last good checkpoint is {last_checkpoint(cfg.output_dir)}: a fused attention "
+                            "kernel can fail on one record's block shapes, so resume from it with --resume and another "
+                            "--attn-kernel (sdpa_flash on CUDA, plain on CPU) first; if that fails the same way, "
+                            "with a lower --lr") from None
+        signalled, due = metrics.pop("signalled") > 0, metrics.pop("due") > 0  # on any rank
+        checkpoints.name_if_written()
         if metrics_file:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
@@ -627,12 +673,15 @@ def train(cfg, par, records, run_max_length=None):
                                  for k, v in metrics.items()))
         stop = cfg.stop_after and metrics["step"] - start >= cfg.stop_after and metrics["step"] < total_steps
         signalled = signalled and metrics["step"] < total_steps  # at the last step: the final model follows
-        if stop or signalled or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
-            save_checkpoint(policy, optimizer, scheduler, metrics["step"], cfg, par)
+        if stop or signalled or due or (cfg.save_every and metrics["step"] % cfg.save_every == 0):
+            checkpoints.save(policy, optimizer, scheduler, metrics["step"])
+            last_save = time.monotonic()
         if stop or signalled:
+            checkpoints.finish()
             why = f"--stop-after {cfg.stop_after}" if stop else f"signal {', '.join(SIGNALLED) or 'on another rank'}"
             print0(f"{why}: stopped at step {metrics['step']} with a checkpoint; continue with --resume")
             return
+    checkpoints.finish()
     save_final(policy, tokenizer, cfg, par, cfg.max_length or max(records.lengths))
     print0(f"final model: {os.path.join(cfg.output_dir, 'final')}")
 
@@ -716,31 +765,53 @@ def clear_output_dir(out):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
-    """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and every
-    rank's RNG, written to a temporary folder and renamed: a crash never leaves half a checkpoint.
-    Then --save-total-limit: the oldest checkpoints beyond the newest N are removed."""
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if par.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(par)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
-               os.path.join(tmp, f"rng_rank{par.rank}.pt"))
-    barrier(par)
-    if par.rank == 0:
-        state = {"step": step, "samples_seen": step * cfg.grad_accum * par.dp_size,
-                 "scheduler": scheduler.state_dict()}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_steps(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-            shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"))
-    barrier(par)
+class Checkpoints:
+    """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and every rank's
+    RNG, written in the background: the state is copied to host memory, training goes on while a thread
+    writes it to a temporary folder, which rank 0 renames as soon as it is complete (a crash never leaves
+    half a checkpoint); then --save-total-limit removes the oldest beyond the newest N."""
+
+    def __init__(self, cfg, par):
+        self.cfg, self.par, self.writing = cfg, par, None
+        self.group = dist.new_group(backend="gloo", timeout=ring_attention.TIMEOUT[0])  # the writer thread's own
+
+    def save(self, model, optimizer, scheduler, step):
+        self.finish()  # one at a time
+        final = os.path.join(self.cfg.output_dir, f"checkpoint-{step}")
+        tmp = final + ".tmp"
+        if self.par.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "samples_seen": step * self.cfg.grad_accum * self.par.dp_size,
+                           "scheduler": scheduler.state_dict()}, f)
+        barrier(self.par)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
+                   os.path.join(tmp, f"rng_rank{self.par.rank}.pt"))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=self.group)
+        self.writing = [future, tmp, final]
+
+    def name_if_written(self):
+        """Rank 0, at every step: the checkpoint named once written (rank 0's write completes after every
+        rank's), so a crash before the next one loses nothing it holds."""
+        if self.par.rank == 0 and self.writing and self.writing[1] and self.writing[0].done():
+            future, tmp, final = self.writing
+            future.result()
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self.writing[1] = None  # named
+            limit = self.cfg.save_total_limit
+            for old in checkpoint_steps(self.cfg.output_dir)[:-limit] if limit else []:
+                shutil.rmtree(os.path.join(self.cfg.output_dir, f"checkpoint-{old}"))
+
+    def finish(self):
+        """Every rank: wait for the checkpoint being written, and name it."""
+        if self.writing:
+            self.writing[0].result()
+            self.name_if_written()
+            self.writing = None
+            barrier(self.par)
 
 
 def load_checkpoint(path, model, optimizer, scheduler, par):
@@ -762,19 +833,26 @@ def load_checkpoint(path, model, optimizer, scheduler, par):
 
 
 def save_final(model, tokenizer, cfg, par, trained_tokens):
-    """Gather the full weights and write an HF model that AutoModelForCausalLM.from_pretrained loads; its
-    config carries the trained context (max_position_embeddings, which serving stacks take as the limit)
-    and the RoPE theta it was trained with."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The full weights, gathered one tensor at a time in --save-dtype (auto: the base model's; Mistral:
+    bf16, 14.5 GB, not an fp32 copy of 29 GB), as an HF model that AutoModelForCausalLM.from_pretrained
+    loads; its config carries the trained context (max_position_embeddings, which serving stacks take as
+    the limit) and the RoPE theta it was trained with."""
+    dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype != "auto" else load_config(cfg.model).dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective: every rank
+        if par.rank == 0:
+            state[name] = tensor.to("cpu", dtype)
     if par.rank == 0:
-        final = os.path.join(cfg.output_dir, "final")
         config = model.config.__class__.from_dict(model.config.to_dict())
-        config.use_cache = True  # for generation after training
+        config.use_cache, config.dtype = True, dtype  # for generation after training
         config.max_position_embeddings = max(config.max_position_embeddings, trained_tokens)
-        clean = AutoModelForCausalLM.from_config(config)
-        clean.load_state_dict(state)
-        clean.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        clean.load_state_dict(state, assign=True)
+        clean.save_pretrained(os.path.join(cfg.output_dir, "final"))
+        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     barrier(par)
 
 
@@ -782,7 +860,8 @@ def save_final(model, tokenizer, cfg, par, trained_tokens):
 
 def check_config(cfg):
     choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("auto", "sequence", "responses"),
-               "dtype": ("auto", "float32", "float64", "bfloat16"), "pack": ("shared-prefix", "pairs")}
+               "dtype": ("auto", "float32", "float64", "bfloat16"), "pack": ("shared-prefix", "pairs"),
+               "save_dtype": ("auto", "float32", "bfloat16", "float16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -791,7 +870,8 @@ def check_config(cfg):
                          "tokens of --nll-target sequence (responses trains the answers only)")
     check_at_least(cfg, ("grad_accum", "logprob_chunk", "world_size", "plan_branch_tokens"), 1)
     check_at_least(cfg, ("sp_size", "lr", "lam", "weight_decay", "max_grad_norm", "max_steps", "max_length",
-                         "rope_theta", "save_every", "save_total_limit", "stop_after"), 0, " (0: the default)")
+                         "rope_theta", "save_every", "save_every_minutes", "save_total_limit", "stop_after",
+                         "gpu_gib"), 0, " (0: the default)")
     check_runtime(cfg)
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
@@ -852,8 +932,135 @@ def main(cfg):
 
 
 # ============================================================================= plumbing shared by the scripts
-# Below: what data_gen.py and eval.py use too. Chat formatting and records (the one place where a
-# dialogue becomes tokens), model loading and the tiny preset, the memory plan.
+# Below: what data_gen.py and eval.py use too. The command line and failures across ranks, chat
+# formatting and records (the one place where a dialogue becomes tokens), model loading and the tiny
+# preset, the memory plan.
+
+# ----------------------------------------------------------------------------- the command line; failures
+
+def run_cli(main, cls, watch=lambda cfg: True):
+    """main(config from the command line). A UsageError becomes one line on stderr and exit 2: every rank
+    checks the same flags and files, so rank 0 speaks for all (the others wait a moment; torchrun stops
+    them once one rank has stopped). Under torchrun (and watch(cfg)), a thread watches the other ranks
+    (watch_peers); any other error prints its traceback, then is reported to them (report_failure)."""
+    cfg = config_from_cli(cls)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    watching = world > 1 and watch(cfg)
+    if watching:
+        watch_peers(rank, world, cfg.timeout_minutes)
+    try:
+        main(cfg)
+    except UsageError as e:
+        if watching:  # a mistake only some ranks saw stops the others too
+            REPORTING.set()
+            quietly(lambda: first_failure(open_store(), f"rank {rank}: error: {e}"))
+        if rank != 0:
+            time.sleep(5)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (Exception, KeyboardInterrupt) as e:
+        if not watching:
+            raise
+        traceback.print_exc()
+        report_failure(e, rank, world)
+        sys.exit(1)
+    finally:
+        if watching:
+            quietly(lambda: open_store().set(store_key(f"done{rank}"), "1"))  # finished: not silent
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# A rank that fails must not leave the others waiting for it (a collective waits --timeout-minutes, and
+# on several nodes no launcher stops them), and every rank's log must say which rank failed first. The
+# ranks share the launcher's key-value store (torchrun's, which outlives them): each beats a counter
+# there every BEAT seconds and watches the next rank still running; the first failure is written once,
+# and each rank's watcher, seeing it, says it and ends its process after the failed rank has ended
+# (so that torchrun's own summary names that rank first).
+BEAT, REPORTING = 2.0, threading.Event()
+
+
+def store_key(name):  # keys of this run of the ranks (torchrun's store outlives a restart of them)
+    return f"longpo/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def open_store():
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=30))
+
+
+def quietly(fn):
+    """fn(), any error ignored: a store gone with its launcher leaves the process groups' own timeouts."""
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def first_failure(store, text=None):
+    """The run's first failure; text becomes it unless one is recorded."""
+    return store.compare_set(store_key("failure"), "", text).decode() if text else \
+        store.get(store_key("failure")).decode()
+
+
+def watch_peers(rank, world_size, timeout_minutes):
+    """A thread that ends this process once another rank failed, saying which failed first. It beats
+    this rank's counter and watches the next rank still running: a counter still for half the timeout
+    (at most a minute) is that rank's death, recorded as the first failure. A store error is retried."""
+    silent_after, state = min(60.0, 30 * timeout_minutes), {"store": None, "last": None, "since": time.monotonic()}
+
+    def beat():
+        store = state["store"] = state["store"] or open_store()
+        store.add(store_key(f"beat{rank}"), 1)
+        neighbour = (rank + 1) % world_size
+        while neighbour != rank and store.check([store_key(f"done{neighbour}")]):
+            neighbour = (neighbour + 1) % world_size  # finished: the one after it
+        beats = (neighbour, store.add(store_key(f"beat{neighbour}"), 0))
+        if beats != state["last"]:
+            state["last"], state["since"] = beats, time.monotonic()
+        elif neighbour != rank and time.monotonic() - state["since"] > silent_after:
+            first_failure(store, f"rank {neighbour} stopped first: silent for {silent_after:.0f} s (killed, "
+                                 "or crashed outside Python)")
+        if store.check([store_key("failure")]) and not REPORTING.is_set():  # else this rank's main thread says it
+            print(f"error: rank {rank} stops: {first_failure(store)}", file=sys.stderr, flush=True)
+            time.sleep(2.5 * BEAT)  # the failed rank ends first
+            os._exit(1)
+
+    def watch():
+        while True:
+            try:
+                beat()
+            except Exception:
+                state["store"] = None  # connect again at the next beat
+            time.sleep(BEAT)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def report_failure(error, rank, world_size):
+    """This rank failed: record the first failure (this error, or the ranks that went silent just before
+    it: a collective fails when a peer dies), say it, and give the other ranks' watchers time to see it."""
+    REPORTING.set()
+
+    def report():
+        store = open_store()
+        text = f"rank {rank} failed first: {type(error).__name__} {(str(error).splitlines() or [''])[0][:300]}"
+        if not store.check([store_key("failure")]):
+            beats = [store.add(store_key(f"beat{r}"), 0) for r in range(world_size)]
+            time.sleep(2.5 * BEAT)  # a live rank beats meanwhile; one that died does not
+            silent = [r for r in range(world_size) if r != rank and store.add(store_key(f"beat{r}"), 0) == beats[r]
+                      and not store.check([store_key(f"done{r}")])]
+            if silent:
+                text = f"rank {', '.join(map(str, silent))} stopped first: silent (killed, or crashed outside Python)"
+        print(f"error: rank {rank} stops: {first_failure(store, text)}", file=sys.stderr, flush=True)
+        time.sleep(1.5 * BEAT)
+    quietly(report)
+
+
+def config_from_cli(cls, argv=None):
+    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser)."""
+    from transformers import HfArgumentParser
+    return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
+
 
 # ----------------------------------------------------------------------------- chat formatting
 
@@ -1162,17 +1369,25 @@ def load_tokenizer(name):
 
 
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
-    """A preset (PRESETS), a hub id or a local directory; rope_theta > 0 replaces the model's RoPE theta
-    (the policy's only)."""
-    tokenizer, config = load_tokenizer(name), load_config(name)
-    if getattr(config, "sliding_window", None) is not None:
-        config.sliding_window = None  # LongPO trains full attention (Mistral v0.2 has none)
-    if rope_theta:
-        set_rope_theta(config, rope_theta)
+    """A preset (PRESETS), a hub id or a local directory, in dtype ("auto": the checkpoint's own);
+    rope_theta > 0 replaces the model's RoPE theta (the policy's only)."""
+    tokenizer, config = load_tokenizer(name), model_config(name, rope_theta)
     if name not in PRESETS:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
         return model, tokenizer
-    return seeded_model(config).to(dtype), tokenizer
+    model = seeded_model(config)
+    return (model if dtype == "auto" else model.to(dtype)), tokenizer
+
+
+def model_config(name, rope_theta=0.0):
+    """The config LongPO runs a model with: full attention (Mistral v0.2 has no sliding window either),
+    and RoPE theta rope_theta if > 0."""
+    config = load_config(name)
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None
+    if rope_theta:
+        set_rope_theta(config, rope_theta)
+    return config
 
 
 def seeded_model(config):
@@ -1210,30 +1425,49 @@ def memory_plan(cfg):
         ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
         ("bf16 weights of 2 decoder layers gathered (current + prefetch)", 2 * layer * bf16),
         ("bf16 embedding + output head gathered (root), and their grads", 2 * root * bf16),
+        ("FSDP gradient reduce-scatter: 2 layers' and the root's unsharded grads, bf16 and their fp32 copy",
+         (2 * layer + root) * (bf16 + fp32)),
         (f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H}", n_layers * T * H * bf16),
         ("one layer recomputed in backward: 4H + 2 Hq D + 3 Hkv D + 4 I per token",
          T * (4 * H + 2 * hq * d + 3 * hkv * d + 4 * inter) * bf16),
+        ("  + its 2 norms' fp32 upcast of their input (2 x 4 B x H per token)", T * 2 * H * fp32),
         ("  + activation grads in flight in that layer (2 x I per token)", T * 2 * inter * bf16),
+        ("final norm, kept for the head's backward: its input, fp32 upcast and output", T * H * (2 * bf16 + fp32)),
         ("ring: K/V blocks (held + in flight), fp32 out/lse/dq, fp32 dK/dV (held + in flight)",
          2 * 2 * T * hkv * d * bf16 + 2 * T * hq * d * fp32 + 2 * 2 * T * hkv * d * fp32),
-        ("branches: K/V of both branches gathered on every GPU, and their fp32 dK/dV",
+        ("branches: K/V of both branches gathered on every GPU, kept for the backward, and their fp32 dK/dV",
          (2 * 2 * cfg.plan_branch_tokens * hkv * d * (bf16 + fp32)) if packed else 0),
         (f"log-probs: {chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 head, its grad; grad of final hidden",
          3 * chunk * vocab * fp32 + 2 * vocab * H * fp32 + T * H * fp32)]
-    peak = sum(b for _, b in rows)
     branch = f" ({cfg.plan_branch_tokens} of them the rejected branch)" if packed else ""
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
              f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
              f"sequence {cfg.max_length} tokens{branch} on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
              "strategy: FSDP full sharding, bf16 compute, checkpoint every layer, chosen and rejected "
              + ("packed after one copy of the document (--pack shared-prefix)" if packed else "in turn (--pack pairs)")]
-    lines += [f"  {b / 1e9:8.2f} GB  {name}" for name, b in rows if b]
     if not packed:
-        lines.append(f"  (holding chosen and rejected graphs at once would add {n_layers * T * H * bf16 / 1e9:.2f} GB)")
-    verdict = "fits" if peak <= cfg.gpu_memory_gb * 1e9 else "DOES NOT FIT"
-    lines += [f"{verdict} in {cfg.gpu_memory_gb:g} GB per GPU without CPU offload; before allocator fragmentation",
-              f"peak per GPU: {peak / 1e9:.2f} GB"]
-    return "\n".join(lines)
+        lines.append(f"(chosen and rejected graphs at once would add {n_layers * T * H * bf16 / 2**30:.2f} GiB)")
+    return plan_report(lines, rows, cfg.gpu_gib)
+
+
+# What the plans do not model, as rows of their own: estimates for an H100 or H200 (CUDA 12-13, NCCL 2.2x),
+# and headroom for the allocator (expandable segments, set by init_distributed, keep fragmentation low).
+CARD_ROWS = [("CUDA context and kernel workspaces (cuBLAS, cuDNN) [estimate, not modelled]", 1.0),
+             ("NCCL buffers of the process groups [estimate, not modelled]", 1.5)]
+HEADROOM = 0.05
+
+
+def plan_report(lines, rows, gpu_gib=0.0):
+    """A memory plan's lines: its rows (bytes) in GiB, then the card's own rows, and the verdict against
+    the card's usable memory (gpu_gib; 0: this machine's card, else 79.1 GiB, an 80 GB card's)."""
+    usable = gpu_gib or (torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 79.1)
+    rows = [(name, b / 2**30) for name, b in rows if b] + CARD_ROWS
+    rows.append((f"headroom for fragmentation: {HEADROOM:.0%} of the card", HEADROOM * usable))
+    peak = sum(gib for _, gib in rows)
+    verdict = ("fits" if peak <= usable else "NEAR THE LIMIT: fits only without the headroom" if
+               peak - rows[-1][1] <= usable else "DOES NOT FIT")
+    return "\n".join(lines + [f"  {gib:8.2f} GiB  {name}" for name, gib in rows] +
+                     [f"peak per GPU: {peak:.2f} GiB of {usable:.1f} GiB usable: {verdict}"])
 
 
 if __name__ == "__main__":

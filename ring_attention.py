@@ -30,8 +30,6 @@ import datetime
 import functools
 import math
 import os
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -698,24 +696,6 @@ class UsageError(ValueError):
     one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
 
 
-def run_cli(main, cls):
-    """main(config from the command line); a UsageError becomes one line on stderr and exit 2.
-    Every rank checks the same flags and files, so rank 0 speaks for all: the others wait a moment
-    before they speak and exit, and torchrun, which stops every rank once one has failed, silences
-    them unless rank 0 did not stop (a mistake only they saw)."""
-    cfg = config_from_cli(cls)
-    try:
-        main(cfg)
-    except UsageError as e:
-        if int(os.environ.get("RANK", 0)) != 0:
-            time.sleep(5)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def check_at_least(cfg, names, least, hint=""):
     """One line for the first of these config fields (flag names) below `least`, NaN included."""
     for name in names:
@@ -728,12 +708,6 @@ def check_output_file(flag, path, example):  # before any work: a folder where a
         raise UsageError(f"{flag} {path} is a folder; give the output file, e.g. {os.path.join(path, example)}")
 
 
-def config_from_cli(cls, argv=None):
-    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser)."""
-    from transformers import HfArgumentParser
-    return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
-
-
 TIMEOUT = [datetime.timedelta(minutes=30)]  # of every process group: init_distributed's timeout_minutes
 
 
@@ -741,10 +715,12 @@ def init_distributed(timeout_minutes=30.0, group_of_one=False):
     """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
     nccl on CUDA, gloo on CPU; a collective waiting longer than timeout_minutes fails (--timeout-minutes).
     group_of_one: a process group even for one process without torchrun (FSDP2, which training uses
-    for mixed precision, needs one)."""
+    for mixed precision, needs one). CUDA memory: expandable segments, unless an allocator config is set."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before CUDA: little fragmentation
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
