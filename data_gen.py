@@ -320,7 +320,7 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     (ring_attention.decode_attention), so every rank computes the same logits and token (sampling from
     the same seeded stream). Before the next prompt the cache is cut back to the prefix."""
     seeds, n = seeds or [0] * len(prompts), shared_prefix(prompts)
-    seq = n and longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id)  # padded, zigzag-sharded
+    seq = longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id) if n else None  # zigzag
     room = max(map(len, prompts)) - n + max_new_tokens
     cache = room_cache(model, room, seq["position_ids"][0] < n if n else None)  # no prefix: all decoded
     attn = model.config._attn_implementation
@@ -349,7 +349,7 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     finally:
         model.set_attn_implementation(attn)
     if stats is not None:
-        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=sum(n for _, n in results),
+        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=sum(k for _, k in results),
                      cache_bytes=sum(t.numel() * t.element_size() for layer in cache.layers
                                      for t in (layer.keys, layer.values)))
     return results
@@ -361,7 +361,8 @@ def ask(model, tokenizer, contexts, instructions, seeds, cfg, **sampling):
     prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
     texts, n_new = [], 0
     for k in range(0, len(prompts), cfg.batch_size):
-        t, n = generate(model, tokenizer, prompts[k:k + cfg.batch_size], seeds=seeds[k:k + cfg.batch_size], **sampling)
+        batch = slice(k, k + cfg.batch_size)
+        t, n = generate(model, tokenizer, prompts[batch], seeds=seeds[batch], **sampling)
         texts += t
         n_new += n
     return texts, n_new

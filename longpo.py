@@ -438,9 +438,9 @@ def load_for_training(name, par, dtypes, rope_theta=0.0, grad_checkpointing=True
     14.5 GB of host memory on one rank, not 29 GB on each; 70B loads at all)."""
     master_dtype, compute_dtype = dtypes
     if par.world_size == 1 and master_dtype == compute_dtype:  # nothing to shard or cast: the plain module
-        model = load_model_and_tokenizer(name, master_dtype, rope_theta)[0]
+        model = load_model(name, master_dtype, rope_theta)
         return setup_model(model, par, compute_dtype, grad_checkpointing, trainable)
-    source = load_model_and_tokenizer(name, "auto", rope_theta)[0] if par.rank == 0 else None
+    source = load_model(name, "auto", rope_theta) if par.rank == 0 else None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(name, rope_theta), dtype=master_dtype,
                                                  attn_implementation="sdpa")
@@ -1369,14 +1369,17 @@ def load_tokenizer(name):
 
 
 def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
+    return load_model(name, dtype, rope_theta), load_tokenizer(name)
+
+
+def load_model(name, dtype=torch.float32, rope_theta=0.0):
     """A preset (PRESETS), a hub id or a local directory, in dtype ("auto": the checkpoint's own);
     rope_theta > 0 replaces the model's RoPE theta (the policy's only)."""
-    tokenizer, config = load_tokenizer(name), model_config(name, rope_theta)
+    config = model_config(name, rope_theta)
     if name not in PRESETS:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
-        return model, tokenizer
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, attn_implementation="sdpa")
     model = seeded_model(config)
-    return (model if dtype == "auto" else model.to(dtype)), tokenizer
+    return model if dtype == "auto" else model.to(dtype)
 
 
 def model_config(name, rope_theta=0.0):

@@ -1622,17 +1622,15 @@ def test_rope_theta_applies_to_the_policy_only():
 
 
 def test_expandable_segments_unless_the_user_set_an_allocator_config(monkeypatch):
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(name, raising=False)
-    ra.init_distributed()  # one process: no process group
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-        monkeypatch.setenv(name, "max_split_size_mb:64")
-        ra.init_distributed()
-        assert os.environ[name] == "max_split_size_mb:64" and (name == "PYTORCH_CUDA_ALLOC_CONF") == (
-            "PYTORCH_CUDA_ALLOC_CONF" in os.environ)
-        monkeypatch.delenv(name)
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    for chosen in (None, *names):  # nothing set; the user's config under either name
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+        if chosen:
+            monkeypatch.setenv(chosen, "max_split_size_mb:64")
+        ra.init_distributed()  # one process: no process group
+        want = {chosen: "max_split_size_mb:64"} if chosen else {names[0]: "expandable_segments:True"}
+        assert {name: os.environ[name] for name in names if name in os.environ} == want, chosen
 
 
 def test_memory_plan_mistral_512k(tmp_path):
