@@ -60,7 +60,7 @@ from transformers.cache_utils import DynamicLayer
 
 import longpo
 from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
-                            init_distributed, one_process, print0, setup_parallel)
+                            init_distributed, one_process, print0, probe_kernel, setup_parallel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -274,19 +274,17 @@ def next_token(logits, temperature, top_p, generator):
 class RoomLayer(DynamicLayer):
     """One layer's K/V cache with room for `room` more tokens reserved at its first update (the prefill),
     so a decoding step writes in place and copies nothing (transformers' DynamicLayer concatenates: at a
-    122K-token prompt, the whole cache moves per token). keep, a (T,) bool: the prefill tokens to cache
-    (sequence-parallel: this rank's real prompt tokens, not the padding). `length` may be cut back."""
+    122K-token prompt, the whole cache moves per token). `length` may be cut back."""
 
-    def __init__(self, room, keep=None):
+    def __init__(self, room):
         super().__init__()
-        self.room, self.keep, self.length = room, keep, 0
+        self.room, self.length = room, 0
 
     def update(self, key, value, *args, **kwargs):  # (B, Hkv, T, D)
         if not self.is_initialized:  # the prefill attends to all of its own tokens
-            kept = [t if self.keep is None else t[:, :, self.keep] for t in (key, value)]
-            n = kept[0].shape[2]
-            self.keys, self.values = (t.new_empty(*t.shape[:2], n + self.room, t.shape[3]) for t in kept)
-            self.keys[:, :, :n], self.values[:, :, :n] = kept
+            n = key.shape[2]
+            self.keys, self.values = (t.new_empty(*t.shape[:2], n + self.room, t.shape[3]) for t in (key, value))
+            self.keys[:, :, :n], self.values[:, :, :n] = key, value
             self.length, self.is_initialized = n, True
             return key, value
         n = self.length + key.shape[2]
@@ -306,34 +304,41 @@ def shared_prefix(prompts):
     return n
 
 
-def room_cache(model, room, keep=None):
-    return Cache(layers=[RoomLayer(room, keep) for _ in range(model.config.num_hidden_layers)])
+def room_cache(model, room):
+    return Cache(layers=[RoomLayer(room) for _ in range(model.config.num_hidden_layers)])
+
+
+def prefill(model, seq, room, par):
+    """This rank's share of the K/V of a prefix (seq: prepare_sequence's, a multiple of 2 x sp tokens, so no
+    padding to leave out; None: no prefix), run once with ring attention, in a cache with room for `room`
+    more tokens."""
+    cache = room_cache(model, room)
+    if seq is not None:
+        model.get_decoder()(input_ids=seq["input_ids"], position_ids=seq["position_ids"], cache=cache,
+                            use_cache=True, ring_group=par.sp_group)
+    return cache
 
 
 @torch.no_grad()
 def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.0, top_p=1.0, seeds=None, stats=None):
     """Answers to prompts that share a prefix (one document's turns), decoded by par's SP group (in one
-    process, a group of one): [(text, new tokens)], the same on every rank. The shared prefix is prefilled
-    ONCE (padded, zigzag-sharded, ring attention), each rank keeping ITS part of every layer's K/V; each
+    process, a group of one): [(text, new tokens)], the same on every rank. The shared prefix, cut to a
+    multiple of 2 x sp tokens, is prefilled ONCE (prefill), each rank keeping ITS part of every layer's K/V; each
     prompt's own tokens, then its answer, run as decoding steps: every query attends to every rank's part
     of the prefix and to the tokens after it (on every rank, counted on one), merged by the exact lse rule
     (ring_attention.decode_attention), so every rank computes the same logits and token (sampling from
     the same seeded stream). Before the next prompt the cache is cut back to the prefix."""
-    seeds, n = seeds or [0] * len(prompts), shared_prefix(prompts)
-    seq = longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id) if n else None  # zigzag
-    room = max(map(len, prompts)) - n + max_new_tokens
-    cache = room_cache(model, room, seq["position_ids"][0] < n if n else None)  # no prefix: all decoded
+    seeds, n = seeds or [0] * len(prompts), shared_prefix(prompts) // (2 * par.sp_size) * (2 * par.sp_size)
     attn = model.config._attn_implementation
     model.set_attn_implementation("ring_attention")
     decoder, head = model.get_decoder(), model.get_output_embeddings().weight
     head = head.to(torch.promote_types(head.dtype, torch.float32))  # fp32 logits, as in training
-    kwargs, results = dict(cache=cache, use_cache=True, ring_group=par.sp_group), []
-    stops = stop_token_ids(tokenizer, model)
-    clock = time.perf_counter()
+    stops, results, clock = stop_token_ids(tokenizer, model), [], time.perf_counter()
     try:
-        if n:
-            decoder(input_ids=seq["input_ids"], position_ids=seq["position_ids"], **kwargs)  # the prefix, once
-        n_prefix, prefill, clock = cache.layers[0].length, time.perf_counter() - clock, time.perf_counter()
+        seq = longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id) if n else None  # zigzag
+        cache = prefill(model, seq, max(map(len, prompts)) - n + max_new_tokens, par)
+        kwargs = dict(cache=cache, use_cache=True, ring_group=par.sp_group)
+        n_prefix, prefill_s, clock = cache.layers[0].length, time.perf_counter() - clock, time.perf_counter()
         for prompt, seed in zip(prompts, seeds):
             generator, new, feed = torch.Generator(device=par.device).manual_seed(seed), [], prompt[n:]
             while not new or (new[-1] not in stops and len(new) < max_new_tokens):
@@ -349,7 +354,7 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     finally:
         model.set_attn_implementation(attn)
     if stats is not None:
-        stats.update(prefill_s=prefill, decode_s=time.perf_counter() - clock, new_tokens=sum(k for _, k in results),
+        stats.update(prefill_s=prefill_s, decode_s=time.perf_counter() - clock, new_tokens=sum(k for _, k in results),
                      cache_bytes=sum(t.numel() * t.element_size() for layer in cache.layers
                                      for t in (layer.keys, layer.values)))
     return results
@@ -971,22 +976,63 @@ def join_parts(cfg, n_docs, bad_lines, stats):
 
 def generation_plan(cfg):
     """Per-GPU memory of generating from a --max-doc-len prompt over --sp-size GPUs (generate_long): bf16
-    weights whole on every GPU, its share of the K/V and the generated tokens', one prefill layer."""
+    weights whole on every GPU, its share of the K/V and the generated tokens', one prefill layer; beside
+    them this file's prefill traced on fake tensors (trace_prefill), where PyTorch's tools import."""
     c = longpo.load_config(cfg.model)
     with torch.device("meta"):  # shapes only
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
-    H, n_layers, inter, hq, hkv = c.hidden_size, c.num_hidden_layers, c.intermediate_size, \
-        c.num_attention_heads, c.num_key_value_heads
-    d = getattr(c, "head_dim", None) or H // hq
+    H, n_layers, inter, hkv = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or H // c.num_attention_heads
     bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
     kv_token = n_layers * 2 * hkv * d * bf16
-    rows = [("bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)", params * bf16),
-            (f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {n_layers} layers",
+    rows = [("params", "bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)",
+             params * bf16),
+            ("cache and temporaries",
+             f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {n_layers} layers",
              (P + new) * kv_token),
-            ("prefill, the layer in flight: input/output, q/k/v/o, MLP gate/up/product, ring K/V blocks, fp32 out",
-             P * (2 * H + 2 * (hq + hkv) * d + 3 * inter) * bf16 + 2 * 2 * P * hkv * d * bf16 + P * hq * d * fp32)]
+            ("cache and temporaries", "prefill, at its peak in a layer's MLP: the residual and the normed input, "
+             "the norm's fp32 upcast, 3 of gate/up/silu/product", P * (2 * H * bf16 + H * fp32 + 3 * inter * bf16))]
+    traced = None
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
+        traced = trace_prefill(c, cfg) if not dist.is_initialized() else None
+    except ImportError:
+        pass
     return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} "
-                               f"(the whole prompt's K/V: {cfg.max_doc_len * kv_token / 2**30:.2f} GiB):"], rows)
+                               f"(the whole prompt's K/V: {cfg.max_doc_len * kv_token / 2**30:.2f} GiB):"], rows,
+                              traced=traced)
+
+
+def trace_prefill(c, cfg):
+    """Rank 0's peak memory (bytes by category) in the prefill of a --max-doc-len prompt over --sp-size ranks:
+    this file's prefill on fake tensors (shapes, no data) in a fake process group, recorded by PyTorch's
+    MemTracker; the room of --max-new-tokens reserved. The CPU's fused attention stands in for the card's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.sp_size)
+    try:
+        par = setup_parallel(cfg.sp_size, 0, cfg.sp_size, torch.device("cpu"))
+        n = cfg.max_doc_len // (2 * cfg.sp_size) * 2 * cfg.sp_size
+        seq = longpo.prepare_sequence([1] * n, {}, par, 0)  # on the host, as generate_long makes it
+        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
+                                    c.num_key_value_heads, d)  # checked on real values, before the trace
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = AutoModelForCausalLM.from_config(c, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+            model.set_attn_implementation("ring_attention")
+            tracker = MemTracker()
+            tracker.track_external(model)
+            with tracker, torch.no_grad():
+                prefill(model, seq, cfg.max_doc_len - n + cfg.max_new_tokens, par)
+            peak = tracker.get_tracker_snapshot("peak")[par.device]
+        kinds = {"params": ("Parameter", "Buffer")}
+        traced = {name: sum(peak.get(kind, 0) for kind in k) for name, k in kinds.items()}
+        traced["cache and temporaries"] = peak["Total"] - traced["params"]
+        return traced
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- main

@@ -184,12 +184,11 @@ def total_loss(pref_losses, nll, lam):
 
 # ----------------------------------------------------------------------------- sequence-parallel log-probs
 
-def token_logps(hidden, weight, targets, mask, chunk_size):
-    """log p(target_t | prefix) where mask is set, (B, T) with 0 elsewhere; hidden (B, T, H) the final
-    hidden states, weight (V, H) the output embedding. Head and log-softmax in fp32 over chunks of
+def token_logps(hidden, weight, targets, idx, chunk_size):
+    """log p(target_t | prefix) at the flat positions idx (n,) (B, T) with 0 elsewhere; hidden (B, T, H) the
+    final hidden states, weight (V, H) the output embedding. Head and log-softmax in fp32 over chunks of
     chunk_size labelled tokens, each recomputed in backward: never the whole sequence's logits."""
-    flat_h, flat_t, flat_m = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1)
-    idx = flat_m.nonzero().squeeze(-1)  # (n,) positions that carry a label
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     # The head runs in fp32 too: bf16 logits of size ~20 would be off by ~0.1 each, and a sequence's
     # log-prob sums hundreds of them.
@@ -236,12 +235,17 @@ def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
     for name, weights in masks.items():  # bool marks, or the NLL's float weights; the targets are the same
         targets, weights = shifted_targets(ids, weights)
         out["targets"], out[name] = F.pad(targets, (0, padded - length)), F.pad(weights, (0, padded - length))
-    for key, t in out.items():
-        t = t.unsqueeze(0)  # (1, L)
-        if par.sp_size > 1:
-            t = zigzag_shard(t, par.sp_rank, par.sp_size)  # (1, T)
-        out[key] = t.to(par.device)
-    return out
+    out = {key: zigzag_shard(t.unsqueeze(0), par.sp_rank, par.sp_size) for key, t in out.items()}  # (1, T)
+    return to_device(out, masks, par.device)
+
+
+def to_device(seq, names, device):
+    """A prepared sequence's tensors on the device, and "labelled": the flat positions where any of the
+    named masks is set, found on the host (no device sync; the log-prob chunks' shapes known in advance)."""
+    none = torch.zeros(seq["input_ids"].shape, dtype=torch.bool)
+    mask = functools.reduce(torch.logical_or, [seq[name] != 0 for name in names], none)
+    seq["labelled"] = mask.reshape(-1).nonzero().squeeze(-1)
+    return {key: t.to(device) for key, t in seq.items()}
 
 
 def pack_pair(example, sp_size, pad_id, nll):
@@ -284,8 +288,8 @@ def prepare_packed(example, par, pad_id, nll):
     for key, t in packed.items():
         prefix = zigzag_shard(t[:n].unsqueeze(0), par.sp_rank, par.sp_size)
         branch = t[n + par.sp_rank * nb:n + (par.sp_rank + 1) * nb].unsqueeze(0)
-        packed[key] = torch.cat([prefix, branch], 1).to(par.device)  # (1, T)
-    return {**packed, "layout": layout}
+        packed[key] = torch.cat([prefix, branch], 1)  # (1, T)
+    return {**to_device(packed, ("chosen", "rejected", "nll"), par.device), "layout": layout}
 
 
 def last_hidden_state(model, **inputs):
@@ -313,12 +317,11 @@ def sequence_logps(model, seq, par, chunk_size):
     hidden = last_hidden_state(model, input_ids=seq["input_ids"], position_ids=seq["position_ids"], **ring_kwargs)
     weight = model.get_output_embeddings().weight
     names = [name for name in ("chosen", "rejected", "nll") if name in seq]
-    mask = functools.reduce(torch.logical_or, [seq[name] for name in names])
     # Every rank must backpropagate through every layer even when no labelled token landed in its
     # shard: other ranks' queries attended to its keys, and ring attention's backward (like FSDP's
     # gradient reduction) is a collective that all ranks of the group enter together.
     anchor = 0.0 * (hidden.sum() + weight.sum())
-    logps = token_logps(hidden, weight, seq["targets"], mask, chunk_size) + anchor  # (1, T)
+    logps = token_logps(hidden, weight, seq["targets"], seq["labelled"], chunk_size) + anchor  # (B, T)
     result = {name: SPSum.apply((logps * seq[name]).sum(-1), par.sp_group) for name in names if name != "nll"}
     if "nll" in seq:
         # the weights summed in the log-probs' precision: in fp32 a sum of 0.3s rounds differently per shard
@@ -329,20 +332,33 @@ def sequence_logps(model, seq, par, chunk_size):
 
 # ----------------------------------------------------------------------------- the step
 
-def micro_step(model, ref_model, examples, refs, cfg, par, pad_id):
-    """Forward and backward of one pair on this SP group (sft: --micro-batch chosen sequences), refs its
-    (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13). Returns its metrics."""
+def step_inputs(examples, cfg, par, pad_id):
+    """One micro-step's tokens, made on the host and moved to the device: [the packed pair], or [chosen,
+    rejected] (--pack pairs, or a prompt too short to share), or [sft's batch of --micro-batch sequences]."""
+    if cfg.loss == "sft":
+        return [sft_batch(examples, cfg, par, pad_id)]
+    (example,) = examples
+    c, r = example["chosen"], example["rejected"]
+    nll = nll_weights(c["is_answer"], cfg)
+    packed = prepare_packed(example, par, pad_id, nll) if cfg.pack == "shared-prefix" else None
+    if packed is not None:
+        return [packed]
+    return [prepare_sequence(c["ids"], {"chosen": c["is_answer"], "nll": nll}, par, pad_id),
+            prepare_sequence(r["ids"], {"rejected": r["is_answer"]}, par, pad_id)]
+
+
+def micro_step(model, ref_model, sequences, refs, cfg, par):
+    """Forward and backward of one pair on this SP group (sft: --micro-batch chosen sequences), its
+    sequences from step_inputs, refs its (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13).
+    Returns its metrics, tensors on the device."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
     # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
     if cfg.loss == "sft":
-        return sft_step(model, examples, cfg, par, pad_id, grad_scale)
-    (example,) = examples
-    if cfg.pack == "shared-prefix":
-        packed = prepare_packed(example, par, pad_id, nll_weights(example["chosen"]["is_answer"], cfg))
-        if packed is not None:
-            return packed_step(model, ref_model, packed, refs, cfg, par, grad_scale)
-    return pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale)
+        return sft_step(model, *sequences, cfg, par, grad_scale)
+    if len(sequences) == 1:
+        return packed_step(model, ref_model, *sequences, refs, cfg, par, grad_scale)
+    return pairs_step(model, ref_model, *sequences, refs, cfg, par, grad_scale)
 
 
 def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
@@ -357,14 +373,10 @@ def packed_step(model, ref_model, packed, refs, cfg, par, grad_scale):
     return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
 
 
-def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
+def pairs_step(model, ref_model, chosen, rejected, refs, cfg, par, grad_scale):
     """The reference path (--pack pairs): chosen and rejected one after the other, never in memory
     together. The pair loss gradient is a scalar weight times (grad log p_chosen - grad log p_rejected):
     rejected without grad, chosen with grad, rejected with grad, the other side's value a constant."""
-    c, r = example["chosen"], example["rejected"]
-    masks = {"chosen": c["is_answer"], "nll": nll_weights(c["is_answer"], cfg)}
-    chosen = prepare_sequence(c["ids"], masks, par, pad_id)
-    rejected = prepare_sequence(r["ids"], {"rejected": r["is_answer"]}, par, pad_id)
     ref_c, ref_r = pair_reference_logps(ref_model, [chosen, rejected], refs, cfg, par)
     with torch.no_grad():
         logp_r = sequence_logps(model, rejected, par, cfg.logprob_chunk)["rejected"]
@@ -381,18 +393,25 @@ def pairs_step(model, ref_model, example, refs, cfg, par, pad_id, grad_scale):
     return pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r)
 
 
-def sft_step(model, examples, cfg, par, pad_id, grad_scale):
-    """The SFT baseline: the NLL of the chosen sequences as one right-padded batch (--micro-batch), the same
-    gradient as one at a time (causal: no token sees the padding; each its own token mean); summed metrics."""
+def sft_batch(examples, cfg, par, pad_id):
+    """The chosen sequences of sft's micro-batch as one right-padded batch (B, T)."""
     longest = max(len(ex["chosen"]["ids"]) for ex in examples)
     rows = [prepare_sequence(ex["chosen"]["ids"], {"chosen": ex["chosen"]["is_answer"],
                                                    "nll": nll_weights(ex["chosen"]["is_answer"], cfg)},
                              par, pad_id, longest) for ex in examples]
     batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}  # (B, T)
+    width = rows[0]["input_ids"].shape[1]  # row b's flat positions follow rows 0..b-1
+    batch["labelled"] = torch.cat([row["labelled"] + b * width for b, row in enumerate(rows)])
+    return batch
+
+
+def sft_step(model, batch, cfg, par, grad_scale):
+    """The SFT baseline: the NLL of sft_batch's sequences, the same gradient as one at a time (causal: no
+    token sees the padding; each its own token mean); summed metrics."""
     logps = sequence_logps(model, batch, par, cfg.logprob_chunk)
     loss = logps["nll"].sum()  # Eq. 14 without its preference term, per sequence
     (loss * grad_scale).backward()
-    return {"loss": loss.item(), "nll": loss.item(), "logps/chosen": logps["chosen"].sum().item()}
+    return {"loss": loss.detach(), "nll": loss.detach(), "logps/chosen": logps["chosen"].sum().detach()}
 
 
 def pair_reference_logps(ref_model, sequences, refs, cfg, par):
@@ -413,11 +432,13 @@ def answer_logps(model, sequences, par, chunk_size):
 
 
 def pair_metrics(loss, nll, losses, chosen_rewards, rejected_rewards, logp_c, logp_r):
-    return {"loss": loss.item(), "nll": nll.item(), "pref_loss": losses.mean().item(),
-            "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "logps/chosen": logp_c.item(), "logps/rejected": logp_r.item()}
+    """The pair's metrics as tensors on the device (read by train_step: no sync inside the step)."""
+    metrics = {"loss": loss, "nll": nll, "pref_loss": losses.mean(), "rewards/chosen": chosen_rewards.mean(),
+               "rewards/rejected": rejected_rewards.mean(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
+               "logps/chosen": logp_c.sum(), "logps/rejected": logp_r.sum()}
+    return {key: value.detach() for key, value in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -457,7 +478,7 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, s
     model.set_attn_implementation("ring_attention")
     if grad_checkpointing and trainable:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    if not meta:
+    if not meta and next(model.parameters()).device != par.device:
         model.to(par.device)
     # FSDP2 does both jobs, with one code path for every world size: weights, grads and AdamW states
     # sharded over ALL ranks (dp x sp), and mixed precision (bf16 compute of fp32 master weights,
@@ -467,8 +488,8 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, s
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                   reduce_dtype=torch.promote_types(compute_dtype, torch.float32))
         for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(layer, mesh=par.mesh, mp_policy=mp)
+        fully_shard(model, mesh=par.mesh, mp_policy=mp)
     if meta:  # each rank's shard of rank 0's weights, cast to the master dtype
         model.to_empty(device=par.device)
         set_model_state_dict(model, source.state_dict() if source else {},
@@ -527,7 +548,9 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, las
         idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # k: the sample's number
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
         refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
-        metrics = micro_step(model, ref_model, examples, refs_of_pair, cfg, par, tokenizer.pad_token_id)
+        sequences = step_inputs(examples, cfg, par, tokenizer.pad_token_id)
+        metrics = micro_step(model, ref_model, sequences, refs_of_pair, cfg, par)
+        metrics = {key: value.item() for key, value in metrics.items()}
         bad = torch.tensor(float(not math.isfinite(metrics["loss"])), device=par.device)
         if par.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
@@ -1408,10 +1431,19 @@ def load_config(name):
 # ----------------------------------------------------------------------------- memory plan
 
 def memory_plan(cfg):
-    """Per-GPU memory of train()'s strategy: FSDP full sharding, bf16 compute, fp32 masters, grads and
-    AdamW, every decoder layer checkpointed, ring attention over sp GPUs, chunked log-softmax; chosen
-    and rejected packed after one copy of the document (one graph of max_length tokens) or in turn."""
+    """The per-GPU memory of train()'s strategy for --model at --max-length on --world-size GPUs: the plan's
+    rows, and beside them the same step traced on fake tensors (trace_step) where PyTorch's tools import."""
     c = load_config(cfg.model)
+    if cfg.world_size % (cfg.sp_size or cfg.world_size):
+        raise UsageError(f"--sp-size {cfg.sp_size} must divide --world-size {cfg.world_size}")
+    lines, rows = plan_rows(c, cfg)
+    return plan_report(lines, rows, cfg.gpu_gib, traced_peak(c, cfg))
+
+
+def plan_rows(c, cfg):
+    """(header lines, rows (category, what, bytes)): FSDP full sharding, bf16 compute, fp32 masters, grads
+    and AdamW, every decoder layer checkpointed, ring attention over sp GPUs, chunked log-softmax; chosen and
+    rejected packed after one copy of the document (one graph of max_length tokens) or in turn."""
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
@@ -1419,29 +1451,40 @@ def memory_plan(cfg):
     root = vocab * H * (1 if c.tie_word_embeddings else 2) + H
     params = n_layers * layer + root
     W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
-    if W % sp:
-        raise UsageError(f"--sp-size {sp} must divide --world-size {W}")
     packed = cfg.pack == "shared-prefix"
     T = -(-cfg.max_length // sp)  # one graph's tokens per GPU: the packed pair, or one sequence
     bf16, fp32, chunk = 2, 4, cfg.logprob_chunk
-    rows = [
-        ("weights + grads (fp32) + AdamW m, v: 16 B/param sharded over all GPUs", 16 * params / W),
-        ("bf16 weights of 2 decoder layers gathered (current + prefetch)", 2 * layer * bf16),
-        ("bf16 embedding + output head gathered (root), and their grads", 2 * root * bf16),
-        ("FSDP gradient reduce-scatter: 2 layers' and the root's unsharded grads, bf16 and their fp32 copy",
-         (2 * layer + root) * (bf16 + fp32)),
-        (f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H}", n_layers * T * H * bf16),
-        ("one layer recomputed in backward: 4H + 2 Hq D + 3 Hkv D + 4 I per token",
-         T * (4 * H + 2 * hq * d + 3 * hkv * d + 4 * inter) * bf16),
-        ("  + its 2 norms' fp32 upcast of their input (2 x 4 B x H per token)", T * 2 * H * fp32),
-        ("  + activation grads in flight in that layer (2 x I per token)", T * 2 * inter * bf16),
-        ("final norm, kept for the head's backward: its input, fp32 upcast and output", T * H * (2 * bf16 + fp32)),
-        ("ring: K/V blocks (held + in flight), fp32 out/lse/dq, fp32 dK/dV (held + in flight)",
-         2 * 2 * T * hkv * d * bf16 + 2 * T * hq * d * fp32 + 2 * 2 * T * hkv * d * fp32),
-        ("branches: K/V of both branches gathered on every GPU, kept for the backward, and their fp32 dK/dV",
-         (2 * 2 * cfg.plan_branch_tokens * hkv * d * (bf16 + fp32)) if packed else 0),
-        (f"log-probs: {chunk} x {vocab} fp32 logits, log-softmax, grad; fp32 head, its grad; grad of final hidden",
-         3 * chunk * vocab * fp32 + 2 * vocab * H * fp32 + T * H * fp32)]
+    rows = [("params", "fp32 master weights, sharded over all GPUs", fp32 * params / W),
+            ("grads", "fp32 gradients, sharded (accumulated over the micro-steps)", fp32 * params / W),
+            ("optimizer", "AdamW m and v (fp32), sharded", 2 * fp32 * params / W),
+            ("card", "FSDP: the previous layer's reduce-scatter in flight on its own stream [estimate, not traced]",
+             layer * fp32)]
+    # The rest peaks at one of two moments: the backward of the top decoder layer (recomputed: long
+    # sequences) or of the log-prob head (a large vocabulary over short ones). The ring's buffers come
+    # and go under the first.
+    in_layer = [
+        ("params", "bf16 weights gathered: the root (embedding, head) and 2 decoder layers (current + prefetch)",
+         (root + 2 * layer) * bf16),
+        ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", layer * fp32),
+        ("activations", f"activation checkpoints: the {n_layers - 1} layer inputs below, {T} tokens x {H}",
+         (n_layers - 1) * T * H * bf16),
+        ("temporaries", "the layer recomputed, in its MLP's backward: gate, up, silu, product, 2 grads (6 x I)",
+         T * 6 * inter * bf16),
+        ("temporaries", "  + its attention half saved: 2 norms' fp32 input and bf16 output, q, out, o_proj input",
+         T * (2 * H * (fp32 + bf16) + 3 * hq * d * bf16)),
+        ("temporaries", "  + k, v saved, and 3 gradients of the hidden state in flight",
+         T * (2 * hkv * d + 3 * H) * bf16)]
+    in_head = [
+        ("params", "bf16 weights gathered: the root (embedding, head)", root * bf16),
+        ("activations", f"activation checkpoints: {n_layers} layer inputs x {T} tokens x {H}", n_layers * T * H * bf16),
+        ("activations", "final norm's input, fp32 upcast and output; its labelled rows gathered",
+         T * H * (3 * bf16 + fp32)),
+        ("activations", "the output head in fp32", vocab * H * fp32),
+        ("temporaries", f"log-probs: {chunk} x {vocab} fp32 logits, log-softmax and their grad; the fp32 head's "
+         "grad; grad of the final hidden state", 3 * chunk * vocab * fp32 + vocab * H * fp32 + T * H * fp32)]
+    size = lambda phase: sum(b for _, _, b in phase)  # noqa: E731
+    peak, other = (in_layer, in_head) if size(in_layer) >= size(in_head) else (in_head, in_layer)
+    rows += peak
     branch = f" ({cfg.plan_branch_tokens} of them the rejected branch)" if packed else ""
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
              f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
@@ -1450,27 +1493,115 @@ def memory_plan(cfg):
              + ("packed after one copy of the document (--pack shared-prefix)" if packed else "in turn (--pack pairs)")]
     if not packed:
         lines.append(f"(chosen and rejected graphs at once would add {n_layers * T * H * bf16 / 2**30:.2f} GiB)")
-    return plan_report(lines, rows, cfg.gpu_gib)
+    lines.append(f"peak in the backward of the {'top layer' if peak is in_layer else 'log-prob head'} (that of the "
+                 f"{'head' if peak is in_layer else 'top layer'} needs {size(other) / 2**30:.2f} GiB to this "
+                 f"{size(peak) / 2**30:.2f} GiB beside the weights, grads and AdamW states):")
+    return lines, rows
 
 
 # What the plans do not model, as rows of their own: estimates for an H100 or H200 (CUDA 12-13, NCCL 2.2x),
 # and headroom for the allocator (expandable segments, set by init_distributed, keep fragmentation low).
-CARD_ROWS = [("CUDA context and kernel workspaces (cuBLAS, cuDNN) [estimate, not modelled]", 1.0),
-             ("NCCL buffers of the process groups [estimate, not modelled]", 1.5)]
+CARD_ROWS = [("card", "CUDA context and kernel workspaces (cuBLAS, cuDNN) [estimate, not traced]", 1.0 * 2**30),
+             ("card", "NCCL buffers of the process groups [estimate, not traced]", 1.5 * 2**30)]
 HEADROOM = 0.05
 
 
-def plan_report(lines, rows, gpu_gib=0.0):
-    """A memory plan's lines: its rows (bytes) in GiB, then the card's own rows, and the verdict against
-    the card's usable memory (gpu_gib; 0: this machine's card, else 79.1 GiB, an 80 GB card's)."""
+def plan_report(lines, rows, gpu_gib=0.0, traced=None):
+    """A memory plan's lines: its rows in GiB, then the card's own rows, and the verdict against the card's
+    usable memory (gpu_gib; 0: this machine's card, else 79.1 GiB, an 80 GB card's); traced: the traced
+    step's peak by category (bytes), printed beside the plan's."""
     usable = gpu_gib or (torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 79.1)
-    rows = [(name, b / 2**30) for name, b in rows if b] + CARD_ROWS
-    rows.append((f"headroom for fragmentation: {HEADROOM:.0%} of the card", HEADROOM * usable))
-    peak = sum(gib for _, gib in rows)
+    rows = [row for row in rows if row[2]] + CARD_ROWS
+    rows.append(("card", f"headroom for fragmentation: {HEADROOM:.0%} of the card", HEADROOM * usable * 2**30))
+    peak = sum(b for _, _, b in rows) / 2**30
     verdict = ("fits" if peak <= usable else "NEAR THE LIMIT: fits only without the headroom" if
-               peak - rows[-1][1] <= usable else "DOES NOT FIT")
-    return "\n".join(lines + [f"  {gib:8.2f} GiB  {name}" for name, gib in rows] +
-                     [f"peak per GPU: {peak:.2f} GiB of {usable:.1f} GiB usable: {verdict}"])
+               peak - rows[-1][2] / 2**30 <= usable else "DOES NOT FIT")
+    out = lines + [f"  {b / 2**30:8.2f} GiB  {name}" for _, name, b in rows]
+    if traced:
+        planned = plan_categories(rows)
+        out.append("traced on fake tensors by PyTorch's memory tracker, GiB (the plan's in brackets): " + ", ".join(
+            f"{name} {traced[name] / 2**30:.2f} ({planned.get(name, 0) / 2**30:.2f})" for name in traced)
+            + f"; with the card's rows: {(sum(traced.values()) + planned['card']) / 2**30:.2f} GiB")
+    return "\n".join(out + [f"peak per GPU: {peak:.2f} GiB of {usable:.1f} GiB usable: {verdict}"])
+
+
+def plan_categories(rows):
+    totals = {}
+    for category, _, b in rows:
+        totals[category] = totals.get(category, 0) + b
+    return totals
+
+
+# The tracker's kinds of memory, in the plan's categories
+TRACED = {"params": ("Sharded Param", "Unsharded Param", "All Gather", "Buffer"),
+          "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter"), "optimizer": ("OptState",),
+          "activations": ("Activation",), "temporaries": ("Temp", "Inputs")}
+
+
+def traced_peak(c, cfg, layers=(3, 4)):
+    """The peak of trace_step by category (bytes) for c's depth, from traces of `layers` decoder layers
+    (from 3 on, memory grows linearly with the depth: 32 layers take half a minute to trace, 3 and 4 seconds);
+    None where PyTorch's private tracing tools do not import, a process group already exists, or for --pack
+    pairs (three forwards a micro-step; PyTorch's tracker follows one)."""
+    try:
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: F401
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
+    except ImportError:
+        return None
+    if dist.is_initialized() or cfg.pack == "pairs":  # the tracker follows one forward per micro-step
+        return None
+    few, more = (trace_step(with_layers(c, n), cfg) for n in layers)
+    per_layer = {name: (more[name] - few[name]) / (layers[1] - layers[0]) for name in few}
+    return {name: few[name] + per_layer[name] * (c.num_hidden_layers - layers[0]) for name in few}
+
+
+def with_layers(c, n):
+    fields = {key: value for key, value in c.to_dict().items() if key != "layer_types"}  # one per layer
+    return type(c).from_dict({**fields, "num_hidden_layers": n})
+
+
+def plan_example(cfg):
+    """A pair of the plan's shape: chosen and rejected answers of --plan-branch-tokens after one prompt,
+    the packed pair --max-length tokens (--pack pairs: each sequence)."""
+    branch = cfg.plan_branch_tokens
+    prompt = cfg.max_length - branch if cfg.pack == "pairs" else cfg.max_length - 2 * branch + 1
+    is_answer = [False] * prompt + [True] * branch
+    return {"chosen": {"ids": [1] * prompt + [2] * branch, "is_answer": is_answer},
+            "rejected": {"ids": [1] * prompt + [3] * branch, "is_answer": is_answer}}
+
+
+def trace_step(c, cfg):
+    """Rank 0's peak memory by category (bytes) in a LongPO step of model config c at cfg's length, world and
+    SP size: this file's micro_step and AdamW, run on fake tensors (shapes, no data) in a fake process group
+    of --world-size ranks, FSDP's and autograd's memory recorded by PyTorch's FSDPMemTracker. A micro-step
+    after the first of an accumulation (the gradients exist), AdamW's states made: the steady state's peak.
+    The CPU's fused attention stands in for the card's (the same out and lse); kernels' workspaces are not
+    seen (the plan's card rows)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.world_size)
+    try:
+        cfg = dataclasses.replace(cfg, loss="longpo", grad_accum=2)
+        par = setup_parallel(cfg.sp_size, 0, cfg.world_size, torch.device("cpu"))
+        sequences = step_inputs([plan_example(cfg)], cfg, par, pad_id=0)  # on the host, as training makes them
+        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
+                                    c.num_key_value_heads, d)  # checked on real values, before the trace
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = AutoModelForCausalLM.from_config(c, dtype=torch.float32, attn_implementation="sdpa")
+            model = setup_model(model, par, torch.bfloat16, cfg.grad_checkpointing)
+            optimizer = torch.optim.AdamW(model.parameters())
+            for p in model.parameters():  # gradients accumulated by an earlier micro-step
+                p.grad = torch.zeros_like(p)
+            tracker = FSDPMemTracker(model, optimizer)
+            with tracker:
+                optimizer.step()  # AdamW's states, as from the first step on
+                micro_step(model, None, sequences, (0.0, 0.0), cfg, par)
+            peak = tracker.get_tracker_snapshot("peak")[par.device]
+        return {name: sum(peak.get(kind, 0) for kind in kinds) for name, kinds in TRACED.items()}
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -457,20 +457,23 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=N
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, kernel, layout):
+        branch_kv = None
         if layout is None:
             out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
         else:
-            out, lse, auxes = _branched_forward(q, k, v, scale, group, kernel, layout)
+            out, lse, auxes, branch_kv = _branched_forward(q, k, v, scale, group, kernel, layout)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)  # q, k, v are the caller's: never ring buffers
+        # q, k, v are the caller's, never ring buffers. Tensors go through save_for_backward, not ctx: a
+        # checkpointed layer drops those after its forward (a ctx attribute would live until the backward).
+        ctx.save_for_backward(q, k, v, out, lse, branch_kv)
         ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, branch_kv = ctx.saved_tensors
         args = (dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group, ctx.kernel)
-        dq, dk, dv = _ring_backward(*args) if ctx.layout is None else _branched_backward(*args, ctx.layout)
+        dq, dk, dv = _ring_backward(*args) if ctx.layout is None else _branched_backward(*args, ctx.layout, branch_kv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -557,11 +560,11 @@ def _branched_forward(q, k, v, scale, group, kernel, layout):
     for name, rows, keys, causal in layout.blocks(ring.rank):
         block_out, block_lse, auxes[name] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
         merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
-    auxes["branch_kv"] = kv  # kept for the backward (the region is small): no second gather
-    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes)
+    # kv is kept for the backward (the region is small): no second gather
+    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes), kv
 
 
-def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout):
+def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout, kv):
     """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
     over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
     bwd, n, ring = kernel.bwd, layout.n_prefix, _Ring(group)
@@ -575,7 +578,6 @@ def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, lay
         dkv[1] += dv_
     dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n], ring_auxes,
                                 scale, group, kernel, visit)
-    kv = auxes["branch_kv"]
     dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
     for name, rows, keys, causal in layout.blocks(ring.rank):
         dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
@@ -742,12 +744,13 @@ def print0(*args, **kwargs):
 @dataclass
 class Parallel:
     """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is LOCAL when sp_size is 1."""
+    groups read different samples. sp_group is LOCAL when sp_size is 1; mesh: the world's (FSDP's)."""
     rank: int
     world_size: int
     sp_size: int
     sp_group: object
     device: torch.device
+    mesh: object = None
 
     def __post_init__(self):
         self.sp_rank = self.rank % self.sp_size  # the place in the ring
@@ -775,7 +778,8 @@ def setup_parallel(sp_size, rank, world_size, device):
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
     groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT[0])
               for f in range(0, world_size, sp_size)] if sp_size > 1 else []
-    return Parallel(rank, world_size, sp_size, groups[rank // sp_size] if groups else LOCAL, device)
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,)) if dist.is_initialized() else None
+    return Parallel(rank, world_size, sp_size, groups[rank // sp_size] if groups else LOCAL, device, mesh)
 
 
 def barrier(par):
