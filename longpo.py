@@ -966,7 +966,11 @@ def run_cli(main, cls, watch=lambda cfg: True):
     checks the same flags and files, so rank 0 speaks for all (the others wait a moment; torchrun stops
     them once one rank has stopped). Under torchrun (and watch(cfg)), a thread watches the other ranks
     (watch_peers); any other error prints its traceback, then is reported to them (report_failure)."""
-    cfg = config_from_cli(cls)
+    try:
+        cfg = config_from_cli(cls)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     watching = world > 1 and watch(cfg)
     if watching:
@@ -1079,10 +1083,32 @@ def report_failure(error, rank, world_size):
     quietly(report)
 
 
+# Flags of TRL's and transformers' trainers that users bring along, and this project's names for them
+FOREIGN_FLAGS = {"--learning-rate": "--lr", "--gradient-accumulation-steps": "--grad-accum",
+                 "--per-device-train-batch-size": "--micro-batch", "--model-name-or-path": "--model",
+                 "--max-seq-length": "--max-length", "--gradient-checkpointing": "--grad-checkpointing",
+                 "--dataset-name": "--data", "--save-steps": "--save-every", "--resume-from-checkpoint": "--resume"}
+
+
 def config_from_cli(cls, argv=None):
-    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser)."""
+    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser). An unknown
+    flag or a bad value is a UsageError naming it (and the flag meant, where one is close)."""
+    import difflib
     from transformers import HfArgumentParser
-    return HfArgumentParser(cls, description=cls.__doc__).parse_args_into_dataclasses(argv)[0]
+    parser = HfArgumentParser(cls, description=cls.__doc__)
+
+    def error(message):
+        raise UsageError(message)
+    parser.error = error
+    cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        flag = next((a for a in rest if a.startswith("-")), rest[0]).split("=")[0]
+        known = [name for action in parser._actions for name in action.option_strings if "_" not in name]
+        close = difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.75)
+        meant = FOREIGN_FLAGS.get(flag.replace("_", "-")) or (close[0] if close else None)
+        raise UsageError(f"unknown flag {flag}" + (f"; did you mean {meant}?" if meant else "; see --help")
+                         if flag.startswith("-") else f"unexpected argument {flag!r}; see --help")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- chat formatting

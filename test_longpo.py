@@ -2223,7 +2223,11 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
              ["eval.py", "--haystack", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "ruler"],
              ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
              ["data_gen.py", "--timeout-minutes", "0", "--out", str(tmp_path / "o.jsonl")],
-             ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")]]
+             ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")],
+             ["longpo.py", "--learning-rate", "1e-5"],  # a TRL user's habit: the flag meant is named
+             ["data_gen.py", "--max-lenght", "4096"], ["eval.py", "--taks", "ruler"], ["longpo.py", "--lr", "fast"]]
+    meant = {"--learning-rate": "did you mean --lr?", "--max-lenght": "did you mean --max-length?",
+             "--taks": "did you mean --tasks?", "--lr": "invalid float value: 'fast'"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
@@ -2234,6 +2238,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert args[1] in lines[0] and "Traceback" not in err, (args, err)
         assert "hay" not in args[2] or "hay.jsonl:2: field 'text' is missing" in lines[0], lines
+        assert meant.get(args[1], "") in lines[0], lines
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert cpu < 10 * len(cases), f"{cpu:.0f} s of CPU time for {len(cases)} mistakes: not each within 10 s"
@@ -2453,14 +2458,15 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
     whole, _ = run(0, answers="gold", demo_docs=4, demo_paragraphs="8-24")
     prefix = {i: [packed_length({**r, "turns": r["turns"][:n]}, tokenizer) for n in range(1, len(r["turns"]) + 1)]
               for i, r in whole.items()}
-    limit = sorted(n for lengths in prefix.values() for n in lengths)[len(whole)]  # some cut, one dropped
-    fit = {i: sum(n <= limit for n in lengths) for i, lengths in prefix.items()}
-    got, summary = run(limit, answers="gold", demo_docs=4, demo_paragraphs="8-24")
-    assert {i: len(r["turns"]) for i, r in got.items()} == {i: n for i, n in fit.items() if n}
-    assert all(r["turns"] == whole[i]["turns"][:fit[i]] for i, r in got.items())
-    assert summary["dropped_documents"] == {"max_length": sum(n == 0 for n in fit.values())} != {}
-    cut = sum(len(whole[i]["turns"]) - n for i, n in fit.items() if n)
-    assert cut and summary["turns_filtered"] == {"max_length": cut}
+    exact = sorted(n for lengths in prefix.values() for n in lengths)[len(whole)]  # some cut, one dropped
+    for limit in (exact, exact - 1):  # a record of exactly --max-length tokens fits; one more token does not
+        fit = {i: sum(n <= limit for n in lengths) for i, lengths in prefix.items()}
+        got, summary = run(limit, answers="gold", demo_docs=4, demo_paragraphs="8-24")
+        assert {i: len(r["turns"]) for i, r in got.items()} == {i: n for i, n in fit.items() if n}, limit
+        assert all(r["turns"] == whole[i]["turns"][:fit[i]] for i, r in got.items())
+        assert summary["dropped_documents"] == {"max_length": sum(n == 0 for n in fit.values())} != {}
+        cut = sum(len(whole[i]["turns"]) - n for i, n in fit.items() if n)
+        assert cut and summary["turns_filtered"] == {"max_length": cut}
     long_asked = []
 
     def longest(seeds, max_new_tokens):
