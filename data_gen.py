@@ -59,8 +59,9 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.cache_utils import DynamicLayer
 
 import longpo
-from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
-                            init_distributed, one_process, print0, probe_kernel, setup_parallel)
+import ring_attention
+from longpo import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
+                            init_distributed, one_process, print0, setup_parallel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -1017,7 +1018,7 @@ def trace_prefill(c, cfg):
         n = cfg.max_doc_len // (2 * cfg.sp_size) * 2 * cfg.sp_size
         seq = longpo.prepare_sequence([1] * n, {}, par, 0)  # on the host, as generate_long makes it
         d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
+        ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
                                     c.num_key_value_heads, d)  # checked on real values, before the trace
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = AutoModelForCausalLM.from_config(c, dtype=torch.bfloat16, attn_implementation="sdpa").eval()

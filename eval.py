@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data_gen
 import longpo
-from ring_attention import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
+from longpo import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
                             init_distributed, print0, setup_parallel)
 
 

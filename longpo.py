@@ -63,8 +63,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 import ring_attention  # importing it registers the attention implementation "ring_attention"
-from ring_attention import (UsageError, barrier, check_at_least, check_runtime, check_sp_size, distributed_map,
-                            init_distributed, one_process, print0, setup_parallel, world_mean, zigzag_shard)
+from ring_attention import zigzag_shard
 
 # FSDP2 warns that the root module returns a view (its one position's logits); we never modify it
 # in place, which is the case the warning is about.
@@ -545,7 +544,7 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, las
     sides = trained_sides(cfg)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
         ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank for m in range(first, first + cfg.micro_batch)]
-        idxs = [records.substitute[record_index(k, len(records), cfg.seed)] for k in ks]  # k: the sample's number
+        idxs = [record_index(k, len(records), cfg.seed) for k in ks]  # k: the sample's number
         examples = [build_example(records[i], tokenizer, sides) for i in idxs]
         refs_of_pair = records.refs[idxs[0]]  # a micro-batch of several is sft's, which has no reference
         sequences = step_inputs(examples, cfg, par, tokenizer.pad_token_id)
@@ -597,30 +596,20 @@ def trained_length(example, packed=True):
     return max(lengths)
 
 
-def prepare_data(records, cfg, par, tokenizer, compute_dtype, run_max_length=None):
+def prepare_data(records, cfg, par, tokenizer, compute_dtype):
     """Records with their lengths and reference log-probs (computed on the SHORT inputs where the file
-    has none, Eq. 13); every rank ends with the same. Those longer than the --max-length the run started
-    with (run_max_length) are skipped; a --max-length lowered on resume keeps that set (and so the data
-    order) and replaces each record longer than it by one that fits, drawn from the seed (records.substitute)."""
+    has none, Eq. 13); every rank ends with the same. Those longer than --max-length are skipped."""
     packed = cfg.pack == "shared-prefix" and cfg.loss != "sft"
     lengths = distributed_map(lambda i: trained_length(build_example(records[i], tokenizer, trained_sides(cfg)),
                                                        packed), range(len(records)), par, "lengths")
-    limit = cfg.max_length if run_max_length is None else run_max_length
-    kept = [i for i, n in enumerate(lengths) if n <= (limit or math.inf)]
-    print0(f"--max-length {limit or 'none'}: kept {len(kept)} of {len(records)} records; {len(records) - len(kept)} "
-           f"skipped as longer (the trained sequences have {min(lengths)}-{max(lengths)} tokens)")
+    kept = [i for i, n in enumerate(lengths) if n <= (cfg.max_length or math.inf)]
+    print0(f"--max-length {cfg.max_length or 'none'}: kept {len(kept)} of {len(records)} records; "
+           f"{len(records) - len(kept)} skipped as longer (the trained sequences have "
+           f"{min(lengths)}-{max(lengths)} tokens)")
     if not kept:
-        raise UsageError(f"no record of --data {cfg.data} fits --max-length {limit}; raise it")
+        raise UsageError(f"no record of --data {cfg.data} fits --max-length {cfg.max_length}; raise it")
     records = records.select(kept)
     records.lengths = [lengths[i] for i in kept]
-    fits = [n <= (cfg.max_length or math.inf) for n in records.lengths]
-    if not any(fits):
-        raise UsageError(f"no record of this run fits the lowered --max-length {cfg.max_length}; raise it")
-    fitting = [i for i, ok in enumerate(fits) if ok]  # substitutes drawn at random: none is used twice as often
-    records.substitute = [i if ok else random.Random(f"{cfg.seed}-{i}").choice(fitting) for i, ok in enumerate(fits)]
-    if len(fitting) < len(fits):
-        print0(f"--max-length lowered from {limit or 'none'} to {cfg.max_length}: {len(fits) - len(fitting)} records "
-               "longer than it are each replaced by a random one that fits")
     missing = [i for i, ref in enumerate(records.refs) if None in ref]
     if cfg.loss == "longpo" and missing:
         name = cfg.ref_model or cfg.model
@@ -659,9 +648,9 @@ def checkpoint_on_signal():
     signal.signal(signal.SIGUSR1, lambda signum, frame: SIGNALLED.append("SIGUSR1"))
 
 
-def train(cfg, par, records, run_max_length=None):
+def train(cfg, par, records):
     dtypes, tokenizer = resolve_dtypes(cfg, par.device), load_tokenizer(cfg.model)
-    records = prepare_data(records, cfg, par, tokenizer, dtypes[1], run_max_length)
+    records = prepare_data(records, cfg, par, tokenizer, dtypes[1])
     ref_model = None
     if cfg.loss == "dpo":
         ref_model = load_for_training(cfg.ref_model or cfg.model, par, dtypes, trainable=False)
@@ -724,8 +713,7 @@ def last_checkpoint(output_dir):
 
 
 # What defines a run: --resume must continue with the same (save_every, stop_after, logprob_chunk,
-# grad_checkpointing and the like may change; they do not change what is computed). max_length may
-# be lowered (prepare_data keeps the run's records and replaces those longer than the new limit).
+# grad_checkpointing and the like may change; they do not change what is computed).
 RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "nll_context_weight", "pack", "lr",
                 "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps", "grad_accum", "max_length", "rope_theta",
                 "dtype", "seed")
@@ -767,8 +755,7 @@ def check_output_dir(cfg, identity):
             return "fresh"  # nothing of a run there yet
         raise UsageError(f"--resume: {path} does not record the run's arguments, so it cannot be checked; "
                          "start a new run (--overwrite or another --output-dir)")
-    lowered = 0 < identity["max_length"] <= (before.get("max_length") or math.inf)
-    changed = changed_arguments({**before, **({"max_length": identity["max_length"]} if lowered else {})}, identity)
+    changed = changed_arguments(before, identity)
     if changed:
         raise UsageError(f"--resume: {out} holds a run with other arguments ({changed}); resume it with "
                          "the same ones, or start a new run (--overwrite or another --output-dir)")
@@ -796,7 +783,7 @@ class Checkpoints:
 
     def __init__(self, cfg, par):
         self.cfg, self.par, self.writing = cfg, par, None
-        self.group = dist.new_group(backend="gloo", timeout=ring_attention.TIMEOUT[0])  # the writer thread's own
+        self.group = dist.new_group(backend="gloo", timeout=TIMEOUT[0])  # the writer thread's own
 
     def save(self, model, optimizer, scheduler, step):
         self.finish()  # one at a time
@@ -934,10 +921,6 @@ def main(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     identity = run_identity(cfg, world, cfg.sp_size or world)
     state = check_output_dir(cfg, identity)
-    run_max_length = identity["max_length"]
-    if state == "resume":
-        with open(os.path.join(cfg.output_dir, "config.json")) as f:
-            run_max_length = json.load(f)["identity"]["max_length"]  # a lowered --max-length keeps its records
     if state == "finished":
         print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
         return
@@ -951,13 +934,156 @@ def main(cfg):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "identity": identity}, f, indent=2)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    train(cfg, par, records, run_max_length)
+    train(cfg, par, records)
 
 
 # ============================================================================= plumbing shared by the scripts
 # Below: what data_gen.py and eval.py use too. The command line and failures across ranks, chat
 # formatting and records (the one place where a dialogue becomes tokens), model loading and the tiny
 # preset, the memory plan.
+
+# ----------------------------------------------------------------------------- errors; processes and their groups
+
+class UsageError(ValueError):
+    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
+    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
+
+
+def check_at_least(cfg, names, least, hint=""):
+    """One line for the first of these config fields (flag names) below `least`, NaN included."""
+    for name in names:
+        if not getattr(cfg, name) >= least:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= {least}{hint}")
+
+
+def check_output_file(flag, path, example):  # before any work: a folder where a file goes
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UsageError(f"{flag} {path} is a folder; give the output file, e.g. {os.path.join(path, example)}")
+
+
+TIMEOUT = [datetime.timedelta(minutes=30)]  # of every process group: init_distributed's timeout_minutes
+
+
+def init_distributed(timeout_minutes=30.0, group_of_one=False):
+    """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
+    nccl on CUDA, gloo on CPU; a collective waiting longer than timeout_minutes fails (--timeout-minutes).
+    group_of_one: a process group even for one process without torchrun (FSDP2, which training uses
+    for mixed precision, needs one). CUDA memory: expandable segments, unless an allocator config is set."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before CUDA: little fragmentation
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+    TIMEOUT[0] = timeout  # the SP groups' too (setup_parallel)
+    if not dist.is_initialized():
+        if world_size > 1:
+            dist.init_process_group(backend, timeout=timeout)
+        elif group_of_one:  # an in-process store: no address or port to agree on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return rank, world_size, device
+
+
+def print0(*args, **kwargs):
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+@dataclass
+class Parallel:
+    """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
+    groups read different samples. sp_group is LOCAL when sp_size is 1; mesh: the world's (FSDP's)."""
+    rank: int
+    world_size: int
+    sp_size: int
+    sp_group: object
+    device: torch.device
+    mesh: object = None
+
+    def __post_init__(self):
+        self.sp_rank = self.rank % self.sp_size  # the place in the ring
+        self.dp_rank = self.rank // self.sp_size  # the group, i.e. which samples it reads
+        self.dp_size = self.world_size // self.sp_size
+
+
+def one_process(device):
+    """The Parallel of work done whole in this process (e.g. short inputs), whatever the world."""
+    return Parallel(0, 1, 1, ring_attention.LOCAL, device)
+
+
+def check_sp_size(sp_size):
+    """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if sp_size < 0 or world % (sp_size or world):
+        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
+
+
+def setup_parallel(sp_size, rank, world_size, device):
+    """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
+    sp_size = sp_size or world_size
+    assert world_size % sp_size == 0, (sp_size, world_size)
+    # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
+    groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT[0])
+              for f in range(0, world_size, sp_size)] if sp_size > 1 else []
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,)) if dist.is_initialized() else None
+    sp_group = groups[rank // sp_size] if groups else ring_attention.LOCAL
+    return Parallel(rank, world_size, sp_size, sp_group, device, mesh)
+
+
+def barrier(par):
+    if par.world_size > 1:
+        dist.barrier()
+
+
+def distributed_map(fn, items, par, desc):
+    """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
+    from tqdm import tqdm
+    mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
+                                            disable=par.rank != 0)]
+    if par.world_size > 1:
+        gathered = [None] * par.world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [pair for part in gathered for pair in part]
+    return [value for _, value in sorted(mine, key=lambda pair: pair[0])]
+
+
+def world_mean(values, par):
+    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
+    if par.world_size > 1:
+        dist.all_reduce(t)
+        t /= par.world_size
+    return dict(zip(values, t.tolist()))
+
+
+def use_kernel(name):
+    """--attn-kernel: the block kernel of the models' ring attention; any other than auto or cudnn also
+    takes cuDNN from transformers' "sdpa" attention (one-process generation; its other backends stay, as
+    masked batches need them). Checked before any work: a CUDA kernel without CUDA is refused."""
+    if name not in ("auto", *ring_attention.KERNELS):
+        raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(ring_attention.KERNELS)}")
+    on_cuda = torch.cuda.is_available()
+    if (name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda) or (name == "cpu" and on_cuda):
+        raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
+                         "use auto or plain")
+    if name == "flash_attn" and not ring_attention.flash_attn_available():
+        raise UsageError("--attn-kernel flash_attn: flash-attn >= 2.7 is not installed "
+                         "(pip install flash-attn --no-build-isolation)")
+    ring_attention.KERNEL[0] = name
+    if on_cuda and name not in ("auto", "cudnn"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def check_runtime(cfg):
+    """Every script's --timeout-minutes and --attn-kernel, checked (and the kernel set) before any work."""
+    if not cfg.timeout_minutes > 0:
+        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
+    use_kernel(cfg.attn_kernel)
+
 
 # ----------------------------------------------------------------------------- the command line; failures
 
@@ -977,7 +1103,7 @@ def run_cli(main, cls, watch=lambda cfg: True):
         watch_peers(rank, world, cfg.timeout_minutes)
     try:
         main(cfg)
-    except UsageError as e:
+    except (UsageError, ring_attention.KernelError) as e:
         if watching:  # a mistake only some ranks saw stops the others too
             REPORTING.set()
             quietly(lambda: first_failure(open_store(), f"rank {rank}: error: {e}"))

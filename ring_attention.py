@@ -15,7 +15,7 @@ This file is the bottom of the project: it imports nothing from it. In reading o
 Then, each in its own section: a shared prefix with branches (LongPO's chosen and rejected answers
 after ONE copy of the document), decoding against a sharded prompt, the registration as the
 transformers attention "ring_attention" (a Llama / Mistral / Qwen2 model given zigzag-sharded ids
-and positions runs sequence-parallel), and the CLI and distributed glue that the scripts share.
+and positions runs sequence-parallel).
 
 Block kernels: PyTorch's own fused cuDNN and FlashAttention-2 ops on CUDA, flash-attn >= 2.7 if
 installed, PyTorch's fused CPU attention on CPU, and a plain PyTorch kernel as the readable
@@ -26,10 +26,8 @@ Self-check and benchmark against SDPA of the whole sequence (the test file's opt
     torchrun --nproc_per_node 2 test_longpo.py ring --threads 1     # 2 CPU processes (python: one)
     torchrun --nproc_per_node 8 test_longpo.py ring --seq-len 131072 --heads 32 --kv-heads 8 --dtype bfloat16
 """
-import datetime
 import functools
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -267,6 +265,11 @@ def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
     return True, True, None
 
 
+class KernelError(ValueError):
+    """No block kernel for these inputs: one asked for by name that is unknown or fails the probe, or no fused
+    one where the plain kernel's scores would be large (the scripts print it as one line)."""
+
+
 def pick_kernel(q, kernel="auto", kv_heads=None):
     """The Kernel for q (B, T, Hq, D) of the LOCAL sequence: the first of AUTO_ORDER that the probe
     passes for its device, dtype and heads (small blocks routed to the plain kernel where it found
@@ -275,10 +278,10 @@ def pick_kernel(q, kernel="auto", kv_heads=None):
     B, T, Hq, D = q.shape
     if kernel != "auto":
         if kernel not in KERNELS:
-            raise UsageError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
+            raise KernelError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
         failure = None if kernel == "plain" else probe_kernel(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D)[2]
         if failure:
-            raise UsageError(f"--attn-kernel {kernel} {failure} with {Hq}/{kv_heads or Hq} heads of {D} on "
+            raise KernelError(f"--attn-kernel {kernel} {failure} with {Hq}/{kv_heads or Hq} heads of {D} on "
                              f"{q.device.type}; use --attn-kernel auto (it routes around such blocks)")
         return Kernel(kernel)
     for name in AUTO_ORDER.get(q.device.type, ()):
@@ -290,7 +293,7 @@ def pick_kernel(q, kernel="auto", kv_heads=None):
             return Kernel(name, small_ok)
     score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
     if score_bytes > PLAIN_MAX_SCORE_BYTES:
-        raise UsageError(
+        raise KernelError(
             f"ring_attention: no fused kernel runs {q.dtype} with head dim {D} on {q.device.type}, and the "
             f"plain kernel would hold {score_bytes / 2**30:.1f} GiB of scores for {T} local tokens: use "
             "bfloat16 or float16 (--dtype bfloat16 / auto), install flash-attn >= 2.7, or more SP ranks")
@@ -658,151 +661,9 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
 KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
 
 
-def use_kernel(name):
-    """--attn-kernel: the block kernel of the models' ring attention; any other than auto or cudnn also
-    takes cuDNN from transformers' "sdpa" attention (one-process generation; its other backends stay, as
-    masked batches need them). Checked before any work: a CUDA kernel without CUDA is refused."""
-    if name not in ("auto", *KERNELS):
-        raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(KERNELS)}")
-    on_cuda = torch.cuda.is_available()
-    if (name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda) or (name == "cpu" and on_cuda):
-        raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
-                         "use auto or plain")
-    if name == "flash_attn" and not flash_attn_available():
-        raise UsageError("--attn-kernel flash_attn: flash-attn >= 2.7 is not installed "
-                         "(pip install flash-attn --no-build-isolation)")
-    KERNEL[0] = name
-    if on_cuda and name not in ("auto", "cudnn"):
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def check_runtime(cfg):
-    """Every script's --timeout-minutes and --attn-kernel, checked (and the kernel set) before any work."""
-    if not cfg.timeout_minutes > 0:
-        raise UsageError(f"--timeout-minutes {cfg.timeout_minutes} must be > 0")
-    use_kernel(cfg.attn_kernel)
-
-
 def _register_with_transformers():
     from transformers import AttentionInterface
     AttentionInterface.register("ring_attention", hf_ring_attention_forward)
 
 
 _register_with_transformers()
-
-
-# ----------------------------------------------------------------------------- CLI and distributed glue
-
-class UsageError(ValueError):
-    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
-    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
-
-
-def check_at_least(cfg, names, least, hint=""):
-    """One line for the first of these config fields (flag names) below `least`, NaN included."""
-    for name in names:
-        if not getattr(cfg, name) >= least:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= {least}{hint}")
-
-
-def check_output_file(flag, path, example):  # before any work: a folder where a file goes
-    if os.path.isdir(path) or path.endswith(os.sep):
-        raise UsageError(f"{flag} {path} is a folder; give the output file, e.g. {os.path.join(path, example)}")
-
-
-TIMEOUT = [datetime.timedelta(minutes=30)]  # of every process group: init_distributed's timeout_minutes
-
-
-def init_distributed(timeout_minutes=30.0, group_of_one=False):
-    """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
-    nccl on CUDA, gloo on CPU; a collective waiting longer than timeout_minutes fails (--timeout-minutes).
-    group_of_one: a process group even for one process without torchrun (FSDP2, which training uses
-    for mixed precision, needs one). CUDA memory: expandable segments, unless an allocator config is set."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before CUDA: little fragmentation
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
-    TIMEOUT[0] = timeout  # the SP groups' too (setup_parallel)
-    if not dist.is_initialized():
-        if world_size > 1:
-            dist.init_process_group(backend, timeout=timeout)
-        elif group_of_one:  # an in-process store: no address or port to agree on
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return rank, world_size, device
-
-
-def print0(*args, **kwargs):
-    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-@dataclass
-class Parallel:
-    """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is LOCAL when sp_size is 1; mesh: the world's (FSDP's)."""
-    rank: int
-    world_size: int
-    sp_size: int
-    sp_group: object
-    device: torch.device
-    mesh: object = None
-
-    def __post_init__(self):
-        self.sp_rank = self.rank % self.sp_size  # the place in the ring
-        self.dp_rank = self.rank // self.sp_size  # the group, i.e. which samples it reads
-        self.dp_size = self.world_size // self.sp_size
-
-
-def one_process(device):
-    """The Parallel of work done whole in this process (e.g. short inputs), whatever the world."""
-    return Parallel(0, 1, 1, LOCAL, device)
-
-
-def check_sp_size(sp_size):
-    """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if sp_size < 0 or world % (sp_size or world):
-        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} "
-                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
-
-
-def setup_parallel(sp_size, rank, world_size, device):
-    """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
-    sp_size = sp_size or world_size
-    assert world_size % sp_size == 0, (sp_size, world_size)
-    # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
-    groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT[0])
-              for f in range(0, world_size, sp_size)] if sp_size > 1 else []
-    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,)) if dist.is_initialized() else None
-    return Parallel(rank, world_size, sp_size, groups[rank // sp_size] if groups else LOCAL, device, mesh)
-
-
-def barrier(par):
-    if par.world_size > 1:
-        dist.barrier()
-
-
-def distributed_map(fn, items, par, desc):
-    """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
-    from tqdm import tqdm
-    mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
-                                            disable=par.rank != 0)]
-    if par.world_size > 1:
-        gathered = [None] * par.world_size
-        dist.all_gather_object(gathered, mine)
-        mine = [pair for part in gathered for pair in part]
-    return [value for _, value in sorted(mine, key=lambda pair: pair[0])]
-
-
-def world_mean(values, par):
-    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
-    if par.world_size > 1:
-        dist.all_reduce(t)
-        t /= par.world_size
-    return dict(zip(values, t.tolist()))
