@@ -315,7 +315,7 @@ def prefill(model, seq, room, par):
     more tokens."""
     cache = room_cache(model, room)
     if seq is not None:
-        model.get_decoder()(input_ids=seq["input_ids"], position_ids=seq["position_ids"], cache=cache,
+        model.get_decoder()(input_ids=seq.input_ids, position_ids=seq.position_ids, cache=cache,
                             use_cache=True, ring_group=par.sp_group)
     return cache
 

@@ -209,7 +209,8 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
 
 class SPSum(torch.autograd.Function):
     """Sum over the SP group as a value; the gradient flows through each rank's own part only, so the
-    parameter gradients summed over the group equal those of the unsharded sequence."""
+    parameter gradients SUMMED over the group equal those of the unsharded sequence. FSDP averages over
+    all ranks instead: micro_step's grad_scale (x sp) turns that mean over the group into this sum."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -223,28 +224,43 @@ class SPSum(torch.autograd.Function):
         return grad, None
 
 
+@dataclass
+class Sequence:
+    """What one forward runs on, this rank's part, (B, T) tensors on the device: input ids, their GLOBAL
+    positions, next-token targets; the marks of the chosen and of the rejected answers (Eq. 12-13's log-probs)
+    and the NLL's token weights (Eq. 14), those this sequence has; labelled (n,), the flat positions where
+    any is set (found on the host); layout, a packed pair's BranchLayout (ring_attention)."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    labelled: torch.Tensor
+    chosen: torch.Tensor = None
+    rejected: torch.Tensor = None
+    nll: torch.Tensor = None
+    layout: object = None
+
+
 def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
     """Pad to a multiple of 2*sp (at least pad_to tokens), shift targets BEFORE sharding (no label
     crosses a shard border), zigzag-shard input_ids, position_ids (global positions), targets and each
-    named mask the same way; padding is never a target. Returns (1, T) tensors on the device."""
+    named mask the same way; padding is never a target. Returns the Sequence, (1, T) on the device."""
     length = len(ids)
     padded = -(-max(length, pad_to) // (2 * par.sp_size)) * 2 * par.sp_size
-    out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)),
-           "position_ids": torch.arange(padded)}
-    for name, weights in masks.items():  # bool marks, or the NLL's float weights; the targets are the same
-        targets, weights = shifted_targets(ids, weights)
-        out["targets"], out[name] = F.pad(targets, (0, padded - length)), F.pad(weights, (0, padded - length))
+    out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)), "position_ids": torch.arange(padded),
+           "targets": F.pad(shifted_targets(ids, [False] * length)[0], (0, padded - length))}
+    for name, weights in masks.items():  # bool marks, or the NLL's float weights
+        out[name] = F.pad(shifted_targets(ids, weights)[1], (0, padded - length))
     out = {key: zigzag_shard(t.unsqueeze(0), par.sp_rank, par.sp_size) for key, t in out.items()}  # (1, T)
     return to_device(out, masks, par.device)
 
 
-def to_device(seq, names, device):
-    """A prepared sequence's tensors on the device, and "labelled": the flat positions where any of the
-    named masks is set, found on the host (no device sync; the log-prob chunks' shapes known in advance)."""
+def to_device(seq, names, device, layout=None):
+    """The Sequence of a prepared dict of host tensors, on the device, labelled: the flat positions where
+    any of the named masks is set, found on the host (no device sync; the log-prob chunks' shapes known)."""
     none = torch.zeros(seq["input_ids"].shape, dtype=torch.bool)
     mask = functools.reduce(torch.logical_or, [seq[name] != 0 for name in names], none)
     seq["labelled"] = mask.reshape(-1).nonzero().squeeze(-1)
-    return {key: t.to(device) for key, t in seq.items()}
+    return Sequence(**{key: t.to(device) for key, t in seq.items()}, layout=layout)
 
 
 def pack_pair(example, sp_size, pad_id, nll):
@@ -288,7 +304,7 @@ def prepare_packed(example, par, pad_id, nll):
         prefix = zigzag_shard(t[:n].unsqueeze(0), par.sp_rank, par.sp_size)
         branch = t[n + par.sp_rank * nb:n + (par.sp_rank + 1) * nb].unsqueeze(0)
         packed[key] = torch.cat([prefix, branch], 1)  # (1, T)
-    return {**to_device(packed, ("chosen", "rejected", "nll"), par.device), "layout": layout}
+    return to_device(packed, ("chosen", "rejected", "nll"), par.device, layout)
 
 
 def last_hidden_state(model, **inputs):
@@ -310,22 +326,22 @@ def sequence_logps(model, seq, par, chunk_size):
     "nll", when seq holds NLL weights (nll_weights), the weighted token mean of -log p."""
     ring_kwargs = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
-        ring_kwargs = {"ring_group": par.sp_group, "ring_layout": seq.get("layout")}
-    elif "layout" in seq or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
+        ring_kwargs = {"ring_group": par.sp_group, "ring_layout": seq.layout}
+    elif seq.layout is not None or par.sp_size > 1:  # a causal kernel would let the rejected branch see the chosen one
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
-    hidden = last_hidden_state(model, input_ids=seq["input_ids"], position_ids=seq["position_ids"], **ring_kwargs)
+    hidden = last_hidden_state(model, input_ids=seq.input_ids, position_ids=seq.position_ids, **ring_kwargs)
     weight = model.get_output_embeddings().weight
-    names = [name for name in ("chosen", "rejected", "nll") if name in seq]
     # Every rank must backpropagate through every layer even when no labelled token landed in its
     # shard: other ranks' queries attended to its keys, and ring attention's backward (like FSDP's
     # gradient reduction) is a collective that all ranks of the group enter together.
     anchor = 0.0 * (hidden.sum() + weight.sum())
-    logps = token_logps(hidden, weight, seq["targets"], seq["labelled"], chunk_size) + anchor  # (B, T)
-    result = {name: SPSum.apply((logps * seq[name]).sum(-1), par.sp_group) for name in names if name != "nll"}
-    if "nll" in seq:
+    logps = token_logps(hidden, weight, seq.targets, seq.labelled, chunk_size) + anchor  # (B, T)
+    result = {name: SPSum.apply((logps * getattr(seq, name)).sum(-1), par.sp_group)
+              for name in ("chosen", "rejected") if getattr(seq, name) is not None}
+    if seq.nll is not None:
         # the weights summed in the log-probs' precision: in fp32 a sum of 0.3s rounds differently per shard
-        count = SPSum.apply(seq["nll"].to(logps.dtype).sum(-1).detach(), par.sp_group).clamp_min(1e-12)
-        result["nll"] = -SPSum.apply((logps * seq["nll"]).sum(-1), par.sp_group) / count
+        count = SPSum.apply(seq.nll.to(logps.dtype).sum(-1).detach(), par.sp_group).clamp_min(1e-12)
+        result["nll"] = -SPSum.apply((logps * seq.nll).sum(-1), par.sp_group) / count
     return result
 
 
@@ -351,7 +367,7 @@ def micro_step(model, ref_model, sequences, refs, cfg, par):
     sequences from step_inputs, refs its (ref_chosen_logp, ref_rejected_logp) from the data (Eq. 13).
     Returns its metrics, tensors on the device."""
     # The gradient reduction (FSDP) AVERAGES over all dp x sp ranks, but the sp ranks of a sample
-    # hold parts of ONE gradient, to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
+    # hold parts of ONE gradient (SPSum), to be SUMMED: scale by sp. Accumulation averages: / grad_accum.
     grad_scale = par.sp_size / cfg.grad_accum
     if cfg.loss == "sft":
         return sft_step(model, *sequences, cfg, par, grad_scale)
@@ -398,10 +414,11 @@ def sft_batch(examples, cfg, par, pad_id):
     rows = [prepare_sequence(ex["chosen"]["ids"], {"chosen": ex["chosen"]["is_answer"],
                                                    "nll": nll_weights(ex["chosen"]["is_answer"], cfg)},
                              par, pad_id, longest) for ex in examples]
-    batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}  # (B, T)
-    width = rows[0]["input_ids"].shape[1]  # row b's flat positions follow rows 0..b-1
-    batch["labelled"] = torch.cat([row["labelled"] + b * width for b, row in enumerate(rows)])
-    return batch
+    width = rows[0].input_ids.shape[1]  # row b's flat positions follow rows 0..b-1
+    cat = lambda key: torch.cat([getattr(row, key) for row in rows])  # noqa: E731
+    return Sequence(cat("input_ids"), cat("position_ids"), cat("targets"),
+                    torch.cat([row.labelled + b * width for b, row in enumerate(rows)]), chosen=cat("chosen"),
+                    nll=cat("nll"))
 
 
 def sft_step(model, batch, cfg, par, grad_scale):
@@ -424,8 +441,7 @@ def pair_reference_logps(ref_model, sequences, refs, cfg, par):
 
 def answer_logps(model, sequences, par, chunk_size):
     """(log p(chosen answers), log p(rejected answers)), (B,) each, from a packed pair or its two sequences."""
-    logps = [sequence_logps(model, {k: v for k, v in seq.items() if k != "nll"}, par, chunk_size)
-             for seq in sequences]
+    logps = [sequence_logps(model, dataclasses.replace(seq, nll=None), par, chunk_size) for seq in sequences]
     by_side = {name: value for part in logps for name, value in part.items()}  # packed: one part; pairs: two
     return by_side["chosen"], by_side["rejected"]
 

@@ -2582,12 +2582,12 @@ def test_log_probs_keep_only_the_last_hidden_state():
     model.forward = lambda *a, **kw: asked.append(kw.get("output_hidden_states")) or forward(*a, **kw)
     with torch.no_grad():
         got = longpo.sequence_logps(model, seq, longpo.one_process(torch.device("cpu")), 64)["chosen"]
-        out = forward(input_ids=seq["input_ids"], position_ids=seq["position_ids"], output_hidden_states=True)
-        before = longpo.token_logps(out.hidden_states[-1], model.lm_head.weight, seq["targets"], seq["labelled"], 64)
-        full = torch.log_softmax(out.logits.double(), -1).gather(-1, seq["targets"].unsqueeze(-1))[..., 0]
+        out = forward(input_ids=seq.input_ids, position_ids=seq.position_ids, output_hidden_states=True)
+        before = longpo.token_logps(out.hidden_states[-1], model.lm_head.weight, seq.targets, seq.labelled, 64)
+        full = torch.log_softmax(out.logits.double(), -1).gather(-1, seq.targets.unsqueeze(-1))[..., 0]
     assert asked == [None], "the model was asked for every layer's hidden states"
-    assert torch.equal(got, (before * seq["chosen"]).sum(-1))
-    assert math.isclose(got.item(), (full * seq["chosen"]).sum().item(), rel_tol=1e-6)
+    assert torch.equal(got, (before * seq.chosen).sum(-1))
+    assert math.isclose(got.item(), (full * seq.chosen).sum().item(), rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the miniature reproduction
