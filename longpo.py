@@ -1011,18 +1011,21 @@ def print0(*args, **kwargs):
 @dataclass
 class Parallel:
     """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is LOCAL when sp_size is 1; mesh: the world's (FSDP's)."""
+    groups read different samples. sp_group is LOCAL when sp_size is 1."""
     rank: int
     world_size: int
     sp_size: int
     sp_group: object
     device: torch.device
-    mesh: object = None
 
     def __post_init__(self):
         self.sp_rank = self.rank % self.sp_size  # the place in the ring
         self.dp_rank = self.rank // self.sp_size  # the group, i.e. which samples it reads
         self.dp_size = self.world_size // self.sp_size
+
+    @functools.cached_property
+    def mesh(self):  # the world's, which FSDP shards over; made at its first use
+        return dist.device_mesh.init_device_mesh(self.device.type, (self.world_size,))
 
 
 def one_process(device):
@@ -1045,9 +1048,8 @@ def setup_parallel(sp_size, rank, world_size, device):
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
     groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT[0])
               for f in range(0, world_size, sp_size)] if sp_size > 1 else []
-    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,)) if dist.is_initialized() else None
     sp_group = groups[rank // sp_size] if groups else ring_attention.LOCAL
-    return Parallel(rank, world_size, sp_size, sp_group, device, mesh)
+    return Parallel(rank, world_size, sp_size, sp_group, device)
 
 
 def barrier(par):
@@ -1115,8 +1117,7 @@ def run_cli(main, cls, watch=lambda cfg: True):
         sys.exit(2)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     watching = world > 1 and watch(cfg)
-    if watching:
-        watch_peers(rank, world, cfg.timeout_minutes)
+    watcher = watch_peers(rank, world, cfg.timeout_minutes) if watching else None
     try:
         main(cfg)
     except (UsageError, ring_attention.KernelError) as e:
@@ -1136,6 +1137,8 @@ def run_cli(main, cls, watch=lambda cfg: True):
     finally:
         if watching:
             quietly(lambda: open_store().set(store_key(f"done{rank}"), "1"))  # finished: not silent
+            STOPPED.set()  # and the watcher out of the store before the process ends
+            watcher.join(timeout=2 * BEAT)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1146,7 +1149,7 @@ def run_cli(main, cls, watch=lambda cfg: True):
 # there every BEAT seconds and watches the next rank still running; the first failure is written once,
 # and each rank's watcher, seeing it, says it and ends its process after the failed rank has ended
 # (so that torchrun's own summary names that rank first).
-BEAT, REPORTING = 2.0, threading.Event()
+BEAT, REPORTING, STOPPED = 2.0, threading.Event(), threading.Event()  # STOPPED: this rank is done
 
 
 def store_key(name):  # keys of this run of the ranks (torchrun's store outlives a restart of them)
@@ -1196,13 +1199,14 @@ def watch_peers(rank, world_size, timeout_minutes):
             os._exit(1)
 
     def watch():
-        while True:
+        while not STOPPED.wait(BEAT):
             try:
                 beat()
             except Exception:
                 state["store"] = None  # connect again at the next beat
-            time.sleep(BEAT)
-    threading.Thread(target=watch, daemon=True).start()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def report_failure(error, rank, world_size):
@@ -1752,6 +1756,7 @@ def trace_step(c, cfg):
     try:
         cfg = dataclasses.replace(cfg, loss="longpo", grad_accum=2)
         par = setup_parallel(cfg.sp_size, 0, cfg.world_size, torch.device("cpu"))
+        assert par.mesh  # FSDP's mesh, made before the fake tensors
         sequences = step_inputs([plan_example(cfg)], cfg, par, pad_id=0)  # on the host, as training makes them
         d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
