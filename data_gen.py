@@ -59,7 +59,6 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.cache_utils import DynamicLayer
 
 import longpo
-import ring_attention
 from longpo import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
                             init_distributed, one_process, print0, setup_parallel)
 
@@ -993,13 +992,7 @@ def generation_plan(cfg):
              (P + new) * kv_token),
             ("cache and temporaries", "prefill, at its peak in a layer's MLP: the residual and the normed input, "
              "the norm's fp32 upcast, 3 of gate/up/silu/product", P * (2 * H * bf16 + H * fp32 + 3 * inter * bf16))]
-    traced = None
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
-        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
-        traced = trace_prefill(c, cfg) if not dist.is_initialized() else None
-    except ImportError:
-        pass
+    traced = trace_prefill(c, cfg) if longpo.can_trace() else None
     return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} "
                                f"(the whole prompt's K/V: {cfg.max_doc_len * kv_token / 2**30:.2f} GiB):"], rows,
                               traced=traced)
@@ -1008,19 +1001,12 @@ def generation_plan(cfg):
 def trace_prefill(c, cfg):
     """Rank 0's peak memory (bytes by category) in the prefill of a --max-doc-len prompt over --sp-size ranks:
     this file's prefill on fake tensors (shapes, no data) in a fake process group, recorded by PyTorch's
-    MemTracker; the room of --max-new-tokens reserved. The CPU's fused attention stands in for the card's."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    MemTracker (longpo.fake_world); the room of --max-new-tokens reserved."""
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.sp_size)
-    try:
-        par = setup_parallel(cfg.sp_size, 0, cfg.sp_size, torch.device("cpu"))
+    with longpo.fake_world(c, cfg.sp_size, cfg.sp_size) as (par, fake):
         n = cfg.max_doc_len // (2 * cfg.sp_size) * 2 * cfg.sp_size
         seq = longpo.prepare_sequence([1] * n, {}, par, 0)  # on the host, as generate_long makes it
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
-                                    c.num_key_value_heads, d)  # checked on real values, before the trace
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake:
             model = AutoModelForCausalLM.from_config(c, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
             model.set_attn_implementation("ring_attention")
             tracker = MemTracker()
@@ -1028,12 +1014,8 @@ def trace_prefill(c, cfg):
             with tracker, torch.no_grad():
                 prefill(model, seq, cfg.max_doc_len - n + cfg.max_new_tokens, par)
             peak = tracker.get_tracker_snapshot("peak")[par.device]
-        kinds = {"params": ("Parameter", "Buffer")}
-        traced = {name: sum(peak.get(kind, 0) for kind in k) for name, k in kinds.items()}
-        traced["cache and temporaries"] = peak["Total"] - traced["params"]
-        return traced
-    finally:
-        dist.destroy_process_group()
+    params = peak.get("Parameter", 0) + peak.get("Buffer", 0)
+    return {"params": params, "cache and temporaries": peak["Total"] - params}
 
 
 # ----------------------------------------------------------------------------- main

@@ -31,6 +31,7 @@ one sample per micro-step (the batch of 8 is accumulation). Baselines: --loss sf
         --output-dir runs/mistral-128k                     # one 8-GPU node (one GPU: --nproc_per_node 1)
     python longpo.py --plan --model mistralai/Mistral-7B-Instruct-v0.2 --max-length 524288 --world-size 8
 """
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -1715,16 +1716,38 @@ def traced_peak(c, cfg, layers=(3, 4)):
     (from 3 on, memory grows linearly with the depth: 32 layers take half a minute to trace, 3 and 4 seconds);
     None where PyTorch's private tracing tools do not import, a process group already exists, or for --pack
     pairs (three forwards a micro-step; PyTorch's tracker follows one)."""
-    try:
-        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: F401
-        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
-    except ImportError:
-        return None
-    if dist.is_initialized() or cfg.pack == "pairs":  # the tracker follows one forward per micro-step
+    if not can_trace() or cfg.pack == "pairs":  # the tracker follows one forward per micro-step
         return None
     few, more = (trace_step(with_layers(c, n), cfg) for n in layers)
     per_layer = {name: (more[name] - few[name]) / (layers[1] - layers[0]) for name in few}
     return {name: few[name] + per_layer[name] * (c.num_hidden_layers - layers[0]) for name in few}
+
+
+def can_trace():
+    """Whether PyTorch's private tracing tools import, and no process group exists yet (a fake one will)."""
+    try:
+        import torch.distributed._tools.fsdp2_mem_tracker  # noqa: F401 (its MemTracker too)
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401
+    except ImportError:
+        return False
+    return not dist.is_initialized()
+
+
+@contextlib.contextmanager
+def fake_world(c, world_size, sp_size):
+    """(par, fake mode) of rank 0 in a fake process group of world_size ranks, to trace model config c's
+    step on fake tensors (shapes, no data). The CPU's fused attention stands in for the card's (the same
+    out and lse); its probe needs real values, so it runs here, before the trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        par = setup_parallel(sp_size, 0, world_size, torch.device("cpu"))
+        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads, c.num_key_value_heads, d)
+        yield par, FakeTensorMode(allow_non_fake_inputs=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def with_layers(c, n):
@@ -1747,21 +1770,13 @@ def trace_step(c, cfg):
     SP size: this file's micro_step and AdamW, run on fake tensors (shapes, no data) in a fake process group
     of --world-size ranks, FSDP's and autograd's memory recorded by PyTorch's FSDPMemTracker. A micro-step
     after the first of an accumulation (the gradients exist), AdamW's states made: the steady state's peak.
-    The CPU's fused attention stands in for the card's (the same out and lse); kernels' workspaces are not
-    seen (the plan's card rows)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    Kernels' workspaces are not seen (the plan's card rows)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.world_size)
-    try:
-        cfg = dataclasses.replace(cfg, loss="longpo", grad_accum=2)
-        par = setup_parallel(cfg.sp_size, 0, cfg.world_size, torch.device("cpu"))
-        assert par.mesh  # FSDP's mesh, made before the fake tensors
+    cfg = dataclasses.replace(cfg, loss="longpo", grad_accum=2)
+    with fake_world(c, cfg.world_size, cfg.sp_size) as (par, fake):
+        _ = par.mesh  # FSDP's mesh, made on real tensors
         sequences = step_inputs([plan_example(cfg)], cfg, par, pad_id=0)  # on the host, as training makes them
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        ring_attention.probe_kernel("cpu", par.device, torch.bfloat16, c.num_attention_heads,
-                                    c.num_key_value_heads, d)  # checked on real values, before the trace
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake:
             model = AutoModelForCausalLM.from_config(c, dtype=torch.float32, attn_implementation="sdpa")
             model = setup_model(model, par, torch.bfloat16, cfg.grad_checkpointing)
             optimizer = torch.optim.AdamW(model.parameters())
@@ -1772,9 +1787,7 @@ def trace_step(c, cfg):
                 optimizer.step()  # AdamW's states, as from the first step on
                 micro_step(model, None, sequences, (0.0, 0.0), cfg, par)
             peak = tracker.get_tracker_snapshot("peak")[par.device]
-        return {name: sum(peak.get(kind, 0) for kind in kinds) for name, kinds in TRACED.items()}
-    finally:
-        dist.destroy_process_group()
+    return {name: sum(peak.get(kind, 0) for kind in kinds) for name, kinds in TRACED.items()}
 
 
 if __name__ == "__main__":
