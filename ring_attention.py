@@ -1,26 +1,21 @@
 """Zigzag ring attention: exact causal self-attention of one sequence sharded over many processes.
 
-LongPO trains on 128K-512K-token inputs, whose attention no single GPU holds. Each of the W ranks of
-a sequence-parallel (SP) group keeps T = N/W tokens and the key/value blocks travel around a ring.
-This file is the bottom of the project: it imports nothing from it. In reading order:
-  * Zigzag layout: 2W chunks, rank r holds chunks r and 2W-1-r, so every rank does the same causal
-    work (a contiguous split leaves rank 0 idle while rank W-1 attends to everything).
-  * Step 0 attends the local block to itself, causally. At step s the K/V block of rank
-    j = (r - s) mod W visits: if j < r, all local queries see its FIRST chunk (the second lies in
-    their future); if j > r, only the local SECOND query chunk sees it, all of it.
-  * Blocks merge in fp32 by the log-sum-exp (lse) rule: exactly softmax(q k^T * scale + mask) v.
-  * Backward keeps the final out and lse; one block's backward with the GLOBAL lse is its exact
-    share of dq, dk, dv. dq stays local; dk, dv travel with their block, plus one hop home.
-  * The next block's send/recv is posted before the current block is computed (overlap).
-Then, each in its own section: a shared prefix with branches (LongPO's chosen and rejected answers
-after ONE copy of the document), decoding against a sharded prompt, the registration as the
-transformers attention "ring_attention" (a Llama / Mistral / Qwen2 model given zigzag-sharded ids
-and positions runs sequence-parallel).
+LongPO trains on 128K-512K-token inputs, whose attention no single GPU holds. Each of the W ranks of a
+sequence-parallel (SP) group keeps T = N/W tokens, a zigzag shard (the same causal work on every rank).
+The key/value blocks travel around the ring of ranks; each rank attends its queries to every block that
+visits, and the blocks' results merge exactly by their log-sum-exp (lse). The backward runs the ring again
+from the kept out and lse, the key/value gradients travelling with their block. In reading order: zigzag
+sharding; the plain PyTorch block kernel; the lse merge; the ring forward and backward, `ring_attention`;
+a shared prefix with branches (LongPO's chosen and rejected answers after ONE copy of the document);
+decoding against a sharded prompt; the transformers attention "ring_attention" (a Llama / Mistral / Qwen2
+model given zigzag-sharded ids and positions runs sequence-parallel); last, the fused block kernels
+(PyTorch's cuDNN and FlashAttention-2 ops on CUDA, flash-attn >= 2.7 if installed, PyTorch's fused CPU
+attention), each checked once against the plain kernel before use. This file is the bottom of the
+project: it imports nothing from it.
 
-Block kernels: PyTorch's own fused cuDNN and FlashAttention-2 ops on CUDA, flash-attn >= 2.7 if
-installed, PyTorch's fused CPU attention on CPU, and a plain PyTorch kernel as the readable
-reference (refused where its T x T scores would be large). Limits: causal self-attention only (pad
-at the END of a sequence), no dropout, no sliding window.
+Simplifications: causal self-attention only (pad at the END of a sequence), no dropout, no sliding window;
+blocks under 8 query rows or keys always run the plain kernel; where no fused kernel passes its check the
+plain kernel runs everything, refused where its T x T scores would pass 1 GiB.
 
 Self-check and benchmark against SDPA of the whole sequence (the test file's opt-in harness):
     torchrun --nproc_per_node 2 test_longpo.py ring --threads 1     # 2 CPU processes (python: one)
@@ -34,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 # Shape glossary: B batch, N whole-sequence length, W ring (SP group) size, T = N/W local tokens,
 # c = T/2 tokens in one zigzag chunk, Hq query heads, Hkv key/value heads (Hq % Hkv == 0),
@@ -41,6 +37,8 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- zigzag sharding
+# 2W chunks; rank r holds chunks r and 2W-1-r, an early and a late one, so every rank does the same causal
+# work (a contiguous split leaves rank 0 idle while rank W-1 attends to everything).
 
 def zigzag_shard(x, rank, world_size, dim=1):
     """Chunks `rank` and `2*world_size-1-rank` of x cut into 2*world_size equal chunks along dim."""
@@ -58,18 +56,14 @@ def zigzag_shard(x, rank, world_size, dim=1):
 
 def zigzag_unshard(x_local, group=None, dim=1):
     """Inverse of zigzag_shard, the full tensor in order: a collective of `group`, not differentiable."""
-    world_size = _group_size_rank(group)[0]
-    if world_size == 1:
-        return x_local
-    shards = [torch.empty_like(x_local) for _ in range(world_size)]
-    dist.all_gather(shards, x_local.contiguous(), group=group)
-    chunks = [None] * (2 * world_size)
+    shards = _all_gather(x_local, group)
+    chunks = [None] * (2 * len(shards))
     for r, shard in enumerate(shards):
-        chunks[r], chunks[2 * world_size - 1 - r] = shard.chunk(2, dim)
+        chunks[r], chunks[2 * len(shards) - 1 - r] = shard.chunk(2, dim)
     return torch.cat(chunks, dim)
 
 
-# ----------------------------------------------------------------------------- block kernels
+# ----------------------------------------------------------------------------- the plain block kernel
 # A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
 #   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32, aux
 #   bwd(dout, q, k, v, out, lse, aux, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
@@ -77,7 +71,12 @@ def zigzag_unshard(x_local, group=None, dim=1):
 # (merged) ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax.
 # aux is what a fused kernel's backward needs from its own forward (sequence bookkeeping, RNG
 # state; None for most): the ring keeps it per step, so no forward ever runs twice.
-# PyTorch's fused ops use the layout (B, H, T, D): they get transposed views, no copies.
+# The plain kernel holds a block's Tq x Tk scores; the fused ones (the file's last section) do not.
+
+def _acc_dtype(x):
+    """Accumulation dtype of out, lse, dq, dk, dv: fp32, or fp64 for fp64 inputs (tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
 
 def _plain_scores(q, k, scale, causal):
     """fp32 (fp64 for fp64 inputs) scores, grouped for GQA: (B, Hkv, G, Tq, Tk)."""
@@ -116,13 +115,375 @@ def plain_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return dq, dk, dv
 
 
+# The ring runs a block by block_fwd/block_bwd with the name of the kernel pick_kernel chose. A block
+# under SMALL_BLOCK query rows or keys runs the plain kernel whatever that name: such blocks come at a
+# sequence's end (its last 1-7 tokens on a rank, a short answer) and in decoding (one query a token), the
+# plain kernel's scores are then no bigger than its inputs, and a fused op may refuse them or return NaN
+# (PyTorch's own dispatcher would not call it there). The choice depends on the shapes alone, so a
+# block's backward runs where its forward ran (and gets that kernel's aux).
+SMALL_BLOCK = 8
+
+
+def _routed(kernel, q, k):
+    return KERNELS["plain" if min(q.shape[1], k.shape[1]) < SMALL_BLOCK else kernel]
+
+
+def block_fwd(kernel, q, k, v, scale, causal):
+    return _routed(kernel, q, k)[0](q, k, v, scale, causal)
+
+
+def block_bwd(kernel, dout, q, k, v, out, lse, aux, scale, causal):
+    return _routed(kernel, q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
+
+
+# ----------------------------------------------------------------------------- merging blocks
+
+def merge_block_(out, lse, block_out, block_lse):
+    """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
+
+    Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
+    out' = (e^lse * out + e^block_lse * block_out) / e^lse', written without overflow as
+    out -= sigmoid(block_lse - lse) * (out - block_out);  lse -= logsigmoid(lse - block_lse).
+    out (B, T, H, D), lse (B, H, T); may be views (slices) of larger buffers."""
+    block_lse = block_lse.to(lse.dtype)
+    w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
+    out.sub_(w * (out - block_out.to(out.dtype)))
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def fold(acc, block_out, block_lse):
+    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
+    None, else acc with the block merged in place."""
+    if acc is None:
+        dtype = _acc_dtype(block_out)
+        return block_out.to(dtype), block_lse.to(dtype).contiguous()
+    merge_block_(*acc, block_out, block_lse)
+    return acc
+
+
+# ----------------------------------------------------------------------------- the ring
+# Step 0 attends the local block to itself, causally. At step s the K/V block of rank j = (r - s) mod W
+# visits (_visitor). The next block's send/recv is posted before the current block is computed, so the
+# transfer overlaps the compute. The backward keeps the forward's final out and lse: one block's backward
+# with the GLOBAL lse is its exact share of dq, dk, dv. dq stays local; dk, dv travel with their block and
+# take one more hop home after the last step.
+
+LOCAL = "local"  # a group of one: the whole sequence is in this process (SP size 1), whatever the world size
+
+
+def _group_size_rank(group):
+    if group == LOCAL or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _send_recv(x, group):
+    """Post x -> the next rank of the group and the previous rank's -> a new buffer, and return at once a
+    function that waits for both and returns the buffer. x must not change until then: the send reads it."""
+    world_size, rank = _group_size_rank(group)
+    g = group if group is not None else dist.group.WORLD
+    recv = torch.empty_like(x)
+    requests = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, x, dist.get_global_rank(g, (rank + 1) % world_size), group),
+        dist.P2POp(dist.irecv, recv, dist.get_global_rank(g, (rank - 1) % world_size), group)])
+
+    def received():
+        for request in requests:
+            request.wait()
+        return recv
+    return received
+
+
+def _all_gather(x, group):
+    """Every rank's x, in rank order."""
+    world_size = _group_size_rank(group)[0]
+    if world_size == 1:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _visitor(rank, world_size, step, c):
+    """(query rows, key rows, causal): which part of the local queries (chunks of c tokens) meets which
+    part of the K/V block visiting at this step."""
+    source = (rank - step) % world_size  # the rank whose K/V block we hold
+    if step == 0:  # our own chunks r < 2W-1-r in order: an ordinary causal block
+        return slice(None), slice(None), True
+    if source < rank:  # lower rank: its first chunk is in the past of all of q, its second in the future
+        return slice(None), slice(0, c), False
+    return slice(c, None), slice(None), False  # higher rank: all of it is in the past of our second chunk
+
+
+def _ring_forward(q, k, v, scale, group, kernel, visit=None):
+    """(out, lse, auxes) of the local zigzag shard: out (B, T, Hq, D) and lse (B, Hq, T) in fp32,
+    auxes[step] what that block's backward needs from its forward. visit(step, kv), if given, sees
+    each K/V block (2, B, T, Hkv, D) as it passes (the shared-prefix branches attend to every one)."""
+    world_size, rank = _group_size_rank(group)
+    kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
+    auxes = []
+    for step in range(world_size):
+        if step + 1 < world_size:
+            kv_next = _send_recv(kv, group)  # in flight while we compute
+        rows, keys, causal = _visitor(rank, world_size, step, q.shape[1] // 2)
+        k_b, v_b = kv[:, :, keys]
+        block_out, block_lse, aux = block_fwd(kernel, q[:, rows], k_b, v_b, scale, causal)
+        if step == 0:  # every row sees itself: the accumulators start here
+            out, lse = fold(None, block_out, block_lse)
+        else:
+            merge_block_(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        auxes.append(aux)
+        if visit:
+            visit(step, kv)
+        if step + 1 < world_size:
+            kv = kv_next()
+    return out, lse, auxes
+
+
+def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=None):
+    """(dq, dk, dv) in fp32 of the local zigzag shard, given the forward's final out and lse.
+    visit(step, kv, dkv), if given, adds its own share to the travelling dk/dv of each block."""
+    world_size, rank = _group_size_rank(group)
+    kv = torch.stack([k, v])
+    dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+    dkv_next = None  # the travelling dk/dv, posted at the end of each step
+    for step in range(world_size):
+        if step + 1 < world_size:
+            kv_next = _send_recv(kv, group)
+        rows, keys, causal = _visitor(rank, world_size, step, q.shape[1] // 2)
+        k_b, v_b = kv[:, :, keys]
+        dq_b, dk_b, dv_b = block_bwd(kernel, dout[:, rows], q[:, rows], k_b, v_b, out[:, rows],
+                                     lse[:, :, rows], auxes[step], scale, causal)
+        dq[:, rows] += dq_b
+        # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
+        # far. It arrived from the previous rank during our compute; add our share, pass it on.
+        dkv = torch.zeros(kv.shape, dtype=_acc_dtype(q), device=q.device) if step == 0 else dkv_next()
+        dkv[0, :, keys] += dk_b
+        dkv[1, :, keys] += dv_b
+        if visit:
+            visit(step, kv, dkv)
+        if world_size > 1:  # after the last step this is the hop home to the block's owner
+            dkv_next = _send_recv(dkv, group)
+        if step + 1 < world_size:
+            kv = kv_next()
+    if world_size > 1:
+        dkv = dkv_next()  # our own block's dk, dv, summed over every rank's queries
+    return dq, dkv[0], dkv[1]
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, kernel, layout):
+        branch_kv = None
+        if layout is None:
+            out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
+        else:
+            out, lse, auxes, branch_kv = _branched_forward(q, k, v, scale, group, kernel, layout)
+        out = out.to(q.dtype)
+        # q, k, v are the caller's, never ring buffers. Tensors go through save_for_backward, not ctx: a
+        # checkpointed layer drops those after its forward (a ctx attribute would live until the backward).
+        ctx.save_for_backward(q, k, v, out, lse, branch_kv)
+        ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, branch_kv = ctx.saved_tensors
+        args = (dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group, ctx.kernel)
+        if ctx.layout is None:
+            dq, dk, dv = _ring_backward(*args)
+        else:
+            dq, dk, dv = _branched_backward(*args, ctx.layout, branch_kv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _check_inputs(q, k, v, layout):
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D), k and v the same shape; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (B, T, Hq, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
+    if (B, T, D) != (Bk, Tk, Dk):
+        raise ValueError(f"ring_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in "
+                         "batch, local length and head dim (layout (B, T, H, D), not (B, H, T, D))")
+    if Hq % Hkv:
+        raise ValueError(f"ring_attention: {Hq} query heads is not a multiple of {Hkv} key/value heads")
+    n = layout.n_prefix if layout else T
+    if n % 2 or n < 2:
+        raise ValueError(f"ring_attention: local {'prefix ' if layout else ''}length {n} is odd or 0; the "
+                         "input must be a zigzag shard (two equal chunks): pad the whole sequence to a "
+                         "multiple of 2*world_size and cut it with zigzag_shard")
+    if layout and n + layout.n_branch != T:
+        raise ValueError(f"ring_attention: {T} local tokens, but the layout has {n} prefix + "
+                         f"{layout.n_branch} branch tokens")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError("ring_attention: q, k, v must share dtype and device")
+
+
+def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layout=None):
+    """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world; LOCAL: this
+    process alone). q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D)
+    in q's dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
+    BranchLayout (next section) the local tokens are a prefix shard followed by a slice of branches that
+    share the prefix, and the mask is the layout's. kernel: auto or a name of KERNELS."""
+    _check_inputs(q, k, v, layout)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
+
+
+# ----------------------------------------------------------------------------- shared prefix with branches
+# LongPO's chosen and rejected sequences share the document: packed as [prefix | chosen | rejected], the
+# document runs once. The prefix runs the plain ring, the branch queries attending to every prefix block it
+# brings (all of the prefix is in their past). Then the branch region's keys, gathered from all ranks (small
+# next to the prefix): a branch query sees its own segment's earlier tokens in full, then the diagonal.
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """Local tokens = [this rank's zigzag shard of the prefix (n_prefix) | its slice of the branch
+    region]. The branch region, over all ranks, is `segments` (token counts, e.g. chosen, rejected,
+    padding) in order; rank r holds its tokens [r * n_branch, (r + 1) * n_branch). A branch token
+    sees the whole prefix and the earlier tokens of its own segment, never another segment; prefix
+    tokens are causal among themselves and never see a branch."""
+    n_prefix: int
+    segments: tuple
+    n_branch: int
+
+    def blocks(self, rank):
+        """This rank's branch blocks within the branch region, (name, local query rows, rows of the
+        region, causal): per segment meeting its slice, the segment's earlier rows when there are any."""
+        s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
+        for g, n in enumerate(self.segments):
+            a, b = max(s0, g0), min(s1, g0 + n)
+            if a < b:
+                if a > g0:
+                    yield ("past", g), slice(a - s0, b - s0), slice(g0, a), False
+                yield ("diag", g), slice(a - s0, b - s0), slice(a, b), True
+            g0 += n
+
+
+def _branched_forward(q, k, v, scale, group, kernel, layout):
+    fwd, n, rank = functools.partial(block_fwd, kernel), layout.n_prefix, _group_size_rank(group)[1]
+    qb, auxes, acc = q[:, n:], {}, {}
+
+    def visit(step, kv):
+        block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
+        acc["branch"] = fold(acc.get("branch"), block_out, block_lse)
+    out, lse, ring_auxes = _ring_forward(q[:, :n], k[:, :n], v[:, :n], scale, group, kernel, visit)
+    out_b, lse_b = acc["branch"]
+    kv = torch.cat(_all_gather(torch.stack([k[:, n:], v[:, n:]]), group), 2)  # (2, B, branch region, Hkv, D)
+    for name, rows, keys, causal in layout.blocks(rank):
+        block_out, block_lse, auxes[name] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
+        merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+    # kv is kept for the backward (the region is small): no second gather
+    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes), kv
+
+
+def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout, kv):
+    """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
+    over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
+    bwd, n, (ring_auxes, auxes) = functools.partial(block_bwd, kernel), layout.n_prefix, auxes
+    world_size, rank = _group_size_rank(group)
+    dout_b, qb, out_b, lse_b = dout[:, n:], q[:, n:], out[:, n:], lse[:, :, n:]
+    dq_b = torch.zeros(qb.shape, dtype=_acc_dtype(q), device=q.device)
+
+    def visit(step, kv, dkv):  # the branch queries' share of each prefix block's gradients
+        dq_, dk_, dv_ = bwd(dout_b, qb, kv[0], kv[1], out_b, lse_b, auxes["prefix", step], scale, False)
+        dq_b.add_(dq_)
+        dkv[0] += dk_
+        dkv[1] += dv_
+    dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n],
+                                ring_auxes, scale, group, kernel, visit)
+    dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
+    for name, rows, keys, causal in layout.blocks(rank):
+        dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
+                            lse_b[:, :, rows], auxes[name], scale, causal)
+        dq_b[:, rows] += dq_
+        dkv[0, :, keys] += dk_
+        dkv[1, :, keys] += dv_
+    if world_size > 1:
+        dist.all_reduce(dkv, group=group)
+    dkv_b = dkv[:, :, rank * layout.n_branch:(rank + 1) * layout.n_branch]  # (2, B, n_branch, Hkv, D)
+    return torch.cat([dq, dq_b], 1), torch.cat([dk, dkv_b[0]], 1), torch.cat([dv, dkv_b[1]], 1)
+
+
+# ----------------------------------------------------------------------------- decoding over a sharded prompt
+
+def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
+    """Attention of new tokens during sequence-parallel generation. This rank's k, v (B, n_prefix + n,
+    Hkv, D): its part of the prompt (the prefill's zigzag shard without padding, all in the past of the
+    new tokens), then the n tokens generated so far, the same on every rank and counted on the group's
+    rank 0 only. q (B, Tq, Hq, D): the newest Tq of them. Each rank attends to its keys; the partial
+    results merge across the group by the lse rule, as the branches merge the prefix blocks; only the
+    small (out, lse) travel."""
+    fwd = functools.partial(block_fwd, pick_kernel(q, kernel, k.shape[2]))
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    B, Tq, Hq, D = q.shape
+    blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
+    if _group_size_rank(group)[1] == 0:  # the generated tokens, causal among the newest queries
+        n = k.shape[1] - n_prefix
+        if n > Tq:
+            blocks.append((k[:, n_prefix:n_prefix + n - Tq], v[:, n_prefix:n_prefix + n - Tq], False))
+        blocks.append((k[:, k.shape[1] - Tq:], v[:, k.shape[1] - Tq:], True))
+    acc = None
+    for kb, vb, causal in blocks:
+        acc = fold(acc, *fwd(q, kb, vb, scale, causal)[:2])
+    if acc is None:  # a rank holding no prompt keys and not counting the generated ones adds nothing
+        acc = (torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device),
+               torch.full((B, Hq, Tq), float("-inf"), dtype=_acc_dtype(q), device=q.device))
+    both = torch.cat([acc[0], acc[1].transpose(1, 2).unsqueeze(-1)], -1)  # (B, Tq, Hq, D + 1): one message
+    parts = torch.stack(_all_gather(both, group))  # (W, B, Tq, Hq, D + 1)
+    lses = parts[..., -1:]
+    return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
+
+
+def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              sliding_window=None, ring_group=None, ring_layout=None, ring_decode=None,
+                              **kwargs):
+    """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
+    passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
+    for none), `ring_layout=` for a shared prefix with branches, and `ring_decode=` (this rank's
+    number of prompt keys in the cache) for the decoding steps of sequence-parallel generation."""
+    world_size = _group_size_rank(ring_group)[0]
+    if attention_mask is not None:
+        raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
+                         "sequence; pad at the end (never a target) and do not pass attention_mask")
+    if dropout:
+        raise ValueError("ring_attention has no attention dropout; set config.attention_dropout = 0")
+    if sliding_window is not None and sliding_window < world_size * query.shape[2]:
+        raise ValueError(f"ring_attention computes full causal attention but the config has "
+                         f"sliding_window={sliding_window}; set config.sliding_window = None")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
+    if ring_decode is not None:
+        out = decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling,
+                               kernel=KERNEL[0])
+    else:
+        out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0],
+                             layout=ring_layout)
+    return out, None  # (B, T, Hq, D), no attention weights
+
+
+AttentionInterface.register("ring_attention", hf_ring_attention_forward)
+
+
+# ============================================================================= fused block kernels
+# The block kernel contract, computed without the Tq x Tk scores; `auto` tries AUTO_ORDER, fastest first:
+#   cudnn       CUDA  aten._scaled_dot_product_cudnn_attention          H100 bf16 fwd+bwd: 550-590 TFLOP/s
+#   sdpa_flash  CUDA  aten._scaled_dot_product_flash_attention (FA-2)   316-326; runs where cuDNN refuses
+#   flash_attn  CUDA  flash-attn >= 2.7, if installed                   about 330-350 as published
+#   cpu         CPU   aten._scaled_dot_product_flash_attention_for_cpu  tiled, flash-style
+# (measured by hand). All take GQA natively; PyTorch's ops take (B, H, T, D): transposed views, no copies.
+
 def _bhtd(*xs):
     return [x.transpose(1, 2) for x in xs]  # (B, T, H, D) <-> (B, H, T, D) views
 
 
 def cpu_fwd(q, k, v, scale, causal):
-    # PyTorch's fused (flash-style, tiled) CPU attention; GQA natively
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_bhtd(q, k, v), 0.0, causal, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *_bhtd(q, k, v), 0.0, causal, scale=scale)
     return out.transpose(1, 2), lse, None
 
 
@@ -132,9 +493,9 @@ def cpu_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return _bhtd(*grads)
 
 
-def cudnn_fwd(q, k, v, scale, causal):
-    # PyTorch's cuDNN attention (CUDA, fp16/bf16); GQA natively; lse (B, H, T, 1) fp32
-    r = torch.ops.aten._scaled_dot_product_cudnn_attention(*_bhtd(q, k, v), None, True, 0.0, causal, False, scale=scale)
+def cudnn_fwd(q, k, v, scale, causal):  # fp16/bf16; lse (B, H, T, 1) fp32
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        *_bhtd(q, k, v), None, True, 0.0, causal, False, scale=scale)
     return r[0].transpose(1, 2), r[1].squeeze(-1), r[2:8]  # aux: cum_seq_q/k, max_q/k, philox seed/offset
 
 
@@ -146,8 +507,7 @@ def cudnn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return _bhtd(*grads)
 
 
-def sdpa_flash_fwd(q, k, v, scale, causal):
-    # PyTorch's own FlashAttention-2 op (CUDA, fp16/bf16); GQA natively; lse (B, H, T) fp32
+def sdpa_flash_fwd(q, k, v, scale, causal):  # fp16/bf16; lse (B, H, T) fp32
     r = torch.ops.aten._scaled_dot_product_flash_attention(*_bhtd(q, k, v), 0.0, causal, False, scale=scale)
     return r[0].transpose(1, 2), r[1], r[2:8]  # aux: cum_seq_q/k, max_q/k, rng state
 
@@ -177,11 +537,11 @@ def flash_attn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
 KERNELS = {"cudnn": (cudnn_fwd, cudnn_bwd), "sdpa_flash": (sdpa_flash_fwd, sdpa_flash_bwd),
            "flash_attn": (flash_attn_fwd, flash_attn_bwd), "cpu": (cpu_fwd, cpu_bwd),
            "plain": (plain_fwd, plain_bwd)}
-# What `auto` tries, in order, per device type: fastest first. Measured by hand on an H100 (bf16,
-# fwd+bwd): cuDNN 550-590 TFLOP/s, PyTorch's flash op 316-326, flash-attn 2 about 330-350 as
-# published; the flash op runs where cuDNN refuses the inputs (pre-Hopper/Ampere limits, head dims).
 AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash", "flash_attn"), "cpu": ("cpu",)}
 PLAIN_MAX_SCORE_BYTES = 1 << 30  # beyond this the plain kernel's T x T scores are an error, not a fallback
+# The probe's blocks, (query rows, keys, causal): the ring's chunks and the branches' pieces come in any
+# length, odd ones included; none under SMALL_BLOCK (those never reach a fused kernel).
+PROBE_SHAPES = ((128, 128, True), (64, 128, False), (67, 67, True), (67, 131, False), (131, 67, False))
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,476 +554,68 @@ def flash_attn_available():
     return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 7)
 
 
-# The shapes the probe checks, (query rows, keys, causal). "regular" blocks are the ring's chunks and the
-# branches' pieces: any length, odd ones included. "small" ones, under SMALL_BLOCK rows or keys, come
-# at a sequence's end (its last 1-7 padding or answer tokens on one rank) and in decoding (1 query a
-# token); a fused op may refuse them or return NaN where PyTorch's own dispatcher would not call it.
-PROBES = {"regular": ((128, 128, True), (64, 128, False), (67, 67, True), (67, 131, False), (131, 67, False)),
-          "small": ((1, 1, True), (1, 1, False), (1, 67, False), (67, 1, False), (5, 5, True))}
-SMALL_BLOCK = 8
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """A block kernel as the ring calls it: `name`'s, except that small blocks go to the plain kernel
-    when the probe found `name` wrong on them (small_ok False); a block's backward goes where its
-    forward went (the routing depends on its shape alone)."""
-    name: str
-    small_ok: bool = True
-
-    def pick(self, q, k):
-        small = min(q.shape[1], k.shape[1]) < SMALL_BLOCK
-        return KERNELS["plain" if small and not self.small_ok else self.name]
-
-    def fwd(self, q, k, v, scale, causal):
-        return self.pick(q, k)[0](q, k, v, scale, causal)
-
-    def bwd(self, dout, q, k, v, out, lse, aux, scale, causal):
-        return self.pick(q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
-
-
-def probe_block(name, tq, tk, causal, device, dtype, heads, kv_heads, head_dim):
-    """None if kernel `name` computes this block's out, lse, dq, dk, dv as the plain kernel does, else
-    what went wrong. A NaN or inf anywhere fails (a NaN error would pass any `error > tol` test)."""
-    fwd, bwd = KERNELS[name]
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, dout = (torch.randn(1, tq, heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
-    k, v = (torch.randn(1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
-    scale = head_dim ** -0.5
-    want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
-    # The backward as the ring calls it, with a GLOBAL out and lse: this block's merged with one of equal
-    # mass and zero values (with its own lse, a one-key block's dq and dk would be exactly zero).
-    out_g, lse_g = (want_out / 2).to(dtype), want_lse + math.log(2)
-    try:
-        out, lse, aux = fwd(q, k, v, scale, causal)
-        got = [out, lse, *bwd(dout, q, k, v, out_g, lse_g, aux, scale, causal)]
-    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as e:
-        return f"fails ({str(e).splitlines()[0][:160]})"
-    want = [want_out, want_lse, *plain_bwd(dout, q, k, v, out_g, lse_g, None, scale, causal)]
-    if any(g.shape != w.shape for g, w in zip(got, want)):
-        return f"returns shapes {[tuple(g.shape) for g in got]}, not {[tuple(w.shape) for w in want]}"
-    if not all(bool(torch.isfinite(g).all()) for g in got):
-        return "returns NaN or inf"
-    error = max(float((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30))
-                for g, w in zip(got, want))
-    return f"is wrong (max relative error {error:.2g})" if error > 0.05 else None  # bf16: within 1e-2
-
-
-@functools.lru_cache(maxsize=None)
-def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
-    """(usable, small_ok, failure): whether kernel `name` handles this device, dtype and head shape on
-    every probe shape (small_ok) or on the regular ones only; failure names the first shape it got
-    wrong. Checked once per configuration against the plain kernel, forward and backward."""
-    if name == "flash_attn" and not flash_attn_available():
-        return False, False, "needs flash-attn >= 2.7, not installed (pip install flash-attn --no-build-isolation)"
-    for kind, shapes in PROBES.items():
-        for tq, tk, causal in shapes:
-            failure = probe_block(name, tq, tk, causal, device, dtype, heads, kv_heads, head_dim)
-            if failure:
-                what = f"{failure} on a {'causal' if causal else 'full'} {tq}x{tk} block of {dtype}"
-                return kind == "small", False, what
-    return True, True, None
-
-
 class KernelError(ValueError):
     """No block kernel for these inputs: one asked for by name that is unknown or fails the probe, or no fused
     one where the plain kernel's scores would be large (the scripts print it as one line)."""
 
 
+@functools.lru_cache(maxsize=None)
+def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
+    """None if kernel `name` gives the plain kernel's out, lse, dq, dk, dv (within 5%) on every block of
+    PROBE_SHAPES for this device, dtype and heads; else what it did on the first block it got wrong."""
+    if name == "flash_attn" and not flash_attn_available():
+        return "needs flash-attn >= 2.7, not installed (pip install flash-attn --no-build-isolation)"
+    fwd, bwd = KERNELS[name]
+    gen, scale = torch.Generator(device=device).manual_seed(0), head_dim ** -0.5
+    for tq, tk, causal in PROBE_SHAPES:
+        block = f"on a {'causal' if causal else 'full'} {tq}x{tk} block of {dtype}"
+        q, dout = torch.randn(2, 1, tq, heads, head_dim, generator=gen, device=device).to(dtype)
+        k, v = torch.randn(2, 1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype)
+        want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
+        # The backward as the ring calls it, with a GLOBAL out and lse: this block's merged with one of equal
+        # mass and zero values (a kernel that used the block's own lse would get dq, dk, dv wrong).
+        out_g, lse_g = (want_out / 2).to(dtype), want_lse + math.log(2)
+        want = [want_out, want_lse, *plain_bwd(dout, q, k, v, out_g, lse_g, None, scale, causal)]
+        try:
+            out, lse, aux = fwd(q, k, v, scale, causal)
+            got = [out, lse, *bwd(dout, q, k, v, out_g, lse_g, aux, scale, causal)]
+        except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as e:
+            return f"fails ({str(e).splitlines()[0][:160]}) {block}"
+        if [g.shape for g in got] != [w.shape for w in want]:
+            shapes = [tuple(g.shape) for g in got], [tuple(w.shape) for w in want]
+            return "returns shapes {}, not {} ".format(*shapes) + block
+        if not all(bool(torch.isfinite(g).all()) for g in got):  # first: a NaN error passes any `error > tol`
+            return f"returns NaN or inf {block}"
+        error = max(float((g.double() - w.double()).abs().max() / w.double().abs().max())
+                    for g, w in zip(got, want))
+        if error > 0.05:  # bf16 is within 1e-2
+            return f"is wrong (max relative error {error:.2g}) {block}"
+    return None
+
+
 def pick_kernel(q, kernel="auto", kv_heads=None):
-    """The Kernel for q (B, T, Hq, D) of the LOCAL sequence: the first of AUTO_ORDER that the probe
-    passes for its device, dtype and heads (small blocks routed to the plain kernel where it found
-    the kernel wrong on them only); the plain kernel only for short sequences (or when asked). A
-    kernel asked for by name must pass every probe: else one line names the block it got wrong."""
+    """The name of the block kernel for q (B, T, Hq, D) of the LOCAL sequence. auto: the first fused kernel
+    of AUTO_ORDER for its device that passes the probe, else the plain kernel for short sequences. A fused
+    kernel asked for by name must pass the probe, else one line names the block it got wrong."""
     B, T, Hq, D = q.shape
+    config, heads = (q.device, q.dtype, Hq, kv_heads or Hq, D), f"{Hq}/{kv_heads or Hq} heads of {D}"
     if kernel != "auto":
         if kernel not in KERNELS:
             raise KernelError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
-        failure = None if kernel == "plain" else probe_kernel(kernel, q.device, q.dtype, Hq, kv_heads or Hq, D)[2]
+        failure = kernel != "plain" and probe_kernel(kernel, *config)
         if failure:
-            raise KernelError(f"--attn-kernel {kernel} {failure} with {Hq}/{kv_heads or Hq} heads of {D} on "
-                             f"{q.device.type}; use --attn-kernel auto (it routes around such blocks)")
-        return Kernel(kernel)
+            raise KernelError(f"--attn-kernel {kernel} {failure} with {heads} on {q.device.type}; "
+                              "use --attn-kernel auto")
+        return kernel
     for name in AUTO_ORDER.get(q.device.type, ()):
-        usable, small_ok, failure = probe_kernel(name, q.device, q.dtype, Hq, kv_heads or Hq, D)
-        if failure:
-            warnings.warn(f"ring_attention: kernel {name!r} {failure} with {Hq}/{kv_heads or Hq} heads of {D}; "
-                          + ("blocks under 8 rows or keys go to the plain kernel" if usable else "not used"))
-        if usable:
-            return Kernel(name, small_ok)
+        failure = probe_kernel(name, *config)
+        if not failure:
+            return name
+        warnings.warn(f"ring_attention: kernel {name!r} {failure} with {heads}; not used")
     score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
     if score_bytes > PLAIN_MAX_SCORE_BYTES:
         raise KernelError(
             f"ring_attention: no fused kernel runs {q.dtype} with head dim {D} on {q.device.type}, and the "
             f"plain kernel would hold {score_bytes / 2**30:.1f} GiB of scores for {T} local tokens: use "
             "bfloat16 or float16 (--dtype bfloat16 / auto), install flash-attn >= 2.7, or more SP ranks")
-    if q.device.type != "cpu":
-        warnings.warn(f"ring_attention: no fused kernel for {q.dtype} on {q.device.type}; the plain kernel "
-                      f"materialises {T} x {T} scores per block (fine only for short sequences)")
-    return Kernel("plain")
-
-
-# ----------------------------------------------------------------------------- merging blocks
-
-def _acc_dtype(x):
-    """Accumulation dtype of out, lse, dq, dk, dv: fp32, or fp64 for fp64 inputs (tests)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def merge_block_(out, lse, block_out, block_lse):
-    """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
-
-    Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
-    out' = (e^lse * out + e^block_lse * block_out) / e^lse', written without overflow as
-    out -= sigmoid(block_lse - lse) * (out - block_out);  lse -= logsigmoid(lse - block_lse).
-    out (B, T, H, D), lse (B, H, T); may be views (slices) of larger buffers."""
-    block_lse = block_lse.to(lse.dtype)
-    w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
-    out.sub_(w * (out - block_out.to(out.dtype)))
-    lse.sub_(F.logsigmoid(lse - block_lse))
-
-
-def fold(acc, block_out, block_lse):
-    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
-    None, else acc with the block merged in place."""
-    if acc is None:
-        dtype = _acc_dtype(block_out)
-        return block_out.to(dtype), block_lse.to(dtype).contiguous()
-    merge_block_(*acc, block_out, block_lse)
-    return acc
-
-
-# ----------------------------------------------------------------------------- the ring
-
-# A group of one: the whole sequence is in this process (SP size 1), whatever the world size.
-LOCAL = "local"
-
-
-def _group_size_rank(group):
-    if group == LOCAL or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-class _Ring:
-    """Send to the next rank of the group and receive from the previous one."""
-
-    def __init__(self, group):
-        self.group = group
-        self.world_size, self.rank = _group_size_rank(group)
-        if self.world_size > 1:
-            g = group if group is not None else dist.group.WORLD
-            self.next = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
-            self.prev = dist.get_global_rank(g, (self.rank - 1) % self.world_size)
-
-    def send_recv(self, x):
-        """Post x -> next and prev -> new buffer; returns (requests, buffer). Do not touch x until
-        wait(requests): it is being read by the send."""
-        recv = torch.empty_like(x)
-        ops = [dist.P2POp(dist.isend, x, self.next, self.group),
-               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
-        return dist.batch_isend_irecv(ops), recv
-
-    @staticmethod
-    def wait(requests):
-        for req in requests:
-            req.wait()
-
-    def gather(self, x, dim):
-        """Every rank's x concatenated along dim, in rank order."""
-        if self.world_size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim)
-
-    def sum(self, x):
-        if self.world_size > 1:
-            dist.all_reduce(x, group=self.group)
-        return x
-
-
-def _visitor(ring, step, c):
-    """(query rows, key rows, causal): which part of the local queries (chunks of c tokens) meets which
-    part of the K/V block visiting at this step."""
-    source = (ring.rank - step) % ring.world_size  # the rank whose K/V block we hold
-    if step == 0:  # our own chunks r < 2W-1-r in order: an ordinary causal block
-        return slice(None), slice(None), True
-    if source < ring.rank:  # lower rank: its first chunk is in the past of all of q
-        return slice(None), slice(0, c), False
-    return slice(c, None), slice(None), False  # higher rank: all of it is in the past of our second chunk
-
-
-def _ring_forward(q, k, v, scale, group, kernel, visit=None):
-    """(out, lse, auxes) of the local zigzag shard: out (B, T, Hq, D) and lse (B, Hq, T) in fp32,
-    auxes[step] what that block's backward needs from its forward. visit(step, kv), if given, sees
-    each K/V block (2, B, T, Hkv, D) as it passes (the shared-prefix branches attend to every one)."""
-    fwd = kernel.fwd
-    ring, c = _Ring(group), q.shape[1] // 2
-    kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
-    auxes = []
-    for step in range(ring.world_size):
-        if step + 1 < ring.world_size:
-            requests, kv_next = ring.send_recv(kv)  # overlap: in flight while we compute
-        rows, keys, causal = _visitor(ring, step, c)
-        block_out, block_lse, aux = fwd(q[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
-        if step == 0:  # every row sees itself: the accumulators start here
-            out, lse = fold(None, block_out, block_lse)
-        else:
-            merge_block_(out[:, rows], lse[:, :, rows], block_out, block_lse)
-        auxes.append(aux)
-        if visit:
-            visit(step, kv)
-        if step + 1 < ring.world_size:
-            ring.wait(requests)
-            kv = kv_next
-    return out, lse, auxes
-
-
-def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=None):
-    """(dq, dk, dv) in fp32 of the local zigzag shard, given the forward's final out and lse.
-    visit(step, kv, dkv), if given, adds its own share to the travelling dk/dv of each block."""
-    bwd = kernel.bwd
-    ring, c = _Ring(group), q.shape[1] // 2
-    kv = torch.stack([k, v])
-    dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
-    dkv_requests = dkv_in = None  # the travelling dk/dv accumulator, posted at the end of each step
-    for step in range(ring.world_size):
-        if step + 1 < ring.world_size:
-            kv_requests, kv_next = ring.send_recv(kv)
-        rows, keys, causal = _visitor(ring, step, c)
-        dq_b, dk_b, dv_b = bwd(dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows],
-                               lse[:, :, rows], auxes[step], scale, causal)
-        dq[:, rows] += dq_b
-        # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
-        # far. It arrived from the previous rank during our compute; add our share, pass it on.
-        if step == 0:
-            dkv = torch.zeros(kv.shape, dtype=_acc_dtype(q), device=q.device)
-        else:
-            ring.wait(dkv_requests)
-            dkv = dkv_in
-        dkv[0, :, keys] += dk_b
-        dkv[1, :, keys] += dv_b
-        if visit:
-            visit(step, kv, dkv)
-        if ring.world_size > 1:  # after the last step this is the hop home to the block's owner
-            dkv_requests, dkv_in = ring.send_recv(dkv)
-        if step + 1 < ring.world_size:
-            ring.wait(kv_requests)
-            kv = kv_next
-    if ring.world_size > 1:
-        ring.wait(dkv_requests)
-        dkv = dkv_in  # our own block's dk, dv, summed over every rank's queries
-    return dq, dkv[0], dkv[1]
-
-
-class RingAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group, kernel, layout):
-        branch_kv = None
-        if layout is None:
-            out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
-        else:
-            out, lse, auxes, branch_kv = _branched_forward(q, k, v, scale, group, kernel, layout)
-        out = out.to(q.dtype)
-        # q, k, v are the caller's, never ring buffers. Tensors go through save_for_backward, not ctx: a
-        # checkpointed layer drops those after its forward (a ctx attribute would live until the backward).
-        ctx.save_for_backward(q, k, v, out, lse, branch_kv)
-        ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, branch_kv = ctx.saved_tensors
-        args = (dout.to(q.dtype), q, k, v, out, lse, ctx.auxes, ctx.scale, ctx.group, ctx.kernel)
-        dq, dk, dv = _ring_backward(*args) if ctx.layout is None else _branched_backward(*args, ctx.layout, branch_kv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
-
-
-def _check_inputs(q, k, v, layout):
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D), k and v the same shape; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    (B, T, Hq, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
-    if (B, T, D) != (Bk, Tk, Dk):
-        raise ValueError(f"ring_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in "
-                         "batch, local length and head dim (layout (B, T, H, D), not (B, H, T, D))")
-    if Hq % Hkv:
-        raise ValueError(f"ring_attention: {Hq} query heads is not a multiple of {Hkv} key/value heads")
-    n = layout.n_prefix if layout else T
-    if n % 2 or n < 2:
-        raise ValueError(f"ring_attention: local {'prefix ' if layout else ''}length {n} is odd or 0; the input "
-                         "must be a zigzag shard (two equal chunks): pad the whole sequence to a multiple of "
-                         "2*world_size and cut it with zigzag_shard")
-    if layout and n + layout.n_branch != T:
-        raise ValueError(f"ring_attention: {T} local tokens, but the layout has {n} prefix + {layout.n_branch} "
-                         "branch tokens")
-    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
-        raise ValueError("ring_attention: q, k, v must share dtype and device")
-
-
-def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layout=None):
-    """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world; LOCAL:
-    this process alone).
-
-    q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D) in q's
-    dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
-    BranchLayout (next section) the local tokens are a prefix shard followed by a slice of branches
-    that share the prefix, and the mask is the layout's."""
-    _check_inputs(q, k, v, layout)
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
-
-
-# ----------------------------------------------------------------------------- shared prefix with branches
-# LongPO's chosen and rejected sequences share the document. Packed as [prefix | chosen | rejected],
-# the document runs once. The prefix is zigzag-sharded and runs the plain ring; the branch tokens
-# are split evenly over the ranks. Branch queries attend to every prefix block the ring brings (all
-# of it is in their past) and to their own branch's earlier tokens, gathered from all ranks (small
-# next to the prefix); all merged by the same lse rule.
-
-@dataclass(frozen=True)
-class BranchLayout:
-    """Local tokens = [this rank's zigzag shard of the prefix (n_prefix) | its slice of the branch
-    region]. The branch region, over all ranks, is `segments` (token counts, e.g. chosen, rejected,
-    padding) in order; rank r holds its tokens [r * n_branch, (r + 1) * n_branch). A branch token
-    sees the whole prefix and the earlier tokens of its own segment, never another segment; prefix
-    tokens are causal among themselves and never see a branch."""
-    n_prefix: int
-    segments: tuple
-    n_branch: int
-
-    def blocks(self, rank):
-        """The attention blocks of this rank's branch queries within the branch region, each
-        (name, local query rows, rows of the region, causal): per segment meeting its slice, the
-        segment's earlier rows (seen fully) when there are any, then the same rows (the diagonal)."""
-        s0, s1, g0 = rank * self.n_branch, (rank + 1) * self.n_branch, 0
-        for g, n in enumerate(self.segments):
-            a, b = max(s0, g0), min(s1, g0 + n)
-            if a < b:
-                if a > g0:
-                    yield ("past", g), slice(a - s0, b - s0), slice(g0, a), False
-                yield ("diag", g), slice(a - s0, b - s0), slice(a, b), True
-            g0 += n
-
-
-def _branched_forward(q, k, v, scale, group, kernel, layout):
-    """The plain ring over the prefix, the branch queries attending to every prefix block on its way
-    (all of the prefix is in their past); then the branch region, gathered from every rank: the
-    earlier tokens of their own segment in full, then the causal diagonal; all merged by lse."""
-    fwd, n, ring = kernel.fwd, layout.n_prefix, _Ring(group)
-    qb, auxes, acc = q[:, n:], {}, {}
-
-    def visit(step, kv):
-        block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
-        acc["branch"] = fold(acc.get("branch"), block_out, block_lse)
-    out, lse, ring_auxes = _ring_forward(q[:, :n], k[:, :n], v[:, :n], scale, group, kernel, visit)
-    out_b, lse_b = acc["branch"]
-    kv = ring.gather(torch.stack([k[:, n:], v[:, n:]]), 2)  # (2, B, whole branch region, Hkv, D)
-    for name, rows, keys, causal in layout.blocks(ring.rank):
-        block_out, block_lse, auxes[name] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
-        merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
-    # kv is kept for the backward (the region is small): no second gather
-    return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes), kv
-
-
-def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout, kv):
-    """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
-    over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
-    bwd, n, ring = kernel.bwd, layout.n_prefix, _Ring(group)
-    (ring_auxes, auxes), dout_b, qb, out_b, lse_b = auxes, dout[:, n:], q[:, n:], out[:, n:], lse[:, :, n:]
-    dq_b = torch.zeros(qb.shape, dtype=_acc_dtype(q), device=q.device)
-
-    def visit(step, kv, dkv):  # the branch queries' share of each prefix block's gradients
-        dq_, dk_, dv_ = bwd(dout_b, qb, kv[0], kv[1], out_b, lse_b, auxes["prefix", step], scale, False)
-        dq_b.add_(dq_)
-        dkv[0] += dk_
-        dkv[1] += dv_
-    dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n], ring_auxes,
-                                scale, group, kernel, visit)
-    dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
-    for name, rows, keys, causal in layout.blocks(ring.rank):
-        dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
-                            lse_b[:, :, rows], auxes[name], scale, causal)
-        dq_b[:, rows] += dq_
-        dkv[0, :, keys] += dk_
-        dkv[1, :, keys] += dv_
-    dkv_b = ring.sum(dkv)[:, :, ring.rank * layout.n_branch:(ring.rank + 1) * layout.n_branch]
-    return torch.cat([dq, dq_b], 1), torch.cat([dk, dkv_b[0]], 1), torch.cat([dv, dkv_b[1]], 1)
-
-
-# ----------------------------------------------------------------------------- decoding over a sharded prompt
-
-def merge_over_ranks(out, lse, group):
-    """The exact lse merge of the partial (out, lse) of every rank of the group: each rank attended
-    to its own keys; every rank returns the attention over all of them. out (B, T, H, D) fp32,
-    lse (B, H, T); only these small tensors travel."""
-    world_size, _ = _group_size_rank(group)
-    if world_size == 1:
-        return out
-    both = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # (B, T, H, D + 1): one message per step
-    parts = [torch.empty_like(both) for _ in range(world_size)]
-    dist.all_gather(parts, both, group=group)
-    parts = torch.stack(parts)  # (W, B, T, H, D + 1); lse -inf where a rank had no keys
-    lses = parts[..., -1:]
-    return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0)
-
-
-def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
-    """Attention of new tokens during sequence-parallel generation. This rank's k, v (B, n_prefix + n,
-    Hkv, D): its part of the prompt (the prefill's zigzag shard without padding, all in the past of the
-    new tokens), then the n tokens generated so far, the same on every rank and counted on the group's
-    rank 0 only. q (B, Tq, Hq, D): the newest Tq of them. Each rank attends to its keys; the partial
-    results merge across the group by the lse rule, as the branches above merge the prefix blocks."""
-    _, rank = _group_size_rank(group)
-    fwd = pick_kernel(q, kernel, k.shape[2]).fwd
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    B, Tq, Hq, D = q.shape
-    blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
-    if rank == 0:  # the generated tokens, causal among the newest queries (bottom-right aligned)
-        n = k.shape[1] - n_prefix
-        if n > Tq:
-            blocks.append((k[:, n_prefix:n_prefix + n - Tq], v[:, n_prefix:n_prefix + n - Tq], False))
-        blocks.append((k[:, k.shape[1] - Tq:], v[:, k.shape[1] - Tq:], True))
-    acc = None
-    for kb, vb, causal in blocks:
-        acc = fold(acc, *fwd(q, kb, vb, scale, causal)[:2])
-    if acc is None:  # a rank holding no prompt keys and not counting the generated ones adds nothing
-        acc = (torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device),
-               torch.full((B, Hq, Tq), float("-inf"), dtype=_acc_dtype(q), device=q.device))
-    return merge_over_ranks(*acc, group).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------- transformers
-
-def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              sliding_window=None, ring_group=None, ring_layout=None, ring_decode=None, **kwargs):
-    """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
-    passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
-    for none), `ring_layout=` for a shared prefix with branches, and `ring_decode=` (this rank's
-    number of prompt keys in the cache) for the decoding steps of sequence-parallel generation."""
-    world_size = _group_size_rank(ring_group)[0]
-    if attention_mask is not None:
-        raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
-                         "sequence; pad at the end (never a target) and do not pass attention_mask")
-    if dropout:
-        raise ValueError("ring_attention has no attention dropout; set config.attention_dropout = 0")
-    if sliding_window is not None and sliding_window < world_size * query.shape[2]:
-        raise ValueError(f"ring_attention computes full causal attention but the config has "
-                         f"sliding_window={sliding_window}; set config.sliding_window = None")
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
-    if ring_decode is not None:
-        return decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0]), None
-    out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0], layout=ring_layout)
-    return out, None  # (B, T, Hq, D), no attention weights
-
-
-KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
-
-
-def _register_with_transformers():
-    from transformers import AttentionInterface
-    AttentionInterface.register("ring_attention", hf_ring_attention_forward)
-
-
-_register_with_transformers()
+    return "plain"

@@ -296,7 +296,7 @@ def test_cuda_kernels_on_fake_cuda_tensors(monkeypatch):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     shapes = [(1, 1, True), (1, 1, False), (1, 67, False), (67, 1, False), (67, 67, True), (67, 131, False),
               (131, 67, False), (128, 128, True)]
-    monkeypatch.setattr(ra, "probe_kernel", lambda *args: (True, True, None))  # the probe needs real values
+    monkeypatch.setattr(ra, "probe_kernel", lambda *args: None)  # the probe needs real values
     dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
     try:
         with FakeTensorMode():
@@ -333,51 +333,57 @@ def test_cuda_kernels_on_fake_cuda_tensors(monkeypatch):
 
 
 def fake_kernels():
-    """Fused kernels as they fail on a card: everywhere NaN; NaN only in the backward of one-row blocks
-    (as cuDNN is reported to do on Hopper); off by O(1) only on one-row blocks; reversed rows."""
+    """Fused kernels as they fail on a card: everywhere NaN; NaN only in the backward of blocks of one row or
+    key (as cuDNN is reported to do on Hopper); off by O(1) only on such blocks; reversed rows; a backward
+    that takes the block's own lse instead of the ring's global one."""
     def nan_fwd(q, k, v, scale, causal):
         out, lse, aux = ra.plain_fwd(q, k, v, scale, causal)
         return out * float("nan"), lse, aux
 
     def row_nan_bwd(dout, q, k, v, out, lse, aux, scale, causal):
         dq, dk, dv = ra.plain_bwd(dout, q, k, v, out, lse, aux, scale, causal)
-        return (dq * float("nan") if q.shape[1] == 1 else dq), dk, dv
+        return (dq * float("nan") if 1 in (q.shape[1], k.shape[1]) else dq), dk, dv
 
     def row_wrong_fwd(q, k, v, scale, causal):
         out, lse, aux = ra.plain_fwd(q, k, v, scale, causal)
-        return (out + 1 if q.shape[1] == 1 else out), lse, aux
+        return (out + 1 if 1 in (q.shape[1], k.shape[1]) else out), lse, aux
 
     def flipped_fwd(q, k, v, scale, causal):
         out, lse, aux = ra.plain_fwd(q, k, v, scale, causal)
         return out.flip(1), lse, aux
+
+    def own_lse_bwd(dout, q, k, v, out, lse, aux, scale, causal):
+        return ra.plain_bwd(dout, q, k, v, out, ra.plain_fwd(q, k, v, scale, causal)[1], aux, scale, causal)
     return {"nan": (nan_fwd, ra.plain_bwd), "row_nan": (ra.plain_fwd, row_nan_bwd),
-            "row_wrong": (row_wrong_fwd, ra.plain_bwd), "flipped": (flipped_fwd, ra.plain_bwd)}
+            "row_wrong": (row_wrong_fwd, ra.plain_bwd), "flipped": (flipped_fwd, ra.plain_bwd),
+            "own_lse": (ra.plain_fwd, own_lse_bwd)}
 
 
 def test_kernel_probe_skips_nan_routes_small_blocks_and_refuses_quadratic_fallbacks(monkeypatch):
-    """auto takes the first kernel of its device's list that the probe passes at the shapes the ring
-    gives (1x1, 1xN, Nx1, odd, causal and not; forward and backward): one returning NaN anywhere is
-    skipped, one wrong only on one-row blocks is kept with those blocks routed to the plain kernel, so
-    the branches' 1-token segment and decoding's one query stay exact. Asked for by name, a failing kernel
+    """auto takes the first kernel of its device's list that the probe passes (odd lengths, causal and not;
+    forward, and backward with a global lse): one returning NaN anywhere, or wrong, is skipped. Blocks under 8
+    query rows or keys always run the plain kernel, so a kernel wrong only there passes and the branches'
+    1-token segments and decoding's one query or one older key stay exact. Asked for by name, a failing kernel
     is one line naming the block. With none, the plain kernel only for short sequences, else an error."""
     for name, pair in fake_kernels().items():
         monkeypatch.setitem(ra.KERNELS, name, pair)
     ra.probe_kernel.cache_clear()
     q = torch.randn(1, 64, 4, 16, dtype=torch.float64)
-    monkeypatch.setitem(ra.AUTO_ORDER, "cpu", ("nan", "flipped", "row_nan", "cpu"))
+    monkeypatch.setitem(ra.AUTO_ORDER, "cpu", ("nan", "flipped", "own_lse", "row_nan", "cpu"))
     with pytest.warns(UserWarning) as caught:
-        kernel = ra.pick_kernel(q, "auto", 2)
-    assert kernel == ra.Kernel("row_nan", small_ok=False), kernel
+        assert ra.pick_kernel(q, "auto", 2) == "row_nan"
     said = " | ".join(str(w.message) for w in caught)
     assert "'nan' returns NaN or inf on a causal 128x128 block" in said and "'flipped' is wrong" in said, said
-    assert "'row_nan' returns NaN or inf on a causal 1x1 block" in said and "go to the plain kernel" in said, said
-    for name, block in (("nan", "causal 128x128"), ("row_nan", "causal 1x1"), ("row_wrong", "causal 1x1")):
-        with pytest.raises(ra.KernelError, match=f"--attn-kernel {name} .* on a {block} block of torch.float64"):
+    assert "'own_lse' is wrong" in said, said
+    for name, failure in (("nan", "returns NaN or inf"), ("flipped", "is wrong"), ("own_lse", "is wrong")):
+        with pytest.raises(ra.KernelError, match=f"--attn-kernel {name} {failure}.* on a causal 128x128 block "
+                                                 "of torch.float64 with 4/2 heads of 16 on cpu"):
             ra.pick_kernel(q, name, 2)
 
-    # routed: exact where a one-row block occurs (a 1-token branch segment; decoding), forward and backward
+    # small blocks run the plain kernel: exact where they occur (1-token branch segments; decoding)
     gen = torch.Generator().manual_seed(3)
     for name in ("row_wrong", "row_nan"):
+        assert ra.pick_kernel(q, name, 2) == name  # the probe passes it: it is right on every other block
         monkeypatch.setitem(ra.AUTO_ORDER, "cpu", (name,))
         n_prefix, segments = 12, (1, 8, 2, 1)
         layout = ra.BranchLayout(n_prefix, segments, sum(segments))
@@ -388,18 +394,18 @@ def test_kernel_probe_skips_nan_routes_small_blocks_and_refuses_quadratic_fallba
             grads.append([out, *torch.autograd.grad(out.sum(), qkv)])
         for what, got, want in zip(("out", "dq", "dk", "dv"), *grads):
             assert_close(got, want, 1e-12, f"{name} routed: {what}")
-        k, v = qkv[1].detach(), qkv[2].detach()
-        q1 = qkv[0].detach()[:, -1:]
-        got = ra.decode_attention(q1, k, v, k.shape[1] - 1, group=ra.LOCAL)
-        assert_close(got, reference_attention(q1, k, v, causal=False), 1e-12, f"{name} routed: decoding")
+        q_, k, v = (t.detach() for t in qkv)
+        for tq in (1, 8):  # 8 new queries: the generated tokens before them are one key
+            got = ra.decode_attention(q_[:, -tq:], k, v, k.shape[1] - tq - 1, group=ra.LOCAL)
+            assert_close(got, reference_attention(q_[:, -tq:], k, v), 1e-12, f"{name} routed: decoding {tq}")
 
     monkeypatch.setitem(ra.AUTO_ORDER, "cpu", ("flipped",))
     with pytest.warns(UserWarning, match="'flipped' is wrong"):
-        assert ra.pick_kernel(q, "auto", 2).name == "plain"  # short: the plain kernel is fine
+        assert ra.pick_kernel(q, "auto", 2) == "plain"  # short: the plain kernel is fine
     long_q = torch.empty(1, 16384, 4, 16)  # 4 heads x 16K x 16K fp32 scores = 4 GiB
-    with pytest.raises(ValueError, match="4.0 GiB of scores.*bfloat16"):
+    with pytest.raises(ra.KernelError, match="4.0 GiB of scores.*bfloat16"):
         ra.pick_kernel(long_q, "auto", 2)
-    assert ra.pick_kernel(long_q, "plain", 2).name == "plain"  # asked for by name: the user's choice
+    assert ra.pick_kernel(long_q, "plain", 2) == "plain"  # asked for by name: the user's choice
     ra.probe_kernel.cache_clear()
 
 
@@ -522,7 +528,7 @@ def test_ring_on_cuda_equals_full_attention_without_quadratic_memory():
     q, k, v, dout = (t.cuda() for t in random_qkv(gen, 1, 16384, 32, 8, 128, torch.bfloat16))
     ref = sdpa_fwd_bwd(*(t.float().transpose(1, 2).contiguous() for t in (q, k, v, dout)), repeat_kv=True)
     ref = [t.transpose(1, 2) for t in ref]
-    assert ra.pick_kernel(q, "auto", 8).name != "plain"
+    assert ra.pick_kernel(q, "auto", 8) != "plain"
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -2733,7 +2739,7 @@ def test_miniature_recipe_end_to_end(tmp_path):
 #   python test_longpo.py train --tokens 16384 --pack pairs    (torchrun ... train --sp-size 2 for SP = 2)
 #   python test_longpo.py generate --tokens 16384 --max-new-tokens 64    (torchrun ... generate --sp-size 2)
 #   python test_longpo.py record --tokens 16384 --turns 4                 (torchrun ... record --sp-size 2)
-#   python test_longpo.py probe --dtype bfloat16                          (each fused kernel at each probe shape)
+#   python test_longpo.py probe --dtype bfloat16                          (each fused kernel: ok or its failure)
 
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -2808,7 +2814,7 @@ def ring_bench(cfg):
     q, k, v, dout = random_qkv(gen, cfg.batch, cfg.seq_len, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype)
     q, k, v, dout = (t.to(device) for t in (q, k, v, dout))
     shard = functools.partial(zigzag_shard, rank=rank, world_size=world_size)
-    kernel = ra.pick_kernel(shard(q), cfg.kernel, cfg.kv_heads).name
+    kernel = ra.pick_kernel(shard(q), cfg.kernel, cfg.kv_heads)
     bhnd = [t.transpose(1, 2).contiguous() for t in (q, k, v, dout)]
     ref_dtype = torch.promote_types(dtype, torch.float32)
     ref = [t.transpose(1, 2) for t in sdpa_fwd_bwd(*(t.to(ref_dtype) for t in bhnd), repeat_kv=True)]
@@ -2991,7 +2997,7 @@ def record_bench(cfg):
 
 @dataclass
 class ProbeBench:
-    """The kernel probe of each fused kernel of this device at every probe shape, one line each."""
+    """The kernel probe of each fused kernel of this device, one line each."""
     dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
     heads: int = field(default=32, metadata={"help": "query heads"})
     kv_heads: int = field(default=8, metadata={"help": "key/value heads"})
@@ -3001,11 +3007,8 @@ class ProbeBench:
 def probe_bench(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in ra.AUTO_ORDER[device.type]:
-        for kind, shapes in ra.PROBES.items():
-            for tq, tk, causal in shapes:
-                failure = ra.probe_block(name, tq, tk, causal, device, getattr(torch, cfg.dtype), cfg.heads,
-                                         cfg.kv_heads, cfg.head_dim)
-                print(f"{name:10s} {kind:7s} {tq:4d} x {tk:<4d} {'causal' if causal else 'full':6s} {failure or 'ok'}")
+        failure = ra.probe_kernel(name, device, getattr(torch, cfg.dtype), cfg.heads, cfg.kv_heads, cfg.head_dim)
+        print(f"{name:10s} {failure or 'ok'}")
 
 
 HARNESS = {"ring": (ring_bench, RingBench), "train": (train_bench, TrainBench), "probe": (probe_bench, ProbeBench),
