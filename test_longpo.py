@@ -1916,13 +1916,12 @@ import eval as evaluation  # noqa: E402  (the project's eval.py)
 
 def test_ruler_prompts_have_length_and_needle_depth():
     tokenizer = longpo.tiny_tokenizer()
-    sentences = evaluation.haystack_sentences("")
     for task in evaluation.RULER_TASKS:
         for length in (700, 1500):
             for depth in (0.0, 0.5, 1.0):
                 rng = random.Random(f"{task}{length}{depth}")
                 needles, question, expected, _ = evaluation.ruler_sample(task, rng)
-                ids, context = evaluation.build_ruler_prompt(tokenizer, sentences, needles, depth, question, length, rng)
+                ids, context = evaluation.build_ruler_prompt(tokenizer, needles, depth, question, length, rng)
                 assert length - 4 <= len(ids) <= length, f"{task} {length}: {len(ids)} tokens"
                 assert all(n in context for n in needles) and question in tokenizer.decode(ids)
                 for e in expected:
@@ -1935,7 +1934,7 @@ def test_ruler_prompts_have_length_and_needle_depth():
     assert evaluation.parse_lengths("4k, 1000") == [4096, 1000]
 
 
-def test_eval_scorers_on_hand_made_cases():
+def test_eval_scorers_on_hand_made_cases(monkeypatch):
     assert evaluation.token_f1("The cat sat", "cat sat on the mat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
     assert evaluation.token_f1("dog", "cat") == 0.0 and evaluation.token_f1("A cat!", "the cat") == 1.0
     assert evaluation.rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # LCS a c d: P = R = 3/4
@@ -1952,6 +1951,11 @@ def test_eval_scorers_on_hand_made_cases():
     assert evaluation.recall_score("numbers 123 and 456", ["123", "456", "789"]) == pytest.approx(2 / 3)
     assert evaluation.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert evaluation.truncate_middle([1, 2], 4) == [1, 2]
+    seen = []  # an InfiniteBench book is cut from the middle: the prompt and its answer fit the length
+    monkeypatch.setattr(evaluation, "greedy", lambda m, t, ids, n, par=None: seen.append(len(ids) + n) or "Aurora")
+    book = {"context": "The ship was called Aurora. " * 100, "input": "Ship?", "answer": ["Aurora"]}
+    assert evaluation.eval_infbench(None, longpo.tiny_tokenizer(), {"en_qa": [book]}, 300) == {"en_qa": 1.0}
+    assert 296 <= seen[0] <= 300, seen
     # RULER average as the paper reports it: the mean of the NIAH, VT and QA categories, NIAH being
     # the mean of its four needle tasks (a plain mean of six tasks would give NIAH 4/6 of the weight)
     ruler = {t: {"avg": 1.0} for t in evaluation.RULER_TASKS if t.startswith("niah")}
@@ -1976,7 +1980,8 @@ class BiasedLM(torch.nn.Module):
 def test_copy_task_scores_a_copier_at_one_and_others_below(monkeypatch):
     """eval's copy task on held-out lists: a model that repeats the list scores 1.0 (exact and per word),
     one that skips a word or stops halfway scores what a direct count says; the real decoding runs."""
-    tokenizer, cfg = longpo.tiny_tokenizer(), evaluation.EvalConfig(copy_lists=8)
+    tokenizer, cfg = longpo.tiny_tokenizer(), evaluation.EvalConfig()
+    monkeypatch.setattr(evaluation, "COPY_LISTS", 8)
     lists = [d["text"] for d in data_gen.copy_corpus(8, seed=1 << 30)]  # held out: no training seed is near
 
     def answer(model, tokenizer, ids, max_new_tokens, par=None):  # `model` maps the list to its answer
@@ -1991,8 +1996,9 @@ def test_copy_task_scores_a_copier_at_one_and_others_below(monkeypatch):
     assert halfway == {"exact": 0.0, "words": pytest.approx(sum(len(t.split()) // 2 / len(t.split())
                                                                 for t in lists) / 8)}
     monkeypatch.undo()
+    monkeypatch.setattr(evaluation, "COPY_LISTS", 2)
     model, _ = longpo.load_model_and_tokenizer("tiny")
-    random_model = evaluation.eval_copy(model, tokenizer, dataclasses.replace(cfg, copy_lists=2))
+    random_model = evaluation.eval_copy(model, tokenizer, cfg)
     assert random_model["exact"] == 0.0 and 0.0 <= random_model["words"] < 1.0
 
 
@@ -2041,10 +2047,11 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     (infb / "longbook_qa_eng.jsonl").write_text(json.dumps({"context": context, "input": "Name of the ship?", "answer": ["Aurora"]}) + "\n")
     (infb / "longbook_choice_eng.jsonl").write_text(json.dumps({"context": context, "input": "Ship?", "options": ["Aurora", "Vega", "Nova", "Lyra"], "answer": ["Aurora"]}) + "\n")
     (infb / "longbook_sum_eng.jsonl").write_text(json.dumps({"context": context, "answer": "A keeper counted ships."}) + "\n")
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8"], "answer": 1}) + "\n")
     out = str(tmp_path / "eval.json")
-    result = run_script(["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data, "--lengths", "600",
-                         "--depths", "2", "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb),
-                         "--infbench-max-len", "300", "--out", out])
+    result = run_script(["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data, "--lengths", "300",
+                         "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb), "--mc", str(tmp_path / "mc.jsonl"),
+                         "--out", out])
     assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
     scores = json.load(open(out))
     assert scores["complete"] is True
@@ -2057,12 +2064,12 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     for column, value in table["delta"].items():
         assert value == table["tiny"][column] - table[baseline][column], column  # the model minus the baseline
     sp_out, one_out = str(tmp_path / "sp.json"), str(tmp_path / "one.json")
-    args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,ruler",
-            "--lengths", "300", "--depths", "1"]
-    run_script(args + ["--sp-size", "2", "--out", sp_out], nproc=2)  # SP scoring and SP decoding
+    args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,facts",
+            "--lengths", "600"]
+    run_script(args + ["--out", sp_out], nproc=2)  # SP scoring and SP decoding
     run_script(args + ["--out", one_out])
     sp, one = (json.load(open(p))["results"]["tiny"] for p in (sp_out, one_out))
-    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and set(sp["ruler"]) == set(one["ruler"])
+    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and set(sp["facts"]) == set(one["facts"])
     assert math.isclose(sp["pref"]["reward_margin"], one["pref"]["reward_margin"], rel_tol=1e-5), (sp, one)
     assert json.load(open(sp_out))["settings"]["world_size"] == 2
 
@@ -2075,10 +2082,11 @@ def eval_sp_decoding_worker(rank, world_size):
     texts, sp_calls, greedy, generate_long = [], [], evaluation.greedy, data_gen.generate_long
     evaluation.greedy = lambda *args: texts.append(greedy(*args)) or texts[-1]
     data_gen.generate_long = lambda *args, **kw: sp_calls.append(args[2]) or generate_long(*args, **kw)
+    evaluation.DEPTHS = (0.0, 1.0)  # a spawned process: nothing to restore
     try:
         for p in (None, par):
-            evaluation.eval_ruler(model, tokenizer, evaluation.haystack_sentences(""), [300],
-                                  evaluation.EvalConfig(depths=2), p)
+            prompts = evaluation.ruler_prompts(tokenizer, [300], evaluation.EvalConfig())
+            evaluation.eval_prompts(model, tokenizer, prompts, evaluation.recall_score, p)
     finally:
         evaluation.greedy, data_gen.generate_long = greedy, generate_long
     n = len(evaluation.RULER_TASKS) * 2
@@ -2204,13 +2212,13 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
     it, exits 2, shows no traceback, within 10 s of CPU time (before any model is loaded; CPU time, as
     wall time on a shared 2-core machine depends on its other load)."""
     (tmp_path / "folder").mkdir()
-    (tmp_path / "hay.jsonl").write_text('{"text": "Grass is green."}\n{"body": "no text field"}\n')
+    (tmp_path / "hay.jsonl").write_text('{"question": "Green?", "choices": [1, 2], "answer": 0}\n{"body": "none"}\n')
     cases = [["longpo.py", "--data", str(tmp_path / "folder")],
              ["longpo.py", "--data", "data/a.jsonl,,data/b.jsonl"],
              ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
              ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o.jsonl")],
              ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
-             ["eval.py", "--haystack", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "ruler"],
+             ["eval.py", "--mc", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "mc"],
              ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
              ["data_gen.py", "--timeout-minutes", "0", "--out", str(tmp_path / "o.jsonl")],
              ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")],
@@ -2227,7 +2235,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert args[1] in lines[0] and "Traceback" not in err, (args, err)
-        assert "hay" not in args[2] or "hay.jsonl:2: field 'text' is missing" in lines[0], lines
+        assert "hay" not in args[2] or "hay.jsonl:2: field 'question' is missing" in lines[0], lines
         assert meant.get(args[1], "") in lines[0], lines
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -2317,20 +2325,20 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
 
 
 def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
-    """eval's reward margins use the beta the run was trained with (its config.json), unless --beta is
-    given; a run's base model is the baseline."""
+    """eval's reward margins use the beta the run was trained with (its config.json); a run's base
+    model is the baseline."""
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     model.save_pretrained(tmp_path / "run" / "final")
     tokenizer.save_pretrained(tmp_path / "run" / "final")
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny", "beta": 0.05}))
     data = write_jsonl(tmp_path / "pairs.jsonl", make_records(2, seed=8, with_ref=True))
     results = {}
-    for flags in ([], ["--beta", "0.1"]):
-        out = str(tmp_path / f"eval{len(flags)}.json")
+    for n, beta in ((0, 0.05), (2, 0.1)):
+        (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny", "beta": beta}))
+        out = str(tmp_path / f"eval{n}.json")
         evaluation.main(longpo.config_from_cli(evaluation.EvalConfig, ["--model", str(tmp_path / "run" / "final"),
                                                                    "--tasks", "pref", "--pref-data", data,
-                                                                   "--out", out] + flags))
-        results[len(flags)] = json.load(open(out))
+                                                                   "--out", out]))
+        results[n] = json.load(open(out))
     assert results[0]["settings"]["beta_resolved"] == 0.05 and results[2]["settings"]["beta_resolved"] == 0.1
     assert results[0]["settings"]["baseline_resolved"] == "tiny"
     margins = [results[n]["results"]["tiny"]["pref"]["reward_margin"] for n in (0, 2)]
@@ -2340,30 +2348,29 @@ def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
 def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     UsageError = longpo.UsageError
     base = dict(model="tiny", baseline="", out=str(tmp_path / "eval.json"))
-    for flags, message in [({"lengths": "0"}, "--lengths"), ({"depths": 0}, "--depths"), ({"samples": 0}, "--samples"),
+    for flags, message in [({"lengths": "0"}, "--lengths"), ({"samples": 0}, "--samples"),
                            ({"mc": str(tmp_path / "no.jsonl")}, "no.jsonl does not exist"),
-                           ({"tasks": "infbench", "infbench": str(tmp_path / "nope")}, "--infbench .* not a folder"),
-                           ({"out": str(tmp_path)}, "--out .* is a folder")]:
+                           ({"tasks": "infbench", "infbench": str(tmp_path / "nope")}, "--infbench .* none of"),
+                           ({"tasks": "ruler", "out": str(tmp_path)}, "--out .* is a folder")]:
         with pytest.raises(UsageError, match=message):
             evaluation.prepare_inputs(evaluation.EvalConfig(**{**base, **flags}), (flags.get("tasks") or "ruler,mc").split(","))
     mc = tmp_path / "mc.jsonl"
-    mc.write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8", "10", "4"], "answer": "8"}) + "\n"
+    mc.write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8", "10", "4"], "answer": 1}) + "\n"
                   + json.dumps({"question": "Pick B", "choices": ["x", "y"], "answer": "B"}) + "\n"
                   + json.dumps({"question": "Index", "choices": ["x", "y"], "answer": 0}) + "\n")
-    assert [ex["answer"] for ex in evaluation.load_mc(str(mc))["mc"]] == [1, 1, 0]  # text, letter, index
+    assert [ex["answer"] for ex in evaluation.load_mc(str(mc))["mc"]] == [1, 1, 0]  # index, letter, index
     with open(mc, "a") as f:
         f.write("{broken\n")
     with pytest.raises(UsageError, match="mc.jsonl:4: not valid JSON"):
         evaluation.load_mc(str(mc))
     # each finished task is on disk at once: a late failure keeps the finished ones
-    monkeypatch.setattr(evaluation, "eval_mc", lambda *a: (_ for _ in ()).throw(RuntimeError("late failure")))
-    cfg = evaluation.EvalConfig(**{**base, "tasks": "ruler,mc", "lengths": "200", "depths": 1})
+    monkeypatch.setattr(evaluation, "eval_copy", lambda *a: (_ for _ in ()).throw(RuntimeError("late failure")))
+    monkeypatch.setattr(evaluation, "DEPTHS", (0.5,))
+    cfg = evaluation.EvalConfig(**{**base, "tasks": "ruler,copy", "lengths": "200"})
     with pytest.raises(RuntimeError, match="late failure"):
         evaluation.main(cfg)
     saved = json.load(open(cfg.out))
-    assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler", "needle_by_depth"}
-    assert evaluation.prepare_inputs(cfg, ["ruler"])["out"] == str(tmp_path / "eval-1.json")  # never replaced
-    assert evaluation.prepare_inputs(dataclasses.replace(cfg, overwrite=True), ["ruler"])["out"] == cfg.out
+    assert saved["complete"] is False and set(saved["results"]["tiny"]) == {"ruler"}
 
 
 # ----------------------------------------------------------------------------- a week-long job on a cluster
@@ -2684,7 +2691,7 @@ def check_copy_records(path):
     assert len(drawn) > 250 and all(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in drawn)
 
 
-def test_miniature_recipe_end_to_end(tmp_path):
+def test_miniature_recipe_end_to_end(tmp_path, monkeypatch):
     """The README's miniature reproduction at toy scale, every step in-process with the README's flags:
     copy data -> the small model trained from scratch on it (sft) -> gold short data -> sft from there
     on copy and gold records together (the short-context model) -> its own short-to-long pairs ->
@@ -2722,9 +2729,10 @@ def test_miniature_recipe_end_to_end(tmp_path):
         run(longpo, longpo.TrainConfig, "--model", model, "--loss", loss, "--data", pairs, "--output-dir",
             tmp_path / loss, "--lr", "1e-3", "--grad-accum", 1, "--max-steps", 2, "--rope-theta", "1e5")
         finals.append(str(tmp_path / loss / "final"))
+    monkeypatch.setattr(evaluation, "DEPTHS", (0.0, 1.0))
+    monkeypatch.setattr(evaluation, "COPY_LISTS", 4)
     run(evaluation, evaluation.EvalConfig, "--model", ",".join(finals), "--baseline", model, "--tasks",
-        "facts,copy,kl,pref", "--lengths", "128,512", "--depths", 2, "--copy-lists", 4, "--pref-data", heldout,
-        "--out", out)
+        "facts,copy,kl,pref", "--lengths", "128,512", "--pref-data", heldout, "--out", out)
     scores = json.load(open(out))
     assert scores["complete"] and list(scores["table"]) == [str(model)] + finals
     for name, row in scores["table"].items():
