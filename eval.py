@@ -6,7 +6,7 @@ multi-value, multi-query; variable tracking; QA), the miniature's facts (README)
 Short context: mc, multiple choice on JSONL files (MMLU style); kl, LongPO's constraint, KL(policy ||
 baseline) on the pairs' SHORT inputs; copy, the miniature's short skill. Answers are greedy; under
 torchrun all processes form one sequence-parallel ring. Prints a table like the paper's (the baseline's
-row and the deltas); --out, the JSON of every score, is rewritten atomically after each task.
+row and the deltas); --out, the JSON of every score, is replaced atomically after each task.
 
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
@@ -35,9 +35,9 @@ from longpo import UsageError, check_at_least, check_output_file, check_runtime
 class EvalConfig:
     """Long-context gain and short-context retention of models, against a baseline."""
     model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s), comma-separated"})
-    baseline: str = field(default="auto", metadata={"help": "also the KL reference (auto: the run's base)"})
-    tasks: str = field(default="ruler,kl,pref", metadata={"help": "ruler facts copy infbench mc kl pref"})
-    lengths: str = field(default="1k,2k", metadata={"help": "of ruler, facts prompts; infbench: the largest"})
+    baseline: str = field(default="auto", metadata={"help": "compared with; KL reference (auto: run's base)"})
+    tasks: str = field(default="ruler,kl,pref", metadata={"help": "of ruler,facts,copy,infbench,mc,kl,pref"})
+    lengths: str = field(default="1k,2k", metadata={"help": "ruler, facts prompts (infbench: the largest)"})
     samples: int = field(default=1, metadata={"help": "ruler, facts prompts per task, length and depth"})
     infbench: str = field(default="", metadata={"help": "folder with longbook_{qa,choice,sum}_eng.jsonl"})
     mc: str = field(default="", metadata={"help": "multiple-choice JSONL files, comma-separated"})
