@@ -122,6 +122,11 @@ def recall_score(prediction, expected):
     return sum(e.lower() in prediction.lower() for e in expected) / len(expected)
 
 
+def first_number(prediction, expected):
+    """facts: the answer's first number is the planted one."""
+    return float(re.findall(r"\d+", prediction)[:1] == [expected])
+
+
 # ----------------------------------------------------------------------------- prompts of the long tasks
 
 def parse_lengths(spec):
@@ -522,7 +527,6 @@ def main(cfg):
                                  **({"table": table} if table else {})})
     loaded = {name: data_gen.load_for_inference(name, device) for name in inputs["models"]}
     ref_model, lengths, records = loaded[inputs["ref_model"]][0], inputs["lengths"], inputs["records"]
-    first_number = lambda answer, expected: float(re.findall(r"\d+", answer)[:1] == [expected])  # noqa: E731
     for name, (model, tokenizer) in loaded.items():  # on every rank: the ring runs each long input together
         jobs = {"pref": lambda: eval_pref(model, tokenizer, records, par, inputs["beta"]),
                 "ruler": lambda: eval_prompts(model, tokenizer, ruler_prompts(tokenizer, lengths, cfg),
