@@ -18,19 +18,19 @@ generate (short prompts in batches), and generate_long (a document's prompts: th
 sequence-parallel with --sp-size, each rank holding its share of its K/V).
 
 Deliberate deviations: a random tiny model cannot write questions, so the built-in demo corpus
-(documents with planted, checkable facts) has template questions (--questions auto). Size flags
+(documents with planted, checkable facts) has template questions, the facts' own. Size flags
 default to the paper's profile, or a small one for --model tiny. --answers gold / copy write the demo
-corpus's planted answers / "repeat the text" records: the miniature's data (its model: --make-small).
+corpus's planted answers / "repeat the text" records: the miniature's data (its model: test_longpo.py small).
 
 Each random choice and sampled answer draws from its own seeded stream (seed, document, turn, role):
-the records are the same at any world size, SP size or resume. Never loses work: each rank appends
-each finished record (or dropped document) to <out>.parts/; a restart skips what is done; rank 0 merges.
+the records are the same at any world size, SP size or resume. Never loses work: --out is a folder to
+which each rank appends each finished record (or dropped document); a restart skips what is done.
 
     python data_gen.py                                       # tiny model, demo corpus, CPU
     torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
-        --docs long_docs.jsonl --out data/longpo_128k.jsonl --rope-theta 1e7   # one 8-GPU node
-    torchrun --nproc_per_node 8 data_gen.py ... --sp-size 8  # 512K documents: each long answer over 8 GPUs
-    python data_gen.py --plan --model DIR --max-doc-len 524288 --sp-size 8   # generation memory per GPU
+        --docs long_docs.jsonl --out data/longpo_128k --rope-theta 1e7   # one 8-GPU node
+    torchrun --nproc_per_node 8 data_gen.py ... --sp-size 4  # 512K documents: each long answer over 4 GPUs
+    python data_gen.py --plan --model DIR --max-doc-len 515584 --sp-size 4   # generation memory per GPU
 """
 import bisect
 import contextlib
@@ -43,24 +43,20 @@ import json
 import os
 import random
 import re
-import shutil
-import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, Cache
 from transformers.cache_utils import DynamicLayer
 
 import longpo
-from longpo import (UsageError, check_at_least, check_output_file, check_runtime, check_sp_size,
-                            init_distributed, one_process, print0, setup_parallel)
+from longpo import (UsageError, arg, check_at_least, check_sp_size, init_distributed, one_process, print0,
+                    setup_parallel, use_kernel)
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -71,35 +67,27 @@ TINY = dict(chunk_min=512, chunk_max=1024, min_doc_len=1024, max_doc_len=32768,
 @dataclass
 class DataGenConfig:
     """Generate LongPO preference data (paper Sec. 3.3); size flags at 0 / -1 take the profile's value."""
-    model: str = field(default="tiny", metadata={"help": "pi_S: hub id, local dir, or 'tiny'"})
-    docs: str = field(default="demo", metadata={"help": "JSONL ('text', 'id'), .txt file or folder, or 'demo'"})
-    out: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "output JSONL (longpo.py's default input)"})
-    chunk_min: int = field(default=0, metadata={"help": "fewest tokens in a chunk (0: profile; paper 16384)"})
-    chunk_max: int = field(default=0, metadata={"help": "most tokens in a chunk (0: profile; release code 30720)"})
-    min_doc_len: int = field(default=0, metadata={"help": "fewest tokens in a document (0: profile; paper > 64K)"})
-    max_doc_len: int = field(default=0, metadata={"help": "most tokens in a document (0: profile; paper < target)"})
-    turns: int = field(default=4, metadata={"help": "at most this many chunks (turns) per document"})
-    max_new_tokens: int = field(default=0, metadata={"help": "answer length limit (0: profile; paper 1024)"})
-    temperature: float = field(default=-1.0, metadata={"help": "answer sampling temperature (-1: profile; paper 0)"})
-    question_tokens: int = field(default=512, metadata={"help": "token limit of the question list"})
-    questions: str = field(default="auto", metadata={"help": "auto | model | template (template: demo corpus only)"})
-    answers: str = field(default="model", metadata={"help": "model (the paper) | gold | copy (demo corpus only)"})
-    demo_docs: int = field(default=4, metadata={"help": "--docs demo: number of documents (drawn from --seed)"})
-    demo_paragraphs: str = field(default="24", metadata={"help": "--docs demo: paragraphs (1-64) a document, or A-B"})
-    rope_theta: float = field(default=0.0, metadata={"help": "RoPE theta of the LONG-input generation (paper 1e7)"})
-    max_length: int = field(default=0, metadata={
-        "help": "training's --max-length: turns trimmed, documents dropped before their long answers, to fit it"})
-    sp_size: int = field(default=1, metadata={"help": "ranks that decode each long-input answer together"})
-    batch_size: int = field(default=8, metadata={"help": "short prompts generated together"})
-    skip_bad: bool = field(default=False, metadata={"help": "count and skip malformed input lines instead of stopping"})
-    retry_failed: bool = field(default=False, metadata={"help": "redo the documents an error dropped in earlier runs"})
-    attn_kernel: str = field(default="auto", metadata={"help": "auto | cudnn | sdpa_flash | flash_attn | cpu | plain"})
-    timeout_minutes: float = field(default=30.0, metadata={"help": "a collective waiting longer fails the job"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out and the work in <out>.parts/"})
-    allow_empty: bool = field(default=False, metadata={"help": "exit 0 even when no document yields a record"})
-    plan: bool = field(default=False, metadata={"help": "print generation memory per GPU and exit"})
-    make_small: str = field(default="", metadata={"help": "write the miniature's untrained model to this folder"})
-    seed: int = field(default=0, metadata={"help": "seed of the demo corpus, chunk and question choice, sampling"})
+    model: str = arg("tiny", "pi_S: hub id, local dir, or 'tiny'")
+    docs: str = arg("demo", "JSONL ('text', 'id'), .txt file or folder, or 'demo'")
+    out: str = arg("data/longpo_tiny", "output folder (longpo.py's default --data)")
+    chunk_min: int = arg(0, "fewest tokens in a chunk (0: profile; paper 16384)")
+    chunk_max: int = arg(0, "most tokens in a chunk (0: profile; release code 30720)")
+    min_doc_len: int = arg(0, "fewest tokens in a document (0: profile; paper > 64K)")
+    max_doc_len: int = arg(0, "most tokens in a document (0: profile; paper < target)")
+    turns: int = arg(4, "at most this many chunks (turns) per document")
+    max_new_tokens: int = arg(0, "answer length limit (0: profile; paper 1024)")
+    temperature: float = arg(-1.0, "answer sampling temperature (-1: profile; paper 0)")
+    answers: str = arg("model", "model (the paper) | gold | copy (demo corpus only)")
+    demo_docs: int = arg(4, "--docs demo: number of documents (drawn from --seed)")
+    demo_paragraphs: str = arg("24", "--docs demo: paragraphs (1-64) a document, or A-B")
+    rope_theta: float = arg(0.0, "RoPE theta of the LONG-input generation (paper 1e7)")
+    max_length: int = arg(0, "training's --max-length: turns trimmed, documents dropped (before their long "
+                          "answers) to fit it")
+    sp_size: int = arg(1, "ranks that decode each long-input answer together")
+    batch_size: int = arg(8, "short prompts generated together")
+    attn_kernel: str = arg("auto", "auto | cudnn | sdpa_flash | flash_attn | cpu | plain")
+    plan: bool = arg(False, "print generation memory per GPU and exit")
+    seed: int = arg(0, "seed of the demo corpus, chunk and question choice, sampling")
 
 
 QUESTION_PROMPT = (
@@ -112,11 +100,12 @@ LEAD_INS = ("Based on the text above,", "Using the text above,", "According to t
 QUESTION_WORDS = {"what", "how", "why", "which", "who", "whom", "whose", "where", "when", "in", "to",
                   "is", "are", "was", "were", "do", "does", "did", "can", "could", "should", "would",
                   "explain", "describe", "compare", "summarize", "summarise", "according"}
+QUESTION_TOKENS = 512  # the question list's token limit
 REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'm unable", "i am unable",
             "as an ai", "as a language model", "i'm not able to", "i am not able to")
 
 
-# ----------------------------------------------------------------------------- chunks, questions, filters
+# ---------------------------------------------------------- chunks, questions, filters
 
 def paragraph_spans(text):
     """[start, end) of the paragraphs of text (separated by blank lines), each end extended to the
@@ -203,7 +192,7 @@ def with_lead_in(lead_in, question):
     return f"{lead_in} {question}"
 
 
-# ----------------------------------------------------------------------------- generation
+# ---------------------------------------------------------- generation
 
 def load_for_inference(name, device):
     """(model, tokenizer) for generation and scoring: bf16 on CUDA, fp32 on CPU, in eval mode."""
@@ -246,8 +235,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     cache, new = room_cache(model, max_new_tokens), [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, V)
         for i, row in enumerate(new):
             if not row or row[-1] not in stops:
                 row.append(next_token(logits[i], temperature, top_p, generators[i]))
@@ -283,7 +272,9 @@ class RoomLayer(DynamicLayer):
     def update(self, key, value, *args, **kwargs):  # (B, Hkv, T, D)
         if not self.is_initialized:  # the prefill attends to all of its own tokens
             n = key.shape[2]
-            self.keys, self.values = (t.new_empty(*t.shape[:2], n + self.room, t.shape[3]) for t in (key, value))
+            B, H, _, D = key.shape
+            self.keys = key.new_empty(B, H, n + self.room, D)
+            self.values = value.new_empty(B, H, n + self.room, D)
             self.keys[:, :, :n], self.values[:, :, :n] = key, value
             self.length, self.is_initialized = n, True
             return key, value
@@ -320,11 +311,12 @@ def prefill(model, seq, room, par):
 
 
 @torch.no_grad()
-def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.0, top_p=1.0, seeds=None, stats=None):
+def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.0, top_p=1.0, seeds=None,
+                  stats=None):
     """Answers to prompts that share a prefix (one document's turns), decoded by par's SP group (in one
     process, a group of one): [(text, new tokens)], the same on every rank. The shared prefix, cut to a
-    multiple of 2 x sp tokens, is prefilled ONCE (prefill), each rank keeping ITS part of every layer's K/V; each
-    prompt's own tokens, then its answer, run as decoding steps: every query attends to every rank's part
+    multiple of 2 x sp tokens, is prefilled ONCE (prefill), each rank keeping ITS part of every layer's K/V;
+    each prompt's own tokens, then its answer, run as decoding steps: every query attends to every rank's part
     of the prefix and to the tokens after it (on every rank, counted on one), merged by the exact lse rule
     (ring_attention.decode_attention), so every rank computes the same logits and token (sampling from
     the same seeded stream). Before the next prompt the cache is cut back to the prefix."""
@@ -335,7 +327,7 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     head = head.to(torch.promote_types(head.dtype, torch.float32))  # fp32 logits, as in training
     stops, results, clock = stop_token_ids(tokenizer, model), [], time.perf_counter()
     try:
-        seq = longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id) if n else None  # zigzag
+        seq = longpo.prepare_sequence(prompts[0][:n], {}, par, tokenizer.pad_token_id) if n else None
         cache = prefill(model, seq, max(map(len, prompts)) - n + max_new_tokens, par)
         kwargs = dict(cache=cache, use_cache=True, ring_group=par.sp_group)
         n_prefix, prefill_s, clock = cache.layers[0].length, time.perf_counter() - clock, time.perf_counter()
@@ -346,7 +338,8 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
                 hidden = decoder(input_ids=torch.tensor([feed], device=par.device), ring_decode=n_prefix,
                                  position_ids=torch.arange(start, start + len(feed), device=par.device)[None],
                                  **kwargs).last_hidden_state
-                new.append(next_token(F.linear(hidden[0, -1].to(head.dtype), head), temperature, top_p, generator))
+                logits = F.linear(hidden[0, -1].to(head.dtype), head)
+                new.append(next_token(logits, temperature, top_p, generator))
                 feed = new[-1:]
             for layer in cache.layers:
                 layer.length = n_prefix  # back to the prefix: the next prompt's own tokens follow it
@@ -354,16 +347,18 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     finally:
         model.set_attn_implementation(attn)
     if stats is not None:
-        stats.update(prefill_s=prefill_s, decode_s=time.perf_counter() - clock, new_tokens=sum(k for _, k in results),
-                     cache_bytes=sum(t.numel() * t.element_size() for layer in cache.layers
-                                     for t in (layer.keys, layer.values)))
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        stats.update(prefill_s=prefill_s, decode_s=time.perf_counter() - clock,
+                     new_tokens=sum(k for _, k in results), cache_bytes=cache_bytes)
     return results
 
 
 def ask(model, tokenizer, contexts, instructions, seeds, cfg, **sampling):
     """Answers of the model to each (context, instruction) on short inputs, --batch-size at a time, with
     longpo's chat formatting; each sampled from its own seed."""
-    prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0] for c, i in zip(contexts, instructions)]
+    prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0]
+               for c, i in zip(contexts, instructions)]
     texts, n_new = [], 0
     for k in range(0, len(prompts), cfg.batch_size):
         batch = slice(k, k + cfg.batch_size)
@@ -376,12 +371,13 @@ def ask(model, tokenizer, contexts, instructions, seeds, cfg, **sampling):
 def long_answers(long_model, tokenizer, doc, turns, cfg, par):
     """The rejected answers: each turn's instruction after the WHOLE document, the document prefilled once
     for all turns (generate_long); [(text, new tokens)]."""
-    prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0] for t in turns]
+    prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
+               for t in turns]
     return generate_long(long_model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
                          seeds=seeds(cfg, doc, len(turns), "rejected"))
 
 
-# ----------------------------------------------------------------------------- records
+# ---------------------------------------------------------- records
 
 def stream(cfg, doc, *where):
     """The key of one random choice or sampled answer: the seed, the document's id (its text's hash) and
@@ -437,25 +433,27 @@ def measure(doc, tokenizer, cfg):
     too_short = len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len
     if too_short or len(text) > cfg.max_doc_len * longest_token(tokenizer):
         raise Dropped("doc_length")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)  # text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                    split_special_tokens=True)  # the document is text: a special token's literal too
     if not cfg.min_doc_len <= len(enc["input_ids"]) <= cfg.max_doc_len:
         raise Dropped("doc_length")
     return len(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
 
 
 def make_record(doc, doc_index, models, tokenizer, cfg, counts):
-    """One process: the record of a document (raises Dropped); counts collects generated tokens.
-    models: (the model, the rotary embedding of its long-input passes or None: long_rotary)."""
+    """One process: the record of a document (raises Dropped), the steps of the module docstring in
+    order; counts collects generated tokens. models: (the model, the rotary embedding of its long-input
+    passes or None: long_rotary)."""
     model, rotary = models
     if cfg.answers == "copy":
         return copy_record(doc, doc_index, tokenizer, cfg)
-    draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)
+    draft = start_record(doc, doc_index, model, tokenizer, cfg, counts)  # steps 1-4: the short inputs
     if cfg.answers == "gold":
         return gold_record(draft, tokenizer, cfg)
-    with long_input(model, rotary) as long_model:
+    with long_input(model, rotary) as long_model:  # 4. the rejected answers: the whole document
         rejected = long_answers(long_model, tokenizer, doc, draft["turns"], cfg, one_process(model.device))
     counts["generated"] += sum(n for _, n in rejected)
-    return finish_record(draft, [text for text, _ in rejected], model, tokenizer, cfg)
+    return finish_record(draft, [text for text, _ in rejected], model, tokenizer, cfg)  # steps 5-6
 
 
 def long_rotary(model, theta):
@@ -484,25 +482,25 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     """Everything on SHORT inputs: length, chunks, questions, the chosen answers. Returns the draft record,
     whose turns still need their rejected (long-input) answers; raises Dropped if the document gives none."""
     text = doc["text"]
-    n_tokens, starts = measure(doc, tokenizer, cfg)
+    n_tokens, starts = measure(doc, tokenizer, cfg)  # 1. the document's length
     if cfg.max_length and n_tokens >= cfg.max_length:  # cannot fit with any answer: no generation at all
         raise Dropped("max_length")
-    chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)
+    chunks = chunk_document(text, starts, cfg.chunk_min, cfg.chunk_max)  # 2. chunks, --turns of them
     chunks = sorted(random.Random(stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
         raise Dropped("no_chunks")
-    pieces = [text[a:b] for a, b in chunks]
-    if cfg.questions == "template":
+    pieces = [text[a:b] for a, b in chunks]  # 3. questions, one of 4 kept a chunk, with a lead-in
+    if cfg.docs == "demo":  # a random model writes no questions: the facts' own
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
         replies, n = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
                          seeds(cfg, doc, len(pieces), "questions"), cfg,
-                         max_new_tokens=cfg.question_tokens, temperature=0.7, top_p=0.9)
+                         max_new_tokens=QUESTION_TOKENS, temperature=0.7, top_p=0.9)
         counts["generated"] += n
     turns, asked, filtered = [], [], {}
     for j, ((a, b), reply) in enumerate(zip(chunks, replies)):
         questions = parse_questions(reply)
-        if len(questions) < (1 if cfg.questions == "template" else 4):  # the template lists the chunk's facts
+        if len(questions) < (1 if cfg.docs == "demo" else 4):  # the template lists the chunk's facts
             filtered["questions"] = filtered.get("questions", 0) + 1
             continue
         if cfg.answers != "gold":  # gold: all the chunk's facts
@@ -515,7 +513,7 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
         raise Dropped("questions", filtered)
     draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "filtered": filtered,
              "doc_tokens": n_tokens, "starts": starts}
-    if cfg.answers == "model":
+    if cfg.answers == "model":  # 4. the chosen answers: the chunk only
         chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
                         [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -545,7 +543,7 @@ def fit_max_length(text, turns, tokenizer, cfg, filtered, slack=0):
 def finish_record(draft, rejected, model, tokenizer, cfg):
     """The filters, the record and its reference log-probs, given the rejected (long-input) answers."""
     kept, filtered = [], draft["filtered"]
-    for turn, c, r in zip(draft["turns"], draft["chosen"], rejected):
+    for turn, c, r in zip(draft["turns"], draft["chosen"], rejected):  # 5. the filters
         reason = filter_reason(c) or filter_reason(r)
         if reason:
             filtered[reason] = filtered.get(reason, 0) + 1
@@ -553,9 +551,9 @@ def finish_record(draft, rejected, model, tokenizer, cfg):
             kept.append({**turn, "chosen": c, "rejected": r})
     if not kept:
         raise Dropped("all_turns_filtered", filtered)
+    # 6. the record, and Eq. 13's reference: the sum over turns of log pi_S(y_i | chunk_i, instruction_i)
     rec = draft_record(draft, kept, cfg, tokenizer, cfg.model, temperature=cfg.temperature,
                        rope_theta_long=cfg.rope_theta or None)
-    # Eq. 13 reference: sum over turns of log pi_S(y_i | chunk_i, instruction_i), short inputs only
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
     return rec
 
@@ -564,7 +562,7 @@ def sp_record(doc, doc_index, models, tokenizer, cfg, par, counts):
     """--sp-size: this rank's short-input work (doc None: none this round), then the SP group's decoding of
     every member's long prompts, in which every member takes part. The record (or None), or Dropped."""
     (model, rotary), draft, dropped = models, None, None
-    try:  # an error here is this rank's alone and drops the document; one in the decoding would be the group's
+    try:  # an error here is this rank's alone and drops the document; one in the decoding, the group's
         draft = attempt(start_record, doc, doc_index, model, tokenizer, cfg, counts) if doc else None
     except Dropped as reason:
         dropped = reason
@@ -590,15 +588,17 @@ def sp_rejected_answers(draft, long_model, tokenizer, cfg, par, counts):
     return mine
 
 
-# ----------------------------------------------------------------------------- the demo corpus and the miniature
+# ---------------------------------------------------------- the demo corpus and the miniature
 
 PLACE_HEADS = "Al Bar Cor Dun El Fen Gal Har Ist Kel Lor Mor Nor Pel Ros Tam".split()
 PLACE_TAILS = ["wick", "ford", "mere", "holt", "stead", "by", "ton", "dale"]
 PLACES = [a + b for a in PLACE_HEADS for b in PLACE_TAILS]  # 128 one-word names: Alwick, Barford, ...
 ITEMS = ["maps", "lanterns", "ledgers", "bells", "keys", "crates", "clocks", "banners", "barrels",
          "compasses", "telescopes", "anchors"]
-FILLER = ["The morning fog lifted slowly over the valley.", "Travellers often stopped to rest by the old well.",
-          "Records from that season were kept with great care.", "The wind carried the smell of pine and salt.",
+FILLER = ["The morning fog lifted slowly over the valley.",
+          "Travellers often stopped to rest by the old well.",
+          "Records from that season were kept with great care.",
+          "The wind carried the smell of pine and salt.",
           "Few visitors remembered the road that led there.", "Merchants argued about prices until dusk.",
           "A narrow stair climbed past the empty courtyard.", "Rain had softened the path along the river."]
 MAX_DEMO_PARAGRAPHS = len(PLACES) // 2  # two facts a paragraph, no place twice in a document
@@ -611,7 +611,8 @@ def parse_paragraphs(spec):
     m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(spec))
     lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
     if not 1 <= lo <= hi <= MAX_DEMO_PARAGRAPHS:
-        raise UsageError(f"--demo-paragraphs {spec!r}: give N or A-B within 1..{MAX_DEMO_PARAGRAPHS} (two facts a "
+        raise UsageError(f"--demo-paragraphs {spec!r}: give N or A-B within 1..{MAX_DEMO_PARAGRAPHS} (two "
+                         "facts a "
                          "paragraph, no place twice in a document)")
     return lo, hi
 
@@ -633,10 +634,11 @@ def demo_corpus(n_docs=4, paragraphs=24, seed=0):
                 thing, n = rng.choice(ITEMS), rng.randint(10, 99)
                 fact = f"At {place} {n} {thing} were counted."
                 sentences.insert(rng.randint(0, len(sentences)), fact)
-                facts.append({"sentence": fact, "question": f"How many {thing} are there at {place}?", "answer": str(n),
-                              "place": place})
+                facts.append({"sentence": fact, "question": f"How many {thing} are there at {place}?",
+                              "answer": str(n), "place": place})
             paras.append(" ".join(sentences))
-        docs.append({"id": f"demo-{seed}-{d}" if seed else f"demo-{d}", "text": "\n\n".join(paras), "facts": facts})
+        docs.append({"id": f"demo-{seed}-{d}" if seed else f"demo-{d}", "text": "\n\n".join(paras),
+                     "facts": facts})
     return docs
 
 
@@ -648,10 +650,12 @@ def gold_answer(place, number):
 def copy_corpus(n_docs, seed=0):
     """Documents "Words:" + 16-32 distinct random words of the demo corpus (one token each), for --answers
     copy: the varying length leaves no fixed look-back to repeat, so the model must copy by content."""
-    words = sorted(set(PLACES + ITEMS + [str(n) for n in range(10, 100)] + re.findall(r"\w+", " ".join(FILLER))))
+    numbers, filler_words = [str(n) for n in range(10, 100)], re.findall(r"\w+", " ".join(FILLER))
+    words = sorted(set(PLACES + ITEMS + numbers + filler_words))
     rng = random.Random(f"copy-{seed}")
-    return [{"id": f"copy-{seed}-{d}", "text": "Words: " + " ".join(rng.sample(words, rng.randint(*COPY_WORDS))),
-             "facts": []} for d in range(n_docs)]
+    return [{"id": f"copy-{seed}-{d}", "facts": [],
+             "text": "Words: " + " ".join(rng.sample(words, rng.randint(*COPY_WORDS)))}
+            for d in range(n_docs)]
 
 
 def template_questions(chunk_text, facts):
@@ -672,7 +676,8 @@ def gold_record(draft, tokenizer, cfg):
         place, right = fact[draft["asked"][i]]["place"], fact[draft["asked"][i]]["answer"]
         others = [n for n in numbers if n != right] or [str(int(right) % 90 + 10)]
         wrong = random.Random(stream(cfg, doc, i, "gold-wrong")).choice(others)
-        turns.append({**draft["turns"][i], "chosen": gold_answer(place, right), "rejected": gold_answer(place, wrong)})
+        turns.append({**draft["turns"][i], "chosen": gold_answer(place, right),
+                      "rejected": gold_answer(place, wrong)})
     return draft_record(draft, turns, cfg, tokenizer, "gold")
 
 
@@ -687,36 +692,17 @@ def copy_record(doc, doc_index, tokenizer, cfg):
 
 
 def draft_record(draft, turns, cfg, tokenizer, generator, **more_meta):
-    """The record as written: the document, these turns (those that fit --max-length), where they came from."""
+    """The record as written: the document, these turns (those that fit --max-length), their origin."""
     turns = fit_max_length(draft["doc"]["text"], turns, tokenizer, cfg, draft["filtered"])
-    meta = {"doc_index": draft["doc_index"], "generator": generator, "questions": cfg.questions,
+    meta = {"doc_index": draft["doc_index"], "generator": generator,
+            "questions": "template" if cfg.docs == "demo" else "model",
             "doc_tokens": draft["doc_tokens"], "filtered_turns": draft["filtered"],
-            "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta, "seed": cfg.seed}
+            "chunk_tokens": [tokens_in(draft["starts"], *t["chunk"]) for t in turns], **more_meta,
+            "seed": cfg.seed}
     return {"id": draft["doc"]["id"], "document": draft["doc"]["text"], "turns": turns, "meta": meta}
 
 
-def save_small_model(path):
-    """--make-small: the miniature's untrained model as a folder: a Mistral of 4 layers of 128 (1.1M
-    parameters, weights from a fixed seed) and an 817-token byte-level BPE trained here on the demo
-    corpus (its names and numbers single tokens: documents ~4x shorter than in bytes)."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    docs = demo_corpus(n_docs=8, paragraphs=24, seed=12345)
-    names = " ".join(f"{p} {n}" for p in PLACES for n in range(10, 100))  # every name and number
-    texts = [names] * 3 + [d["text"] + "\n\n" + " ".join(with_lead_in(lead, f["question"]) for lead in LEAD_INS
-                                                          for f in d["facts"][:4]) for d in docs]
-    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=longpo.PRESET_SPECIALS,
-                                                        show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = longpo.tiny_tokenizer(core)
-    config = longpo.tiny_config(len(tokenizer), hidden=128, intermediate=384, layers=4, kv_heads=4)
-    model = longpo.seeded_model(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    print(f"the miniature's untrained model ({sum(p.numel() for p in model.parameters())} parameters): {path}")
-
-
-# ----------------------------------------------------------------------------- input
+# ---------------------------------------------------------- input
 
 def text_id(text):
     """The id of a document without one: a hash of its text, so that a resumed run recognises it
@@ -726,10 +712,10 @@ def text_id(text):
 
 class Docs:
     """The input documents by index, each read from disk when needed: the demo corpus, a folder of .txt
-    files, one .txt file, or a JSONL with 'text' (optional 'id'; else the text's hash), checked once."""
+    files, or a JSONL with 'text' (optional 'id'; else the text's hash), checked once."""
 
-    def __init__(self, spec, skip_bad=False, demo=(4, 24, 0), copy=False):
-        self.spec, self.bad_lines = spec, 0
+    def __init__(self, spec, demo=(4, 24, 0), copy=False):
+        self.spec = spec
         if spec == "demo":
             self.sources = copy_corpus(demo[0], demo[2]) if copy else demo_corpus(*demo)
             self.ids = [d["id"] for d in self.sources]
@@ -738,22 +724,21 @@ class Docs:
             if not self.sources:
                 raise UsageError(f"--docs {spec}: the folder holds no .txt files")
             self.ids = [os.path.splitext(os.path.basename(p))[0] for p in self.sources]
-        elif os.path.isfile(spec) and spec.endswith(".txt"):  # one document
-            self.sources, self.ids = [spec], [os.path.splitext(os.path.basename(spec))[0]]
         elif os.path.isfile(spec):
-            self.sources, self.ids = self._index_jsonl(spec, skip_bad)
+            self.sources, self.ids = self.index_jsonl(spec)
         else:
-            raise UsageError(f"--docs {spec}: no such file or folder (give a JSONL file, a .txt file, a folder of "
-                             ".txt files, or 'demo')")
+            raise UsageError(f"--docs {spec}: no such file or folder (give a JSONL file, a folder of .txt "
+                             "files, or 'demo')")
         seen = {}
         for i, doc_id in enumerate(self.ids):
             if doc_id in seen:
-                raise UsageError(f"--docs {spec}: documents {seen[doc_id] + 1} and {i + 1} have the same id {doc_id!r} "
-                                 "(the same text, when they have no id); resuming needs unique ids: remove the "
-                                 "duplicate")
+                raise UsageError(f"--docs {spec}: documents {seen[doc_id] + 1} and {i + 1} have the same id "
+                                 f"{doc_id!r} (the same text, when they have no id); resuming needs unique "
+                                 "ids: remove the duplicate")
             seen[doc_id] = i
 
-    def _index_jsonl(self, spec, skip_bad):
+    @staticmethod
+    def index_jsonl(spec):
         offsets, ids, offset = [], [], 0
         with open(spec, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -765,10 +750,7 @@ class Docs:
                     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                         raise ValueError("needs a string field 'text'")
                 except ValueError as e:  # bad JSON, bad UTF-8, or no text
-                    if not skip_bad:
-                        raise UsageError(f"{spec}:{lineno}: {e}; fix the line or pass --skip-bad") from None
-                    self.bad_lines += 1
-                    continue
+                    raise UsageError(f"{spec}:{lineno}: {e}; fix or remove the line") from None
                 offsets.append(start)
                 ids.append(str(rec["id"]) if rec.get("id") is not None else text_id(rec["text"]))
         return offsets, ids
@@ -789,24 +771,17 @@ class Docs:
 
 
 def resolve(cfg):
-    """Fill profile-dependent flags (0 / -1) and the question source; check the rest."""
+    """Fill profile-dependent flags (0 / -1); check the rest."""
     if cfg.answers == "copy" and (cfg.chunk_min or cfg.chunk_max):
-        raise UsageError("--answers copy repeats the whole document (its chunk): drop --chunk-min/--chunk-max")
+        raise UsageError("--answers copy repeats the whole document (its chunk): drop --chunk-min/max")
     profile = TINY if cfg.model in longpo.PRESETS else PAPER
     cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
                                       if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})
-    if cfg.questions == "auto":
-        cfg = dataclasses.replace(cfg, questions="template" if cfg.docs == "demo" else "model")
-    if cfg.questions not in ("model", "template"):
-        raise UsageError(f"--questions {cfg.questions!r}: choose auto, model or template")
-    if cfg.questions == "template" and cfg.docs != "demo":
-        raise UsageError("--questions template needs the facts of the built-in corpus (--docs demo); "
-                         "real documents need --questions model")
     if cfg.answers not in ("model", "gold", "copy"):
         raise UsageError(f"--answers {cfg.answers!r}: choose model, gold or copy")
-    if cfg.answers != "model" and (cfg.questions != "template" or cfg.sp_size > 1):
-        raise UsageError(f"--answers {cfg.answers} needs the built-in corpus (--docs demo, --questions template) "
-                         "and runs no model (--sp-size 1)")
+    if cfg.answers != "model" and (cfg.docs != "demo" or cfg.sp_size > 1):
+        raise UsageError(f"--answers {cfg.answers} needs the built-in corpus (--docs demo) and runs no model "
+                         "(--sp-size 1)")
     if cfg.docs == "demo" and cfg.demo_docs < 1:
         raise UsageError(f"--demo-docs {cfg.demo_docs} must be >= 1")
     parse_paragraphs(cfg.demo_paragraphs)
@@ -814,52 +789,40 @@ def resolve(cfg):
         raise UsageError(f"need 0 < --chunk-min ({cfg.chunk_min}) <= --chunk-max ({cfg.chunk_max})")
     if not 0 <= cfg.min_doc_len <= cfg.max_doc_len:
         raise UsageError(f"need 0 <= --min-doc-len ({cfg.min_doc_len}) <= --max-doc-len ({cfg.max_doc_len})")
-    check_at_least(cfg, ("turns", "max_new_tokens", "question_tokens", "batch_size", "sp_size"), 1)
+    check_at_least(cfg, ("turns", "max_new_tokens", "batch_size", "sp_size"), 1)
     if not (cfg.temperature >= 0 and cfg.rope_theta >= 0):
-        raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be >= 0")
+        raise UsageError(f"--temperature ({cfg.temperature}) and --rope-theta ({cfg.rope_theta}) must be "
+                         ">= 0")
     check_at_least(cfg, ("max_length",), 0, " (0: no limit)")
-    check_runtime(cfg)
+    use_kernel(cfg.attn_kernel)
     if not cfg.plan:
         check_sp_size(cfg.sp_size)
-    check_output_file("--out", cfg.out, "x.jsonl")
     return cfg
 
 
-# ----------------------------------------------------------------------------- never losing work
+# ---------------------------------------------------------- never losing work
+# --out is a folder: args.json (the arguments that started it), and per rank rank<r>.jsonl, its records,
+# and rank<r>.dropped, the documents that gave none (and why), each line flushed when its document is
+# done. A restart skips every document any rank has done, at any world size; no rank ever waits for
+# another, and no merge: longpo.py and eval.py read the folder (its records in document order).
 
-def read_parts(folder):
-    """What any rank has finished, as light entries (no document text): kept records with where their
-    line is, and dropped documents. A line torn by a kill is ignored: that document is done again."""
-    records, dropped = [], []
-    for path in sorted(glob.glob(os.path.join(folder, "rank*.jsonl"))):
+def out_files(folder):
+    return glob.glob(os.path.join(folder, "rank*.jsonl")) + glob.glob(os.path.join(folder, "rank*.dropped"))
+
+
+def read_done(folder):
+    """The ids of the documents any rank has finished, kept or dropped. A line torn by a kill is not
+    done: that document is done again (start_out cut the line)."""
+    done = set()
+    for path in out_files(folder):
         with open(path, "rb") as f:
-            offset = 0
             for line in f:
-                start, offset = offset, offset + len(line)
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if "dropped" in entry:
-                    dropped.append(entry)
-                else:
-                    records.append({"id": entry["id"], "doc_index": entry["meta"]["doc_index"],
-                                    "turns": len(entry["turns"]), "filtered_turns": entry["meta"]["filtered_turns"],
-                                    "path": path, "offset": start})
-    return records, dropped
+                if line.endswith(b"\n"):
+                    done.add(json.loads(line)["id"])
+    return done
 
 
-def open_part(path):
-    """Append handle of this rank's part file, first cutting a torn last line."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
-HARMLESS = ("batch_size", "overwrite", "allow_empty", "retry_failed", "attn_kernel", "timeout_minutes")  # may change
+HARMLESS = ("batch_size", "attn_kernel")  # may change between the runs that fill a folder
 
 
 def run_arguments(cfg):
@@ -867,117 +830,39 @@ def run_arguments(cfg):
 
 
 def check_out(cfg):
-    """Every rank, before any work: <out>.parts/ may only be continued with the arguments that started
-    it, and an --out that no run of these arguments wrote is never replaced without --overwrite."""
-    folder = cfg.out + ".parts"
-    path = os.path.join(folder, "args.json")
-    if cfg.overwrite:
-        return
+    """Every rank, before any work: an --out folder is continued only with the arguments that started it;
+    a file, or a folder that no run of ours started, is never touched."""
+    path = os.path.join(cfg.out, "args.json")
+    foreign = os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.exists(path)
+    if os.path.isfile(cfg.out) or foreign:
+        raise UsageError(f"--out {cfg.out} exists and is no data_gen.py output folder; choose another --out")
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
-        changed = longpo.changed_arguments(before, run_arguments(cfg))
+            changed = longpo.changed_arguments(json.load(f), run_arguments(cfg))
         if changed:
-            raise UsageError(f"{folder} holds work done with other arguments ({changed}); rerun with "
-                             "the same arguments to continue it, or pass --overwrite to start over")
-    elif os.path.exists(cfg.out):
-        raise UsageError(f"--out {cfg.out} exists and no run with these arguments wrote it (no {path}); pass "
-                         "--overwrite to replace it, or choose another --out")
+            raise UsageError(f"--out {cfg.out} holds work done with other arguments ({changed}); rerun with "
+                             "the same arguments to continue it, or choose another --out")
 
 
-def start_parts(cfg):
-    """Rank 0: the parts folder with the run's arguments, without an earlier run's completion marks;
-    --overwrite first removes earlier results."""
-    folder = cfg.out + ".parts"
-    if cfg.overwrite:
-        shutil.rmtree(folder, ignore_errors=True)
-        for path in (cfg.out, cfg.out + ".meta.json"):
-            if os.path.exists(path):
-                os.remove(path)
-    os.makedirs(folder, exist_ok=True)
-    for path in glob.glob(os.path.join(folder, "rank*.done")) + glob.glob(os.path.join(folder, "merging")):
-        os.remove(path)
-    if not os.path.exists(os.path.join(folder, "args.json")):
-        with open(os.path.join(folder, "args.json"), "w") as f:
+def start_out(cfg):
+    """Rank 0, before any rank starts: the folder with the run's arguments; a line a kill tore is cut."""
+    os.makedirs(cfg.out, exist_ok=True)
+    for path in out_files(cfg.out):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    if not os.path.exists(os.path.join(cfg.out, "args.json")):
+        with open(os.path.join(cfg.out, "args.json"), "w") as f:
             json.dump(run_arguments(cfg), f, indent=2)
 
 
-def summarise(records, dropped, n_docs, bad_lines):
-    kept = {r["id"] for r in records}
-    dropped = list({d["id"]: d for d in dropped if d["id"] not in kept}.values())  # --retry-failed: the last say
-    filtered, reasons = {}, {}
-    for entry in records + dropped:
-        for reason, n in entry.get("filtered_turns", {}).items():
-            filtered[reason] = filtered.get(reason, 0) + n
-    for d in dropped:
-        reasons[d["dropped"]] = reasons.get(d["dropped"], 0) + 1
-    return {"documents_in": n_docs, "bad_lines_skipped": bad_lines, "kept": len(records),
-            "dropped_documents": reasons, "turns_kept": sum(r["turns"] for r in records),
-            "turns_filtered": filtered, "errors": {d["id"]: d["error"] for d in dropped if d.get("error")}}
-
-
-def finish(cfg, rank, world_size, n_docs, bad_lines, stats):
-    """This rank's completion mark (its stats); the rank that finds every rank's mark merges (join_parts).
-    No rank waits for another (a barrier would fail after --timeout-minutes, stopping every rank before
-    the merge); if a rank never finishes, rerunning the command does its rest and merges."""
-    folder = cfg.out + ".parts"
-    with open(os.path.join(folder, f"rank{rank}.tmp"), "w") as f:
-        json.dump(stats, f)
-    os.replace(f.name, os.path.join(folder, f"rank{rank}.done"))
-    marks = [os.path.join(folder, f"rank{r}.done") for r in range(world_size)]
-    for _ in range(30):  # a shared file system may show another node's mark late (NFS caches "no such file")
-        if all(map(os.path.exists, marks)):
-            break
-        time.sleep(2)
-    else:
-        return print(f"rank {rank}: done; the last rank to finish writes {cfg.out}", flush=True)
-    try:
-        os.close(os.open(os.path.join(folder, "merging"), os.O_CREAT | os.O_EXCL))  # two last ranks: one merges
-    except FileExistsError:
-        return
-    everyone = []
-    for mark in marks:
-        with open(mark) as f:
-            everyone.append(json.load(f))
-    generated, seconds = sum(e["generated"] for e in everyone), sum(e["seconds"] for e in everyone)
-    per_s = generated / max(seconds / world_size, 1e-9)  # the seconds summed over ranks
-    summary = join_parts(cfg, n_docs, bad_lines, {"generated_tokens_this_run": generated,
-                                                  "generated_tokens_per_s": round(per_s, 1)})
-    print(f"wrote {summary['kept']} records to {cfg.out}; summary: {json.dumps(summary)}", flush=True)
-    if not summary["kept"] and not cfg.allow_empty:
-        raise UsageError(f"no document of --docs {cfg.docs} gave a record (dropped: {summary['dropped_documents']}, "
-                         f"turns filtered: {summary['turns_filtered']}); check --min-doc-len/--max-doc-len and "
-                         "--chunk-min/--chunk-max against your documents, or pass --allow-empty")
-
-
-def join_parts(cfg, n_docs, bad_lines, stats):
-    """The parts into one JSONL in document order, line by line and atomically (tmp file, then
-    rename), plus <out>.meta.json."""
-    records, dropped = read_parts(cfg.out + ".parts")
-    records = sorted({r["id"]: r for r in records}.values(), key=lambda r: r["doc_index"])  # once each
-    tmp = cfg.out + ".tmp"
-    with open(tmp, "wb") as out:
-        for rec in records:
-            with open(rec["path"], "rb") as part:
-                part.seek(rec["offset"])
-                out.write(part.readline())
-    os.replace(tmp, cfg.out)
-    summary = {**summarise(records, dropped, n_docs, bad_lines), **stats}
-    meta = {"args": dataclasses.asdict(cfg), "model": cfg.model,
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "summary": summary}
-    with open(cfg.out + ".meta.json", "w") as f:
-        json.dump(meta, f, indent=2)
-    return summary
-
-
-# ----------------------------------------------------------------------------- generation memory plan
+# ---------------------------------------------------------- generation memory plan
 
 def generation_plan(cfg):
     """Per-GPU memory of generating from a --max-doc-len prompt over --sp-size GPUs (generate_long): bf16
     weights whole on every GPU, its share of the K/V and the generated tokens', one prefill layer; beside
-    them this file's prefill traced on fake tensors (trace_prefill), where PyTorch's tools import."""
+    them (the test suite checks them against this file's prefill traced on fake tensors)."""
     c = longpo.load_config(cfg.model)
     with torch.device("meta"):  # shapes only
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
@@ -990,87 +875,74 @@ def generation_plan(cfg):
             ("cache and temporaries",
              f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {n_layers} layers",
              (P + new) * kv_token),
-            ("cache and temporaries", "prefill, at its peak in a layer's MLP: the residual and the normed input, "
-             "the norm's fp32 upcast, 3 of gate/up/silu/product", P * (2 * H * bf16 + H * fp32 + 3 * inter * bf16))]
-    traced = trace_prefill(c, cfg) if longpo.can_trace() else None
-    return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp {cfg.sp_size} "
-                               f"(the whole prompt's K/V: {cfg.max_doc_len * kv_token / 2**30:.2f} GiB):"], rows,
-                              traced=traced)
+            ("cache and temporaries", "prefill, at its peak in a layer's MLP: the residual and the normed "
+             "input, the norm's fp32 upcast, 3 of gate/up/silu/product",
+             P * (2 * H * bf16 + H * fp32 + 3 * inter * bf16))]
+    whole = cfg.max_doc_len * kv_token / 2**30
+    return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp "
+                               f"{cfg.sp_size} (the whole prompt's K/V: {whole:.2f} GiB):"], rows)
 
 
-def trace_prefill(c, cfg):
-    """Rank 0's peak memory (bytes by category) in the prefill of a --max-doc-len prompt over --sp-size ranks:
-    this file's prefill on fake tensors (shapes, no data) in a fake process group, recorded by PyTorch's
-    MemTracker (longpo.fake_world); the room of --max-new-tokens reserved."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-    with longpo.fake_world(c, cfg.sp_size, cfg.sp_size) as (par, fake):
-        n = cfg.max_doc_len // (2 * cfg.sp_size) * 2 * cfg.sp_size
-        seq = longpo.prepare_sequence([1] * n, {}, par, 0)  # on the host, as generate_long makes it
-        with fake:
-            model = AutoModelForCausalLM.from_config(c, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-            model.set_attn_implementation("ring_attention")
-            tracker = MemTracker()
-            tracker.track_external(model)
-            with tracker, torch.no_grad():
-                prefill(model, seq, cfg.max_doc_len - n + cfg.max_new_tokens, par)
-            peak = tracker.get_tracker_snapshot("peak")[par.device]
-    params = peak.get("Parameter", 0) + peak.get("Buffer", 0)
-    return {"params": params, "cache and temporaries": peak["Total"] - params}
-
-
-# ----------------------------------------------------------------------------- main
+# ---------------------------------------------------------- main
 
 def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device):
-    """This rank's documents, each record (or why it was dropped) appended to its part file and flushed
-    before the next starts. With --sp-size, in rounds of each member's next document (sp_record)."""
+    """This rank's documents, each record (or why it gave none) appended to its file in --out and flushed
+    before the next starts. With --sp-size, in rounds of each member's next document (sp_record).
+    Returns this rank's summary: records, dropped documents by reason, turns filtered by reason."""
     par, rounds, t0 = None, len(mine), time.perf_counter()
+    summary = {"records": 0, "dropped": {}, "turns_filtered": {}}
     if cfg.sp_size > 1:
         par = setup_parallel(cfg.sp_size, rank, world_size, device)
         longest = torch.tensor([len(mine)], device=device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
         rounds = int(longest)  # a member with fewer documents still takes part in the others' decoding
-    with open_part(os.path.join(cfg.out + ".parts", f"rank{rank}.jsonl")) as part:
-        bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
-        for k in bar:
-            i = mine[k] if k < len(mine) else None
-            doc = docs[i] if i is not None else None
-            try:
-                if par is None:
-                    entry = attempt(make_record, doc, i, models, tokenizer, cfg, counts)
-                else:
-                    entry = sp_record(doc, i, models, tokenizer, cfg, par, counts)
-            except Dropped as d:
-                entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
-                if d.error:
-                    entry["error"] = d.error
-                    bar.write(f"rank {rank}: document {doc['id']!r} dropped: {d.error}")
-            if doc is None:
-                continue
-            part.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            part.flush()  # finished work is on disk before the next document starts
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}", tokens_per_s=f"{counts['generated'] / elapsed:.0f}",
-                            refresh=False)
+    records = open(os.path.join(cfg.out, f"rank{rank}.jsonl"), "a", encoding="utf-8")
+    dropped = open(os.path.join(cfg.out, f"rank{rank}.dropped"), "a", encoding="utf-8")
+    bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
+    for k in bar:
+        i = mine[k] if k < len(mine) else None
+        doc = docs[i] if i is not None else None
+        try:
+            if par is None:
+                entry, out = attempt(make_record, doc, i, models, tokenizer, cfg, counts), records
+            else:
+                entry, out = sp_record(doc, i, models, tokenizer, cfg, par, counts), records
+        except Dropped as d:
+            entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
+            out = dropped
+            summary["dropped"][d.reason] = summary["dropped"].get(d.reason, 0) + 1
+            if d.error:
+                entry["error"] = d.error
+                bar.write(f"rank {rank}: document {doc['id']!r} dropped: {d.error}")
+        if doc is None:
+            continue
+        summary["records"] += out is records
+        filtered = entry["filtered_turns"] if out is dropped else entry["meta"]["filtered_turns"]
+        for reason, n in filtered.items():
+            summary["turns_filtered"][reason] = summary["turns_filtered"].get(reason, 0) + n
+        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        out.flush()  # finished work is on disk before the next document starts
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}",
+                        tokens_per_s=f"{counts['generated'] / elapsed:.0f}", refresh=False)
+    records.close()
+    dropped.close()
+    return summary
 
 
 def main(cfg):
-    if cfg.make_small:
-        return save_small_model(cfg.make_small)
     cfg = resolve(cfg)
     longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
     if cfg.plan:
         return print(generation_plan(cfg))
-    docs = Docs(cfg.docs, cfg.skip_bad, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), cfg.answers == "copy")
+    docs = Docs(cfg.docs, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), cfg.answers == "copy")
     check_out(cfg)
-    rank, world_size, device = init_distributed(cfg.timeout_minutes)
-    folder = cfg.out + ".parts"
+    rank, world_size, device = init_distributed()
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        start_parts(cfg)
+        start_out(cfg)
     if world_size > 1:
-        dist.barrier()
-    records, dropped = read_parts(folder)
-    done = {e["id"] for e in records + [d for d in dropped if not (cfg.retry_failed and d.get("error"))]}
+        dist.barrier()  # before any work: the folder is ready
+    done = read_done(cfg.out)
     mine = [i for i in range(len(docs)) if i % world_size == rank and docs.ids[i] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
@@ -1080,10 +952,11 @@ def main(cfg):
         model, tokenizer = load_for_inference(cfg.model, device)
     counts, t0 = {"generated": 0}, time.perf_counter()  # only the long-input passes see a raised theta:
     models = (model, long_rotary(model, cfg.rope_theta))
-    write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device)
-    finish(cfg, rank, world_size, len(docs), docs.bad_lines,
-           {"generated": counts["generated"], "seconds": time.perf_counter() - t0})
+    summary = write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, device)
+    summary["generated_tokens_per_s"] = round(counts["generated"] / (time.perf_counter() - t0), 1)
+    print(f"rank {rank}: {len(mine)} documents done into {cfg.out}: {json.dumps(summary)}", flush=True)
+    return summary
 
 
 if __name__ == "__main__":
-    longpo.run_cli(main, DataGenConfig, watch=lambda cfg: cfg.sp_size > 1)  # SP groups wait on each member
+    longpo.run_cli(main, DataGenConfig)

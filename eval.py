@@ -11,7 +11,7 @@ row and the deltas); --out, the JSON of every score, is replaced atomically afte
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
         --tasks ruler,infbench,mc,kl,pref --infbench data/infbench --mc data/mmlu.jsonl \\
-        --pref-data data/heldout.jsonl --out runs/eval-128k.json
+        --pref-data data/heldout_128k --out runs/eval-128k.json
 """
 import dataclasses
 import json
@@ -20,7 +20,7 @@ import random
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,25 +28,24 @@ from tqdm import tqdm
 
 import data_gen
 import longpo
-from longpo import UsageError, check_at_least, check_output_file, check_runtime
+from longpo import UsageError, arg, check_at_least, use_kernel
 
 
 @dataclass
 class EvalConfig:
     """Long-context gain and short-context retention of models, against a baseline."""
-    model: str = field(default="runs/longpo-tiny/final", metadata={"help": "model(s), comma-separated"})
-    baseline: str = field(default="auto", metadata={"help": "compared with; KL reference (auto: run's base)"})
-    tasks: str = field(default="ruler,kl,pref", metadata={"help": "of ruler,facts,copy,infbench,mc,kl,pref"})
-    lengths: str = field(default="1k,2k", metadata={"help": "ruler, facts prompts (infbench: the largest)"})
-    samples: int = field(default=1, metadata={"help": "ruler, facts prompts per task, length and depth"})
-    infbench: str = field(default="", metadata={"help": "folder with longbook_{qa,choice,sum}_eng.jsonl"})
-    mc: str = field(default="", metadata={"help": "multiple-choice JSONL files, comma-separated"})
-    pref_data: str = field(default="data/longpo_tiny.jsonl", metadata={"help": "held-out pairs (kl, pref)"})
-    max_pairs: int = field(default=16, metadata={"help": "at most this many preference records"})
-    out: str = field(default="runs/eval.json", metadata={"help": "JSON of all scores (replaced)"})
-    attn_kernel: str = field(default="auto", metadata={"help": "auto|cudnn|sdpa_flash|flash_attn|cpu|plain"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic prompts"})
-    timeout_minutes = 30.0  # not a flag (no annotation): longpo.run_cli and check_runtime still read it
+    model: str = arg("runs/longpo-tiny/final", "model(s), comma-separated")
+    baseline: str = arg("auto", "compared with; KL reference (auto: run's base)")
+    tasks: str = arg("ruler,kl,pref", "of ruler,facts,copy,infbench,mc,kl,pref")
+    lengths: str = arg("1k,2k", "ruler, facts prompts (infbench: the largest)")
+    samples: int = arg(1, "ruler, facts prompts per task, length and depth")
+    infbench: str = arg("", "folder with longbook_{qa,choice,sum}_eng.jsonl")
+    mc: str = arg("", "multiple-choice JSONL files, comma-separated")
+    pref_data: str = arg("data/longpo_tiny", "held-out pairs (kl, pref)")
+    max_pairs: int = arg(16, "at most this many preference records")
+    out: str = arg("runs/eval.json", "JSON of all scores (replaced)")
+    attn_kernel: str = arg("auto", "auto|cudnn|sdpa_flash|flash_attn|cpu|plain")
+    seed: int = arg(0, "seed of the synthetic prompts")
 
 
 TASKS = ("ruler", "facts", "copy", "infbench", "mc", "kl", "pref")
@@ -69,7 +68,7 @@ INFBENCH = {  # task: file, instruction (our words), answer tokens
 }
 
 
-# ----------------------------------------------------------------------------- scorers
+# ---------------------------------------------------------- scorers
 
 def mean(values):
     return sum(values) / len(values)
@@ -127,7 +126,7 @@ def first_number(prediction, expected):
     return float(re.findall(r"\d+", prediction)[:1] == [expected])
 
 
-# ----------------------------------------------------------------------------- prompts of the long tasks
+# ---------------------------------------------------------- prompts of the long tasks
 
 def parse_lengths(spec):
     out = []
@@ -244,7 +243,7 @@ def truncate_middle(ids, max_len):
     return ids[:max_len // 2] + ids[len(ids) - (max_len - max_len // 2):]
 
 
-# ----------------------------------------------------------------------------- the tasks
+# ---------------------------------------------------------- the tasks
 
 def greedy(model, tokenizer, ids, max_new_tokens, par=None):
     """Greedy answer to one prompt: on one device, or sequence-parallel over par's ring."""
@@ -345,14 +344,10 @@ def eval_kl(model, ref_model, tokenizer, records):
 
 def pair_logps(model, tokenizer, rec, par):
     """(log pi(y_S|x_L), log pi(y_L|x_L)) of a record's answers on the LONG input over par's ring: the
-    pair packed after one copy of the document as in training (or, when the prompt is too short to
-    share, its two sequences). eval's one use of longpo's pair scoring."""
-    ex, pad = longpo.build_example(rec, tokenizer), tokenizer.pad_token_id
-    packed = longpo.prepare_packed(ex, par, pad, nll=[0.0] * len(ex["chosen"]["ids"]))
-    sequences = [packed] if packed else [
-        longpo.prepare_sequence(ex[side]["ids"], {side: ex[side]["is_answer"]}, par, pad)
-        for side in ("chosen", "rejected")]
-    return longpo.answer_logps(model, sequences, par, 4096)  # 4096 tokens per chunk of the log-softmax
+    pair packed after one copy of the document, as training runs it."""
+    seq = longpo.prepare_packed(longpo.build_example(rec, tokenizer), par, tokenizer.pad_token_id)
+    logps = longpo.sequence_logps(model, seq, par)
+    return logps["chosen"], logps["rejected"]
 
 
 @torch.no_grad()
@@ -371,7 +366,7 @@ def eval_pref(model, tokenizer, records, par, beta):
     return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
 
 
-# ----------------------------------------------------------------------------- input files
+# ---------------------------------------------------------- input files
 
 def read_jsonl(path, fields, flag):
     """The objects of a JSONL file; a bad line or a missing field names the flag, file and line."""
@@ -424,7 +419,7 @@ def load_mc(spec):
     return sets
 
 
-# ----------------------------------------------------------------------------- glue
+# ---------------------------------------------------------- glue
 
 def prepare_inputs(cfg, tasks):
     """Every flag, model name and input file checked, and the inputs of the tasks made, before any model
@@ -432,7 +427,7 @@ def prepare_inputs(cfg, tasks):
     if not tasks or set(tasks) - set(TASKS):
         raise UsageError(f"--tasks {cfg.tasks!r}: choose from {', '.join(TASKS)}")
     check_at_least(cfg, ("samples", "max_pairs"), 1)
-    check_runtime(cfg)
+    use_kernel(cfg.attn_kernel)
     inputs = {"lengths": parse_lengths(cfg.lengths), "records": [], **resolve_models(cfg)}
     for task, loader in (("infbench", load_infbench), ("mc", load_mc)):
         if task in tasks:  # an empty --infbench or --mc fails there, naming its flag
@@ -446,7 +441,9 @@ def prepare_inputs(cfg, tasks):
     if "facts" in tasks:  # each model's tokenizer's: a length that does not fit is a UsageError
         inputs["facts"] = {name: facts_prompts(longpo.load_tokenizer(name), inputs["lengths"], cfg)
                            for name in inputs["models"]}
-    check_output_file("--out", cfg.out, "eval.json")
+    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):  # before any work: a folder where the file goes
+        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. "
+                         f"{os.path.join(cfg.out, 'eval.json')}")
     return inputs
 
 

@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 # G = Hq/Hkv queries per key/value head, D head dim, Tq/Tk query/key lengths of one block.
 
 
-# ----------------------------------------------------------------------------- zigzag sharding
+# ---------------------------------------------------------- zigzag sharding
 # 2W chunks; rank r holds chunks r and 2W-1-r, an early and a late one, so every rank does the same causal
 # work (a contiguous split leaves rank 0 idle while rank W-1 attends to everything).
 
@@ -63,7 +63,7 @@ def zigzag_unshard(x_local, group=None, dim=1):
     return torch.cat(chunks, dim)
 
 
-# ----------------------------------------------------------------------------- the plain block kernel
+# ---------------------------------------------------------- the plain block kernel
 # A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
 #   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32, aux
 #   bwd(dout, q, k, v, out, lse, aux, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
@@ -136,7 +136,7 @@ def block_bwd(kernel, dout, q, k, v, out, lse, aux, scale, causal):
     return _routed(kernel, q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
 
 
-# ----------------------------------------------------------------------------- merging blocks
+# ---------------------------------------------------------- merging blocks
 
 def merge_block_(out, lse, block_out, block_lse):
     """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
@@ -161,7 +161,7 @@ def fold(acc, block_out, block_lse):
     return acc
 
 
-# ----------------------------------------------------------------------------- the ring
+# ---------------------------------------------------------- the ring
 # Step 0 attends the local block to itself, causally. At step s the K/V block of rank j = (r - s) mod W
 # visits (_visitor). The next block's send/recv is posted before the current block is computed, so the
 # transfer overlaps the compute. The backward keeps the forward's final out and lse: one block's backward
@@ -330,7 +330,7 @@ def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layou
     return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
 
 
-# ----------------------------------------------------------------------------- shared prefix with branches
+# ---------------------------------------------------------- shared prefix with branches
 # LongPO's chosen and rejected sequences share the document: packed as [prefix | chosen | rejected], the
 # document runs once. The prefix runs the plain ring, the branch queries attending to every prefix block it
 # brings (all of the prefix is in their past). Then the branch region's keys, gathered from all ranks (small
@@ -405,7 +405,7 @@ def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, lay
     return torch.cat([dq, dq_b], 1), torch.cat([dk, dkv_b[0]], 1), torch.cat([dv, dkv_b[1]], 1)
 
 
-# ----------------------------------------------------------------------------- decoding over a sharded prompt
+# ---------------------------------------------------------- decoding over a sharded prompt
 
 def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="auto"):
     """Attention of new tokens during sequence-parallel generation. This rank's k, v (B, n_prefix + n,
@@ -435,7 +435,7 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0).to(q.dtype)
 
 
-# ----------------------------------------------------------------------------- transformers
+# ---------------------------------------------------------- transformers
 
 KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
 
