@@ -1921,9 +1921,9 @@ def direct_short_logp(model, tokenizer, rec, side):
 def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     """A run on the demo corpus (answers SAMPLED, the tiny default): schema-valid records whose
     reference log-probs equal a direct recomputation. The data is a function of the seed and the
-    documents alone: 2 ranks (data-parallel), 2 ranks decoding the long inputs sequence-parallel
-    (--sp-size 2), and a run killed after its first record and resumed on 2 ranks all write the
-    same bytes (each choice and answer draws from its own seeded stream)."""
+    documents alone: a run killed after its first record and resumed on 2 ranks (data-parallel), and 2
+    ranks decoding the long inputs sequence-parallel (--sp-size 2) write the same records (each choice
+    and answer draws from its own seeded stream)."""
     out, args = str(tmp_path / "full"), ["--max-new-tokens", "16", "--turns", "2"]
     printed = run_script(["data_gen.py", "--out", out] + args).stdout
     records = longpo.Records(out, need_ref=True)  # the schema training validates
@@ -1962,9 +1962,8 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 4, ids
     with pytest.raises(AssertionError, match="other arguments"):
         run_script(["data_gen.py", "--out", killed] + args + ["--turns", "3"])
-    for name, extra in (("dp", []), ("sp", ["--sp-size", "2"])):  # sp: both ranks decode each long input
-        run_script(["data_gen.py", "--out", str(tmp_path / name)] + args + extra, nproc=2)
-        assert folder_lines(tmp_path / name) == folder_lines(out), name
+    run_script(["data_gen.py", "--out", str(tmp_path / "sp")] + args + ["--sp-size", "2"], nproc=2)
+    assert folder_lines(tmp_path / "sp") == folder_lines(out)  # both ranks decode each long input together
 
 
 def folder_lines(folder):
@@ -2322,39 +2321,53 @@ def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_in
 
 # ----------------------------------------------------------------------------- user mistakes
 
-def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path):
-    """Each script, run as a user would: a bad flag or input prints ONE line `error: ...` naming
-    it, exits 2, shows no traceback, within 10 s of CPU time (before any model is loaded; CPU time, as
-    wall time on a shared 2-core machine depends on its other load)."""
+def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    """Each script as a user runs it: a bad flag or input prints ONE line `error: ...` naming it, exits 2,
+    no traceback, before any model is loaded. A process per script (a typo'd or foreign flag: the flag
+    meant is named; within 10 s of CPU time, as wall time on a shared 2-core machine depends on its other
+    load); the other mistakes through the same run_cli in this process (starting Python costs seconds)."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "hay.jsonl").write_text('{"question": "Green?", "choices": [1, 2], "answer": 0}\n{"body": "none"}\n')
     cases = [["longpo.py", "--data", str(tmp_path / "folder")],
              ["longpo.py", "--data", "data/a.jsonl,,data/b.jsonl"],
-             ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")],
-             ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o.jsonl")],
+             ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
+             ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o")],
              ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
              ["eval.py", "--mc", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "mc"],
              ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
              ["data_gen.py", "--out", str(tmp_path / "folder" / "..")],  # a folder no run of ours filled
              ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")],
-             ["longpo.py", "--learning-rate", "1e-5"],  # a TRL user's habit: the flag meant is named
-             ["data_gen.py", "--max-lenght", "4096"], ["eval.py", "--taks", "ruler"], ["longpo.py", "--lr", "fast"]]
+             ["longpo.py", "--lr", "fast"]]
+    spawned = [["longpo.py", "--learning-rate", "1e-5"],  # a TRL user's habit: the flag meant is named
+               ["data_gen.py", "--max-lenght", "4096"], ["eval.py", "--taks", "ruler"]]
     meant = {"--learning-rate": "did you mean --lr?", "--max-lenght": "did you mean --max-length?",
              "--taks": "did you mean --tasks?", "--lr": "invalid float value: 'fast'"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args in cases]
-    for args, proc in zip(cases, procs):
-        out, err = proc.communicate(timeout=120)
+    modules = {"longpo.py": (longpo, longpo.TrainConfig), "data_gen.py": (data_gen, data_gen.DataGenConfig),
+               "eval.py": (evaluation, evaluation.EvalConfig)}
+
+    def check(args, code, err):
         lines = [line for line in err.splitlines() if line.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert args[1] in lines[0] and "Traceback" not in err, (args, err)
         assert "hay" not in args[2] or "hay.jsonl:2: field 'question' is missing" in lines[0], lines
         assert meant.get(args[1], "") in lines[0], lines
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = [subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in spawned]
+    monkeypatch.chdir(HERE)
+    for args in cases:
+        module, config = modules[args[0]]
+        monkeypatch.setattr(sys, "argv", args)
+        with pytest.raises(SystemExit) as stop:
+            longpo.run_cli(module.main, config)
+        check(args, stop.value.code, capsys.readouterr().err)
+    for args, proc in zip(spawned, procs):
+        err = proc.communicate(timeout=120)[1]
+        check(args, proc.returncode, err)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    assert cpu < 10 * len(cases), f"{cpu:.0f} s of CPU time for {len(cases)} mistakes: not each within 10 s"
+    assert cpu < 10 * len(spawned), f"{cpu:.0f} s of CPU time for {len(spawned)} mistakes: not each within 10 s"
 
 
 def test_longpo_refuses_bad_models_records_and_flags(tmp_path):
@@ -2589,7 +2602,7 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
 
 def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     """SIGUSR1 mid-run: a checkpoint at the end of the step in flight, exit 0; --resume ends with the
-    weights of the uninterrupted run, as does a resume from that run's own checkpoint-11. A run killed
+    weights of the uninterrupted run, as does a resume from that run's own checkpoint-5. A run killed
     after step 5 holds its checkpoint of step 3 whole. The final config carries the trained length
     (--max-length) and the RoPE theta trained with."""
     from transformers import AutoModelForCausalLM
@@ -2599,15 +2612,15 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
-    args = ["longpo.py", "--model", str(base), "--data", data, "--max-steps", "12", "--grad-accum", "1",
+    args = ["longpo.py", "--model", str(base), "--data", data, "--max-steps", "6", "--grad-accum", "1",
             "--lr", "1e-3", "--max-length", "4000", "--rope-theta", "1e5"]
     full, part, timed_out = str(tmp_path / "full"), str(tmp_path / "part"), str(tmp_path / "timed")
-    run_script(args + ["--output-dir", full, "--save-every", "11"])
-    assert longpo.checkpoint_steps(full) == [11]
+    run_script(args + ["--output-dir", full, "--save-every", "5"])
+    assert longpo.checkpoint_steps(full) == [5]
     config = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).config
     assert config.max_position_embeddings == 4000 and rope_theta(config) == 1e5
     shutil.copytree(full, timed_out, ignore=shutil.ignore_patterns("final"))
-    run_script(args + ["--output-dir", timed_out, "--save-every", "11", "--resume"])  # from checkpoint-11
+    run_script(args + ["--output-dir", timed_out, "--save-every", "5", "--resume"])  # from checkpoint-5
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-u"] + args + ["--output-dir", killed, "--save-every", "3"], cwd=HERE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE)
@@ -2624,7 +2637,7 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and "SIGUSR1: stopped at step" in log, log[-2000:]
     steps = longpo.checkpoint_steps(part)
-    assert len(steps) == 1 and 1 <= steps[0] < 12 and not os.path.exists(os.path.join(part, "final"))
+    assert len(steps) == 1 and 1 <= steps[0] < 6 and not os.path.exists(os.path.join(part, "final"))
     run_script(args + ["--output-dir", part, "--resume"])
     want = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).state_dict()
     for run in (part, timed_out):
