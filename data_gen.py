@@ -28,7 +28,8 @@ which each rank appends each finished record (or dropped document); a restart sk
 
     python data_gen.py                                       # tiny model, demo corpus, CPU
     torchrun --nproc_per_node 8 data_gen.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
-        --docs long_docs.jsonl --out data/longpo_128k --rope-theta 1e7   # one 8-GPU node
+        --docs long_docs.jsonl --max-doc-len 122368 --max-length 131072 --rope-theta 1e7 \\
+        --out data/longpo_128k                              # one 8-GPU node
     torchrun --nproc_per_node 8 data_gen.py ... --sp-size 4  # 512K documents: each long answer over 4 GPUs
     python data_gen.py --plan --model DIR --max-doc-len 515584 --sp-size 4   # generation memory per GPU
 """
@@ -489,7 +490,28 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
     chunks = sorted(random.Random(stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
     if not chunks:
         raise Dropped("no_chunks")
-    pieces = [text[a:b] for a, b in chunks]  # 3. questions, one of 4 kept a chunk, with a lead-in
+    turns, asked, filtered = ask_questions(doc, chunks, model, tokenizer, cfg, counts)  # 3. the questions
+    if not turns:
+        raise Dropped("questions", filtered)
+    draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "filtered": filtered,
+             "doc_tokens": n_tokens, "starts": starts}
+    if cfg.answers == "model":  # 4. the chosen answers: the chunk only
+        chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
+                        [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        counts["generated"] += n
+        # before the long-input answers: the turns that fit --max-length whatever those answers will be
+        kept = fit_max_length(text, [{**t, "chosen": c, "rejected": "."} for t, c in zip(turns, chosen)],
+                              tokenizer, cfg, filtered, slack=cfg.max_new_tokens + 2)
+        draft["turns"], draft["chosen"] = turns[:len(kept)], chosen[:len(kept)]
+    return draft
+
+
+def ask_questions(doc, chunks, model, tokenizer, cfg, counts):
+    """Step 3: per chunk, 4 questions from the model (the demo corpus: its facts' own), one of them kept at
+    random (--answers gold: all), each behind a random lead-in. Returns (turns, the questions asked, the
+    chunks filtered for want of questions)."""
+    pieces = [doc["text"][a:b] for a, b in chunks]
     if cfg.docs == "demo":  # a random model writes no questions: the facts' own
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
@@ -509,20 +531,7 @@ def start_record(doc, doc_index, model, tokenizer, cfg, counts):
             asked.append(question)
             lead_in = random.Random(stream(cfg, doc, j, k, "lead-in")).choice(LEAD_INS)
             turns.append({"instruction": with_lead_in(lead_in, question), "chunk": [a, b]})
-    if not turns:
-        raise Dropped("questions", filtered)
-    draft = {"doc": doc, "doc_index": doc_index, "turns": turns, "asked": asked, "filtered": filtered,
-             "doc_tokens": n_tokens, "starts": starts}
-    if cfg.answers == "model":  # 4. the chosen answers: the chunk only
-        chosen, n = ask(model, tokenizer, [text[t["chunk"][0]:t["chunk"][1]] for t in turns],
-                        [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), cfg,
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        counts["generated"] += n
-        # before the long-input answers: the turns that fit --max-length whatever those answers will be
-        kept = fit_max_length(text, [{**t, "chosen": c, "rejected": "."} for t, c in zip(turns, chosen)],
-                              tokenizer, cfg, filtered, slack=cfg.max_new_tokens + 2)
-        draft["turns"], draft["chosen"] = turns[:len(kept)], chosen[:len(kept)]
-    return draft
+    return turns, asked, filtered
 
 
 def fit_max_length(text, turns, tokenizer, cfg, filtered, slack=0):
@@ -896,38 +905,49 @@ def write_records(docs, mine, models, tokenizer, cfg, counts, rank, world_size, 
         longest = torch.tensor([len(mine)], device=device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
         rounds = int(longest)  # a member with fewer documents still takes part in the others' decoding
-    records = open(os.path.join(cfg.out, f"rank{rank}.jsonl"), "a", encoding="utf-8")
-    dropped = open(os.path.join(cfg.out, f"rank{rank}.dropped"), "a", encoding="utf-8")
+    files = {kind: open(os.path.join(cfg.out, f"rank{rank}.{kind}"), "a", encoding="utf-8")
+             for kind in ("jsonl", "dropped")}
     bar = tqdm(range(rounds), desc="documents", disable=rank != 0)
     for k in bar:
         i = mine[k] if k < len(mine) else None
-        doc = docs[i] if i is not None else None
-        try:
-            if par is None:
-                entry, out = attempt(make_record, doc, i, models, tokenizer, cfg, counts), records
-            else:
-                entry, out = sp_record(doc, i, models, tokenizer, cfg, par, counts), records
-        except Dropped as d:
-            entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
-            out = dropped
-            summary["dropped"][d.reason] = summary["dropped"].get(d.reason, 0) + 1
-            if d.error:
-                entry["error"] = d.error
-                bar.write(f"rank {rank}: document {doc['id']!r} dropped: {d.error}")
-        if doc is None:
+        entry = one_document(docs[i] if i is not None else None, i, models, tokenizer, cfg, par, counts, rank)
+        if entry is None:  # no document of this rank's in this round
             continue
-        summary["records"] += out is records
-        filtered = entry["filtered_turns"] if out is dropped else entry["meta"]["filtered_turns"]
-        for reason, n in filtered.items():
-            summary["turns_filtered"][reason] = summary["turns_filtered"].get(reason, 0) + n
+        out = files["dropped" if "dropped" in entry else "jsonl"]
         out.write(json.dumps(entry, ensure_ascii=False) + "\n")
         out.flush()  # finished work is on disk before the next document starts
+        tally(summary, entry)
         elapsed = time.perf_counter() - t0
         bar.set_postfix(docs_per_s=f"{(k + 1) / elapsed:.2f}",
                         tokens_per_s=f"{counts['generated'] / elapsed:.0f}", refresh=False)
-    records.close()
-    dropped.close()
+    for f in files.values():
+        f.close()
     return summary
+
+
+def one_document(doc, i, models, tokenizer, cfg, par, counts, rank):
+    """The record of document i (doc None: none this round, None), or, when it gives none, the entry
+    saying why: the reason, the turns filtered, and an error's first line."""
+    try:
+        if par is None:
+            return attempt(make_record, doc, i, models, tokenizer, cfg, counts)
+        return sp_record(doc, i, models, tokenizer, cfg, par, counts)
+    except Dropped as d:
+        entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
+        if d.error:
+            entry["error"] = d.error
+            tqdm.write(f"rank {rank}: document {doc['id']!r} dropped: {d.error}")
+        return entry
+
+
+def tally(summary, entry):
+    """Count a written entry, a record or a dropped document's, in this rank's summary."""
+    if "dropped" in entry:
+        summary["dropped"][entry["dropped"]] = summary["dropped"].get(entry["dropped"], 0) + 1
+    else:
+        summary["records"] += 1
+    for reason, n in (entry.get("meta") or entry)["filtered_turns"].items():
+        summary["turns_filtered"][reason] = summary["turns_filtered"].get(reason, 0) + n
 
 
 def main(cfg):

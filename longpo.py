@@ -28,7 +28,7 @@ one sample per micro-step (the batch of 8 is accumulation). Baselines: --loss sf
     torchrun --nproc_per_node 2 longpo.py                  # the same, SP = 2 over 2 CPU processes
     torchrun --nproc_per_node 8 longpo.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
         --data data/longpo_128k --sp-size 8 --max-length 131072 --rope-theta 1e7 \\
-        --output-dir runs/mistral-128k                     # one 8-GPU node (one GPU: --nproc_per_node 1)
+        --output-dir runs/mistral-128k      # one 8-GPU node (one GPU: --nproc_per_node 1 --sp-size 1)
     python longpo.py --plan --model mistralai/Mistral-7B-Instruct-v0.2 --max-length 524288 --world-size 8
 """
 import copy
@@ -713,7 +713,7 @@ def open_metrics(cfg, start_step, par):
     return open(path, "a")
 
 
-# SIGUSR1 (a scheduler's warning before its time limit, e.g. SLURM's --signal=USR1@600) asks for a
+# SIGUSR1 (a scheduler's warning before its time limit, e.g. SLURM's --signal=USR1@1200) asks for a
 # checkpoint at the end of the step in flight; every rank learns of any rank's signal through that step's
 # metrics reduction, so all stop together. SIGTERM keeps its meaning: stop now.
 SIGNALLED = []
@@ -1380,45 +1380,53 @@ def plan_rows(c, cfg):
     layer, root, d = model_sizes(c)
     params = n_layers * layer + root
     W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
-    T, bf16, fp32, chunk = -(-cfg.max_length // sp), 2, 4, LOGPROB_CHUNK  # T: tokens per GPU
-    rows = [("params", "fp32 master weights, sharded over all GPUs", fp32 * params / W),
-            ("grads", "fp32 gradients, sharded (accumulated over the micro-steps)", fp32 * params / W),
-            ("optimizer", "AdamW m and v (fp32), sharded", 2 * fp32 * params / W),
-            ("card", "FSDP: the previous layer's reduce-scatter in flight [estimate, not traced]",
-             layer * fp32)]
+    T = -(-cfg.max_length // sp)  # tokens per GPU
+    rows = [("params", "fp32 master weights, sharded over all GPUs", 4 * params / W),
+            ("grads", "fp32 gradients, sharded (accumulated over the micro-steps)", 4 * params / W),
+            ("optimizer", "AdamW m and v (fp32), sharded", 2 * 4 * params / W),
+            ("card", "FSDP: the previous layer's reduce-scatter in flight [estimate, not traced]", layer * 4)]
     # The rest peaks in the backward of the top decoder layer (recomputed; long sequences) or of the
     # log-prob head (a large vocabulary over short ones). The ring's buffers come and go in the first.
-    in_layer = [
-        ("params", "bf16 weights gathered: the root and 2 decoder layers (current + prefetch)",
-         (root + 2 * layer) * bf16),
-        ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", layer * fp32),
-        ("activations", f"checkpoints: the {n_layers - 1} layer inputs below, {T} tokens x {H}",
-         (n_layers - 1) * T * H * bf16),
-        ("temporaries", "the layer recomputed, its MLP's backward: gate, up, silu, product, 2 grads",
-         T * 6 * inter * bf16),
-        ("temporaries", "  + its attention half saved: 2 norms (fp32 in, bf16 out), q, out, o_proj input",
-         T * (2 * H * (fp32 + bf16) + 3 * c.num_attention_heads * d * bf16)),
-        ("temporaries", "  + k, v saved, and 3 gradients of the hidden state in flight",
-         T * (2 * c.num_key_value_heads * d + 3 * H) * bf16)]
-    in_head = [
-        ("params", "bf16 weights gathered: the root (embedding, head)", root * bf16),
-        ("activations", f"checkpoints: {n_layers} layer inputs x {T} tokens x {H}", n_layers * T * H * bf16),
-        ("activations", "final norm's input, fp32 upcast and output; its labelled rows",
-         T * H * (3 * bf16 + fp32)),
-        ("activations", "the output head in fp32", vocab * H * fp32),
-        ("temporaries", f"log-probs: {chunk} x {vocab} fp32 logits, log-softmax, their grad; the head's "
-         "grad; the final hidden state's grad", 3 * chunk * vocab * fp32 + vocab * H * fp32 + T * H * fp32)]
-    size = lambda phase: sum(b for _, _, b in phase) / 2**30  # noqa: E731
-    peak, other = (in_layer, in_head) if size(in_layer) >= size(in_head) else (in_head, in_layer)
-    where = {id(in_layer): "the top layer", id(in_head): "the log-prob head"}
+    phases = {"the top layer": layer_peak(c, T), "the log-prob head": head_peak(c, T)}
+    size = {where: sum(b for _, _, b in phase) / 2**30 for where, phase in phases.items()}
+    peak, other = sorted(phases, key=size.get, reverse=True)
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
              f"MLP {inter}, {c.num_attention_heads}/{c.num_key_value_heads} heads of {d}, vocab {vocab})",
              f"sequence {cfg.max_length} tokens on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
              "strategy: FSDP full sharding, bf16 compute, every layer checkpointed, chosen and rejected "
              "packed after one copy of the document",
-             f"peak in the backward of {where[id(peak)]} (that of {where[id(other)]} needs "
-             f"{size(other):.2f} GiB to its {size(peak):.2f} GiB beside the weights, grads and AdamW):"]
-    return lines, rows + peak
+             f"peak in the backward of {peak} (that of {other} needs {size[other]:.2f} GiB to its "
+             f"{size[peak]:.2f} GiB beside the weights, grads and AdamW):"]
+    return lines, rows + phases[peak]
+
+
+def layer_peak(c, T):
+    """The rows of the top decoder layer's backward, T tokens on this GPU: bf16 compute, fp32 reductions."""
+    H, n_layers, (layer, root, d), bf16, fp32 = c.hidden_size, c.num_hidden_layers, model_sizes(c), 2, 4
+    return [("params", "bf16 weights gathered: the root and 2 decoder layers (current + prefetch)",
+             (root + 2 * layer) * bf16),
+            ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", layer * fp32),
+            ("activations", f"checkpoints: the {n_layers - 1} layer inputs below, {T} tokens x {H}",
+             (n_layers - 1) * T * H * bf16),
+            ("temporaries", "the layer recomputed, its MLP's backward: gate, up, silu, product, 2 grads",
+             T * 6 * c.intermediate_size * bf16),
+            ("temporaries", "  + its attention half saved: 2 norms (fp32 in, bf16 out), q, out, o_proj input",
+             T * (2 * H * (fp32 + bf16) + 3 * c.num_attention_heads * d * bf16)),
+            ("temporaries", "  + k, v saved, and 3 gradients of the hidden state in flight",
+             T * (2 * c.num_key_value_heads * d + 3 * H) * bf16)]
+
+
+def head_peak(c, T):
+    """The rows of the log-prob head's backward (LOGPROB_CHUNK labelled tokens at a time in fp32)."""
+    H, V, chunk, (_, root, _), bf16, fp32 = c.hidden_size, c.vocab_size, LOGPROB_CHUNK, model_sizes(c), 2, 4
+    return [("params", "bf16 weights gathered: the root (embedding, head)", root * bf16),
+            ("activations", f"checkpoints: {c.num_hidden_layers} layer inputs x {T} tokens x {H}",
+             c.num_hidden_layers * T * H * bf16),
+            ("activations", "final norm's input, fp32 upcast and output; its labelled rows",
+             T * H * (3 * bf16 + fp32)),
+            ("activations", "the output head in fp32", V * H * fp32),
+            ("temporaries", f"log-probs: {chunk} x {V} fp32 logits, log-softmax, their grad; the head's "
+             "grad; the final hidden state's grad", 3 * chunk * V * fp32 + V * H * fp32 + T * H * fp32)]
 
 
 # What the plans do not model: estimates for an H100 or H200 (CUDA 12-13, NCCL 2.2x), and headroom for
