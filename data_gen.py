@@ -288,7 +288,7 @@ class RoomLayer(DynamicLayer):
         return self.length
 
 
-def shared_prefix(prompts):
+def common_prefix(prompts):
     """How many tokens all prompts begin with, leaving each one of its own (whose logits begin its answer)."""
     n = min(map(len, prompts)) - 1
     for p in prompts[1:]:
@@ -321,7 +321,7 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     of the prefix and to the tokens after it (on every rank, counted on one), merged by the exact lse rule
     (ring_attention.decode_attention), so every rank computes the same logits and token (sampling from
     the same seeded stream). Before the next prompt the cache is cut back to the prefix."""
-    seeds, n = seeds or [0] * len(prompts), shared_prefix(prompts) // (2 * par.sp_size) * (2 * par.sp_size)
+    seeds, n = seeds or [0] * len(prompts), common_prefix(prompts) // (2 * par.sp_size) * (2 * par.sp_size)
     attn = model.config._attn_implementation
     model.set_attn_implementation("ring_attention")
     decoder, head = model.get_decoder(), model.get_output_embeddings().weight
@@ -820,14 +820,12 @@ def out_files(folder):
 
 
 def read_done(folder):
-    """The ids of the documents any rank has finished, kept or dropped. A line torn by a kill is not
-    done: that document is done again (start_out cut the line)."""
+    """The ids of the documents any rank has finished, kept or dropped (a line a kill tore was cut by
+    start_out: that document is done again)."""
     done = set()
     for path in out_files(folder):
         with open(path, "rb") as f:
-            for line in f:
-                if line.endswith(b"\n"):
-                    done.add(json.loads(line)["id"])
+            done.update(json.loads(line)["id"] for line in f)
     return done
 
 

@@ -1402,7 +1402,7 @@ def sp_generation_worker(rank, world_size):
                 text += "!"
             asks = ["Go on?", "Tell me more about the river.", "Go on?"]
             prompts = [longpo.format_dialogue(tokenizer, text, [{"instruction": a}])[0] for a in asks]
-            n = data_gen.shared_prefix(prompts)
+            n = data_gen.common_prefix(prompts)
             assert 0 < n < min(map(len, prompts)) and prompts[0][:n] == prompts[1][:n]
             for temperature, seeds in ((0.0, [0, 0, 0]), (1.0, [5, 6, 7])):
                 steps.clear()
@@ -1434,7 +1434,7 @@ def sp_generation_worker(rank, world_size):
 
 def shared_length(tokenizer, text):
     one, two = (longpo.format_dialogue(tokenizer, text, [{"instruction": a}])[0] for a in ("Go on?", "Tell me"))
-    return data_gen.shared_prefix([one, two])
+    return data_gen.common_prefix([one, two])
 
 
 def test_sequence_parallel_generation():
@@ -2234,6 +2234,12 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     chosen = [len(ex["chosen"]["ids"]) for ex in examples]
     assert kept_ids(max(chosen[0], chosen[2]), "sft") == ["doc-0", "doc-2"]  # sft: the chosen sequence's
     cfg = longpo.TrainConfig(data=path, max_length=max(packed[0], packed[2]), grad_accum=1)
+    # a prompt too short to share over the SP ranks (under 2 sp + 1 tokens) is skipped like a long record
+    firsts = [ex["chosen"]["is_answer"].index(True) for ex in examples]
+    wide = longpo.Parallel(0, 1, (firsts[0] - 1) // 2 + 1, None, torch.device("cpu"))  # sp: record 0's too short
+    assert firsts[0] < firsts[2] and longpo.shared_prefix(examples[2], wide.sp_size) > 0
+    short = longpo.prepare_data(longpo.Records(path), cfg, wide, tokenizer, torch.float32)
+    assert [r["id"] for r in short] == ["doc-2"]
     kept = longpo.prepare_data(longpo.Records(path), cfg, single, tokenizer, torch.float32)
     assert [r["id"] for r in kept] == ["doc-0", "doc-2"] and len(kept) == 2
     assert kept.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in (records[0], records[2])]
