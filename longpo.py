@@ -75,9 +75,10 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 LOGPROB_CHUNK = 4096  # tokens per chunk of the log-softmax: never a whole sequence's logits
 
 
-def arg(default, help):
-    """A config field with its --help text (the scripts' command lines come from their config dataclass)."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    """A config field with its --help text and allowed values (the scripts' command lines come from their
+    config dataclass)."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
 @dataclass
@@ -88,11 +89,11 @@ class TrainConfig:
     output_dir: str = arg("runs/longpo-tiny", "config, metrics, checkpoints, final model")
     ref_model: str = arg("", "pi_S for missing reference log-probs and DPO ('': --model)")
     sp_size: int = arg(0, "sequence-parallel (ring) group size, divides the world")
-    loss: str = arg("longpo", "longpo | dpo | sft")
+    loss: str = arg("longpo", "the objective (dpo, sft: the paper's baselines)", ("longpo", "dpo", "sft"))
     beta: float = arg(0.1, "reward scale beta (paper 0.1; release code 0.01)")
     lam: float = arg(0.01, "weight lambda of the preference term (paper and code 0.01)")
-    nll_target: str = arg("auto", "NLL tokens: sequence (the chosen long sequence) | responses (its answers) "
-                          "| auto (sft: responses)")
+    nll_target: str = arg("auto", "NLL tokens: sequence (the chosen long sequence), responses (its answers), "
+                          "auto (sft: responses)", ("auto", "sequence", "responses"))
     nll_context_weight: float = arg(1.0, "--nll-target sequence: its non-answer tokens' weight (paper 1)")
     lr: float = arg(0.0, "peak learning rate (0: 5e-7, sft 2e-5 as the paper; tiny 1e-4)")
     warmup_ratio: float = arg(0.1, "linear warm-up share of the steps, then cosine to 0")
@@ -102,8 +103,8 @@ class TrainConfig:
     micro_batch: int = arg(1, "--loss sft: samples in one right-padded forward")
     max_length: int = arg(0, "most tokens a trained sequence has; longer ones are skipped")
     rope_theta: float = arg(0.0, "RoPE theta of the POLICY (paper 1e7; 0: the model's)")
-    dtype: str = arg("auto", "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32) | bfloat16 (that anywhere) "
-                     "| float32 | float64")
+    dtype: str = arg("auto", "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32), bfloat16 (that anywhere)",
+                     ("auto", "bfloat16", "float32", "float64"))
     grad_checkpointing: bool = arg(True, "recompute each decoder layer in backward")
     seed: int = arg(42, "data order and initialisation seed")
     save_every: int = arg(0, "checkpoint every N steps (0: only the final model)")
@@ -619,13 +620,10 @@ def epoch_order(n, seed):
     return tuple(order)
 
 
-class NonFinite(FloatingPointError):
-    """A non-finite loss or gradient norm, seen by every rank at once (the same reduced values)."""
-
-
-def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
+def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, signalled):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, the schedule. Its metrics,
-    averaged over the world, also say whether any rank got SIGUSR1 ("signalled"): no collective of its own."""
+    averaged over the world, also say whether any rank got SIGUSR1 ("signalled"): no collective of its own.
+    A non-finite loss or gradient norm (the same reduced values on every rank) stops all before the update."""
     records, tokenizer = data
     t0, sums, tokens, mine = time.perf_counter(), {}, 0, []
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
@@ -640,11 +638,15 @@ def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     # tokens: the world mean of tokens * dp is the sum over DP groups (their sp ranks hold the same count)
-    metrics = world_mean({**sums, "tokens": tokens * par.dp_size, "signalled": float(bool(SIGNALLED))}, par)
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm.item())):  # on every rank alike
+    metrics = world_mean({**sums, "tokens": tokens * par.dp_size, "signalled": float(signalled)}, par)
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm.item())):
         names = ", ".join(f"{records[i].get('id', i)!r} of {records.lengths[i]} tokens" for i in mine)
-        raise NonFinite(f"non-finite loss or gradient norm at step {step + 1} (records {names} on rank "
-                        f"{par.rank}); no update was applied.")
+        raise FloatingPointError(
+            f"non-finite loss or gradient norm at step {step + 1} (records {names} on rank {par.rank}); "
+            f"no update was applied. The last good checkpoint is {last_checkpoint(cfg.output_dir)}: a fused "
+            "attention kernel can fail on one record's block shapes, so resume from it with --resume and "
+            "another --attn-kernel (sdpa_flash on CUDA, plain on CPU) first; if that fails the same way, "
+            "with a lower --lr")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -713,12 +715,6 @@ def open_metrics(cfg, start_step, par):
     return open(path, "a")
 
 
-# SIGUSR1 (a scheduler's warning before its time limit, e.g. SLURM's --signal=USR1@1200) asks for a
-# checkpoint at the end of the step in flight; every rank learns of any rank's signal through that step's
-# metrics reduction, so all stop together. SIGTERM keeps its meaning: stop now.
-SIGNALLED = []
-
-
 def train(cfg, par, records):
     dtypes, tokenizer = resolve_dtypes(cfg, par.device), load_tokenizer(cfg.model)
     records = prepare_data(records, cfg, par, tokenizer, dtypes[1])
@@ -736,16 +732,14 @@ def train(cfg, par, records):
            f"samples, world {par.world_size} = dp {par.dp_size} x sp {par.sp_size}, device {par.device}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=par.rank != 0,
                desc="train")
-    signal.signal(signal.SIGUSR1, lambda signum, frame: SIGNALLED.append("SIGUSR1"))
+    # SIGUSR1 (a scheduler's warning before its time limit, e.g. SLURM's --signal=USR1@1200) asks for a
+    # checkpoint at the end of the step in flight; every rank learns of any rank's signal through that
+    # step's metrics reduction, so all stop together. SIGTERM keeps its meaning: stop now.
+    usr1 = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: usr1.append(signum))
     for step in bar:
-        try:
-            metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer,
-                                 scheduler)
-        except NonFinite as e:  # on every rank together
-            raise NonFinite(f"{e} The last good checkpoint is {last_checkpoint(cfg.output_dir)}: a fused "
-                            "attention kernel can fail on one record's block shapes, so resume from it with "
-                            "--resume and another --attn-kernel (sdpa_flash on CUDA, plain on CPU) first; if "
-                            "that fails the same way, with a lower --lr") from None
+        metrics = train_step(step, policy, ref_model, (records, tokenizer), cfg, par, optimizer, scheduler,
+                             bool(usr1))
         signalled = metrics.pop("signalled") > 0 and metrics["step"] < total_steps  # on any rank
         if metrics_file:
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -764,11 +758,10 @@ def train(cfg, par, records):
 # ---------------------------------------------------------- checkpoints and resume
 
 def checkpoint_steps(output_dir):
-    """The steps of the complete checkpoints in output_dir, ascending."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(int(d.split("-")[1]) for d in names
-                  if re.fullmatch(r"checkpoint-\d+", d)
-                  and os.path.exists(os.path.join(output_dir, d, "trainer_state.json")))
+    """The steps of the complete checkpoints in output_dir (with trainer_state.json), ascending."""
+    done = glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*", "trainer_state.json"))
+    steps = [path.split(os.sep)[-2].removeprefix("checkpoint-") for path in done]
+    return sorted(int(step) for step in steps if step.isdigit())  # not a .tmp one
 
 
 def last_checkpoint(output_dir):
@@ -889,12 +882,7 @@ def changed_arguments(before, now):
 # ---------------------------------------------------------- main
 
 def check_config(cfg):
-    choices = {"loss": ("longpo", "dpo", "sft"), "nll_target": ("auto", "sequence", "responses"),
-               "dtype": ("auto", "float32", "float64", "bfloat16")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
-                             f"{', '.join(allowed)}")
+    """The checks the command line cannot make (choices it makes)."""
     weight = cfg.nll_context_weight
     if not 0 <= weight <= 1 or (cfg.nll_target == "responses" and weight != 1):
         raise UsageError(f"--nll-context-weight {weight}: a weight in [0, 1] of the non-answer tokens of "
