@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -106,7 +105,7 @@ class TrainConfig:
     dtype: str = arg("auto", "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32), bfloat16 (that anywhere)",
                      ("auto", "bfloat16", "float32", "float64"))
     grad_checkpointing: bool = arg(True, "recompute each decoder layer in backward")
-    seed: int = arg(42, "data order and initialisation seed")
+    seed: int = arg(42, "seed of the data order")
     save_every: int = arg(0, "checkpoint every N steps (0: only the final model)")
     resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
     attn_kernel: str = arg("auto", "auto | cudnn | sdpa_flash | flash_attn | cpu | plain")
@@ -142,12 +141,12 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=LOGPROB_CHUNK
     """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
     log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
     the release code (the paper writes the log of a sum of probabilities)."""
-    one_device = one_process(ref_model.device)  # short inputs
+    alone = one_process(ref_model.device)  # a short input runs whole in this process
 
     def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i)
         ids, is_answer = short_dialogue(tokenizer, record, turn, side)
-        seq = prepare_sequence(ids, {side: is_answer}, one_device, tokenizer.pad_token_id)
-        return sequence_logps(ref_model, seq, one_device, chunk_size)[side].item()
+        seq = prepare_sequence(ids, {side: is_answer}, alone, tokenizer.pad_token_id)
+        return sequence_logps(ref_model, seq, alone, chunk_size)[side].item()
     return tuple(sum(logp(turn, side) for turn in record["turns"]) for side in ("chosen", "rejected"))
 
 
@@ -305,7 +304,7 @@ def shifted_targets(ids, weights):
 # ---------------------------------------------------------- sequence-parallel log-probs
 
 def token_logps(hidden, weight, targets, idx, chunk_size):
-    """log p(target_t | prefix) at the flat positions idx (n,) (B, T) with 0 elsewhere; hidden (B, T, H) the
+    """(B, T): log p(targets_t | prefix) at the flat positions idx (n,), 0 elsewhere; hidden (B, T, H) the
     final hidden states, weight (V, H) the output embedding. Head and log-softmax in fp32 over chunks of
     chunk_size labelled tokens, each recomputed in backward: never the whole sequence's logits."""
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
@@ -770,9 +769,10 @@ def last_checkpoint(output_dir):
 
 
 def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
-    """Sharded model and AdamW states (torch.distributed.checkpoint), the scheduler and every rank's RNG,
-    written to a temporary folder that rank 0 names checkpoint-<step> once complete (trainer_state.json
-    last): a crash never leaves half a checkpoint."""
+    """Sharded model and AdamW states (torch.distributed.checkpoint) and the scheduler, written to a
+    temporary folder that rank 0 names checkpoint-<step> once complete (trainer_state.json last): a crash
+    never leaves half a checkpoint. No random state: a step draws no random numbers (no dropout; the data
+    order is a function of --seed and the step), so a resumed run repeats the uninterrupted one."""
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = path + ".tmp"
     if par.rank == 0:
@@ -781,8 +781,6 @@ def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
     barrier(par)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
-               os.path.join(tmp, f"rng_rank{par.rank}.pt"))
     barrier(par)
     if par.rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -800,13 +798,6 @@ def load_checkpoint(path, model, optimizer, scheduler, par):
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    try:  # tensors, ints and tuples only: a pickle of anything else could run code
-        rng = torch.load(os.path.join(path, f"rng_rank{par.rank}.pt"), weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(f"{path}/rng_rank{par.rank}.pt holds more than random states; not loading it "
-                         "(a checkpoint from elsewhere?)") from None
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
     return trainer_state["step"]
 
 
@@ -931,8 +922,6 @@ def main(cfg):
         return print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
     rank, world_size, device = init_distributed(group_of_one=True)
     par = setup_parallel(cfg.sp_size, rank, world_size, device)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same on every rank: ranks of an SP group must agree
     if rank == 0 and state == "fresh":
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -941,9 +930,9 @@ def main(cfg):
     train(cfg, par, records)
 
 
-# ========================================================== plumbing shared by the scripts
-# Below: what data_gen.py and eval.py use too: processes and their groups, errors and the command
-# line, records, model loading and the tiny preset, the memory plan.
+# ========================================================== plumbing
+# Below: what the method runs on, much of it shared with data_gen.py and eval.py: processes and their
+# groups, errors and the command line, records, model loading and the tiny preset, the memory plan.
 
 # ---------------------------------------------------------- errors; processes and their groups
 
@@ -1025,7 +1014,6 @@ def check_sp_size(sp_size):
 def setup_parallel(sp_size, rank, world_size, device):
     """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
     sp_size = sp_size or world_size
-    assert world_size % sp_size == 0, (sp_size, world_size)
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
     groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT)
               for f in range(0, world_size, sp_size)] if sp_size > 1 else []
@@ -1040,7 +1028,6 @@ def barrier(par):
 
 def distributed_map(fn, items, par, desc):
     """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
-    from tqdm import tqdm
     mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
                                             disable=par.rank != 0)]
     if par.world_size > 1:
@@ -1250,7 +1237,7 @@ PRESET_SPECIALS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
 
 def tiny_tokenizer(core=None):
     """The built-in models' byte-level tokenizer: specials pad 0, bos 1, eos 2, [INST], [/INST] and a
-    Mistral-style chat template; core: a trained BPE (data_gen's miniature) or the 256 bytes (tiny)."""
+    Mistral-style chat template; core: a trained BPE (test_longpo.py's miniature) or the 256 bytes (tiny)."""
     if core is None:
         alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
         vocab = {tok: i for i, tok in enumerate(PRESET_SPECIALS + alphabet)}
