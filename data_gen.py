@@ -783,7 +783,7 @@ def resolve(cfg):
     """Fill profile-dependent flags (0 / -1); check the rest."""
     if cfg.answers == "copy" and (cfg.chunk_min or cfg.chunk_max):
         raise UsageError("--answers copy repeats the whole document (its chunk): drop --chunk-min/max")
-    profile = TINY if cfg.model in longpo.PRESETS else PAPER
+    profile = TINY if cfg.model == "tiny" else PAPER
     cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
                                       if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})
     if cfg.answers not in ("model", "gold", "copy"):

@@ -554,7 +554,7 @@ def load_for_training(name, par, dtypes, rope_theta=0.0, grad_checkpointing=True
         return setup_model(model, par, compute_dtype, grad_checkpointing, trainable)
     source = load_model(name, "auto", rope_theta) if par.rank == 0 else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(name, rope_theta), dtype=master_dtype,
+        model = AutoModelForCausalLM.from_config(load_config(name, rope_theta), dtype=master_dtype,
                                                  attn_implementation="sdpa")
     return setup_model(model, par, compute_dtype, grad_checkpointing, trainable, source)
 
@@ -1258,15 +1258,10 @@ def tiny_config(vocab_size, hidden=64, intermediate=128, layers=2, kv_heads=2):
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
-# name: (tokenizer, config of a vocabulary size); random weights from a FIXED seed: data_gen, longpo
-# and eval all see the same model, offline
-PRESETS = {"tiny": (tiny_tokenizer, tiny_config)}
-
-
 def check_model(name, flag="--model"):
     """Fail at once, in one line, on a model folder that cannot load: a training checkpoint, or a folder
     without config.json. A name that is no folder must look like a hub id (org/name): loading says the rest"""
-    if name in PRESETS:
+    if name == "tiny":
         return
     if os.path.isdir(name):
         if any(os.path.exists(os.path.join(name, f)) for f in ("trainer_state.json", ".metadata")):
@@ -1281,8 +1276,8 @@ def check_model(name, flag="--model"):
 
 
 def load_tokenizer(name):
-    if name in PRESETS:
-        return PRESETS[name][0]()
+    if name == "tiny":
+        return tiny_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:  # Mistral's and Llama's have none; pads are never a target: eos serves
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -1294,39 +1289,28 @@ def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
 
 
 def load_model(name, dtype=torch.float32, rope_theta=0.0):
-    """A preset (PRESETS), a hub id or a local directory, in dtype ("auto": the checkpoint's own);
-    rope_theta > 0 replaces the model's RoPE theta (the policy's only)."""
-    config = model_config(name, rope_theta)
-    if name not in PRESETS:
+    """'tiny', a hub id or a local directory, in dtype ("auto": the checkpoint's own); rope_theta > 0
+    replaces the model's RoPE theta (the policy's only). 'tiny' has random weights from a FIXED seed (the
+    global RNG untouched): data_gen, longpo and eval all see the same model, offline."""
+    config = load_config(name, rope_theta)
+    if name != "tiny":
         return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
                                                     attn_implementation="sdpa")
-    model = seeded_model(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model if dtype == "auto" else model.to(dtype)
 
 
-def model_config(name, rope_theta=0.0):
-    """The config LongPO runs a model with: full attention (Mistral v0.2 has no sliding window either),
-    and RoPE theta rope_theta if > 0."""
-    config = load_config(name)
+def load_config(name, rope_theta=0.0):
+    """The config LongPO runs a model with, no weights loaded: full attention (Mistral v0.2 has no sliding
+    window either), and RoPE theta rope_theta if > 0."""
+    config = tiny_config(len(tiny_tokenizer())) if name == "tiny" else AutoConfig.from_pretrained(name)
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None
     if rope_theta:
         set_rope_theta(config, rope_theta)
     return config
-
-
-def seeded_model(config):
-    """A preset's random weights: from a fixed seed, the same in every script; the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-def load_config(name):
-    """A model's config, no weights loaded: a preset's, or a hub id's or local directory's."""
-    if name in PRESETS:
-        return PRESETS[name][1](len(load_tokenizer(name)))
-    return AutoConfig.from_pretrained(name)
 
 
 # ---------------------------------------------------------- memory plan

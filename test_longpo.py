@@ -218,7 +218,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 625, "longpo": 1429, "data_gen": 985, "eval": 550}
+    limits = {"ring_attention": 625, "longpo": 1413, "data_gen": 985, "eval": 550}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -2692,7 +2692,9 @@ def save_small_model(path):
     core.train_from_iterator(texts, trainer)
     tokenizer = longpo.tiny_tokenizer(core)
     config = longpo.tiny_config(len(tokenizer), hidden=128, intermediate=384, layers=4, kv_heads=4)
-    model = longpo.seeded_model(config)
+    with torch.random.fork_rng(devices=[]):  # random weights from a fixed seed, as longpo's tiny
+        torch.manual_seed(1234)
+        model = longpo.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     print(f"the miniature's untrained model ({sum(p.numel() for p in model.parameters())} parameters): {path}")
