@@ -681,8 +681,8 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype):
     lengths = [n for n, _ in measured]
     short = sum(not shared for _, shared in measured)
     print0(f"--max-length {cfg.max_length or 'none'}: kept {len(kept)} of {len(records)} records; "
-           f"{len(records) - len(kept) - short} skipped as longer (the trained sequences have "
-           f"{min(lengths)}-{max(lengths)} tokens)" + f", {short} with prompts too short" * bool(short))
+           f"{len(records) - len(kept) - short} skipped as longer, {short} with prompts too short to share "
+           f"(the trained sequences have {min(lengths)}-{max(lengths)} tokens)")
     if not kept:
         raise UsageError(f"no record of --data {cfg.data} fits --max-length {cfg.max_length}; raise it")
     records = records.select(kept)
