@@ -113,8 +113,12 @@ def _worker(rank, world_size, port, fn, args, results, backend):
 
 def run_distributed(fn, world_size, *args, timeout=240, backend="gloo"):
     """Run fn(rank, world_size, *args) in world_size processes (gloo; nccl for CUDA tests); fail on
-    any error or hang."""
-    ctx = mp.get_context("spawn")
+    any error or hang. Start-up: gloo's processes fork from one server that imported this module (torch,
+    transformers, the scripts: seconds of CPU) once per session; nccl's are spawned fresh, as a forked
+    process cannot use CUDA once its parent has touched it."""
+    ctx = mp.get_context("spawn" if backend == "nccl" else "forkserver")
+    if backend != "nccl":
+        ctx.set_forkserver_preload([__name__])  # read when the server starts, with this sys.path
     results, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True)
              for r in range(world_size)]
@@ -218,7 +222,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 625, "longpo": 1413, "data_gen": 985, "eval": 550}
+    limits = {"ring_attention": 621, "longpo": 1413, "data_gen": 980, "eval": 547}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
