@@ -222,7 +222,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 621, "longpo": 1413, "data_gen": 980, "eval": 547}
+    limits = {"ring_attention": 621, "longpo": 1413, "data_gen": 856, "eval": 547}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1878,24 +1878,25 @@ def test_bad_document_lines(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n{oops\n" + json.dumps({"id": "x", "body": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"docs.jsonl:2: .*fix or remove the line"):
-        data_gen.Docs(str(path))
+        data_gen.read_docs(str(path))
     path.write_text(json.dumps({"text": "a"}) + "\n\n")
     key = data_gen.text_id("a")  # no id: a hash of the text, wherever the line moves
-    assert data_gen.Docs(str(path)).ids == [key] and data_gen.Docs(str(path))[0] == {"id": key, "text": "a"}
-    path.write_text("\n".join(json.dumps({"text": t}) for t in ("new", "a", "b")) + "\n")
-    assert data_gen.Docs(str(path)).ids[1] == key and len(set(data_gen.Docs(str(path)).ids)) == 3
+    (doc_id, read), = data_gen.read_docs(str(path))
+    assert doc_id == key and read() == {"id": key, "text": "a"}
+    path.write_text("\n".join(json.dumps({"text": t, "id": None}) for t in ("new", "a", "b")) + "\n")
+    docs = data_gen.read_docs(str(path))
+    assert docs[1][0] == key and len({i for i, _ in docs}) == 3 and docs[2][1]() == {"id": docs[2][0], "text": "b"}
     path.write_text("\n".join(json.dumps({"text": t}) for t in ("a", "b", "a")) + "\n")
     with pytest.raises(ValueError, match="documents 1 and 3 have the same id"):
-        data_gen.Docs(str(path))
+        data_gen.read_docs(str(path))
     folder = tmp_path / "txt"
     folder.mkdir()
     (folder / "b.txt").write_text("second")
     (folder / "a.txt").write_text("first")
-    assert data_gen.Docs(str(folder)).ids == ["a", "b"] and data_gen.Docs(str(folder))[1]["text"] == "second"
+    docs = data_gen.read_docs(str(folder))
+    assert [i for i, _ in docs] == ["a", "b"] and docs[1][1]() == {"id": "b", "text": "second"}
     with pytest.raises(ValueError, match="no such file or folder"):
-        data_gen.Docs(str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="--answers gold needs the built-in corpus"):
-        data_gen.resolve(data_gen.DataGenConfig(docs=str(path), answers="gold"))
+        data_gen.read_docs(str(tmp_path / "nothing"))
 
 
 def direct_short_logp(model, tokenizer, rec, side):
@@ -1914,17 +1915,19 @@ def direct_short_logp(model, tokenizer, rec, side):
     return total
 
 
-def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
+def test_data_gen_end_to_end_resume_and_ranks(tmp_path, monkeypatch):
     """A run on the demo corpus (answers SAMPLED, the tiny default): schema-valid records whose
     reference log-probs equal a direct recomputation. The data is a function of the seed and the
-    documents alone: a run killed after its first record and resumed on 2 ranks (data-parallel), and 2
-    ranks decoding the long inputs sequence-parallel (--sp-size 2) write the same records (each choice
-    and answer draws from its own seeded stream)."""
-    out, args = str(tmp_path / "full"), ["--max-new-tokens", "16", "--turns", "2"]
-    printed = run_script(["data_gen.py", "--out", out] + args).stdout
+    documents alone: a run killed after its first record (a line torn) and resumed on 2 ranks that decode
+    each long input together (--sp-size 2) writes the same records (each choice and answer draws from its
+    own seeded stream); a resume with other arguments is refused."""
+    args = ["--max-new-tokens", "16", "--turns", "2"]
+    main = lambda *argv: data_gen.main(longpo.config_from_cli(data_gen.DataGenConfig, args + list(argv)))  # noqa: E731
+    out = str(tmp_path / "full")
+    assert main("--out", out) == {"records": 4, "dropped": {}, "turns_filtered": {}, "generated_tokens_per_s": ANY}
     records = longpo.Records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
-    assert '"records": 4, "dropped": {}' in printed and json.load(open(f"{out}/args.json"))["docs"] == "demo"
+    assert json.load(open(f"{out}/args.json"))["docs"] == "demo"
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     for rec in records.select(range(2)):
         assert (rec["ref_chosen_logp"], rec["ref_rejected_logp"]) == longpo.short_reference_logps(model, tokenizer, rec)
@@ -1936,30 +1939,27 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path):
             chunk = rec["document"][turn["chunk"][0]:turn["chunk"][1]]
             assert re.search(rf"At {place} \d+ {thing} were counted\.", chunk), "the fact is in the chunk"
 
-    # a run killed after its first record, then restarted with the same arguments
-    killed = str(tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "data_gen.py", "--out", killed] + args, cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a run killed after its first record: what it flushed stays, its last line torn by the kill
+    killed, real = str(tmp_path / "killed"), data_gen.make_record
+
+    def kill(doc, doc_index, *rest):
+        if doc_index == 1:
+            raise KeyboardInterrupt  # not an error of the document's: the run stops, as at a kill
+        return real(doc, doc_index, *rest)
+    monkeypatch.setattr(data_gen, "make_record", kill)
+    with pytest.raises(KeyboardInterrupt):
+        main("--out", killed)
+    monkeypatch.setattr(data_gen, "make_record", real)
     part = killed + "/rank0.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(part) and open(part).read().count("\n") >= 1:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 1 <= open(part).read().count("\n") < 4
+    assert open(part).read().count("\n") == 1
     with open(part, "a") as f:
         f.write('{"id": "demo-3", "document": "torn li')  # as if killed in the middle of a write
-    run_script(["data_gen.py", "--out", killed] + args, nproc=2)  # resumed at another world size
+    with pytest.raises(longpo.UsageError, match="other arguments"):
+        main("--out", killed, "--turns", "3")
+    run_script(["data_gen.py", "--out", killed, "--sp-size", "2"] + args, nproc=2)  # 2 ranks, one SP group
     assert folder_lines(killed) == folder_lines(out)
     ids = [json.loads(line)["id"] for rank in (0, 1) for line in open(killed + f"/rank{rank}.jsonl")]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 4, ids
-    with pytest.raises(AssertionError, match="other arguments"):
-        run_script(["data_gen.py", "--out", killed] + args + ["--turns", "3"])
-    run_script(["data_gen.py", "--out", str(tmp_path / "sp")] + args + ["--sp-size", "2"], nproc=2)
-    assert folder_lines(tmp_path / "sp") == folder_lines(out)  # both ranks decode each long input together
 
 
 def folder_lines(folder):
@@ -1996,16 +1996,16 @@ def test_data_gen_resume_follows_documents_not_lines(tmp_path, monkeypatch, caps
     assert json.loads(lines[3])["id"] == data_gen.text_id(texts[3])
 
 
-def test_data_gen_model_questions_path(tmp_path):
-    """Documents of one's own (here the demo texts in a JSONL): the model writes the questions. The tiny
+def test_data_gen_model_questions_path(tmp_path, monkeypatch):
+    """Documents of one's own (here demo texts in a JSONL): the model writes the questions. The tiny
     random model cannot write a numbered list of 4, so every chunk is dropped and counted: the path runs,
     nothing passes silently."""
     out, docs = str(tmp_path / "q"), tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in data_gen.demo_corpus()))
-    printed = run_script(["data_gen.py", "--docs", str(docs), "--out", out, "--turns", "2"]).stdout
-    summary = json.loads(printed.split(f"into {out}: ")[1].splitlines()[0])
-    assert summary["records"] == 0 and summary["dropped"] == {"questions": 4}
-    assert summary["turns_filtered"] == {"questions": 8} and summary["generated_tokens_per_s"] > 0
+    docs.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in data_gen.demo_corpus(2)))
+    monkeypatch.setattr(data_gen, "QUESTION_TOKENS", 32)
+    summary = data_gen.main(data_gen.DataGenConfig(docs=str(docs), out=out, turns=2))
+    assert summary["records"] == 0 and summary["dropped"] == {"questions": 2}
+    assert summary["turns_filtered"] == {"questions": 4} and summary["generated_tokens_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------- eval
@@ -2303,21 +2303,21 @@ def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_in
         assert torch.equal(raised, second(input_ids=ids).logits) and torch.equal(model(input_ids=ids).logits, own)
         assert rel_err(raised, own) > 1e-3  # the theta matters at this length
     cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16, temperature=0.0))  # greedy
-    doc = data_gen.demo_corpus()[0]
-    same = data_gen.make_record(doc, 0, (model, None), tokenizer, cfg, {"generated": 0})
+    doc = data_gen.demo_corpus(1, 10)[0]
+    same = data_gen.record_alone(doc, 0, model, None, tokenizer, cfg, {"generated": 0})
     seen = {"long": [], "short": []}  # the last position each rotary embedding was asked for
     for name, module in (("long", rotary), ("short", model.get_decoder().rotary_emb)):
         module.register_forward_hook(lambda m, args, kwargs, out, name=name: seen[name].append(
             int({**dict(zip(("x", "position_ids"), args)), **kwargs}["position_ids"].max())), with_kwargs=True)
-    mixed = data_gen.make_record(doc, 0, (model, rotary), tokenizer, cfg, {"generated": 0})
+    mixed = data_gen.record_alone(doc, 0, model, rotary, tokenizer, cfg, {"generated": 0})
     assert seen["long"] and seen["short"] and min(seen["long"]) > mixed["meta"]["doc_tokens"] > max(seen["short"])
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
     turns = mixed["turns"]
     assert len(turns) == cfg.turns  # none filtered: the answers line up with the second model's
-    want, _ = data_gen.ask(second, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
-                           data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # each turn alone
+    want = data_gen.ask(second, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
+                        data_gen.seeds(cfg, doc, len(turns), "rejected"), {"generated": 0},
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # each turn alone
     assert [t["rejected"] for t in turns] == want
 
 
@@ -2333,7 +2333,7 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path, monkeypatch, cap
     cases = [["longpo.py", "--data", str(tmp_path / "folder")],
              ["longpo.py", "--data", "data/a.jsonl,,data/b.jsonl"],
              ["data_gen.py", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
-             ["data_gen.py", "--answers", "copy", "--chunk-min", "8", "--out", str(tmp_path / "o")],
+             ["data_gen.py", "--chunk-min", "800", "--chunk-max", "8", "--out", str(tmp_path / "o")],
              ["eval.py", "--lengths", "0", "--model", "tiny", "--out", str(tmp_path / "e.json")],
              ["eval.py", "--mc", str(tmp_path / "hay.jsonl"), "--model", "tiny", "--tasks", "mc"],
              ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
@@ -2433,7 +2433,7 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
         shutil.rmtree(out) if existing == "folder" else out.unlink()
     data_gen.check_out(cfg)
     data_gen.start_out(cfg)  # a run with these arguments owns it now; another may not continue it
-    data_gen.check_out(dataclasses.replace(cfg, batch_size=2))
+    data_gen.check_out(cfg)
     with pytest.raises(UsageError, match="other arguments \\(turns: 4 there, 2 now\\)"):
         data_gen.check_out(dataclasses.replace(cfg, turns=2))
     with pytest.raises(UsageError, match="--sp-size 3 must divide the number of processes 1"):
@@ -2443,10 +2443,10 @@ def test_data_gen_protects_results_and_filters_cheaply(tmp_path):
     huge = {"id": "huge", "text": "word " * 4_000_000}
     t0 = time.perf_counter()
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.make_record(huge, 0, (model, None), tokenizer, cfg, {"generated": 0})
+        data_gen.record_alone(huge, 0, model, None, tokenizer, cfg, {"generated": 0})
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.make_record({"id": "small", "text": "short"}, 0, (model, None), tokenizer, cfg, {"generated": 0})
+        data_gen.record_alone({"id": "small", "text": "short"}, 0, model, None, tokenizer, cfg, {"generated": 0})
 
 
 def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
@@ -2501,18 +2501,19 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- a week-long job on a cluster
 
 def slow_rank_worker(rank, world_size, port, out):
-    """data_gen over 2 ranks whose rank 1 finishes ~6 s after rank 0, with a 3 s process-group timeout."""
+    """data_gen over 2 ranks whose rank 1 finishes ~4 s after rank 0, with a 2 s process-group timeout."""
     dist.destroy_process_group()  # the harness's group; data_gen makes its own
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
-    longpo.TIMEOUT = datetime.timedelta(seconds=3)  # this process only
+    longpo.TIMEOUT = datetime.timedelta(seconds=2)  # this process only
     if rank == 1:
         real = data_gen.make_record
 
         def slow(*args):
-            time.sleep(6 if args[1] == 1 else 0)  # its first document
+            time.sleep(4 if args[1] == 1 else 0)  # its first document
             return real(*args)
         data_gen.make_record = slow
-    data_gen.main(data_gen.DataGenConfig(out=out, answers="gold", demo_docs=4))
+    data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4, demo_paragraphs="4", chunk_min=64, min_doc_len=1,
+                                         turns=1, max_new_tokens=2))
 
 
 def test_data_gen_ranks_never_wait_on_each_other(tmp_path):
@@ -2560,46 +2561,58 @@ def packed_length(record, tokenizer):
 
 
 def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeypatch):
-    """--max-length (training's): each record is the longest first turns of the unlimited one that fit
-    (counted directly), documents without one dropped, cut turns counted; with model answers, every
-    record fits and the long-input answers are asked only for turns that fit whatever they will be."""
-    tokenizer = longpo.tiny_tokenizer()
+    """--max-length (training's), on both sides of each boundary: the long-input answers are asked only for
+    the first turns whose pair fits with --max-new-tokens + 2 tokens a turn left for them, a pair of exactly
+    the limit fitting, one token over not; then the record keeps the first of those that fit with the real
+    answers (here longer than that: decoded text re-tokenized), counted directly; documents without one are
+    dropped, cut turns counted; a document of --max-length tokens is dropped before any generation, one a
+    token shorter is not."""
+    tokenizer, asked, long_asked = longpo.tiny_tokenizer(), [], {}
 
-    def run(limit, **flags):
-        cfg = data_gen.DataGenConfig(out=str(tmp_path / f"{limit}-{len(flags)}"), max_length=limit, **flags)
-        summary = data_gen.main(cfg)
-        return {r["id"]: r for r in map(json.loads, folder_lines(cfg.out))}, summary
-    whole, _ = run(0, answers="gold", demo_docs=4, demo_paragraphs="8-24")
-    prefix = {i: [packed_length({**r, "turns": r["turns"][:n]}, tokenizer) for n in range(1, len(r["turns"]) + 1)]
-              for i, r in whole.items()}
-    exact = sorted(n for lengths in prefix.values() for n in lengths)[len(whole)]  # some cut, one dropped
-    for limit in (exact, exact - 1):  # a record of exactly --max-length tokens fits; one more token does not
-        fit = {i: sum(n <= limit for n in lengths) for i, lengths in prefix.items()}
-        got, summary = run(limit, answers="gold", demo_docs=4, demo_paragraphs="8-24")
-        assert {i: len(r["turns"]) for i, r in got.items()} == {i: n for i, n in fit.items() if n}, limit
-        assert all(r["turns"] == whole[i]["turns"][:fit[i]] for i, r in got.items())
-        assert summary["dropped"] == {"max_length": sum(n == 0 for n in fit.values())} != {}
-        cut = sum(len(whole[i]["turns"]) - n for i, n in fit.items() if n)
-        assert cut and summary["turns_filtered"] == {"max_length": cut}
-    long_asked = []
+    def letters(seeds, n):  # one byte-level token a letter
+        return ["".join(random.Random(seed).choices(string.ascii_letters, k=n)) for seed in seeds]
 
-    def longest(seeds, max_new_tokens):
-        """Every answer as long as --max-new-tokens allows (one byte-level token a letter): the worst case."""
-        return ["".join(random.Random(seed).choices(string.ascii_letters, k=max_new_tokens)) for seed in seeds]
+    def ask(model, tokenizer, contexts, instructions, seeds, counts, max_new_tokens, **sampling):
+        asked.append(len(contexts))
+        return letters(seeds, max_new_tokens)
 
     def long_answers(long_model, tokenizer, doc, turns, cfg, par):
-        long_asked.append(len(turns))
-        return [(text, 0) for text in longest(data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg.max_new_tokens)]
-    monkeypatch.setattr(data_gen, "ask", lambda model, tokenizer, contexts, instructions, seeds, cfg, max_new_tokens,
-                        **sampling: (longest(seeds, max_new_tokens), 0))
+        long_asked[doc["id"]] = len(turns)
+        return [(text, 0) for text in letters(data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg.max_new_tokens + 8)]
+    monkeypatch.setattr(data_gen, "ask", ask)
     monkeypatch.setattr(data_gen, "long_answers", long_answers)
-    model_made, summary = run(6000)  # the tiny default: 4 records of 6268-6632 tokens unlimited
-    assert model_made and all(packed_length(r, tokenizer) <= 6000 for r in model_made.values())
-    filtered = summary["turns_filtered"]
-    assert filtered["max_length"] >= len(model_made)
-    # no long answer was generated for a turn then cut for length: only kept turns and answer filters
-    kept = sum(len(r["turns"]) for r in model_made.values())
-    assert sum(long_asked) == kept + sum(n for k, n in filtered.items() if k != "max_length")
+
+    def run(limit):
+        long_asked.clear()
+        cfg = data_gen.DataGenConfig(out=str(tmp_path / str(limit)), max_length=limit)
+        summary = data_gen.main(cfg)
+        return {r["id"]: r for r in map(json.loads, folder_lines(cfg.out))}, summary
+    whole, _ = run(0)
+    room = 64 + 2  # the tiny profile's --max-new-tokens, and 2 spare
+    placeholder = {i: [packed_length({**r, "turns": [{**t, "rejected": "."} for t in r["turns"][:n]]}, tokenizer)
+                       + n * room for n in range(1, len(r["turns"]) + 1)] for i, r in whole.items()}
+    real = {i: [packed_length({**r, "turns": r["turns"][:n]}, tokenizer) for n in range(1, len(r["turns"]) + 1)]
+            for i, r in whole.items()}
+    first, second = sorted(whole)[:2]
+    for limit in (placeholder[first][2], placeholder[first][2] - 1, real[second][1], real[second][1] - 1):
+        ask_long = {i: sum(n <= limit for n in lengths) for i, lengths in placeholder.items()}
+        keep = {i: sum(n <= limit for n in real[i][:ask_long[i]]) for i in whole}
+        got, summary = run(limit)
+        assert {i: n for i, n in long_asked.items() if n} == {i: n for i, n in ask_long.items() if n}, limit
+        assert {i: len(r["turns"]) for i, r in got.items()} == {i: n for i, n in keep.items() if n}, limit
+        assert all(r["turns"] == whole[i]["turns"][:keep[i]] for i, r in got.items())
+        assert summary["dropped"] == ({"max_length": sum(n == 0 for n in keep.values())} if 0 in keep.values() else {})
+        cut = sum(len(whole[i]["turns"]) - n for i, n in keep.items() if n)  # a dropped document's: not counted
+        assert summary["turns_filtered"] == {"max_length": cut}
+    doc = data_gen.demo_corpus()[0]
+    n_tokens = len(tokenizer(doc["text"], add_special_tokens=False)["input_ids"])
+    model = longpo.load_model_and_tokenizer("tiny")[0]
+    for limit, generated in ((n_tokens, 0), (n_tokens + 1, 1)):
+        asked.clear()
+        cfg = data_gen.resolve(data_gen.DataGenConfig(max_length=limit))
+        with pytest.raises(data_gen.Dropped, match="max_length"):
+            data_gen.record_alone(doc, 0, model, None, tokenizer, cfg, {"generated": 0})
+        assert len(asked) == generated, (limit, asked)
 
 
 def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
@@ -2728,19 +2741,14 @@ def test_demo_corpus_and_facts_prompts_are_answerable():
         assert where == sorted(where) and where[-1] - where[0] > 0.5, where
     with pytest.raises(longpo.UsageError, match="--demo-paragraphs '0-3'"):
         data_gen.demo_corpus(1, "0-3")
-    for answers in ("gold", "copy"):  # the planted answers and the copies exist for the built-in corpus only
-        with pytest.raises(longpo.UsageError, match=f"--answers {answers} needs the built-in corpus"):
-            data_gen.resolve(data_gen.DataGenConfig(answers=answers, docs="mine.jsonl"))
 
 
 def test_gold_questions_in_random_order(tmp_path):
-    """--answers gold asks a document's facts in random order. In document order (as the chunks come)
+    """The miniature's gold data asks a document's facts in random order. In document order (as the chunks come)
     the second question is always the other fact of the first one's paragraph: a model trained on that
     answers by elimination instead of matching question to fact (README, the miniature)."""
     out = tmp_path / "gold"
-    data_gen.main(longpo.config_from_cli(data_gen.DataGenConfig, [
-        "--model", small_model(), "--answers", "gold", "--demo-docs", "64", "--demo-paragraphs", "2", "--chunk-min", "8",
-        "--chunk-max", "100", "--min-doc-len", "1", "--max-doc-len", "512", "--out", str(out)]))
+    mini_data("gold", longpo.config_from_cli(MiniData, ["--model", small_model(), "--docs", "64", "--out", str(out)]))
     orders = set()
     for rec in longpo.Records(str(out)):
         places = re.findall(r"At (\w+) \d+ ", rec["document"])
@@ -2751,7 +2759,7 @@ def test_gold_questions_in_random_order(tmp_path):
 
 
 def check_gold_records(path):
-    """--answers gold: a turn per fact of the chunk, the planted answer chosen, the place with another
+    """gold: a turn per fact of the chunk, the planted answer chosen, the place with another
     number of the document rejected; no reference log-probs (no model ran)."""
     for rec in longpo.Records(path):
         assert "ref_chosen_logp" not in rec and len(rec["turns"]) == 2 * rec["document"].count("\n\n") + 2
@@ -2764,7 +2772,7 @@ def check_gold_records(path):
 
 
 def check_copy_records(path):
-    """--answers copy: repeat "Words:" and 16-32 random words of the corpus, each ONE token of
+    """copy: repeat "Words:" and 16-32 random words of the corpus, each ONE token of
     the small tokenizer, distinct (each word's earlier copy is unique, so copying by content is
     well defined), of varied lengths (no fixed distance to copy from)."""
     tokenizer = longpo.load_tokenizer(small_model())
@@ -2795,14 +2803,12 @@ def test_miniature_recipe_end_to_end(tmp_path, monkeypatch):
     (m1, t1), (m2, t2) = (longpo.load_model_and_tokenizer(str(path)) for path in (small, small_model()))
     assert t1.get_vocab() == t2.get_vocab() and all(  # made the same each time: tokenizer and weights
         torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "copy", "--demo-docs", 6, "--min-doc-len", 1,
-        "--max-doc-len", 512, "--out", copy)
+    mini_data("copy", longpo.config_from_cli(MiniData, ["--model", str(small), "--docs", "6", "--out", str(copy)]))
     check_copy_records(str(copy))
     run(longpo, longpo.TrainConfig, "--model", small, "--loss", "sft", "--data", copy, "--output-dir",
         tmp_path / "copy", "--lr", "1e-5", "--grad-accum", 2, "--micro-batch", 2, "--max-steps", 1, "--no-grad-checkpointing")
-    run(data_gen, data_gen.DataGenConfig, "--model", small, "--answers", "gold", "--demo-docs", 12,
-        "--demo-paragraphs", "1-2", "--chunk-min", 8, "--chunk-max", 100, "--min-doc-len", 1, "--max-doc-len", 512,
-        "--out", gold)
+    mini_data("gold", longpo.config_from_cli(MiniData, ["--model", str(small), "--docs", "12", "--paragraphs", "1-2",
+                                                         "--out", str(gold)]))
     check_gold_records(str(gold))
     base = tmp_path / "base"
     run(longpo, longpo.TrainConfig, "--model", tmp_path / "copy" / "final", "--loss", "sft", "--data", f"{copy},{gold}", "--output-dir", base,
@@ -3039,10 +3045,19 @@ def generate_bench(cfg):
     rec = synthetic_record(tokenizer, cfg.tokens)
     prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
     data_gen.generate_long(model, tokenizer, [prompt[:256]], 4, par)  # warm-up
-    stats = {}
-    data_gen.generate_long(model, tokenizer, [prompt], cfg.max_new_tokens, par, stats=stats)
-    rows = gather_rows([par.rank, stats["cache_bytes"] / 1e6, stats["prefill_s"], stats["new_tokens"],
-                        stats["decode_s"]], device)
+    prefill, caches = data_gen.prefill, []
+
+    def timed_prefill(*args):  # the prefill's time and cache, seen from outside generate_long
+        (cache, seconds) = timed(lambda: prefill(*args), device)
+        caches.append((cache, seconds))
+        return cache
+    data_gen.prefill = timed_prefill
+    ((_, new_tokens),), total = timed(lambda: data_gen.generate_long(model, tokenizer, [prompt], cfg.max_new_tokens, par),
+                                      device)
+    data_gen.prefill = prefill
+    cache, prefill_s = caches[0]
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    rows = gather_rows([par.rank, cache_bytes / 1e6, prefill_s, new_tokens, total - prefill_s], device)
     longpo.print0(f"generation: {cfg.model}, prompt of {len(prompt)} tokens, sp {par.sp_size}, "
               f"{torch.get_num_threads()} threads per process")
     longpo.print0(f"{'rank':>4} {'cache (MB)':>11} {'prefill (s)':>12} {'new tokens':>11} {'decode tokens/s':>16}")
@@ -3070,7 +3085,7 @@ class RecordBench:
 
 def record_bench(cfg):
     """A demo document (planted facts: template questions) padded with filler paragraphs to --tokens,
-    cut into --turns chunks; greedy answers of the tiny model; make_record (sp_record at --sp-size)."""
+    cut into --turns chunks; greedy answers of the tiny model; record_alone (record_together at --sp-size)."""
     rank, world_size, device = longpo.init_distributed()
     tokenizer = longpo.tiny_tokenizer()
     doc = data_gen.demo_corpus(1, 64, seed=3)[0]
@@ -3082,10 +3097,10 @@ def record_bench(cfg):
         chunk_min=chunk // 2, chunk_max=chunk, max_doc_len=2 * cfg.tokens, turns=cfg.turns,
         max_new_tokens=cfg.max_new_tokens, temperature=0.0, sp_size=cfg.sp_size))
     model, _ = data_gen.load_for_inference("tiny", device)
-    models, counts = (model, None), {"generated": 0}
+    counts = {"generated": 0}
     par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if cfg.sp_size > 1 else None
-    make = (lambda: data_gen.sp_record(doc, 0, models, tokenizer, gen_cfg, par, counts)) if par else \
-        (lambda: data_gen.make_record(doc, 0, models, tokenizer, gen_cfg, counts))
+    make = (lambda: data_gen.record_together(doc, 0, model, None, tokenizer, gen_cfg, par, counts)) if par else \
+        (lambda: data_gen.record_alone(doc, 0, model, None, tokenizer, gen_cfg, counts))
     make()  # warm-up
     counts["generated"] = 0
     rec, seconds = timed(make, device)
@@ -3115,9 +3130,83 @@ class SmallModel:
     out: str = field(default="runs/mini-0/small", metadata={"help": "folder to write it to"})
 
 
+@dataclass
+class MiniData:
+    """The miniature's short data on the built-in corpus, no model run (the README's recipe, step 1)."""
+    model: str = field(default="runs/mini-0/small", metadata={"help": "its tokenizer's model"})
+    out: str = field(default="data/mini-0/gold", metadata={"help": "output folder (its rank0.jsonl)"})
+    docs: int = field(default=16000, metadata={"help": "documents of the demo corpus (copy: of copy_corpus)"})
+    paragraphs: str = field(default="2", metadata={"help": "gold: paragraphs a document, N or A-B"})
+    chunk_min: int = field(default=8, metadata={"help": "gold: fewest tokens in a chunk"})
+    chunk_max: int = field(default=100, metadata={"help": "gold: most tokens in a chunk"})
+    min_doc_len: int = field(default=1, metadata={"help": "fewest tokens in a document"})
+    max_doc_len: int = field(default=512, metadata={"help": "most tokens in a document"})
+    turns: int = field(default=4, metadata={"help": "gold: at most this many chunks per document"})
+    seed: int = field(default=0, metadata={"help": "seed of the corpus and of every choice"})
+
+
+def gold_record(doc, doc_index, tokenizer, cfg):
+    """`gold`: data_gen's steps 1-3 with every question of a chunk (its facts) kept; the planted answers
+    ("At Barwick 57.") chosen, the place with another number of the document rejected; no reference
+    log-probs. The questions in random order: in document order a model learns to answer by elimination
+    (turn 2 = the fact turn 1 skipped) instead of matching."""
+    n_tokens, starts = data_gen.measure(doc, tokenizer, cfg)
+    chunks = data_gen.chunk_document(doc["text"], starts, cfg.chunk_min, cfg.chunk_max)
+    chunks = sorted(random.Random(data_gen.stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
+    asked, filtered = [], {}
+    for j, (a, b) in enumerate(chunks):
+        questions = data_gen.parse_questions(data_gen.template_questions(doc["text"][a:b], doc["facts"]))
+        if not questions:
+            filtered["questions"] = filtered.get("questions", 0) + 1
+        for k, question in enumerate(questions):
+            lead_in = random.Random(data_gen.stream(cfg, doc, j, k, "lead-in")).choice(data_gen.LEAD_INS)
+            asked.append((question, {"instruction": data_gen.with_lead_in(lead_in, question), "chunk": [a, b]}))
+    if not asked:
+        raise data_gen.Dropped("questions")
+    fact, numbers, turns = {f["question"]: f for f in doc["facts"]}, sorted({f["answer"] for f in doc["facts"]}), []
+    for i in random.Random(data_gen.stream(cfg, doc, "gold-order")).sample(range(len(asked)), len(asked)):
+        question, turn = asked[i]
+        place, right = fact[question]["place"], fact[question]["answer"]
+        others = [n for n in numbers if n != right] or [str(int(right) % 90 + 10)]
+        wrong = random.Random(data_gen.stream(cfg, doc, i, "gold-wrong")).choice(others)
+        turns.append({**turn, "chosen": f"At {place} {right}.", "rejected": f"At {place} {wrong}."})
+    return mini_record(doc, doc_index, "gold", n_tokens, filtered, starts, turns, cfg)
+
+
+def copy_record(doc, doc_index, tokenizer, cfg):
+    """`copy`: "Repeat the text above.", the document chosen, its words in reverse order rejected."""
+    text, (n_tokens, starts) = doc["text"], data_gen.measure(doc, tokenizer, cfg)
+    turn = {"instruction": data_gen.COPY_INSTRUCTION, "chunk": [0, len(text)], "chosen": text,
+            "rejected": " ".join(reversed(text.split()))}
+    return mini_record(doc, doc_index, "copy", n_tokens, {}, starts, [turn], cfg)
+
+
+def mini_record(doc, doc_index, generator, n_tokens, filtered, starts, turns, cfg):
+    meta = {"doc_index": doc_index, "generator": generator, "questions": "template", "doc_tokens": n_tokens,
+            "filtered_turns": filtered, "chunk_tokens": [data_gen.tokens_in(starts, *t["chunk"]) for t in turns],
+            "seed": cfg.seed}
+    return {"id": doc["id"], "document": doc["text"], "turns": turns, "meta": meta}
+
+
+def mini_data(kind, cfg):
+    """`python test_longpo.py gold|copy --out DIR ...`: DIR/rank0.jsonl, the records of the documents that
+    give one, in order (longpo.py reads the folder)."""
+    tokenizer = longpo.load_tokenizer(cfg.model)
+    docs = (data_gen.copy_corpus(cfg.docs, cfg.seed) if kind == "copy" else
+            data_gen.demo_corpus(cfg.docs, cfg.paragraphs, cfg.seed))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "rank0.jsonl"), "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            with contextlib.suppress(data_gen.Dropped):
+                rec = (copy_record if kind == "copy" else gold_record)(doc, i, tokenizer, cfg)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 HARNESS = {"ring": (ring_bench, RingBench), "train": (train_bench, TrainBench), "probe": (probe_bench, ProbeBench),
            "generate": (generate_bench, GenerateBench), "record": (record_bench, RecordBench),
-           "small": (lambda cfg: save_small_model(cfg.out), SmallModel)}
+           "small": (lambda cfg: save_small_model(cfg.out), SmallModel),
+           "gold": (functools.partial(mini_data, "gold"), MiniData),
+           "copy": (functools.partial(mini_data, "copy"), MiniData)}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in HARNESS:
