@@ -2501,19 +2501,19 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- a week-long job on a cluster
 
 def slow_rank_worker(rank, world_size, port, out):
-    """data_gen over 2 ranks whose rank 1 finishes ~4 s after rank 0, with a 2 s process-group timeout."""
+    """data_gen over 2 ranks whose rank 1 finishes ~4 s after rank 0, with a 2 s process-group timeout;
+    the records made without generating (what is tested is the ranks' pace, not the records)."""
     dist.destroy_process_group()  # the harness's group; data_gen makes its own
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
     longpo.TIMEOUT = datetime.timedelta(seconds=2)  # this process only
-    if rank == 1:
-        real = data_gen.make_record
 
-        def slow(*args):
-            time.sleep(4 if args[1] == 1 else 0)  # its first document
-            return real(*args)
-        data_gen.make_record = slow
-    data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4, demo_paragraphs="4", chunk_min=64, min_doc_len=1,
-                                         turns=1, max_new_tokens=2))
+    def record_alone(doc, doc_index, *rest):
+        time.sleep(4 if doc_index == 1 else 0)  # rank 1's first document
+        turn = {"instruction": "Why?", "chunk": [0, 9], "chosen": "Because.", "rejected": "No."}
+        return {"id": doc["id"], "document": doc["text"], "turns": [turn],
+                "meta": {"doc_index": doc_index, "filtered_turns": {}}}
+    data_gen.record_alone = record_alone
+    data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4))
 
 
 def test_data_gen_ranks_never_wait_on_each_other(tmp_path):
