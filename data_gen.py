@@ -150,22 +150,9 @@ def make_record(doc, doc_index, model, tokenizer, cfg, counts):
     yield rec
 
 
-@functools.lru_cache(maxsize=4)
-def longest_token(tokenizer):
-    """Characters in the longest vocabulary entry: no token covers more of a text."""
-    return max(map(len, tokenizer.get_vocab()))
-
-
 def measure(doc, tokenizer, cfg):
     """(tokens, each token's start offset) of a document whose length is within the flags' range."""
-    text = doc["text"]
-    # Cheap bounds before tokenizing: a token covers at least one UTF-8 byte (plus a BOS or dummy
-    # prefix) and at most its longest vocabulary entry, so a document far outside the length range
-    # (a 20 MB one-line file) is dropped in microseconds instead of a minute and gigabytes.
-    too_short = len(text.encode("utf-8", "surrogatepass")) + 2 < cfg.min_doc_len
-    if too_short or len(text) > cfg.max_doc_len * longest_token(tokenizer):
-        raise Dropped("doc_length")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+    enc = tokenizer(doc["text"], add_special_tokens=False, return_offsets_mapping=True,
                     split_special_tokens=True)  # the document is text: a special token's literal too
     if not cfg.min_doc_len <= len(enc["input_ids"]) <= cfg.max_doc_len:
         raise Dropped("doc_length")
