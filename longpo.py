@@ -1152,7 +1152,9 @@ class Records:
     """A preference JSONL validated once, then read one record at a time (45K records of 128K tokens
     are ~20 GB of text). --data: files or data_gen.py's output folders, comma-separated, one set; a
     folder's records in document order (meta.doc_index), whichever rank wrote them. refs[i]:
-    (ref_chosen_logp, ref_rejected_logp), None where the file has none."""
+    (ref_chosen_logp, ref_rejected_logp), None where the file has none; lengths[i], the tokens training
+    runs for it (prepare_data)."""
+    lengths = None
 
     def __init__(self, path, need_ref=False):
         files, entries = data_files(path), []  # entries: (sort key, file index, byte offset, refs)
