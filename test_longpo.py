@@ -1532,6 +1532,21 @@ def run_script(args, nproc=1, timeout=300):
     return result
 
 
+def train_here(args):
+    """longpo.py with these arguments, through its own command line and run_cli, in this process: what a
+    run computes and writes, without the seconds of a process's start-up (run_script keeps that for the
+    checks that need a process of their own)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["longpo.py"] + args)
+        longpo.run_cli(longpo.main, longpo.TrainConfig)
+
+
+def train_worker(rank, world_size, args):
+    """longpo.py's main on each rank of run_distributed's world, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    longpo.main(longpo.config_from_cli(longpo.TrainConfig, args))
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -1544,7 +1559,8 @@ METRIC_KEYS = {"step", "loss", "nll", "pref_loss", "rewards/chosen", "rewards/re
 def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
     """torchrun --nproc_per_node 2 longpo.py --sp-size 2: metrics, a final model that reloads and
     equals the sharded checkpoint, every parameter trained; a run resumed from its checkpoint of step 2
-    gives the same metrics and weights as the uninterrupted one."""
+    (main on two ranks of run_distributed, no second start-up) gives the same metrics and weights as the
+    uninterrupted one. A run's folder refused without --resume: test_finished_runs_are_never_overwritten..."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
     data = write_jsonl(tmp_path / "data.jsonl", make_records(6, seed=5))  # no ref log-probs: computed
@@ -1553,9 +1569,7 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2)
     shutil.copytree(full, part, ignore=shutil.ignore_patterns("final", "checkpoint-4"))  # as if stopped at 2
-    with pytest.raises(AssertionError, match="pass --resume"):
-        run_script(args + ["--output-dir", part], nproc=2)  # never overwrites a run's checkpoints
-    run_script(args + ["--output-dir", part, "--resume"], nproc=2)
+    run_distributed(train_worker, 2, args[1:] + ["--output-dir", part, "--resume"])  # main as torchrun's ranks
 
     metrics = read_metrics(full)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -1592,13 +1606,13 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
 def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
     out = str(tmp_path / "run")
-    args = [sys.executable, "longpo.py", "--data", data, "--output-dir", out, "--max-steps", "4",
+    args = ["--data", data, "--output-dir", out, "--max-steps", "4",
             "--grad-accum", "1", "--lr", "1e30", "--save-every", "1"]  # weights blow up after step 1
-    result = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
+    with pytest.raises(FloatingPointError) as stop:
+        train_here(args)
     found = re.search(r"non-finite loss or gradient norm at step (\d+) \(records '([^']+)' of (\d+) tokens on rank 0\)"
-                      r".* The last good checkpoint is (\S+):.*another --attn-kernel.*lower --lr", result.stderr)
-    assert found, result.stderr[-2000:]
+                      r".* The last good checkpoint is (\S+):.*another --attn-kernel.*lower --lr", str(stop.value))
+    assert found, str(stop.value)
     records = {rec["id"]: rec for rec in map(json.loads, open(data))}
     length = longpo.trained_length(longpo.build_example(records[found.group(2)], longpo.tiny_tokenizer()))
     assert int(found.group(3)) == length  # the record named, with the length it trains
@@ -2201,7 +2215,7 @@ def test_eval_sequence_parallel_decoding():
 def test_train_cli_baselines(tmp_path, loss):
     data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=9))
     out = str(tmp_path / loss)
-    run_script(["longpo.py", "--data", data, "--output-dir", out, "--loss", loss, "--max-steps", "2"])
+    train_here(["--data", data, "--output-dir", out, "--loss", loss, "--max-steps", "2"])
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
     if loss == "dpo":  # the reference is the initial policy itself: rewards start at exactly 0
@@ -2403,7 +2417,7 @@ def test_finished_runs_are_never_overwritten_and_resume_checks_the_run(tmp_path,
     data = write_jsonl(tmp_path / "data.jsonl", make_records(2, seed=3, with_ref=True))
     out = str(tmp_path / "run")
     argv = ["--data", data, "--output-dir", out, "--max-steps", "1"]
-    run_script(["longpo.py"] + argv)
+    train_here(argv)
     before = {name: open(os.path.join(out, name)).read() for name in ("config.json", "metrics.jsonl")}
     main = lambda *extra: longpo.main(longpo.config_from_cli(longpo.TrainConfig, argv + list(extra)))  # noqa: E731
     with pytest.raises(longpo.UsageError, match="holds an earlier run; pass --resume to continue it"):
