@@ -2629,7 +2629,8 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     """SIGUSR1 mid-run: a checkpoint at the end of the step in flight, exit 0; --resume ends with the
     weights of the uninterrupted run, as does a resume from that run's own checkpoint-5. A run killed
     after step 5 holds its checkpoint of step 3 whole. The final config carries the trained length
-    (--max-length) and the RoPE theta trained with."""
+    (--max-length) and the RoPE theta trained with. The signalled and the killed run are processes of their
+    own, started together (their start-ups overlap); the other runs are train_here's."""
     from transformers import AutoModelForCausalLM
     base = tmp_path / "base"  # tiny, but its config says 512 positions, as a 32K model says 32768
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
@@ -2637,33 +2638,30 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
-    args = ["longpo.py", "--model", str(base), "--data", data, "--max-steps", "6", "--grad-accum", "1",
+    args = ["--model", str(base), "--data", data, "--max-steps", "6", "--grad-accum", "1",
             "--lr", "1e-3", "--max-length", "4000", "--rope-theta", "1e5"]
-    full, part, timed_out = str(tmp_path / "full"), str(tmp_path / "part"), str(tmp_path / "timed")
-    run_script(args + ["--output-dir", full, "--save-every", "5"])
+    full, part, timed_out, killed = (str(tmp_path / name) for name in ("full", "part", "timed", "killed"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    signalled, doomed = (subprocess.Popen([sys.executable, "-u", "longpo.py"] + args + more, cwd=HERE, text=True,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                         for more in (["--output-dir", part], ["--output-dir", killed, "--save-every", "3"]))
+    next(line for line in signalled.stdout if line.startswith("step 1 |"))
+    signalled.send_signal(signal.SIGUSR1)
+    next(line for line in doomed.stdout if line.startswith("step 5 |"))
+    doomed.kill()
+    doomed.communicate()
+    assert longpo.checkpoint_steps(killed) == [3]
+    log = signalled.communicate(timeout=300)[0]
+    assert signalled.returncode == 0 and "SIGUSR1: stopped at step" in log, log[-2000:]
+    steps = longpo.checkpoint_steps(part)
+    assert len(steps) == 1 and 1 <= steps[0] < 6 and not os.path.exists(os.path.join(part, "final"))
+    train_here(args + ["--output-dir", part, "--resume"])
+    train_here(args + ["--output-dir", full, "--save-every", "5"])
     assert longpo.checkpoint_steps(full) == [5]
     config = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).config
     assert config.max_position_embeddings == 4000 and rope_theta(config) == 1e5
     shutil.copytree(full, timed_out, ignore=shutil.ignore_patterns("final"))
-    run_script(args + ["--output-dir", timed_out, "--save-every", "5", "--resume"])  # from checkpoint-5
-    killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-u"] + args + ["--output-dir", killed, "--save-every", "3"], cwd=HERE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE)
-    next(line for line in proc.stdout if line.startswith("step 5 |"))
-    proc.kill()
-    proc.communicate()
-    assert longpo.checkpoint_steps(killed) == [3]
-    proc = subprocess.Popen([sys.executable, "-u"] + args + ["--output-dir", part], cwd=HERE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for line in proc.stdout:
-        if line.startswith("step 1 |"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "SIGUSR1: stopped at step" in log, log[-2000:]
-    steps = longpo.checkpoint_steps(part)
-    assert len(steps) == 1 and 1 <= steps[0] < 6 and not os.path.exists(os.path.join(part, "final"))
-    run_script(args + ["--output-dir", part, "--resume"])
+    train_here(args + ["--output-dir", timed_out, "--save-every", "5", "--resume"])  # from checkpoint-5
     want = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final")).state_dict()
     for run in (part, timed_out):
         got = AutoModelForCausalLM.from_pretrained(os.path.join(run, "final")).state_dict()
