@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import functools
 import multiprocessing as mp
+import multiprocessing.forkserver as forkserver
 import os
 import queue
 import re
@@ -114,11 +115,13 @@ def _worker(rank, world_size, port, fn, args, results, backend):
 def run_distributed(fn, world_size, *args, timeout=240, backend="gloo"):
     """Run fn(rank, world_size, *args) in world_size processes (gloo; nccl for CUDA tests); fail on
     any error or hang. Start-up: gloo's processes fork from one server that imported this module (torch,
-    transformers, the scripts: seconds of CPU) once per session; nccl's are spawned fresh, as a forked
-    process cannot use CUDA once its parent has touched it."""
+    transformers, the scripts: seconds of CPU) once per session; nccl's are spawned fresh."""
     ctx = mp.get_context("spawn" if backend == "nccl" else "forkserver")
     if backend != "nccl":
         ctx.set_forkserver_preload([__name__])  # read when the server starts, with this sys.path
+        with pytest.MonkeyPatch.context() as monkeypatch:  # gloo's tests are CPU tests, even on a GPU node
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # (and a fork cannot use CUDA its parent touched)
+            forkserver.ensure_running()
     results, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True)
              for r in range(world_size)]
@@ -1520,12 +1523,12 @@ def test_dp2_by_sp2_gradients():
 
 # ----------------------------------------------------------------------------- longpo: end to end
 
-def run_script(args, nproc=1, timeout=300):
-    """Run one of the project's scripts as a user would (torchrun for nproc > 1)."""
+def run_script(args, nproc=1, timeout=300, **env):
+    """Run one of the project's scripts as a user would (torchrun for nproc > 1), env added to ours."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     result = subprocess.run(launcher + args, cwd=HERE, env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -1567,9 +1570,9 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
     args = ["longpo.py", "--data", data, "--sp-size", "2", "--max-steps", "4", "--grad-accum", "1",
             "--lr", "1e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2)
+    run_script(args + ["--output-dir", full, "--save-every", "2"], nproc=2, CUDA_VISIBLE_DEVICES="")  # CPU as
     shutil.copytree(full, part, ignore=shutil.ignore_patterns("final", "checkpoint-4"))  # as if stopped at 2
-    run_distributed(train_worker, 2, args[1:] + ["--output-dir", part, "--resume"])  # main as torchrun's ranks
+    run_distributed(train_worker, 2, args[1:] + ["--output-dir", part, "--resume"])  # resumed: gloo's ranks
 
     metrics = read_metrics(full)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -1610,8 +1613,9 @@ def test_non_finite_loss_or_gradient_stops_with_checkpoint_intact(tmp_path):
             "--grad-accum", "1", "--lr", "1e30", "--save-every", "1"]  # weights blow up after step 1
     with pytest.raises(FloatingPointError) as stop:
         train_here(args)
-    found = re.search(r"non-finite loss or gradient norm at step (\d+) \(records '([^']+)' of (\d+) tokens on rank 0\)"
-                      r".* The last good checkpoint is (\S+):.*another --attn-kernel.*lower --lr", str(stop.value))
+    found = re.search(r"non-finite loss or gradient norm at step (\d+) \(records '([^']+)' of (\d+) tokens "
+                      r"on rank 0\).* The last good checkpoint is (\S+):.*another --attn-kernel.*lower --lr",
+                      str(stop.value))
     assert found, str(stop.value)
     records = {rec["id"]: rec for rec in map(json.loads, open(data))}
     length = longpo.trained_length(longpo.build_example(records[found.group(2)], longpo.tiny_tokenizer()))
@@ -2642,8 +2646,9 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
             "--lr", "1e-3", "--max-length", "4000", "--rope-theta", "1e5"]
     full, part, timed_out, killed = (str(tmp_path / name) for name in ("full", "part", "timed", "killed"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    signalled, doomed = (subprocess.Popen([sys.executable, "-u", "longpo.py"] + args + more, cwd=HERE, text=True,
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    signalled, doomed = (subprocess.Popen([sys.executable, "-u", "longpo.py"] + args + more, cwd=HERE,
+                                          text=True, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
                          for more in (["--output-dir", part], ["--output-dir", killed, "--save-every", "3"]))
     next(line for line in signalled.stdout if line.startswith("step 1 |"))
     signalled.send_signal(signal.SIGUSR1)
