@@ -45,6 +45,13 @@ from ring_attention import ring_attention, zigzag_shard, zigzag_unshard
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float64: 1e-10}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread in this process, as in every process the tests start: the tensors are tiny, and
+    a second thread costs more than it saves (on a busy machine, 10x: it spins waiting for a core)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def no_process_group_left():
     """A script's main run in-process leaves its process group to run_cli to close: close it here."""
