@@ -1484,11 +1484,10 @@ def test_pack_pair_layout():
     assert longpo.shared_prefix(example, (first - 1) // 2 + 1) == 0  # prompt < 2*sp + 1 tokens: nothing shared
 
 
-def dp_sp_worker(rank, world_size):
+def dp_sp_worker(rank, world_size, examples, refs, mean):
     """world 4 = dp 2 x sp 2: ranks {0, 1} and {2, 3} each ring over one sample; FSDP2 over all four
-    gives the mean of the two samples' gradients."""
+    gives the mean of the two samples' gradients (two_samples', made once by the test, not by each rank)."""
     exact_norms()
-    examples, refs, mean = two_samples(seed=13)
     par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     assert (par.dp_rank, par.sp_rank) == divmod(rank, 2) and dist.get_world_size(par.sp_group) == 2
     _, grads = one_micro_step("longpo", par, perturbed_tiny(0.02, 1)[0], None, examples[par.dp_rank],
@@ -1531,8 +1530,8 @@ def test_only_rank_0_reads_the_weights_and_final_keeps_their_dtype(tmp_path):
     run_distributed(sharded_loading_worker, 2, str(tmp_path / "bf16"), str(tmp_path))
 
 
-def test_dp2_by_sp2_gradients():
-    run_distributed(dp_sp_worker, 4, timeout=400)
+def test_dp2_by_sp2_gradients(float64_norms):
+    run_distributed(dp_sp_worker, 4, *two_samples(seed=13), timeout=400)
 
 
 # ----------------------------------------------------------------------------- longpo: end to end
