@@ -122,7 +122,8 @@ def _worker(rank, world_size, port, fn, args, results, backend):
 def run_distributed(fn, world_size, *args, timeout=240, backend="gloo"):
     """Run fn(rank, world_size, *args) in world_size processes (gloo; nccl for CUDA tests); fail on
     any error or hang. Start-up: gloo's processes fork from one server that imported this module (torch,
-    transformers, the scripts: seconds of CPU) once per session; nccl's are spawned fresh."""
+    transformers, the scripts: seconds of CPU) once per session, with the environment it started with;
+    nccl's are spawned fresh."""
     ctx = mp.get_context("spawn" if backend == "nccl" else "forkserver")
     if backend != "nccl":
         ctx.set_forkserver_preload([__name__])  # read when the server starts, with this sys.path
