@@ -4,31 +4,26 @@ LongPO trains on 128K-512K-token inputs, whose attention no single GPU holds. Ea
 sequence-parallel (SP) group keeps T = N/W tokens, a zigzag shard (the same causal work on every rank).
 The key/value blocks travel around the ring of ranks; each rank attends its queries to every block that
 visits, and the blocks' results merge exactly by their log-sum-exp (lse). The backward runs the ring again
-from the kept out and lse, the key/value gradients travelling with their block. In reading order: zigzag
-sharding; the plain PyTorch block kernel; the lse merge; the ring forward and backward, `ring_attention`;
-a shared prefix with branches (LongPO's chosen and rejected answers after ONE copy of the document);
-decoding against a sharded prompt; the transformers attention "ring_attention" (a Llama / Mistral / Qwen2
-model given zigzag-sharded ids and positions runs sequence-parallel); last, the fused block kernels
-(PyTorch's cuDNN and FlashAttention-2 ops on CUDA, flash-attn >= 2.7 if installed, PyTorch's fused CPU
-attention), each checked once against the plain kernel before use. This file is the bottom of the
-project: it imports nothing from it.
+from the kept out and lse, the key/value gradients travelling with their block. Then: a shared prefix with
+branches (LongPO's chosen and rejected answers after ONE copy of the document), decoding against a sharded
+prompt, and the transformers attention "ring_attention" (a Llama / Mistral / Qwen2 model given zigzag-sharded
+ids and positions runs sequence-parallel). Last, the fused block kernels (PyTorch's cuDNN and
+FlashAttention-2 ops on CUDA, its fused CPU attention), each checked once against the plain kernel.
 
 Simplifications: causal self-attention only (pad at the END of a sequence), no dropout, no sliding window;
 blocks under 8 query rows or keys always run the plain kernel; where no fused kernel passes its check the
-plain kernel runs everything, refused where its T x T scores would pass 1 GiB.
+plain kernel runs everything (with its T x T scores: on a GPU, bf16 is what the fused kernels take).
 
 Self-check and benchmark against SDPA of the whole sequence (the test file's opt-in harness):
     torchrun --nproc_per_node 2 test_longpo.py ring --threads 1     # 2 CPU processes (python: one)
     torchrun --nproc_per_node 8 test_longpo.py ring --seq-len 131072 --heads 32 --kv-heads 8 --dtype bfloat16
 """
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 # Shape glossary: B batch, N whole-sequence length, W ring (SP group) size, T = N/W local tokens,
@@ -46,21 +41,16 @@ def zigzag_shard(x, rank, world_size, dim=1):
     if not 0 <= rank < world_size:
         raise ValueError(f"zigzag_shard: rank {rank} is outside [0, {world_size})")
     if n % parts:
-        padded = -(-n // parts) * parts
-        raise ValueError(
-            f"zigzag_shard: length {n} along dim {dim} is not divisible by 2*world_size = {parts}; "
-            f"pad the sequence at the end to {padded} tokens (the padding never a target)")
+        raise ValueError(f"zigzag_shard: length {n} along dim {dim} is not divisible by 2*world_size = "
+                         f"{parts}; pad the sequence at the end to {-(-n // parts) * parts} tokens")
     chunks = x.chunk(parts, dim)
     return torch.cat([chunks[rank], chunks[parts - 1 - rank]], dim)
 
 
 def zigzag_unshard(x_local, group=None, dim=1):
     """Inverse of zigzag_shard, the full tensor in order: a collective of `group`, not differentiable."""
-    shards = _all_gather(x_local, group)
-    chunks = [None] * (2 * len(shards))
-    for r, shard in enumerate(shards):
-        chunks[r], chunks[2 * len(shards) - 1 - r] = shard.chunk(2, dim)
-    return torch.cat(chunks, dim)
+    firsts, seconds = zip(*(shard.chunk(2, dim) for shard in _all_gather(x_local, group)))
+    return torch.cat(firsts + seconds[::-1], dim)  # chunks 0, 1, ..., W-1, then W, ..., 2W-1
 
 
 # ---------------------------------------------------------- the plain block kernel
@@ -115,12 +105,34 @@ def plain_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return dq, dk, dv
 
 
-# The ring runs a block by block_fwd/block_bwd with the name of the kernel pick_kernel chose. A block
-# under SMALL_BLOCK query rows or keys runs the plain kernel whatever that name: such blocks come at a
-# sequence's end (its last 1-7 tokens on a rank, a short answer) and in decoding (one query a token), the
-# plain kernel's scores are then no bigger than its inputs, and a fused op may refuse them or return NaN
-# (PyTorch's own dispatcher would not call it there). The choice depends on the shapes alone, so a
-# block's backward runs where its forward ran (and gets that kernel's aux).
+# ---------------------------------------------------------- merging blocks
+
+def empty_acc(q):
+    """The running (out, lse) of queries q before any block: nothing seen, out = 0 and lse = log 0."""
+    B, T, H, D = q.shape
+    out = torch.zeros(B, T, H, D, dtype=_acc_dtype(q), device=q.device)
+    return out, torch.full((B, H, T), float("-inf"), dtype=out.dtype, device=q.device)
+
+
+def merge_block_(out, lse, block_out, block_lse):
+    """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
+
+    Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
+    out' = (e^lse * out + e^block_lse * block_out) / e^lse', written without overflow as
+    out -= sigmoid(block_lse - lse) * (out - block_out);  lse = logaddexp(lse, block_lse).
+    From empty_acc the first block comes out as it is. out (B, T, H, D), lse (B, H, T); views allowed."""
+    block_lse = block_lse.to(lse.dtype)
+    w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
+    out.sub_(w * (out - block_out.to(out.dtype)))
+    lse.copy_(torch.logaddexp(lse, block_lse))
+
+
+# ---------------------------------------------------------- one block, routed by its size
+# The ring attends block by block with the kernel pick_kernel chose, but a block under SMALL_BLOCK query
+# rows or keys runs the plain kernel: such blocks come at a sequence's end (its last 1-7 tokens on a rank, a
+# short answer) and in decoding (one query a token), where the plain kernel's scores are no bigger than its
+# inputs and a fused op may refuse them or return NaN (PyTorch's own dispatcher would not call it there).
+# The choice depends on the shapes alone, so a block's backward runs where its forward ran (with its aux).
 SMALL_BLOCK = 8
 
 
@@ -128,37 +140,19 @@ def _routed(kernel, q, k):
     return KERNELS["plain" if min(q.shape[1], k.shape[1]) < SMALL_BLOCK else kernel]
 
 
-def block_fwd(kernel, q, k, v, scale, causal):
-    return _routed(kernel, q, k)[0](q, k, v, scale, causal)
+def attend_block(kernel, out, lse, q, k, v, scale, causal):
+    """Merge the attention of queries q to the block (k, v) into the running (out, lse) of q (views of
+    larger buffers); return the kernel's aux for the block's backward."""
+    block_out, block_lse, aux = _routed(kernel, q, k)[0](q, k, v, scale, causal)
+    merge_block_(out, lse, block_out, block_lse)
+    return aux
 
 
-def block_bwd(kernel, dout, q, k, v, out, lse, aux, scale, causal):
-    return _routed(kernel, q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
-
-
-# ---------------------------------------------------------- merging blocks
-
-def merge_block_(out, lse, block_out, block_lse):
-    """In place: fold one block's (block_out, block_lse) into the running fp32 (out, lse).
-
-    Exact log-sum-exp merge, lse' = log(e^lse + e^block_lse) and
-    out' = (e^lse * out + e^block_lse * block_out) / e^lse', written without overflow as
-    out -= sigmoid(block_lse - lse) * (out - block_out);  lse -= logsigmoid(lse - block_lse).
-    out (B, T, H, D), lse (B, H, T); may be views (slices) of larger buffers."""
-    block_lse = block_lse.to(lse.dtype)
-    w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, T, H, 1)
-    out.sub_(w * (out - block_out.to(out.dtype)))
-    lse.sub_(F.logsigmoid(lse - block_lse))
-
-
-def fold(acc, block_out, block_lse):
-    """(out, lse) after one more block: the block itself (in the accumulation dtype) when acc is
-    None, else acc with the block merged in place."""
-    if acc is None:
-        dtype = _acc_dtype(block_out)
-        return block_out.to(dtype), block_lse.to(dtype).contiguous()
-    merge_block_(*acc, block_out, block_lse)
-    return acc
+def add_block_grads(kernel, dq, dk, dv, dout, q, k, v, out, lse, aux, scale, causal):
+    """Add one block's share of the gradients to the fp32 dq, dk, dv (views of larger buffers)."""
+    grads = _routed(kernel, q, k)[1](dout, q, k, v, out, lse, aux, scale, causal)
+    for grad, block_grad in zip((dq, dk, dv), grads):
+        grad += block_grad  # in place: into the buffer dq, dk, dv are views of
 
 
 # ---------------------------------------------------------- the ring
@@ -221,18 +215,13 @@ def _ring_forward(q, k, v, scale, group, kernel, visit=None):
     each K/V block (2, B, T, Hkv, D) as it passes (the shared-prefix branches attend to every one)."""
     world_size, rank = _group_size_rank(group)
     kv = torch.stack([k, v])  # (2, B, T, Hkv, D): only the Hkv heads travel, in one message
-    auxes = []
+    (out, lse), auxes = empty_acc(q), []
     for step in range(world_size):
         if step + 1 < world_size:
             kv_next = _send_recv(kv, group)  # in flight while we compute
         rows, keys, causal = _visitor(rank, world_size, step, q.shape[1] // 2)
-        k_b, v_b = kv[:, :, keys]
-        block_out, block_lse, aux = block_fwd(kernel, q[:, rows], k_b, v_b, scale, causal)
-        if step == 0:  # every row sees itself: the accumulators start here
-            out, lse = fold(None, block_out, block_lse)
-        else:
-            merge_block_(out[:, rows], lse[:, :, rows], block_out, block_lse)
-        auxes.append(aux)
+        auxes.append(attend_block(kernel, out[:, rows], lse[:, :, rows], q[:, rows], *kv[:, :, keys], scale,
+                                  causal))
         if visit:
             visit(step, kv)
         if step + 1 < world_size:
@@ -251,15 +240,11 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=N
         if step + 1 < world_size:
             kv_next = _send_recv(kv, group)
         rows, keys, causal = _visitor(rank, world_size, step, q.shape[1] // 2)
-        k_b, v_b = kv[:, :, keys]
-        dq_b, dk_b, dv_b = block_bwd(kernel, dout[:, rows], q[:, rows], k_b, v_b, out[:, rows],
-                                     lse[:, :, rows], auxes[step], scale, causal)
-        dq[:, rows] += dq_b
         # dkv: the fp32 gradient of the block we hold, summed over the ranks it has visited so
         # far. It arrived from the previous rank during our compute; add our share, pass it on.
         dkv = torch.zeros(kv.shape, dtype=_acc_dtype(q), device=q.device) if step == 0 else dkv_next()
-        dkv[0, :, keys] += dk_b
-        dkv[1, :, keys] += dv_b
+        add_block_grads(kernel, dq[:, rows], *dkv[:, :, keys], dout[:, rows], q[:, rows], *kv[:, :, keys],
+                        out[:, rows], lse[:, :, rows], auxes[step], scale, causal)
         if visit:
             visit(step, kv, dkv)
         if world_size > 1:  # after the last step this is the hop home to the block's owner
@@ -274,9 +259,8 @@ def _ring_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, visit=N
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, kernel, layout):
-        branch_kv = None
         if layout is None:
-            out, lse, auxes = _ring_forward(q, k, v, scale, group, kernel)
+            (out, lse, auxes), branch_kv = _ring_forward(q, k, v, scale, group, kernel), None
         else:
             out, lse, auxes, branch_kv = _branched_forward(q, k, v, scale, group, kernel, layout)
         out = out.to(q.dtype)
@@ -297,35 +281,23 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _check_inputs(q, k, v, layout):
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"ring_attention: q, k, v must be 4-D (B, T, H, D), k and v the same shape; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    (B, T, Hq, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
-    if (B, T, D) != (Bk, Tk, Dk):
-        raise ValueError(f"ring_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in "
-                         "batch, local length and head dim (layout (B, T, H, D), not (B, H, T, D))")
-    if Hq % Hkv:
-        raise ValueError(f"ring_attention: {Hq} query heads is not a multiple of {Hkv} key/value heads")
-    n = layout.n_prefix if layout else T
-    if n % 2 or n < 2:
-        raise ValueError(f"ring_attention: local {'prefix ' if layout else ''}length {n} is odd or 0; the "
-                         "input must be a zigzag shard (two equal chunks): pad the whole sequence to a "
-                         "multiple of 2*world_size and cut it with zigzag_shard")
-    if layout and n + layout.n_branch != T:
-        raise ValueError(f"ring_attention: {T} local tokens, but the layout has {n} prefix + "
-                         f"{layout.n_branch} branch tokens")
-    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
-        raise ValueError("ring_attention: q, k, v must share dtype and device")
-
-
 def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layout=None):
     """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world; LOCAL: this
     process alone). q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D)
     in q's dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
     BranchLayout (next section) the local tokens are a prefix shard followed by a slice of branches that
-    share the prefix, and the mask is the layout's. kernel: auto or a name of KERNELS."""
-    _check_inputs(q, k, v, layout)
+    share the prefix, and the mask is the layout's. kernel: auto or a name of KERNELS. Bad shapes are a
+    ValueError saying what is wrong (else a cryptic error or a hang)."""
+    if not (q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[2] % k.shape[2] == 0
+            and q.shape[:2] + q.shape[3:] == k.shape[:2] + k.shape[3:] and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must "
+                         "be (B, T, H, D) of one dtype, alike but for H: the query heads a multiple of the "
+                         "key/value heads, k and v the same shape")
+    n = layout.n_prefix if layout else q.shape[1]
+    if n % 2 or n < 2 or (layout and n + layout.n_branch != q.shape[1]):
+        raise ValueError(f"ring_attention: the local prefix of {n} tokens (of {q.shape[1]}: prefix + branch "
+                         "slice) is no zigzag shard of two equal chunks: pad the whole sequence to a "
+                         "multiple of 2*world_size and cut it with zigzag_shard")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return RingAttentionFunction.apply(q, k, v, scale, group, pick_kernel(q, kernel, k.shape[2]), layout)
 
@@ -361,18 +333,17 @@ class BranchLayout:
 
 
 def _branched_forward(q, k, v, scale, group, kernel, layout):
-    fwd, n, rank = functools.partial(block_fwd, kernel), layout.n_prefix, _group_size_rank(group)[1]
-    qb, auxes, acc = q[:, n:], {}, {}
+    n, rank, auxes = layout.n_prefix, _group_size_rank(group)[1], {}
+    qb = q[:, n:]
+    out_b, lse_b = empty_acc(qb)
 
-    def visit(step, kv):
-        block_out, block_lse, auxes["prefix", step] = fwd(qb, kv[0], kv[1], scale, False)
-        acc["branch"] = fold(acc.get("branch"), block_out, block_lse)
+    def visit(step, kv):  # the branch queries see every prefix block in full
+        auxes["prefix", step] = attend_block(kernel, out_b, lse_b, qb, *kv, scale, False)
     out, lse, ring_auxes = _ring_forward(q[:, :n], k[:, :n], v[:, :n], scale, group, kernel, visit)
-    out_b, lse_b = acc["branch"]
     kv = torch.cat(_all_gather(torch.stack([k[:, n:], v[:, n:]]), group), 2)  # (2, B, branch region, Hkv, D)
     for name, rows, keys, causal in layout.blocks(rank):
-        block_out, block_lse, auxes[name] = fwd(qb[:, rows], kv[0, :, keys], kv[1, :, keys], scale, causal)
-        merge_block_(out_b[:, rows], lse_b[:, :, rows], block_out, block_lse)
+        auxes[name] = attend_block(kernel, out_b[:, rows], lse_b[:, :, rows], qb[:, rows], *kv[:, :, keys],
+                                   scale, causal)
     # kv is kept for the backward (the region is small): no second gather
     return torch.cat([out, out_b], 1), torch.cat([lse, lse_b], 2), (ring_auxes, auxes), kv
 
@@ -380,25 +351,19 @@ def _branched_forward(q, k, v, scale, group, kernel, layout):
 def _branched_backward(dout, q, k, v, out, lse, auxes, scale, group, kernel, layout, kv):
     """The same blocks' backward with the global out and lse. The branch region's dk/dv are summed
     over the ranks and each rank keeps its slice (the gradient goes home to each key's owner)."""
-    bwd, n, (ring_auxes, auxes) = functools.partial(block_bwd, kernel), layout.n_prefix, auxes
-    world_size, rank = _group_size_rank(group)
+    n, (ring_auxes, auxes), (world_size, rank) = layout.n_prefix, auxes, _group_size_rank(group)
     dout_b, qb, out_b, lse_b = dout[:, n:], q[:, n:], out[:, n:], lse[:, :, n:]
     dq_b = torch.zeros(qb.shape, dtype=_acc_dtype(q), device=q.device)
 
     def visit(step, kv, dkv):  # the branch queries' share of each prefix block's gradients
-        dq_, dk_, dv_ = bwd(dout_b, qb, kv[0], kv[1], out_b, lse_b, auxes["prefix", step], scale, False)
-        dq_b.add_(dq_)
-        dkv[0] += dk_
-        dkv[1] += dv_
+        add_block_grads(kernel, dq_b, *dkv, dout_b, qb, *kv, out_b, lse_b, auxes["prefix", step], scale,
+                        False)
     dq, dk, dv = _ring_backward(dout[:, :n], q[:, :n], k[:, :n], v[:, :n], out[:, :n], lse[:, :, :n],
                                 ring_auxes, scale, group, kernel, visit)
     dkv = torch.zeros(kv.shape, dtype=dq_b.dtype, device=kv.device)
     for name, rows, keys, causal in layout.blocks(rank):
-        dq_, dk_, dv_ = bwd(dout_b[:, rows], qb[:, rows], kv[0, :, keys], kv[1, :, keys], out_b[:, rows],
-                            lse_b[:, :, rows], auxes[name], scale, causal)
-        dq_b[:, rows] += dq_
-        dkv[0, :, keys] += dk_
-        dkv[1, :, keys] += dv_
+        add_block_grads(kernel, dq_b[:, rows], *dkv[:, :, keys], dout_b[:, rows], qb[:, rows],
+                        *kv[:, :, keys], out_b[:, rows], lse_b[:, :, rows], auxes[name], scale, causal)
     if world_size > 1:
         dist.all_reduce(dkv, group=group)
     dkv_b = dkv[:, :, rank * layout.n_branch:(rank + 1) * layout.n_branch]  # (2, B, n_branch, Hkv, D)
@@ -414,22 +379,16 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
     rank 0 only. q (B, Tq, Hq, D): the newest Tq of them. Each rank attends to its keys; the partial
     results merge across the group by the lse rule, as the branches merge the prefix blocks; only the
     small (out, lse) travel."""
-    fwd = functools.partial(block_fwd, pick_kernel(q, kernel, k.shape[2]))
+    kernel, out, lse = pick_kernel(q, kernel, k.shape[2]), *empty_acc(q)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    B, Tq, Hq, D = q.shape
-    blocks = [(k[:, :n_prefix], v[:, :n_prefix], False)] if n_prefix else []
-    if _group_size_rank(group)[1] == 0:  # the generated tokens, causal among the newest queries
-        n = k.shape[1] - n_prefix
-        if n > Tq:
-            blocks.append((k[:, n_prefix:n_prefix + n - Tq], v[:, n_prefix:n_prefix + n - Tq], False))
-        blocks.append((k[:, k.shape[1] - Tq:], v[:, k.shape[1] - Tq:], True))
-    acc = None
-    for kb, vb, causal in blocks:
-        acc = fold(acc, *fwd(q, kb, vb, scale, causal)[:2])
-    if acc is None:  # a rank holding no prompt keys and not counting the generated ones adds nothing
-        acc = (torch.zeros(B, Tq, Hq, D, dtype=_acc_dtype(q), device=q.device),
-               torch.full((B, Hq, Tq), float("-inf"), dtype=_acc_dtype(q), device=q.device))
-    both = torch.cat([acc[0], acc[1].transpose(1, 2).unsqueeze(-1)], -1)  # (B, Tq, Hq, D + 1): one message
+    first = _group_size_rank(group)[1] == 0
+    n_past = k.shape[1] - q.shape[1] if first else n_prefix  # the keys in the past of every new query
+    if n_past:
+        attend_block(kernel, out, lse, q, k[:, :n_past], v[:, :n_past], scale, False)
+    if first:  # the newest Tq tokens, causal among themselves (the generated ones: on rank 0 only)
+        attend_block(kernel, out, lse, q, k[:, n_past:], v[:, n_past:], scale, True)
+    # a rank holding no prompt keys adds nothing: its lse is log 0
+    both = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # (B, Tq, Hq, D + 1): one message
     parts = torch.stack(_all_gather(both, group))  # (W, B, Tq, Hq, D + 1)
     lses = parts[..., -1:]
     return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0).to(q.dtype)
@@ -447,23 +406,13 @@ def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling
     passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
     for none), `ring_layout=` for a shared prefix with branches, and `ring_decode=` (this rank's
     number of prompt keys in the cache) for the decoding steps of sequence-parallel generation."""
-    world_size = _group_size_rank(ring_group)[0]
-    if attention_mask is not None:
-        raise ValueError("ring_attention takes no attention mask: it is causal over the whole "
-                         "sequence; pad at the end (never a target) and do not pass attention_mask")
-    if dropout:
-        raise ValueError("ring_attention has no attention dropout; set config.attention_dropout = 0")
-    if sliding_window is not None and sliding_window < world_size * query.shape[2]:
-        raise ValueError(f"ring_attention computes full causal attention but the config has "
-                         f"sliding_window={sliding_window}; set config.sliding_window = None")
+    if attention_mask is not None or dropout or sliding_window is not None:
+        raise ValueError("ring_attention is causal over the whole sequence: pass no attention_mask (pad at "
+                         "the end), set config.attention_dropout = 0 and config.sliding_window = None")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     if ring_decode is not None:
-        out = decode_attention(q, k, v, ring_decode, group=ring_group, softmax_scale=scaling,
-                               kernel=KERNEL[0])
-    else:
-        out = ring_attention(q, k, v, group=ring_group, softmax_scale=scaling, kernel=KERNEL[0],
-                             layout=ring_layout)
-    return out, None  # (B, T, Hq, D), no attention weights
+        return decode_attention(q, k, v, ring_decode, ring_group, scaling, KERNEL[0]), None
+    return ring_attention(q, k, v, ring_group, scaling, KERNEL[0], ring_layout), None  # no attention weights
 
 
 AttentionInterface.register("ring_attention", hf_ring_attention_forward)
@@ -473,9 +422,9 @@ AttentionInterface.register("ring_attention", hf_ring_attention_forward)
 # The block kernel contract, computed without the Tq x Tk scores; `auto` tries AUTO_ORDER, fastest first:
 #   cudnn       CUDA  aten._scaled_dot_product_cudnn_attention          H100 bf16 fwd+bwd: 550-590 TFLOP/s
 #   sdpa_flash  CUDA  aten._scaled_dot_product_flash_attention (FA-2)   316-326; runs where cuDNN refuses
-#   flash_attn  CUDA  flash-attn >= 2.7, if installed                   about 330-350 as published
 #   cpu         CPU   aten._scaled_dot_product_flash_attention_for_cpu  tiled, flash-style
-# (measured by hand). All take GQA natively; PyTorch's ops take (B, H, T, D): transposed views, no copies.
+# (measured by hand). All take GQA natively and (B, H, T, D): transposed views, no copies. The FA-2 op is
+# FlashAttention-2 itself (the flash-attn package published about 330-350), so no package is needed.
 
 def _bhtd(*xs):
     return [x.transpose(1, 2) for x in xs]  # (B, T, H, D) <-> (B, H, T, D) views
@@ -520,102 +469,50 @@ def sdpa_flash_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return _bhtd(*grads)
 
 
-def flash_attn_fwd(q, k, v, scale, causal):
-    from flash_attn.flash_attn_interface import _flash_attn_forward  # the signature of flash-attn >= 2.7
-    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
-    return out, lse, None
-
-
-def flash_attn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
-    from flash_attn.flash_attn_interface import _flash_attn_backward
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _flash_attn_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv,
-                         0.0, scale, causal, -1, -1, 0.0, None, False, None)
-    return dq, dk, dv
-
-
 KERNELS = {"cudnn": (cudnn_fwd, cudnn_bwd), "sdpa_flash": (sdpa_flash_fwd, sdpa_flash_bwd),
-           "flash_attn": (flash_attn_fwd, flash_attn_bwd), "cpu": (cpu_fwd, cpu_bwd),
-           "plain": (plain_fwd, plain_bwd)}
-AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash", "flash_attn"), "cpu": ("cpu",)}
-PLAIN_MAX_SCORE_BYTES = 1 << 30  # beyond this the plain kernel's T x T scores are an error, not a fallback
-# The probe's blocks, (query rows, keys, causal): the ring's chunks and the branches' pieces come in any
-# length, odd ones included; none under SMALL_BLOCK (those never reach a fused kernel).
-PROBE_SHAPES = ((128, 128, True), (64, 128, False), (67, 67, True), (67, 131, False), (131, 67, False))
-
-
-@functools.lru_cache(maxsize=None)
-def flash_attn_available():
-    try:
-        import flash_attn
-    except ImportError:
-        return False
-    # 2.7 split window_size into window_size_left/right and returns (out, lse, S, rng) from the forward
-    return tuple(int(x) for x in flash_attn.__version__.split(".")[:2]) >= (2, 7)
+           "cpu": (cpu_fwd, cpu_bwd), "plain": (plain_fwd, plain_bwd)}
+AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash"), "cpu": ("cpu",)}
 
 
 class KernelError(ValueError):
-    """No block kernel for these inputs: one asked for by name that is unknown or fails the probe, or no fused
-    one where the plain kernel's scores would be large (the scripts print it as one line)."""
+    """A block kernel asked for by name that fails the probe (the scripts print it as one line)."""
 
 
 @functools.lru_cache(maxsize=None)
 def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
-    """None if kernel `name` gives the plain kernel's out, lse, dq, dk, dv (within 5%) on every block of
-    PROBE_SHAPES for this device, dtype and heads; else what it did on the first block it got wrong."""
-    if name == "flash_attn" and not flash_attn_available():
-        return "needs flash-attn >= 2.7, not installed (pip install flash-attn --no-build-isolation)"
-    fwd, bwd = KERNELS[name]
-    gen, scale = torch.Generator(device=device).manual_seed(0), head_dim ** -0.5
-    for tq, tk, causal in PROBE_SHAPES:
-        block = f"on a {'causal' if causal else 'full'} {tq}x{tk} block of {dtype}"
-        q, dout = torch.randn(2, 1, tq, heads, head_dim, generator=gen, device=device).to(dtype)
-        k, v = torch.randn(2, 1, tk, kv_heads, head_dim, generator=gen, device=device).to(dtype)
-        want_out, want_lse, _ = plain_fwd(q, k, v, scale, causal)
-        # The backward as the ring calls it, with a GLOBAL out and lse: this block's merged with one of equal
-        # mass and zero values (a kernel that used the block's own lse would get dq, dk, dv wrong).
-        out_g, lse_g = (want_out / 2).to(dtype), want_lse + math.log(2)
-        want = [want_out, want_lse, *plain_bwd(dout, q, k, v, out_g, lse_g, None, scale, causal)]
+    """None if kernel `name` gives the plain kernel's out, lse, dq, dk, dv (finite, within 5%) for this
+    device, dtype and heads, in a ring of one with branches: blocks of 9 to 134 rows, odd ones too, causal
+    and not, each backward with the GLOBAL out and lse. Else what went wrong."""
+    gen, layout = torch.Generator(device=device).manual_seed(0), BranchLayout(134, (9, 67), 76)
+    q, dout = torch.randn(2, 1, 210, heads, head_dim, generator=gen, device=device).to(dtype)
+    k, v = torch.randn(2, 1, 210, kv_heads, head_dim, generator=gen, device=device).to(dtype)
+    scale, results = head_dim ** -0.5, []
+    for kernel in ("plain", name):
         try:
-            out, lse, aux = fwd(q, k, v, scale, causal)
-            got = [out, lse, *bwd(dout, q, k, v, out_g, lse_g, aux, scale, causal)]
-        except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, IndexError) as e:
-            return f"fails ({str(e).splitlines()[0][:160]}) {block}"
-        if [g.shape for g in got] != [w.shape for w in want]:
-            shapes = [tuple(g.shape) for g in got], [tuple(w.shape) for w in want]
-            return "returns shapes {}, not {} ".format(*shapes) + block
-        if not all(bool(torch.isfinite(g).all()) for g in got):  # first: a NaN error passes any `error > tol`
-            return f"returns NaN or inf {block}"
-        error = max(float((g.double() - w.double()).abs().max() / w.double().abs().max())
-                    for g, w in zip(got, want))
-        if error > 0.05:  # bf16 is within 1e-2
-            return f"is wrong (max relative error {error:.2g}) {block}"
-    return None
+            out, lse, auxes, kv = _branched_forward(q, k, v, scale, LOCAL, kernel, layout)
+            grads = _branched_backward(dout, q, k, v, out.to(dtype), lse, auxes, scale, LOCAL, kernel, layout,
+                                       kv)
+        except Exception as e:  # a private op refusing these inputs (a dtype, a head dim, the card)
+            return f"fails ({str(e).splitlines()[0][:160]}) on {dtype}"
+        results.append([out, lse, *grads])
+    errors = [(got.double() - want.double()).abs().max() / want.double().abs().max()
+              for want, got in zip(*results)]
+    error = float(torch.stack(errors).max())  # NaN if any is: a NaN fails
+    return None if error <= 0.05 else f"is wrong (max relative error {error:.2g}) on {dtype}"
 
 
 def pick_kernel(q, kernel="auto", kv_heads=None):
-    """The name of the block kernel for q (B, T, Hq, D) of the LOCAL sequence. auto: the first fused kernel
-    of AUTO_ORDER for its device that passes the probe, else the plain kernel for short sequences. A fused
-    kernel asked for by name must pass the probe, else one line names the block it got wrong."""
-    B, T, Hq, D = q.shape
-    config, heads = (q.device, q.dtype, Hq, kv_heads or Hq, D), f"{Hq}/{kv_heads or Hq} heads of {D}"
-    if kernel != "auto":
-        if kernel not in KERNELS:
-            raise KernelError(f"kernel={kernel!r}: choose one of auto, {', '.join(KERNELS)}")
-        failure = kernel != "plain" and probe_kernel(kernel, *config)
-        if failure:
-            raise KernelError(f"--attn-kernel {kernel} {failure} with {heads} on {q.device.type}; "
-                              "use --attn-kernel auto")
-        return kernel
-    for name in AUTO_ORDER.get(q.device.type, ()):
+    """The name of the block kernel for q (B, T, Hq, D): auto, the first fused kernel of AUTO_ORDER for its
+    device that passes the probe (warning of each that fails), else the plain kernel. A fused kernel asked
+    for by name must pass the probe, else one line says how it failed."""
+    config = (q.device, q.dtype, q.shape[2], kv_heads or q.shape[2], q.shape[3])
+    heads = f"with {config[2]}/{config[3]} heads of {config[4]} on {q.device.type}"
+    for name in AUTO_ORDER.get(q.device.type, ()) if kernel == "auto" else ():
         failure = probe_kernel(name, *config)
         if not failure:
             return name
-        warnings.warn(f"ring_attention: kernel {name!r} {failure} with {heads}; not used")
-    score_bytes = B * Hq * T * T * 4  # the diagonal block's fp32 scores
-    if score_bytes > PLAIN_MAX_SCORE_BYTES:
-        raise KernelError(
-            f"ring_attention: no fused kernel runs {q.dtype} with head dim {D} on {q.device.type}, and the "
-            f"plain kernel would hold {score_bytes / 2**30:.1f} GiB of scores for {T} local tokens: use "
-            "bfloat16 or float16 (--dtype bfloat16 / auto), install flash-attn >= 2.7, or more SP ranks")
-    return "plain"
+        warnings.warn(f"ring_attention: kernel {name!r} {failure} {heads}; not used")
+    failure = kernel not in ("auto", "plain") and probe_kernel(kernel, *config)
+    if failure:
+        raise KernelError(f"--attn-kernel {kernel} {failure} {heads}; use --attn-kernel auto")
+    return "plain" if kernel == "auto" else kernel
