@@ -14,13 +14,14 @@ row and the deltas); --out, the JSON of every score, is replaced atomically afte
         --pref-data data/heldout_128k --out runs/eval-128k.json
 """
 import dataclasses
+import itertools
 import json
 import os
 import random
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,10 @@ from tqdm import tqdm
 
 import data_gen
 import longpo
-from longpo import UsageError, arg, check_at_least, use_kernel
+from longpo import UsageError, arg, check_at_least
 
 
-@dataclass
+@dataclasses.dataclass
 class EvalConfig:
     """Long-context gain and short-context retention of models, against a baseline."""
     model: str = arg("runs/longpo-tiny/final", "model(s), comma-separated")
@@ -44,7 +45,6 @@ class EvalConfig:
     pref_data: str = arg("data/longpo_tiny", "held-out pairs (kl, pref)")
     max_pairs: int = arg(16, "at most this many preference records")
     out: str = arg("runs/eval.json", "JSON of all scores (replaced)")
-    attn_kernel: str = arg("auto", "auto|cudnn|sdpa_flash|flash_attn|cpu|plain")
     seed: int = arg(0, "seed of the synthetic prompts")
 
 
@@ -70,10 +70,6 @@ INFBENCH = {  # task: file, instruction (our words), answer tokens
 
 # ---------------------------------------------------------- scorers
 
-def mean(values):
-    return sum(values) / len(values)
-
-
 def normalize_answer(text):
     """Lower case, no punctuation, no articles, single spaces (SQuAD / InfiniteBench style)."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
@@ -81,10 +77,8 @@ def normalize_answer(text):
 
 
 def f_measure(common, n_prediction, n_reference):
-    if not common:
-        return 0.0
-    precision, recall = common / n_prediction, common / n_reference
-    return 2 * precision * recall / (precision + recall)
+    """F1 = 2 P R / (P + R) of P = common / n_prediction, R = common / n_reference: 2 common / (n_p + n_r)."""
+    return 2 * common / max(1, n_prediction + n_reference)
 
 
 def token_f1(prediction, reference):
@@ -129,13 +123,11 @@ def first_number(prediction, expected):
 # ---------------------------------------------------------- prompts of the long tasks
 
 def parse_lengths(spec):
-    out = []
-    for item in spec.split(","):
-        item = item.strip().lower()
-        if not re.fullmatch(r"\d+k?", item) or not int(item.rstrip("k")):
+    items = [item.strip().lower() for item in spec.split(",")]
+    for item in items:
+        if not re.fullmatch(r"0*[1-9]\d*k?", item):
             raise UsageError(f"--lengths: {item!r} is not a length like 4096 or 4k")
-        out.append(int(item[:-1]) * 1024 if item.endswith("k") else int(item))
-    return out
+    return [int(item.rstrip("k")) * (1024 if item.endswith("k") else 1) for item in items]
 
 
 def ruler_sample(task, rng):
@@ -190,18 +182,6 @@ def build_ruler_prompt(tokenizer, needles, depth, question, length, rng):
     return assemble(lo)
 
 
-def ruler_prompts(tokenizer, lengths, cfg):
-    """[(task, length, ids, max_new_tokens, expected)]: DEPTHS x --samples prompts per task and length."""
-    prompts = []
-    for task, length, depth, s in [(t, n, d, s) for t in RULER_TASKS for n in lengths for d in DEPTHS
-                                   for s in range(cfg.samples)]:
-        rng = random.Random(f"{cfg.seed}-{task}-{length}-{depth}-{s}")
-        needles, question, expected, max_new = ruler_sample(task, rng)
-        ids, _ = build_ruler_prompt(tokenizer, needles, depth, question, length, rng)
-        prompts.append((task, length, ids, max_new, expected))
-    return prompts
-
-
 def facts_prompt(tokenizer, length, depth, seed):
     """(Prompt ids, expected number): a held-out demo document (facts "At Barwick 57 maps were counted.")
     cut after the most paragraphs that fit `length` tokens, a question about its fact nearest `depth`."""
@@ -217,30 +197,32 @@ def facts_prompt(tokenizer, length, depth, seed):
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if len(build(mid)[0]) <= length else (lo, mid)
-    if lo == 0:
-        raise UsageError(f"--lengths {length}: too short for a prompt with one paragraph of the facts task")
-    ids, expected = build(lo)
-    if lo == len(paragraphs) and len(ids) < length:
-        raise UsageError(f"--lengths {length}: the facts task's documents hold at most about {len(ids)} "
-                         "tokens with this tokenizer; give shorter --lengths")
-    return ids, expected
+    if lo == 0 or (lo == len(paragraphs) and len(build(lo)[0]) < length):  # no paragraph, or all and short
+        raise UsageError(f"--lengths {length}: the facts task's prompts take {len(build(1)[0])} (one "
+                         f"paragraph) to about {len(build(len(paragraphs))[0])} tokens with this tokenizer")
+    return build(lo)
 
 
-def facts_prompts(tokenizer, lengths, cfg):
-    """[("facts", length, ids, max_new_tokens, expected)]: DEPTHS x --samples documents per length."""
+def long_prompts(tokenizer, task, lengths, cfg):
+    """[(task, length, ids, max_new_tokens, expected)] of `task`, ruler (its six tasks) or facts: DEPTHS x
+    --samples prompts per task and length, each from a seed of its own."""
     prompts = []
-    for length, depth, s in [(n, d, s) for n in lengths for d in DEPTHS for s in range(cfg.samples)]:
-        seed = random.Random(f"facts-{cfg.seed}-{length}-{depth}-{s}").randrange(1 << 30) + (1 << 30)
-        ids, expected = facts_prompt(tokenizer, length, depth, seed)
-        prompts.append(("facts", length, ids, 8, expected))
+    names = RULER_TASKS if task == "ruler" else ("facts",)
+    for name, length, depth, s in itertools.product(names, lengths, DEPTHS, range(cfg.samples)):
+        if name == "facts":
+            seed = random.Random(f"facts-{cfg.seed}-{length}-{depth}-{s}").randrange(1 << 30) + (1 << 30)
+            (ids, expected), max_new = facts_prompt(tokenizer, length, depth, seed), 8
+        else:
+            rng = random.Random(f"{cfg.seed}-{name}-{length}-{depth}-{s}")
+            needles, question, expected, max_new = ruler_sample(name, rng)
+            ids = build_ruler_prompt(tokenizer, needles, depth, question, length, rng)[0]
+        prompts.append((name, length, ids, max_new, expected))
     return prompts
 
 
 def truncate_middle(ids, max_len):
     """Keep the first and last max_len/2 tokens (InfiniteBench's truncation)."""
-    if len(ids) <= max_len:
-        return ids
-    return ids[:max_len // 2] + ids[len(ids) - (max_len - max_len // 2):]
+    return ids if len(ids) <= max_len else ids[:max_len // 2] + ids[len(ids) - (max_len - max_len // 2):]
 
 
 # ---------------------------------------------------------- the tasks
@@ -254,10 +236,10 @@ def eval_prompts(model, tokenizer, prompts, score, par=None):
     """{task: {"avg": mean over lengths, length: mean score}} of [(task, length, ids, max_new, expected)]."""
     scores = {}
     for task, length, ids, max_new, expected in tqdm(prompts, desc="prompts", leave=False):
-        answer = greedy(model, tokenizer, ids, max_new, par)
-        scores.setdefault(task, {}).setdefault(str(length), []).append(score(answer, expected))
-    per_length = {task: {n: mean(v) for n, v in by_len.items()} for task, by_len in scores.items()}
-    return {task: {"avg": mean(list(v.values())), **v} for task, v in per_length.items()}
+        answer = score(greedy(model, tokenizer, ids, max_new, par), expected)
+        scores.setdefault(task, {}).setdefault(str(length), []).append(answer)
+    per_length = {task: {n: fmean(v) for n, v in by_len.items()} for task, by_len in scores.items()}
+    return {task: {"avg": fmean(list(v.values())), **v} for task, v in per_length.items()}
 
 
 def eval_copy(model, tokenizer, cfg, par=None):
@@ -271,7 +253,7 @@ def eval_copy(model, tokenizer, cfg, par=None):
         want, got = text.split(), greedy(model, tokenizer, ids, n_words + 8, par).split()
         exact.append(float(got == want))
         words.append(sum(a == b for a, b in zip(got, want)) / len(want))
-    return {"exact": mean(exact), "words": mean(words)}
+    return {"exact": fmean(exact), "words": fmean(words)}
 
 
 def eval_infbench(model, tokenizer, tasks, max_len, par=None):
@@ -294,7 +276,7 @@ def eval_infbench(model, tokenizer, tasks, max_len, par=None):
             else:
                 score = max((token_f1 if task == "en_qa" else rouge_l)(answer, a) for a in answers)
             scores.setdefault(task, []).append(score)
-    return {task: mean(values) for task, values in scores.items()}
+    return {task: fmean(values) for task, values in scores.items()}
 
 
 @torch.no_grad()
@@ -304,9 +286,8 @@ def continuation_logp(model, tokenizer, prompt, continuation):
                     for text in (prompt, continuation))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + p_ids + c_ids], device=next(model.parameters()).device)
-    logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    targets = ids[0, 1:]
-    return logps[torch.arange(len(targets)), targets][-len(c_ids):].sum().item()
+    logps = F.log_softmax(model(input_ids=ids).logits[0, -len(c_ids) - 1:-1].float(), -1)  # (len(c_ids), V)
+    return logps.gather(-1, ids[0, -len(c_ids):, None]).sum().item()
 
 
 def eval_mc(model, tokenizer, items):
@@ -316,8 +297,8 @@ def eval_mc(model, tokenizer, items):
         logps = [continuation_logp(model, tokenizer, f"Question: {ex['question']}\nAnswer:", f" {c}")
                  for c in ex["choices"]]
         norm = [lp / max(1, len(str(c))) for lp, c in zip(logps, ex["choices"])]
-        acc += int(max(range(len(logps)), key=logps.__getitem__) == ex["answer"])
-        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex["answer"])
+        acc += int(logps.index(max(logps)) == ex["answer"])  # the first of equal ones
+        acc_norm += int(norm.index(max(norm)) == ex["answer"])
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
 
 
@@ -342,53 +323,43 @@ def eval_kl(model, ref_model, tokenizer, records):
     return {"kl": kl_sum / max(n, 1), "logp_change": delta_sum / max(n, 1), "tokens": n}
 
 
-def pair_logps(model, tokenizer, rec, par):
-    """(log pi(y_S|x_L), log pi(y_L|x_L)) of a record's answers on the LONG input over par's ring: the
-    pair packed after one copy of the document, as training runs it."""
-    seq = longpo.prepare_packed(longpo.build_example(rec, tokenizer), par, tokenizer.pad_token_id)
-    logps = longpo.sequence_logps(model, seq, par)
-    return logps["chosen"], logps["rejected"]
-
-
 @torch.no_grad()
 def eval_pref(model, tokenizer, records, par, beta):
-    """Reward accuracy and margin of the policy on the LONG inputs: Eq. 12's rewards against the
-    data's short-input reference log-probs."""
+    """Reward accuracy and margin of the policy on the LONG inputs: Eq. 12's rewards against the data's
+    short-input reference log-probs; the pair packed after one copy of the document, as training runs it."""
     model.set_attn_implementation("ring_attention")  # a packed pair needs its branch mask
     acc = margin = 0.0
     for rec in records:
+        seq = longpo.prepare_packed(longpo.build_example(rec, tokenizer), par, tokenizer.pad_token_id)
+        logps = longpo.sequence_logps(model, seq, par)
         refs = [torch.tensor([rec[f"ref_{side}_logp"]], dtype=torch.float64, device=par.device)
                 for side in ("chosen", "rejected")]
-        _, chosen, rejected = longpo.longpo_loss(*pair_logps(model, tokenizer, rec, par), *refs, beta)
+        _, chosen, rejected = longpo.longpo_loss(logps["chosen"], logps["rejected"], *refs, beta)
         acc += float(chosen.item() > rejected.item())
         margin += (chosen - rejected).item()
     model.set_attn_implementation("sdpa")  # generation sets up its own
     return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
 
 
-# ---------------------------------------------------------- input files
+# ---------------------------------------------------------- glue: input files, the table, main
 
 def read_jsonl(path, fields, flag):
     """The objects of a JSONL file; a bad line or a missing field names the flag, file and line."""
-    where = f"{flag} {path}"
     if not os.path.isfile(path):
-        raise UsageError(f"{where} does not exist")
+        raise UsageError(f"{flag} {path} does not exist")
     items = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, line in [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]:
             try:
-                ex = json.loads(line)
+                items.append(json.loads(line))
             except ValueError as e:
-                raise UsageError(f"{where}:{lineno}: not valid JSON ({e})") from None
-            missing = [k for k in fields if not isinstance(ex, dict) or k not in ex]
+                raise UsageError(f"{flag} {path}:{lineno}: not valid JSON ({e})") from None
+            missing = [k for k in fields if not isinstance(items[-1], dict) or k not in items[-1]]
             if missing:
-                raise UsageError(f"{where}:{lineno}: field '{missing[0]}' is missing (needs "
+                raise UsageError(f"{flag} {path}:{lineno}: field '{missing[0]}' is missing (needs "
                                  f"{', '.join(fields)})")
-            items.append(ex)
     if not items:
-        raise UsageError(f"{where} holds no examples")
+        raise UsageError(f"{flag} {path} holds no examples")
     return items
 
 
@@ -407,19 +378,16 @@ def load_mc(spec):
     sets = {}
     for path in spec.split(","):
         items = read_jsonl(path, ("question", "choices", "answer"), "--mc")
-        for lineno, ex in enumerate(items, 1):
-            letter = isinstance(ex["answer"], str) and len(ex["answer"]) == 1 and ex["answer"].isalpha()
-            index = ord(ex["answer"].upper()) - 65 if letter else ex["answer"]
-            choices = ex["choices"] if isinstance(ex["choices"], list) else []
-            if not (type(index) is int and 0 <= index < len(choices)):
-                raise UsageError(f"--mc {path}: example {lineno}: 'choices' must be a list and 'answer' = "
-                                 f"{ex['answer']!r} the index or letter of one")
-            ex["answer"] = index
+        for i, ex in enumerate(items, 1):
+            if isinstance(ex["answer"], str) and len(ex["answer"]) == 1 and ex["answer"].isalpha():
+                ex["answer"] = ord(ex["answer"].upper()) - 65  # a letter
+            if not (isinstance(ex["choices"], list) and type(ex["answer"]) is int
+                    and 0 <= ex["answer"] < len(ex["choices"])):
+                raise UsageError(f"--mc {path}: example {i}: 'choices' must be a list and 'answer' the index "
+                                 "or letter of one")
         sets[os.path.splitext(os.path.basename(path))[0]] = items
     return sets
 
-
-# ---------------------------------------------------------- glue
 
 def prepare_inputs(cfg, tasks):
     """Every flag, model name and input file checked, and the inputs of the tasks made, before any model
@@ -427,8 +395,11 @@ def prepare_inputs(cfg, tasks):
     if not tasks or set(tasks) - set(TASKS):
         raise UsageError(f"--tasks {cfg.tasks!r}: choose from {', '.join(TASKS)}")
     check_at_least(cfg, ("samples", "max_pairs"), 1)
-    use_kernel(cfg.attn_kernel)
-    inputs = {"lengths": parse_lengths(cfg.lengths), "records": [], **resolve_models(cfg)}
+    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):  # a folder where the file goes
+        raise UsageError(f"--out {cfg.out} is a folder; use a file: {os.path.join(cfg.out, 'eval.json')}")
+    models, baseline, beta = resolve_models(cfg)
+    inputs = {"models": models, "baseline": baseline, "beta": beta, "records": [],
+              "lengths": parse_lengths(cfg.lengths)}
     for task, loader in (("infbench", load_infbench), ("mc", load_mc)):
         if task in tasks:  # an empty --infbench or --mc fails there, naming its flag
             inputs[task] = loader(getattr(cfg, task))
@@ -438,50 +409,37 @@ def prepare_inputs(cfg, tasks):
                              "`python data_gen.py`, or drop kl and pref from --tasks")
         records = longpo.Records(cfg.pref_data, need_ref=True)
         inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
-    if "facts" in tasks:  # each model's tokenizer's: a length that does not fit is a UsageError
-        inputs["facts"] = {name: facts_prompts(longpo.load_tokenizer(name), inputs["lengths"], cfg)
-                           for name in inputs["models"]}
-    if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):  # before any work: a folder where the file goes
-        raise UsageError(f"--out {cfg.out} is a folder; give the output file, e.g. "
-                         f"{os.path.join(cfg.out, 'eval.json')}")
+    for task in [t for t in ("ruler", "facts") if t in tasks]:  # each model's tokenizer's; facts can fail
+        inputs[task] = {name: long_prompts(longpo.load_tokenizer(name), task, inputs["lengths"], cfg)
+                        for name in models}
     return inputs
 
 
 def resolve_models(cfg):
-    """{"models": the baseline first, then --model, "baseline" ('' for none), "ref_model" (of kl), "beta"
-    (of pref)}. The baseline (--baseline auto) and beta are those of the longpo.py run whose final/ is
-    the first --model (its config.json); beta 0.1, the paper's, for a model no run trained."""
-    names = list(dict.fromkeys(n.strip() for n in cfg.model.split(",") if n.strip()))
-    if not names:
-        raise UsageError("--model is empty: give a model, or several separated by commas")
-    for name in names:
-        longpo.check_model(name, "--model")
-    path, run = os.path.join(os.path.dirname(os.path.abspath(names[0])), "config.json"), {}
-    if os.path.isdir(names[0]) and os.path.exists(path):
-        with open(path) as f:
-            run = json.load(f)
+    """(the models, the baseline first; the baseline, '' for none; beta of pref). The baseline (--baseline
+    auto) and beta are those of the longpo.py run whose final/ is the first --model (its config.json);
+    beta 0.1, the paper's, for a model no run trained."""
+    names = list(dict.fromkeys(n.strip() for n in cfg.model.split(",")))  # an empty one fails check_model
+    run_config = os.path.join(os.path.dirname(os.path.abspath(names[0])), "config.json")
+    run = json.load(open(run_config)) if os.path.isdir(names[0]) and os.path.isfile(run_config) else {}
     baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
-    if baseline:
-        longpo.check_model(baseline, "--baseline")
-    models = list(dict.fromkeys([baseline] + names if baseline else names))
-    return {"models": models, "baseline": baseline, "ref_model": models[0], "beta": run.get("beta", 0.1)}
+    for name, flag in [(n, "--model") for n in names] + [(baseline, "--baseline")] * bool(baseline):
+        longpo.check_model(name, flag)
+    return list(dict.fromkeys([baseline] * bool(baseline) + names)), baseline, run.get("beta", 0.1)
 
 
 def summary_row(res):
     """The paper-style columns of one model's results."""
-    row = {f"facts/{n}": v for n, v in res.get("facts", {}).items()}
-    row.update({f"copy/{k}": v for k, v in res.get("copy", {}).items()})
-    row.update({f"ruler/{task}": by_len["avg"] for task, by_len in res.get("ruler", {}).items()})
-    if res.get("ruler"):  # the paper's RULER average: the mean of its categories NIAH, VT, QA; and by length
-        ruler, niah = res["ruler"], RULER_TASKS[:4]
-        row["ruler/niah"] = mean([ruler[t]["avg"] for t in niah])
+    ruler, niah = res.get("ruler", {}), RULER_TASKS[:4]
+    row = {f"{task}/{k}": v for task in ("facts", "copy") for k, v in res.get(task, {}).items()}
+    row.update({f"ruler/{task}": by_len["avg"] for task, by_len in ruler.items()})
+    if ruler:  # the paper's RULER average: the mean of its categories NIAH, VT, QA; and by length
+        row["ruler/niah"] = fmean([ruler[t]["avg"] for t in niah])
         for n in ruler["qa"]:  # "avg", then each length
-            row[f"ruler/{n}"] = mean([mean([ruler[t][n] for t in niah]), ruler["vt"][n], ruler["qa"][n]])
+            row[f"ruler/{n}"] = fmean([fmean([ruler[t][n] for t in niah]), ruler["vt"][n], ruler["qa"][n]])
     row.update({f"infbench/{k}": v for k, v in res.get("infbench", {}).items()})
-    for set_name, v in res.get("mc", {}).items():
-        row[f"{set_name}/acc"], row[f"{set_name}/acc_norm"] = v["acc"], v["acc_norm"]
-    if "kl" in res:
-        row["kl"], row["logp_change"] = res["kl"]["kl"], res["kl"]["logp_change"]
+    row.update({f"{name}/{k}": v for name, scores in res.get("mc", {}).items() for k, v in scores.items()})
+    row.update({k: v for k, v in res.get("kl", {}).items() if k != "tokens"})  # kl, logp_change
     if "pref" in res:
         row["pref/acc"], row["pref/margin"] = res["pref"]["reward_accuracy"], res["pref"]["reward_margin"]
     return row
@@ -514,34 +472,29 @@ def main(cfg):
     inputs = prepare_inputs(cfg, tasks)  # every rank, before any process group or model
     rank, world_size, device = longpo.init_distributed()
     par = longpo.setup_parallel(0, rank, world_size, device)  # one ring over all processes
-    results = {name: {} for name in inputs["models"]}
+    models, lengths, records = inputs["models"], inputs["lengths"], inputs["records"]
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": inputs["baseline"], "world_size": world_size,
-                "ref_model_resolved": inputs["ref_model"], "beta_resolved": inputs["beta"]}
-
-    def save(table=None):  # rank 0; "complete" is false until every task of every model finished
-        if rank == 0:
-            write_json(cfg.out, {"settings": settings, "complete": table is not None, "results": results,
-                                 **({"table": table} if table else {})})
-    loaded = {name: data_gen.load_for_inference(name, device) for name in inputs["models"]}
-    ref_model, lengths, records = loaded[inputs["ref_model"]][0], inputs["lengths"], inputs["records"]
+                "ref_model_resolved": models[0], "beta_resolved": inputs["beta"]}
+    out = {"settings": settings, "complete": False, "results": {name: {} for name in models}}
+    loaded = {name: data_gen.load_for_inference(name, device) for name in models}
     for name, (model, tokenizer) in loaded.items():  # on every rank: the ring runs each long input together
         jobs = {"pref": lambda: eval_pref(model, tokenizer, records, par, inputs["beta"]),
-                "ruler": lambda: eval_prompts(model, tokenizer, ruler_prompts(tokenizer, lengths, cfg),
-                                              recall_score, par),
+                "ruler": lambda: eval_prompts(model, tokenizer, inputs["ruler"][name], recall_score, par),
                 "facts": lambda: eval_prompts(model, tokenizer, inputs["facts"][name], first_number,
                                               par)["facts"],
                 "copy": lambda: eval_copy(model, tokenizer, cfg, par),
                 "infbench": lambda: eval_infbench(model, tokenizer, inputs["infbench"], max(lengths), par),
                 "mc": lambda: {mc_set: eval_mc(model, tokenizer, items)
                                for mc_set, items in inputs["mc"].items()},
-                "kl": lambda: eval_kl(model, ref_model, tokenizer, records)}
+                "kl": lambda: eval_kl(model, loaded[models[0]][0], tokenizer, records)}
         for task in [t for t in jobs if t in tasks]:  # in this order, each task's scores on disk at once
-            results[name][task] = jobs[task]()
-            save()
-    if rank == 0:
-        save(table=report(results, inputs["baseline"]))
+            out["results"][name][task] = jobs[task]()
+            if rank == 0:
+                write_json(cfg.out, out)
+    if rank == 0:  # "complete" is false until every task of every model finished
+        out.update(complete=True, table=report(out["results"], inputs["baseline"]))
+        write_json(cfg.out, out)
         print(f"scores: {cfg.out}")
-
 
 if __name__ == "__main__":
     longpo.run_cli(main, EvalConfig)

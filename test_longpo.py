@@ -233,7 +233,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 518, "longpo": 1415, "data_gen": 843, "eval": 547}
+    limits = {"ring_attention": 518, "longpo": 1415, "data_gen": 843, "eval": 500}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -2144,6 +2144,13 @@ def test_mc_scorer_and_kl():
     result = evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, items)
     assert result == {"acc": 0.5, "acc_norm": 0.5}  # picks "7" both times: right, then wrong
     model, _ = longpo.load_model_and_tokenizer("tiny")
+    prompt, continuation = "Question: Pick one.\nAnswer:", " 37 and 5"  # token by token, each from its prefix
+    ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    want = 0.0
+    for token in tokenizer(continuation, add_special_tokens=False)["input_ids"]:
+        want += model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)[token].item()
+        ids.append(token)
+    assert math.isclose(evaluation.continuation_logp(model, tokenizer, prompt, continuation), want, rel_tol=1e-5)
     other, _ = perturbed_tiny(0.05, seed=3)
     records = make_records(2, seed=2, with_ref=True)
     same = evaluation.eval_kl(model, model, tokenizer, records)
@@ -2167,10 +2174,10 @@ def test_mc_scorer_and_kl():
     assert got["tokens"] == len(targets) and math.isclose(got["logp_change"], change, abs_tol=1e-6), (got, change)
 
 
-def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
-    """python eval.py --model tiny prints the table (each model's row and the delta from the baseline)
-    and writes the JSON; the pref scores at SP = 2 (2 gloo processes, ring attention) equal those of
-    one process (the RULER answers: eval_sp_decoding_worker, the tiny model scoring 0 either way)."""
+def test_eval_end_to_end(tmp_path, monkeypatch, capsys):
+    """eval.py (through run_cli in this process: starting Python costs seconds; one depth, short summaries)
+    prints the table (each model's row and the delta from the baseline) and writes the JSON. The facts and
+    copy columns: test_miniature_recipe_end_to_end."""
     baseline = str(tmp_path / "baseline")
     for part in perturbed_tiny(0.05, 3):
         part.save_pretrained(baseline)
@@ -2183,10 +2190,14 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     (infb / "longbook_sum_eng.jsonl").write_text(json.dumps({"context": context, "answer": "A keeper counted ships."}) + "\n")
     (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8"], "answer": 1}) + "\n")
     out = str(tmp_path / "eval.json")
-    result = run_script(["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data, "--lengths", "300",
-                         "--tasks", "ruler,infbench,mc,kl,pref", "--infbench", str(infb), "--mc", str(tmp_path / "mc.jsonl"),
-                         "--out", out])
-    assert "ruler/avg" in result.stdout and "delta" in result.stdout and "pref/acc" in result.stdout
+    monkeypatch.setattr(evaluation, "DEPTHS", (0.5,))
+    monkeypatch.setitem(evaluation.INFBENCH, "en_sum", evaluation.INFBENCH["en_sum"][:2] + (32,))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data,
+                                      "--lengths", "300", "--tasks", "ruler,infbench,mc,kl,pref",
+                                      "--infbench", str(infb), "--mc", str(tmp_path / "mc.jsonl"), "--out", out])
+    longpo.run_cli(evaluation.main, evaluation.EvalConfig)
+    printed = capsys.readouterr().out
+    assert "ruler/avg" in printed and "delta" in printed and "pref/acc" in printed and "mc/acc_norm" in printed
     scores = json.load(open(out))
     assert scores["complete"] is True
     tiny = scores["results"]["tiny"]
@@ -2197,39 +2208,35 @@ def test_eval_end_to_end_and_sequence_parallel_scoring(tmp_path):
     assert set(table["delta"]) == set(table["tiny"]) and table["delta"]["kl"] > 0 and table["delta"]["pref/margin"]
     for column, value in table["delta"].items():
         assert value == table["tiny"][column] - table[baseline][column], column  # the model minus the baseline
-    sp_out, one_out = str(tmp_path / "sp.json"), str(tmp_path / "one.json")
-    args = ["eval.py", "--model", "tiny", "--baseline", "", "--pref-data", data, "--tasks", "pref,facts",
-            "--lengths", "600"]
-    run_script(args + ["--out", sp_out], nproc=2)  # SP scoring and SP decoding
-    run_script(args + ["--out", one_out])
-    sp, one = (json.load(open(p))["results"]["tiny"] for p in (sp_out, one_out))
-    assert sp["pref"]["reward_accuracy"] == one["pref"]["reward_accuracy"] and set(sp["facts"]) == set(one["facts"])
-    assert math.isclose(sp["pref"]["reward_margin"], one["pref"]["reward_margin"], rel_tol=1e-5), (sp, one)
-    assert json.load(open(sp_out))["settings"]["world_size"] == 2
 
 
-def eval_sp_decoding_worker(rank, world_size):
-    """eval's RULER generation with an SP group of 2 decodes each prompt sequence-parallel (generate_long)
-    to the text one process writes (the decoding itself: test_sequence_parallel_generation, 1e-10)."""
+def eval_sp_worker(rank, world_size):
+    """eval with an SP group of 2: RULER's generation decodes each prompt sequence-parallel (generate_long)
+    to the text one process writes (the decoding itself: test_sequence_parallel_generation, 1e-10), and the
+    pref scores (a packed pair over the ring) equal those of one process."""
     model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)  # no near-tie of fp32 flips a token
     par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     texts, sp_calls, greedy, generate_long = [], [], evaluation.greedy, data_gen.generate_long
     evaluation.greedy = lambda *args: texts.append(greedy(*args)) or texts[-1]
     data_gen.generate_long = lambda *args, **kw: sp_calls.append(args[2]) or generate_long(*args, **kw)
-    evaluation.DEPTHS = (0.0, 1.0)  # a spawned process: nothing to restore
+    evaluation.DEPTHS = (0.5,)  # a spawned process: nothing to restore
     try:
         for p in (None, par):
-            prompts = evaluation.ruler_prompts(tokenizer, [300], evaluation.EvalConfig())
+            prompts = evaluation.long_prompts(tokenizer, "ruler", [300], evaluation.EvalConfig())
             evaluation.eval_prompts(model, tokenizer, prompts, evaluation.recall_score, p)
     finally:
         evaluation.greedy, data_gen.generate_long = greedy, generate_long
-    n = len(evaluation.RULER_TASKS) * 2
+    n = len(evaluation.RULER_TASKS)
     assert len(texts) == 2 * n and texts[:n] == texts[n:] and any(texts), texts
     assert len(sp_calls) == n and all(len(prompt) >= 300 for (prompt,) in sp_calls), "not decoded sequence-parallel"
+    records = make_records(3, seed=8, paragraphs=6, with_ref=True)
+    sp, one = (evaluation.eval_pref(model, tokenizer, records, p, 0.1) for p in (par, longpo.one_process(par.device)))
+    assert sp["reward_accuracy"] == one["reward_accuracy"], (sp, one)
+    assert math.isclose(sp["reward_margin"], one["reward_margin"], rel_tol=1e-9) and one["reward_margin"], (sp, one)
 
 
-def test_eval_sequence_parallel_decoding():
-    run_distributed(eval_sp_decoding_worker, 2)
+def test_eval_sequence_parallel_decoding_and_scoring():
+    run_distributed(eval_sp_worker, 2)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "sft"])
@@ -2507,7 +2514,10 @@ def test_eval_checks_inputs_first_and_saves_each_task(tmp_path, monkeypatch):
     for flags, message in [({"lengths": "0"}, "--lengths"), ({"samples": 0}, "--samples"),
                            ({"mc": str(tmp_path / "no.jsonl")}, "no.jsonl does not exist"),
                            ({"tasks": "infbench", "infbench": str(tmp_path / "nope")}, "--infbench .* none of"),
-                           ({"tasks": "ruler", "out": str(tmp_path)}, "--out .* is a folder")]:
+                           ({"tasks": "ruler", "out": str(tmp_path)}, "--out .* is a folder"),
+                           ({"model": "tiny,"}, "--model : no such folder"),
+                           ({"tasks": "facts", "lengths": "20"}, "--lengths 20: the facts task's prompts take"),
+                           ({"tasks": "facts", "lengths": "64k"}, r"--lengths 65536: .* to about \d+ tokens")]:
         with pytest.raises(UsageError, match=message):
             evaluation.prepare_inputs(evaluation.EvalConfig(**{**base, **flags}), (flags.get("tasks") or "ruler,mc").split(","))
     mc = tmp_path / "mc.jsonl"
