@@ -2175,9 +2175,9 @@ def test_mc_scorer_and_kl():
 
 
 def test_eval_end_to_end(tmp_path, monkeypatch, capsys):
-    """eval.py (through run_cli in this process: starting Python costs seconds; one depth, short summaries)
-    prints the table (each model's row and the delta from the baseline) and writes the JSON. The facts and
-    copy columns: test_miniature_recipe_end_to_end."""
+    """eval.py (through run_cli in this process: starting Python costs seconds; one depth, answers of 4
+    tokens) prints the table (each model's row and the delta from the baseline) and writes the JSON. The
+    facts and copy columns: test_miniature_recipe_end_to_end."""
     baseline = str(tmp_path / "baseline")
     for part in perturbed_tiny(0.05, 3):
         part.save_pretrained(baseline)
@@ -2191,7 +2191,10 @@ def test_eval_end_to_end(tmp_path, monkeypatch, capsys):
     (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "2 + 6?", "choices": ["6", "8"], "answer": 1}) + "\n")
     out = str(tmp_path / "eval.json")
     monkeypatch.setattr(evaluation, "DEPTHS", (0.5,))
-    monkeypatch.setitem(evaluation.INFBENCH, "en_sum", evaluation.INFBENCH["en_sum"][:2] + (32,))
+    sample = evaluation.ruler_sample
+    monkeypatch.setattr(evaluation, "ruler_sample", lambda task, rng: sample(task, rng)[:3] + (4,))
+    for task, (name, template, _) in evaluation.INFBENCH.items():
+        monkeypatch.setitem(evaluation.INFBENCH, task, (name, template, 4))
     monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--baseline", baseline, "--pref-data", data,
                                       "--lengths", "300", "--tasks", "ruler,infbench,mc,kl,pref",
                                       "--infbench", str(infb), "--mc", str(tmp_path / "mc.jsonl"), "--out", out])
@@ -2220,6 +2223,8 @@ def eval_sp_worker(rank, world_size):
     evaluation.greedy = lambda *args: texts.append(greedy(*args)) or texts[-1]
     data_gen.generate_long = lambda *args, **kw: sp_calls.append(args[2]) or generate_long(*args, **kw)
     evaluation.DEPTHS = (0.5,)  # a spawned process: nothing to restore
+    sample = evaluation.ruler_sample
+    evaluation.ruler_sample = lambda task, rng: sample(task, rng)[:3] + (8,)  # answers of 8 tokens
     try:
         for p in (None, par):
             prompts = evaluation.long_prompts(tokenizer, "ruler", [300], evaluation.EvalConfig())
