@@ -37,6 +37,7 @@ import datetime
 import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -108,7 +109,8 @@ class TrainConfig:
     seed: int = arg(42, "seed of the data order")
     save_every: int = arg(0, "checkpoint every N steps (0: only the final model)")
     resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
-    attn_kernel: str = arg("auto", "auto | cudnn | sdpa_flash | flash_attn | cpu | plain")
+    attn_kernel: str = arg("auto", "the ring's block kernel (auto: the fastest that passes its probe)",
+                           ("auto", *ring_attention.KERNELS))
     plan: bool = arg(False, "print the per-GPU memory plan and exit (no weights loaded)")
     world_size: int = arg(8, "GPUs assumed by --plan")
 
@@ -457,7 +459,7 @@ def sequence_logps(model, seq, par, chunk_size=LOGPROB_CHUNK):
     "nll", when seq holds NLL weights (nll_weights), the weighted token mean of -log p."""
     ring = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
-        ring = {"ring_group": par.sp_group, "ring_layout": seq.layout}
+        ring = {"ring_group": par.sp_group, "ring_layout": seq.layout, "ring_kernel": par.kernel}
     elif seq.layout is not None or par.sp_size > 1:  # a causal kernel would let one branch see the other
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
     hidden = last_hidden_state(model, input_ids=seq.input_ids, position_ids=seq.position_ids, **ring)
@@ -881,7 +883,7 @@ def check_config(cfg):
     check_at_least(cfg, ("grad_accum", "world_size"), 1)
     check_at_least(cfg, ("sp_size", "lr", "lam", "max_grad_norm", "max_steps", "max_length", "rope_theta",
                          "save_every"), 0, " (0: the default)")
-    use_kernel(cfg.attn_kernel)
+    check_kernel(cfg.attn_kernel)
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
     if not 0 <= cfg.warmup_ratio <= 1:
@@ -921,7 +923,7 @@ def main(cfg):
     if state == "finished":
         return print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
     rank, world_size, device = init_distributed(group_of_one=True)
-    par = setup_parallel(cfg.sp_size, rank, world_size, device)
+    par = setup_parallel(cfg.sp_size, rank, world_size, device, cfg.attn_kernel)
     if rank == 0 and state == "fresh":
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -981,12 +983,14 @@ def print0(*args, **kwargs):
 @dataclass
 class Parallel:
     """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is LOCAL when sp_size is 1."""
+    groups read different samples. sp_group is LOCAL when sp_size is 1; kernel, ring attention's block
+    kernel (--attn-kernel)."""
     rank: int
     world_size: int
     sp_size: int
     sp_group: object
     device: torch.device
+    kernel: str = "auto"
 
     def __post_init__(self):
         self.sp_rank = self.rank % self.sp_size  # the place in the ring
@@ -1011,14 +1015,14 @@ def check_sp_size(sp_size):
                          f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
 
 
-def setup_parallel(sp_size, rank, world_size, device):
+def setup_parallel(sp_size, rank, world_size, device, kernel="auto"):
     """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
     sp_size = sp_size or world_size
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
     groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT)
               for f in range(0, world_size, sp_size)] if sp_size > 1 else []
     sp_group = groups[rank // sp_size] if groups else ring_attention.LOCAL
-    return Parallel(rank, world_size, sp_size, sp_group, device)
+    return Parallel(rank, world_size, sp_size, sp_group, device, kernel)
 
 
 def barrier(par):
@@ -1046,20 +1050,16 @@ def world_mean(values, par):
     return dict(zip(values, t.tolist()))
 
 
-def use_kernel(name):
-    """--attn-kernel: the block kernel of the models' ring attention; any other than auto or cudnn also
-    takes cuDNN from transformers' "sdpa" attention (one-process generation; its other backends stay, as
-    masked batches need them). Checked before any work: a CUDA kernel without CUDA is refused."""
-    if name not in ("auto", *ring_attention.KERNELS):
-        raise UsageError(f"--attn-kernel {name!r}: choose one of auto, {', '.join(ring_attention.KERNELS)}")
+def check_kernel(name):
+    """--attn-kernel, checked before any work: a CUDA kernel without CUDA is refused. Any other than auto
+    or cudnn also takes cuDNN from transformers' "sdpa" attention (the short reference inputs)."""
     on_cuda = torch.cuda.is_available()
     if (name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda) or (name == "cpu" and on_cuda):
         raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
                          "use auto or plain")
-    if name == "flash_attn" and not ring_attention.flash_attn_available():
-        raise UsageError("--attn-kernel flash_attn: flash-attn >= 2.7 is not installed "
-                         "(pip install flash-attn --no-build-isolation)")
-    ring_attention.KERNEL[0] = name
+    if name == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-kernel flash_attn: flash-attn is not installed "
+                         "(pip install 'flash-attn>=2.7' --no-build-isolation)")
     if on_cuda and name not in ("auto", "cudnn"):
         torch.backends.cuda.enable_cudnn_sdp(False)
 

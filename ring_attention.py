@@ -396,23 +396,21 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
 
 # ---------------------------------------------------------- transformers
 
-KERNEL = ["auto"]  # the block kernel of every model running "ring_attention" in this process (use_kernel)
-
-
 def hf_ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               sliding_window=None, ring_group=None, ring_layout=None, ring_decode=None,
-                              **kwargs):
+                              ring_kernel="auto", **kwargs):
     """transformers attention implementation "ring_attention". query (B, Hq, T, D) as transformers
     passes it; pass `ring_group=` to model(...) for an SP group other than the whole world (LOCAL
     for none), `ring_layout=` for a shared prefix with branches, and `ring_decode=` (this rank's
-    number of prompt keys in the cache) for the decoding steps of sequence-parallel generation."""
+    number of prompt keys in the cache) for the decoding steps of sequence-parallel generation;
+    `ring_kernel=` names the block kernel (pick_kernel)."""
     if attention_mask is not None or dropout or sliding_window is not None:
         raise ValueError("ring_attention is causal over the whole sequence: pass no attention_mask (pad at "
                          "the end), set config.attention_dropout = 0 and config.sliding_window = None")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     if ring_decode is not None:
-        return decode_attention(q, k, v, ring_decode, ring_group, scaling, KERNEL[0]), None
-    return ring_attention(q, k, v, ring_group, scaling, KERNEL[0], ring_layout), None  # no attention weights
+        return decode_attention(q, k, v, ring_decode, ring_group, scaling, ring_kernel), None
+    return ring_attention(q, k, v, ring_group, scaling, ring_kernel, ring_layout), None  # no attn weights
 
 
 AttentionInterface.register("ring_attention", hf_ring_attention_forward)
@@ -422,9 +420,9 @@ AttentionInterface.register("ring_attention", hf_ring_attention_forward)
 # The block kernel contract, computed without the Tq x Tk scores; `auto` tries AUTO_ORDER, fastest first:
 #   cudnn       CUDA  aten._scaled_dot_product_cudnn_attention          H100 bf16 fwd+bwd: 550-590 TFLOP/s
 #   sdpa_flash  CUDA  aten._scaled_dot_product_flash_attention (FA-2)   316-326; runs where cuDNN refuses
+#   flash_attn  CUDA  the flash-attn package (>= 2.7), if installed       about 330-350 as published
 #   cpu         CPU   aten._scaled_dot_product_flash_attention_for_cpu  tiled, flash-style
-# (measured by hand). All take GQA natively and (B, H, T, D): transposed views, no copies. The FA-2 op is
-# FlashAttention-2 itself (the flash-attn package published about 330-350), so no package is needed.
+# (measured by hand). All take GQA natively; PyTorch's ops take (B, H, T, D): transposed views, no copies.
 
 def _bhtd(*xs):
     return [x.transpose(1, 2) for x in xs]  # (B, T, H, D) <-> (B, H, T, D) views
@@ -469,9 +467,24 @@ def sdpa_flash_bwd(dout, q, k, v, out, lse, aux, scale, causal):
     return _bhtd(*grads)
 
 
+def flash_attn_fwd(q, k, v, scale, causal):
+    from flash_attn.flash_attn_interface import _flash_attn_forward  # the signature of flash-attn >= 2.7
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
+    return out, lse, None
+
+
+def flash_attn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _flash_attn_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv,
+                         0.0, scale, causal, -1, -1, 0.0, None, False, None)
+    return dq, dk, dv
+
+
 KERNELS = {"cudnn": (cudnn_fwd, cudnn_bwd), "sdpa_flash": (sdpa_flash_fwd, sdpa_flash_bwd),
-           "cpu": (cpu_fwd, cpu_bwd), "plain": (plain_fwd, plain_bwd)}
-AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash"), "cpu": ("cpu",)}
+           "flash_attn": (flash_attn_fwd, flash_attn_bwd), "cpu": (cpu_fwd, cpu_bwd),
+           "plain": (plain_fwd, plain_bwd)}
+AUTO_ORDER = {"cuda": ("cudnn", "sdpa_flash", "flash_attn"), "cpu": ("cpu",)}
 
 
 class KernelError(ValueError):
