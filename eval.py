@@ -3,10 +3,10 @@
 Long context: RULER-style tasks made in code at any --lengths (needle in a haystack: single, multi-key,
 multi-value, multi-query; variable tracking; QA), the miniature's facts (README), InfiniteBench files
 (En.QA, En.MC, En.Sum), and pref: reward accuracy and margin (Eq. 12) on held-out pairs' LONG inputs.
-Short context: mc, multiple choice on JSONL files (MMLU style); kl, LongPO's constraint, KL(policy ||
-baseline) on the pairs' SHORT inputs; copy, the miniature's short skill. Answers are greedy; under
-torchrun all processes form one sequence-parallel ring. Prints a table like the paper's (the baseline's
-row and the deltas); --out, the JSON of every score, is replaced atomically after each task.
+Short context: mc, multiple choice on JSONL files (MMLU style); kl, KL(policy || baseline) on the pairs'
+SHORT inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form
+one sequence-parallel ring. Prints the baseline's row, each model's and the deltas; --out, the JSON of
+every score, is replaced atomically after each task.
 
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
@@ -305,7 +305,8 @@ def eval_mc(model, tokenizer, items):
 @torch.no_grad()
 def eval_kl(model, ref_model, tokenizer, records):
     """Mean per-token KL(policy || reference) and log-prob change of the chosen answers on the SHORT
-    inputs (each turn's chunk and instruction): what LongPO's constraint keeps small."""
+    inputs (each turn's chunk and instruction): short-context retention (LongPO's own constraint pulls
+    the policy on the LONG input towards pi_S on the short one)."""
     kl_sum, delta_sum, n = 0.0, 0.0, 0
     device = next(model.parameters()).device
     for rec in records:
@@ -328,9 +329,11 @@ def eval_pref(model, tokenizer, records, par, beta):
     """Reward accuracy and margin of the policy on the LONG inputs: Eq. 12's rewards against the data's
     short-input reference log-probs; the pair packed after one copy of the document, as training runs it."""
     model.set_attn_implementation("ring_attention")  # a packed pair needs its branch mask
+    examples = [longpo.build_example(rec, tokenizer) for rec in records]
+    kept = [i for i, ex in enumerate(examples) if longpo.shared_prefix(ex, par.sp_size)]  # as training skips
     acc = margin = 0.0
-    for rec in records:
-        seq = longpo.prepare_packed(longpo.build_example(rec, tokenizer), par, tokenizer.pad_token_id)
+    for rec, example in ((records[i], examples[i]) for i in kept):
+        seq = longpo.prepare_packed(example, par, tokenizer.pad_token_id)
         logps = longpo.sequence_logps(model, seq, par)
         refs = [torch.tensor([rec[f"ref_{side}_logp"]], dtype=torch.float64, device=par.device)
                 for side in ("chosen", "rejected")]
@@ -338,7 +341,7 @@ def eval_pref(model, tokenizer, records, par, beta):
         acc += float(chosen.item() > rejected.item())
         margin += (chosen - rejected).item()
     model.set_attn_implementation("sdpa")  # generation sets up its own
-    return {"reward_accuracy": acc / len(records), "reward_margin": margin / len(records)}
+    return {"reward_accuracy": acc / len(kept), "reward_margin": margin / len(kept)}
 
 
 # ---------------------------------------------------------- glue: input files, the table, main

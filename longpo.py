@@ -70,8 +70,8 @@ from ring_attention import zigzag_shard
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 # Shape glossary: B sequences (1 per micro-step; --micro-batch for sft), L whole-sequence tokens
-# (padded to a multiple of 2*sp), T = L/sp tokens on this rank, H hidden size, V vocabulary,
-# n tokens that carry a label.
+# (padded: a sequence or a packed pair's prefix to a multiple of 2*sp, its branches to one of sp),
+# T = L/sp tokens on this rank, H hidden size, V vocabulary, n tokens that carry a label.
 LOGPROB_CHUNK = 4096  # tokens per chunk of the log-softmax: never a whole sequence's logits
 
 
@@ -139,7 +139,7 @@ def build_example(rec, tokenizer, sides=("chosen", "rejected")):
 
 
 @torch.no_grad()
-def short_reference_logps(ref_model, tokenizer, record, chunk_size=LOGPROB_CHUNK):
+def short_reference_logps(ref_model, tokenizer, record):
     """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
     log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
     the release code (the paper writes the log of a sum of probabilities)."""
@@ -148,7 +148,7 @@ def short_reference_logps(ref_model, tokenizer, record, chunk_size=LOGPROB_CHUNK
     def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i)
         ids, is_answer = short_dialogue(tokenizer, record, turn, side)
         seq = prepare_sequence(ids, {side: is_answer}, alone, tokenizer.pad_token_id)
-        return sequence_logps(ref_model, seq, alone, chunk_size)[side].item()
+        return sequence_logps(ref_model, seq, alone)[side].item()
     return tuple(sum(logp(turn, side) for turn in record["turns"]) for side in ("chosen", "rejected"))
 
 
@@ -168,6 +168,8 @@ def nll_weights(is_answer, cfg):
 
 
 def nll_target(cfg):
+    """--nll-target, auto resolved: sft trains its responses (the paper's SFT baseline), LongPO and DPO the
+    whole chosen sequence."""
     return cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
 
 
@@ -472,7 +474,7 @@ def sequence_logps(model, seq, par, chunk_size=LOGPROB_CHUNK):
     result = {name: sp_sum((logps * getattr(seq, name)).sum(-1), par)
               for name in ("chosen", "rejected") if getattr(seq, name) is not None}
     if seq.nll is not None:
-        # the weights summed in the log-probs' precision: in fp32 a sum of 0.3s rounds differently per shard
+        # the weights summed in the log-probs' precision (fp64 for an fp64 model, as the tests run it)
         count = sp_sum(seq.nll.to(logps.dtype).sum(-1), par).clamp_min(1e-12)
         result["nll"] = -sp_sum((logps * seq.nll).sum(-1), par) / count
     return result
@@ -877,7 +879,7 @@ def changed_arguments(before, now):
 def check_config(cfg):
     """The checks the command line cannot make (choices it makes)."""
     weight = cfg.nll_context_weight
-    if not 0 <= weight <= 1 or (cfg.nll_target == "responses" and weight != 1):
+    if not 0 <= weight <= 1 or (nll_target(cfg) == "responses" and weight != 1):
         raise UsageError(f"--nll-context-weight {weight}: a weight in [0, 1] of the non-answer tokens of "
                          "--nll-target sequence (responses trains the answers only)")
     check_at_least(cfg, ("grad_accum", "world_size"), 1)
@@ -902,10 +904,10 @@ def check_config(cfg):
 
 def resolve_defaults(cfg):
     """Flags left at 0 take the paper's value (SFT baseline 2e-5, LongPO and DPO 5e-7), or a demo value for
-    the random tiny model, so that its short default run visibly trains; --nll-target auto its loss's."""
+    the random tiny model, so that its short default run visibly trains."""
     tiny = cfg.model == "tiny"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
-                               grad_accum=cfg.grad_accum or (1 if tiny else 8), nll_target=nll_target(cfg))
+                               grad_accum=cfg.grad_accum or (1 if tiny else 8))
 
 
 def main(cfg):

@@ -60,7 +60,7 @@ def zigzag_unshard(x_local, group=None, dim=1):
 # `causal` is only used with Tq == Tk (the diagonal block). In bwd, out and lse are the GLOBAL
 # (merged) ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax.
 # aux is what a fused kernel's backward needs from its own forward (sequence bookkeeping, RNG
-# state; None for most): the ring keeps it per step, so no forward ever runs twice.
+# state; None for most): the ring keeps it per step, so its backward never recomputes a block's forward.
 # The plain kernel holds a block's Tq x Tk scores; the fused ones (the file's last section) do not.
 
 def _acc_dtype(x):
@@ -264,8 +264,8 @@ class RingAttentionFunction(torch.autograd.Function):
         else:
             out, lse, auxes, branch_kv = _branched_forward(q, k, v, scale, group, kernel, layout)
         out = out.to(q.dtype)
-        # q, k, v are the caller's, never ring buffers. Tensors go through save_for_backward, not ctx: a
-        # checkpointed layer drops those after its forward (a ctx attribute would live until the backward).
+        # q, k, v are the caller's, never ring buffers. The large tensors go through save_for_backward,
+        # which a checkpointed layer drops after its forward; on ctx only the fused kernels' small aux.
         ctx.save_for_backward(q, k, v, out, lse, branch_kv)
         ctx.scale, ctx.group, ctx.kernel, ctx.auxes, ctx.layout = scale, group, kernel, auxes, layout
         return out
