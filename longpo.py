@@ -1009,12 +1009,13 @@ def one_process(device):
     return Parallel(0, 1, 1, ring_attention.LOCAL, device)
 
 
-def check_sp_size(sp_size):
-    """Before any process group: --sp-size (0: all processes) must divide torchrun's world size."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def check_sp_size(sp_size, world=None):
+    """--sp-size (0: all processes) must divide the number of processes: torchrun's (checked before any
+    process group), or that of --plan's --world-size."""
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
     if sp_size < 0 or world % (sp_size or world):
-        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} "
-                         f"(torchrun --nproc_per_node x nodes); e.g. --sp-size {world}")
+        raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} (torchrun "
+                         f"--nproc_per_node x nodes, or --world-size); e.g. --sp-size {world}")
 
 
 def setup_parallel(sp_size, rank, world_size, device, kernel="auto"):
@@ -1116,38 +1117,44 @@ def config_from_cli(cls, argv=None):
 
 # ---------------------------------------------------------- records
 
-REQUIRED_TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
+TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
 
 
-def validate_record(rec, where, need_ref):
-    """Raise UsageError naming the line and field when a record breaks the format (README)."""
-    def bad(field_, problem):
-        raise UsageError(f"{where}: field '{field_}' {problem}")
-    if not isinstance(rec, dict):
-        bad("<record>", "must be a JSON object")
-    if not isinstance(rec.get("document"), str) or not rec["document"]:
-        bad("document", "is missing or not a non-empty string")
-    if not isinstance(rec.get("turns"), list) or not rec["turns"]:
-        bad("turns", "is missing or empty: a record needs at least one turn")
-    for i, turn in enumerate(rec["turns"]):
-        if not isinstance(turn, dict):
-            bad(f"turns[{i}]", f"= {turn!r} must be an object with {', '.join(REQUIRED_TURN_FIELDS)}")
-        for name in REQUIRED_TURN_FIELDS:
-            if name not in turn:
-                bad(f"turns[{i}].{name}", "is missing")
+def parse_record(line, where, need_ref):
+    """One JSONL line as a record; a UsageError naming the line and field where it breaks the format
+    (README)."""
+    try:
+        rec = json.loads(line)
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise UsageError(f"{where}: not valid JSON ({e})") from None
+
+    def check(ok, field_, problem):
+        if not ok:
+            raise UsageError(f"{where}: field '{field_}' {problem}")
+    check(isinstance(rec, dict), "<record>", "must be a JSON object")
+    doc = rec.get("document")
+    check(isinstance(doc, str) and doc, "document", "is missing or not a non-empty string")
+    turns = rec.get("turns")
+    check(isinstance(turns, list) and turns, "turns", "is missing or empty: a record needs at least one turn")
+    for i, turn in enumerate(turns):
+        check(isinstance(turn, dict), f"turns[{i}]",
+              f"= {turn!r} must be an object with {', '.join(TURN_FIELDS)}")
+        for name in TURN_FIELDS:
+            check(name in turn, f"turns[{i}].{name}", "is missing")
         span = turn["chunk"]
-        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
-                and 0 <= span[0] < span[1] <= len(rec["document"])):
-            bad(f"turns[{i}].chunk", f"= {span} is not a character span [start, end) inside the "
-                f"document of {len(rec['document'])} characters")
+        check(isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+              and 0 <= span[0] < span[1] <= len(doc), f"turns[{i}].chunk",
+              f"= {span} is not a character span [start, end) inside the document of {len(doc)} characters")
         for name in ("instruction", "chosen", "rejected"):
-            if not isinstance(turn[name], str) or not turn[name].strip():
-                bad(f"turns[{i}].{name}", "must be a non-empty string")
+            check(isinstance(turn[name], str) and turn[name].strip(), f"turns[{i}].{name}",
+                  "must be a non-empty string")
     for name in ("ref_chosen_logp", "ref_rejected_logp"):
-        if name in rec and not (type(rec[name]) in (int, float) and math.isfinite(rec[name])):  # not bool
-            bad(name, f"= {rec[name]!r} is not a finite number")
-        if need_ref and name not in rec:
-            bad(name, "is missing: data_gen.py writes it (longpo.py computes missing ones up front)")
+        value = rec.get(name)
+        check(name not in rec or (type(value) in (int, float) and math.isfinite(value)), name,  # not bool
+              f"= {value!r} is not a finite number")
+        check(name in rec or not need_ref, name,
+              "is missing: data_gen.py writes it (longpo.py computes missing ones up front)")
+    return rec
 
 
 class Records:
@@ -1159,39 +1166,28 @@ class Records:
     lengths = None
 
     def __init__(self, path, need_ref=False):
-        files, entries = data_files(path), []  # entries: (sort key, file index, byte offset, refs)
-        self.paths = [name for name, _ in files]
-        for index, (name, folder) in enumerate(files):
-            found = self.index_file(index, name, folder, need_ref)
-            if not found:
+        entries = []  # (sort key, (file, byte offset), refs) of each record
+        for name, folder in data_files(path):
+            before, offset = len(entries), 0
+            with open(name, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        rec = parse_record(line, f"{name}:{lineno}", need_ref)
+                        order = rec.get("meta", {}).get("doc_index", 0) if folder else 0
+                        refs = (rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp"))
+                        entries.append(((folder or name, order), (name, offset), refs))
+                    offset += len(line)
+            if len(entries) == before:
                 raise UsageError(f"--data {name} holds no records")
-            entries += found
-        entries.sort(key=lambda entry: entry[0])
-        self.offsets, self.refs = [e[1:3] for e in entries], [e[3] for e in entries]
-
-    def index_file(self, index, name, folder, need_ref):
-        """Validate one file's records; returns (sort key, index, byte offset, refs) of each."""
-        found, offset = [], 0
-        with open(name, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:  # bad JSON or bad UTF-8
-                        raise UsageError(f"{name}:{lineno}: not valid JSON ({e})") from None
-                    validate_record(rec, f"{name}:{lineno}", need_ref)
-                    order = rec.get("meta", {}).get("doc_index", 0) if folder else 0
-                    found.append(((folder or name, order, index, offset), index, offset,
-                                  (rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp"))))
-                offset += len(line)
-        return found
+        entries.sort(key=lambda entry: entry[0])  # stable: equal keys keep the files' and lines' order
+        self.offsets, self.refs = [e[1] for e in entries], [e[2] for e in entries]
 
     def __len__(self):
         return len(self.offsets)
 
     def __getitem__(self, i):
-        index, offset = self.offsets[i]
-        with open(self.paths[index], "rb") as f:
+        name, offset = self.offsets[i]
+        with open(name, "rb") as f:
             f.seek(offset)
             return json.loads(f.readline())
 
@@ -1222,12 +1218,7 @@ def data_files(path):
 # ---------------------------------------------------------- loading models; the tiny preset
 
 def set_rope_theta(config, theta):
-    """RoPE theta lives in config.rope_parameters (transformers 5.x) or config.rope_theta (4.x)."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict):
-        params["rope_theta"] = float(theta)
-    else:
-        config.rope_theta = float(theta)
+    config.rope_parameters["rope_theta"] = float(theta)  # transformers 5 keeps RoPE's settings there
 
 
 TINY_CHAT_TEMPLATE = (
@@ -1322,8 +1313,7 @@ def load_config(name, rope_theta=0.0):
 def memory_plan(cfg):
     """--plan: the per-GPU memory of train()'s strategy for --model at --max-length on --world-size GPUs
     (the test suite checks it against this file's step traced on fake tensors)."""
-    if cfg.world_size % (cfg.sp_size or cfg.world_size):
-        raise UsageError(f"--sp-size {cfg.sp_size} must divide --world-size {cfg.world_size}")
+    check_sp_size(cfg.sp_size, cfg.world_size)
     return plan_report(*plan_rows(load_config(cfg.model), cfg))
 
 

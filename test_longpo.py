@@ -234,7 +234,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 531, "longpo": 1417, "data_gen": 843, "eval": 503}
+    limits = {"ring_attention": 531, "longpo": 1407, "data_gen": 843, "eval": 503}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1706,12 +1706,6 @@ def test_rope_theta_applies_to_the_policy_only():
     assert torch.isclose(inv_freq[-1], torch.tensor(1e7) ** (-(inv_freq.numel() - 1) / inv_freq.numel()), rtol=1e-4)
     assert not torch.allclose(inv_freq, reference.model.rotary_emb.inv_freq)
 
-    class OldConfig:  # transformers 4.x keeps a plain attribute
-        rope_theta = 1e6
-    old = OldConfig()
-    longpo.set_rope_theta(old, 5e6)
-    assert rope_theta(old) == 5e6
-
 
 def test_expandable_segments_unless_the_user_set_an_allocator_config(monkeypatch):
     names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -1847,6 +1841,8 @@ def test_memory_plans_agree_with_the_step_traced_on_fake_tensors(tmp_path):
     assert 40 < peaks[524288] < 79.1 and peaks[131072] < peaks[524288]
     huge = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=4 * 524288, world_size=8))
     assert "DOES NOT FIT" in huge
+    with pytest.raises(longpo.UsageError, match="--sp-size 3 must divide the number of processes 8"):
+        longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=8192, world_size=8, sp_size=3))
     (tmp_path / "config.json").write_text(json.dumps({**MISTRAL_7B, "num_hidden_layers": 4}))
     cfg = data_gen.DataGenConfig(model=str(tmp_path), max_doc_len=524288, sp_size=8, max_new_tokens=1024)
     generation = data_gen.generation_plan(cfg)
