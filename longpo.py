@@ -961,12 +961,11 @@ def init_distributed(group_of_one=False):
     (FSDP2, which training uses for mixed precision, needs one). CUDA memory: expandable segments,
     unless an allocator config is set."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
     if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before CUDA: less fragmentation
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -1386,16 +1385,14 @@ def head_peak(c, T):
 # the allocator (expandable segments, set by init_distributed, keep fragmentation low).
 CARD_ROWS = [("card", "CUDA context and kernel workspaces (cuBLAS, cuDNN) [estimate, not traced]", 2**30),
              ("card", "NCCL buffers of the process groups [estimate, not traced]", 1.5 * 2**30)]
-HEADROOM = 0.05
 
 
 def plan_report(lines, rows):
     """A memory plan's lines: its rows in GiB, the card's rows, and the verdict against this machine's
     card (else an 80 GB card's 79.1 GiB)."""
     usable = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 79.1
-    rows = [row for row in rows if row[2]] + CARD_ROWS
-    rows.append(("card", f"headroom for fragmentation: {HEADROOM:.0%} of the card",
-                 HEADROOM * usable * 2**30))
+    headroom = ("card", "headroom for fragmentation: 5% of the card", 0.05 * usable * 2**30)
+    rows = [row for row in rows if row[2]] + CARD_ROWS + [headroom]
     peak = sum(b for _, _, b in rows) / 2**30
     verdict = ("fits" if peak <= usable else "NEAR THE LIMIT: fits only without the headroom" if
                peak - rows[-1][2] / 2**30 <= usable else "DOES NOT FIT")
