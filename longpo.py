@@ -1253,18 +1253,14 @@ def tiny_config(vocab_size, hidden=64, intermediate=128, layers=2, kv_heads=2):
 
 
 def check_model(name, flag="--model"):
-    """Fail at once, in one line, on a model folder that cannot load: a training checkpoint, or a folder
-    without config.json. A name that is no folder must look like a hub id (org/name): loading says the rest"""
-    if name == "tiny":
+    """Fail at once, in one line, on a model that cannot load: a folder without config.json (a training
+    checkpoint is one), or a name that is neither a folder nor a hub id (org/name): loading says the rest."""
+    if name == "tiny" or os.path.exists(os.path.join(name, "config.json")):
         return
     if os.path.isdir(name):
-        if any(os.path.exists(os.path.join(name, f)) for f in ("trainer_state.json", ".metadata")):
-            raise UsageError(f"{flag} {name} is a training checkpoint (sharded weights and optimiser state), "
-                             "not a model: give the run's final/ folder, or continue it with --resume")
-        if not os.path.exists(os.path.join(name, "config.json")):
-            raise UsageError(f"{flag} {name} holds no config.json: not a model folder (save_pretrained "
-                             "writes one, e.g. a run's final/)")
-    elif not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name) or os.path.isdir(name.split("/")[0]):
+        raise UsageError(f"{flag} {name} holds no config.json: not a model folder (nor is a training "
+                         "checkpoint): give a run's final/ folder, or continue the run with --resume")
+    if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name) or os.path.isdir(name.split("/")[0]):
         raise UsageError(f"{flag} {name}: no such folder (nor a hub id of the form org/name); a training run "
                          "writes its model to <--output-dir>/final when it finishes")
 
