@@ -1220,12 +1220,6 @@ def set_rope_theta(config, theta):
     config.rope_parameters["rope_theta"] = float(theta)  # transformers 5 keeps RoPE's settings there
 
 
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
-    "{% endfor %}")
-
-
 PRESET_SPECIALS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
 
 
@@ -1240,7 +1234,10 @@ def tiny_tokenizer(core=None):
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
-    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}")
     return tok
 
 
@@ -1312,20 +1309,15 @@ def memory_plan(cfg):
     return plan_report(*plan_rows(load_config(cfg.model), cfg))
 
 
-def model_sizes(c):
-    """(parameters of one decoder layer, of the root (embedding, final norm, head), head dim) of config c."""
-    H, hq, hkv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
-    d = getattr(c, "head_dim", None) or H // hq
-    layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * c.intermediate_size + 2 * H  # q k v o, MLP, norms
-    return layer, c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + H, d
-
-
 def plan_rows(c, cfg):
     """(header lines, rows (category, what, bytes)) of ONE moment, the step's peak: FSDP full sharding,
     bf16 compute over fp32 masters, grads and AdamW, every decoder layer checkpointed, the ring over sp
     GPUs, the packed pair (one graph of --max-length tokens), chunked log-probs."""
     H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    layer, root, d = model_sizes(c)
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or H // hq
+    layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * inter + 2 * H  # q k v o, the MLP, 2 norms
+    root = vocab * H * (1 if c.tie_word_embeddings else 2) + H  # embedding, head, final norm
     params = n_layers * layer + root
     W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
     T = -(-cfg.max_length // sp)  # tokens per GPU
@@ -1335,11 +1327,11 @@ def plan_rows(c, cfg):
             ("card", "FSDP: the previous layer's reduce-scatter in flight [estimate, not traced]", layer * 4)]
     # The rest peaks in the backward of the top decoder layer (recomputed; long sequences) or of the
     # log-prob head (a large vocabulary over short ones). The ring's buffers come and go in the first.
-    phases = {"the top layer": layer_peak(c, T), "the log-prob head": head_peak(c, T)}
+    phases = {"the top layer": layer_peak(c, T, layer, root, d), "the log-prob head": head_peak(c, T, root)}
     size = {where: sum(b for _, _, b in phase) / 2**30 for where, phase in phases.items()}
     peak, other = sorted(phases, key=size.get, reverse=True)
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
-             f"MLP {inter}, {c.num_attention_heads}/{c.num_key_value_heads} heads of {d}, vocab {vocab})",
+             f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
              f"sequence {cfg.max_length} tokens on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
              "strategy: FSDP full sharding, bf16 compute, every layer checkpointed, chosen and rejected "
              "packed after one copy of the document",
@@ -1348,9 +1340,10 @@ def plan_rows(c, cfg):
     return lines, rows + phases[peak]
 
 
-def layer_peak(c, T):
-    """The rows of the top decoder layer's backward, T tokens on this GPU: bf16 compute, fp32 reductions."""
-    H, n_layers, (layer, root, d), bf16, fp32 = c.hidden_size, c.num_hidden_layers, model_sizes(c), 2, 4
+def layer_peak(c, T, layer, root, d):
+    """The rows of the top decoder layer's backward, T tokens on this GPU: bf16 compute, fp32 reductions;
+    layer and root: their parameters, d the head dim (plan_rows)."""
+    H, n_layers, bf16, fp32 = c.hidden_size, c.num_hidden_layers, 2, 4
     return [("params", "bf16 weights gathered: the root and 2 decoder layers (current + prefetch)",
              (root + 2 * layer) * bf16),
             ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", layer * fp32),
@@ -1364,9 +1357,9 @@ def layer_peak(c, T):
              T * (2 * c.num_key_value_heads * d + 3 * H) * bf16)]
 
 
-def head_peak(c, T):
+def head_peak(c, T, root):
     """The rows of the log-prob head's backward (LOGPROB_CHUNK labelled tokens at a time in fp32)."""
-    H, V, chunk, (_, root, _), bf16, fp32 = c.hidden_size, c.vocab_size, LOGPROB_CHUNK, model_sizes(c), 2, 4
+    H, V, chunk, bf16, fp32 = c.hidden_size, c.vocab_size, LOGPROB_CHUNK, 2, 4
     return [("params", "bf16 weights gathered: the root (embedding, head)", root * bf16),
             ("activations", f"checkpoints: {c.num_hidden_layers} layer inputs x {T} tokens x {H}",
              c.num_hidden_layers * T * H * bf16),

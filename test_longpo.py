@@ -234,7 +234,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 531, "longpo": 1400, "data_gen": 843, "eval": 503}
+    limits = {"ring_attention": 531, "longpo": 1393, "data_gen": 843, "eval": 503}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1839,6 +1839,7 @@ def test_memory_plans_agree_with_the_step_traced_on_fake_tensors(tmp_path):
         peaks[length] = peak
     assert "7.24B parameters" in text and "16384 tokens per GPU" in text
     assert 40 < peaks[524288] < 79.1 and peaks[131072] < peaks[524288]
+    assert (peaks[524288], peaks[131072]) == (55.12, 30.93), "the plans' figures moved: say why in the commit"
     huge = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=4 * 524288, world_size=8))
     assert "DOES NOT FIT" in huge
     with pytest.raises(longpo.UsageError, match="--sp-size 3 must divide the number of processes 8"):
