@@ -1116,9 +1116,6 @@ def config_from_cli(cls, argv=None):
 
 # ---------------------------------------------------------- records
 
-TURN_FIELDS = ("instruction", "chunk", "chosen", "rejected")
-
-
 def parse_record(line, where, need_ref):
     """One JSONL line as a record; a UsageError naming the line and field where it breaks the format
     (README)."""
@@ -1137,16 +1134,14 @@ def parse_record(line, where, need_ref):
     check(isinstance(turns, list) and turns, "turns", "is missing or empty: a record needs at least one turn")
     for i, turn in enumerate(turns):
         check(isinstance(turn, dict), f"turns[{i}]",
-              f"= {turn!r} must be an object with {', '.join(TURN_FIELDS)}")
-        for name in TURN_FIELDS:
-            check(name in turn, f"turns[{i}].{name}", "is missing")
-        span = turn["chunk"]
+              f"= {turn!r} must be an object with instruction, chunk, chosen, rejected")
+        for name in ("instruction", "chosen", "rejected"):
+            check(isinstance(turn.get(name), str) and turn[name].strip(), f"turns[{i}].{name}",
+                  "is missing or not a non-empty string")
+        span = turn.get("chunk")
         check(isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
               and 0 <= span[0] < span[1] <= len(doc), f"turns[{i}].chunk",
               f"= {span} is not a character span [start, end) inside the document of {len(doc)} characters")
-        for name in ("instruction", "chosen", "rejected"):
-            check(isinstance(turn[name], str) and turn[name].strip(), f"turns[{i}].{name}",
-                  "must be a non-empty string")
     for name in ("ref_chosen_logp", "ref_rejected_logp"):
         value = rec.get(name)
         check(name not in rec or (type(value) in (int, float) and math.isfinite(value)), name,  # not bool
