@@ -1108,7 +1108,8 @@ def config_from_cli(cls, argv=None):
         flag = next((a for a in rest if a.startswith("-")), rest[0]).split("=")[0]
         known = [name for action in parser._actions for name in action.option_strings if "_" not in name]
         close = difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.75)
-        meant = FOREIGN_FLAGS.get(flag.replace("_", "-")) or (close[0] if close else None)
+        foreign = FOREIGN_FLAGS.get(flag.replace("_", "-"))
+        meant = foreign if foreign in known else close[0] if close else None
         raise UsageError(f"unknown flag {flag}" + (f"; did you mean {meant}?" if meant else "; see --help")
                          if flag.startswith("-") else f"unexpected argument {flag!r}; see --help")
     return cfg
