@@ -37,6 +37,7 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import time
@@ -563,21 +564,24 @@ def copy_corpus(n_docs, seed=0):
 
 # ---------------------------------------------------------- plumbing: input, the output folder, ranks
 
-def read_docs(spec, demo=(4, 24, 0)):
-    """[(id, read)] of the input documents, read() -> {"id", "text"} from disk when needed (45K documents
-    of 128K tokens are ~20 GB of text): the demo corpus, a folder of .txt files, or a JSONL with 'text' and
-    an optional 'id' (else the text's hash: a resumed run finds it wherever it moved). Ids are unique."""
-    docs = [(d["id"], functools.partial(dict, d)) for d in demo_corpus(*demo)] if spec == "demo" else []
+def read_docs(spec, demo=(4, 24, 0), mine=lambda i: True):
+    """The input documents in order, each {"id", "text"}: the demo corpus (with its facts), a folder of .txt
+    files (the id: the file's name), or a JSONL with 'text' and an optional 'id' (else the text's hash: a
+    resumed run finds it wherever it moved). Ids are unique. Only the documents mine(index) keep their text,
+    the others' is None (45K documents of 128K tokens are ~20 GB of text: each rank holds its share)."""
+    docs = demo_corpus(*demo) if spec == "demo" else []
     if os.path.isdir(spec):
-        docs = [(os.path.basename(p)[:-4], functools.partial(read_txt, p))
-                for p in sorted(glob.glob(os.path.join(spec, "*.txt")))]
+        paths = sorted(glob.glob(os.path.join(spec, "*.txt")))
+        texts = [pathlib.Path(p).read_text(encoding="utf-8", errors="replace") if mine(i) else None
+                 for i, p in enumerate(paths)]
+        docs = [{"id": os.path.basename(p)[:-4], "text": text} for p, text in zip(paths, texts)]
     elif os.path.isfile(spec):
-        docs = index_jsonl(spec)
+        docs = read_jsonl(spec, mine)
     if not docs:
         raise UsageError(f"--docs {spec}: no such file or folder, or no document in it (give a JSONL file, "
                          "a folder of .txt files, or 'demo')")
     first = {}
-    for i, (doc_id, _) in enumerate(docs):
+    for i, doc_id in enumerate(doc["id"] for doc in docs):
         if first.setdefault(doc_id, i) != i:
             raise UsageError(f"--docs {spec}: documents {first[doc_id] + 1} and {i + 1} have the same id "
                              f"{doc_id!r} (the same text, when they have no id); resuming needs unique ids: "
@@ -585,17 +589,11 @@ def read_docs(spec, demo=(4, 24, 0)):
     return docs
 
 
-def read_txt(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return {"id": os.path.basename(path)[:-4], "text": f.read()}
-
-
-def index_jsonl(path):
-    """[(id, read)] of the documents of a JSONL, each line checked once."""
-    docs, offset = [], 0
+def read_jsonl(path, mine):
+    """The documents of a JSONL (as read_docs), each line checked."""
+    docs = []
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            offset += len(line)
             if not line.strip():
                 continue
             try:
@@ -605,14 +603,8 @@ def index_jsonl(path):
             except ValueError as e:  # bad JSON, bad UTF-8, or no text
                 raise UsageError(f"{path}:{lineno}: {e}; fix or remove the line") from None
             doc_id = str(rec["id"]) if rec.get("id") is not None else text_id(rec["text"])
-            docs.append((doc_id, functools.partial(read_line, path, offset - len(line), doc_id)))
+            docs.append({"id": doc_id, "text": rec["text"] if mine(len(docs)) else None})
     return docs
-
-
-def read_line(path, offset, doc_id):
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return {"id": doc_id, "text": json.loads(f.readline())["text"]}
 
 
 def text_id(text):
@@ -785,7 +777,7 @@ def write_records(docs, mine, model, tokenizer, cfg, counts, rank, world_size):
              for kind in ("jsonl", "dropped")}
     for k in tqdm(range(rounds), desc="documents", disable=rank != 0):
         i = mine[k] if k < len(mine) else None
-        entry = one_document(docs[i][1]() if i is not None else None, i, model, rotary, tokenizer, cfg, par,
+        entry = one_document(docs[i] if i is not None else None, i, model, rotary, tokenizer, cfg, par,
                              counts)
         if entry is None:  # no document of this rank's in this round
             continue
@@ -817,18 +809,19 @@ def one_document(doc, i, model, rotary, tokenizer, cfg, par, counts):
 
 def main(cfg):
     cfg = resolve(cfg)
-    longpo.check_model(cfg.model)  # every rank checks flags and files before any process group or model
+    longpo.check_model(cfg.model)  # every rank checks flags and files before any model
     if cfg.plan:
         return print(generation_plan(cfg))
-    docs = read_docs(cfg.docs, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed))
     check_out(cfg)
     rank, world_size, device = init_distributed()
+    ours = lambda i: i % world_size == rank  # noqa: E731  (this rank's documents)
+    docs = read_docs(cfg.docs, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), ours)
     if rank == 0:
         start_out(cfg)
     if world_size > 1:
         dist.barrier()  # before any work: the folder is ready
     done = read_done(cfg.out)
-    mine = [i for i, (doc_id, _) in enumerate(docs) if i % world_size == rank and doc_id not in done]
+    mine = [i for i, doc in enumerate(docs) if ours(i) and doc["id"] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
     model, tokenizer = load_for_inference(cfg.model, device)
