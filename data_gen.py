@@ -637,47 +637,42 @@ def resolve(cfg):
 # done. A restart skips every document any rank has done, at any world size; no rank ever waits for
 # another, and no merge: longpo.py and eval.py read the folder (its records in document order).
 
-def read_done(folder):
-    """The ids of the documents any rank has finished, kept or dropped (a line a kill tore was cut by
-    start_out: that document is done again)."""
-    done = set()
-    for path in glob.glob(os.path.join(folder, "rank*.*")):
-        with open(path, "rb") as f:
-            done.update(json.loads(line)["id"] for line in f)
-    return done
-
-
-def run_arguments(cfg):
-    """The arguments a folder's records depend on: all but --sp-size (the same records at any)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sp_size"}
-
-
 def check_out(cfg):
-    """Every rank, before any work: an --out folder is continued only with the arguments that started it;
-    a file, or a folder that no run of ours started, is never touched."""
-    path = os.path.join(cfg.out, "args.json")
+    """Every rank, before any work: an --out folder is continued only with the arguments that started it; a
+    file, or a folder that no run of ours started, is never touched. Returns the arguments the records
+    depend on: all but --sp-size (the same records at any)."""
+    path, args = os.path.join(cfg.out, "args.json"), dataclasses.asdict(cfg)
+    del args["sp_size"]
     foreign = os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.exists(path)
     if os.path.isfile(cfg.out) or foreign:
         raise UsageError(f"--out {cfg.out} exists and is no data_gen.py output folder; choose another --out")
     if os.path.exists(path):
         with open(path) as f:
-            changed = longpo.changed_arguments(json.load(f), run_arguments(cfg))
+            changed = longpo.changed_arguments(json.load(f), args)
         if changed:
             raise UsageError(f"--out {cfg.out} holds work done with other arguments ({changed}); rerun with "
                              "the same arguments to continue it, or choose another --out")
+    return args
 
 
-def start_out(cfg):
-    """Rank 0, before any rank starts: the folder with the run's arguments; a line a kill tore is cut."""
-    os.makedirs(cfg.out, exist_ok=True)
+def start_out(cfg, args, rank, world_size):
+    """The ids of the documents any rank has finished, kept or dropped, read once rank 0 has made the
+    folder with the run's arguments and cut a line a kill tore (that document is done again)."""
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        for path in glob.glob(os.path.join(cfg.out, "rank*.*")):
+            with open(path, "rb+") as f:
+                f.truncate(f.read().rfind(b"\n") + 1)
+        if not os.path.exists(os.path.join(cfg.out, "args.json")):
+            with open(os.path.join(cfg.out, "args.json"), "w") as f:
+                json.dump(args, f, indent=2)
+    if world_size > 1:
+        dist.barrier()  # before any rank reads it or works: the folder is ready
+    done = set()
     for path in glob.glob(os.path.join(cfg.out, "rank*.*")):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    if not os.path.exists(os.path.join(cfg.out, "args.json")):
-        with open(os.path.join(cfg.out, "args.json"), "w") as f:
-            json.dump(run_arguments(cfg), f, indent=2)
+        with open(path, "rb") as f:
+            done.update(json.loads(line)["id"] for line in f)
+    return done
 
 
 def generation_plan(cfg):
@@ -812,15 +807,11 @@ def main(cfg):
     longpo.check_model(cfg.model)  # every rank checks flags and files before any model
     if cfg.plan:
         return print(generation_plan(cfg))
-    check_out(cfg)
+    args = check_out(cfg)
     rank, world_size, device = init_distributed()
     ours = lambda i: i % world_size == rank  # noqa: E731  (this rank's documents)
     docs = read_docs(cfg.docs, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), ours)
-    if rank == 0:
-        start_out(cfg)
-    if world_size > 1:
-        dist.barrier()  # before any work: the folder is ready
-    done = read_done(cfg.out)
+    done = start_out(cfg, args, rank, world_size)
     mine = [i for i, doc in enumerate(docs) if ours(i) and doc["id"] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")

@@ -234,7 +234,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 531, "longpo": 1389, "data_gen": 836, "eval": 503}
+    limits = {"ring_attention": 531, "longpo": 1389, "data_gen": 827, "eval": 503}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -2492,9 +2492,8 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
         with pytest.raises(UsageError, match="exists and is no data_gen.py output folder"):
             data_gen.check_out(cfg)
         shutil.rmtree(out) if existing == "folder" else out.unlink()
-    data_gen.check_out(cfg)
-    data_gen.start_out(cfg)  # a run with these arguments owns it now; another may not continue it
-    data_gen.check_out(cfg)
+    data_gen.start_out(cfg, data_gen.check_out(cfg), 0, 1)  # a run with these arguments owns it now
+    data_gen.check_out(cfg)  # another may not continue it
     with pytest.raises(UsageError, match="other arguments \\(turns: 4 there, 2 now\\)"):
         data_gen.check_out(dataclasses.replace(cfg, turns=2))
     with pytest.raises(UsageError, match="--sp-size 3 must divide the number of processes 1"):
