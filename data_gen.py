@@ -40,7 +40,6 @@ import os
 import pathlib
 import random
 import re
-import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.cache_utils import DynamicLayer
 
 import longpo
-from longpo import UsageError, arg, check_at_least, check_sp_size, init_distributed, one_process, print0
+from longpo import UsageError, arg, check_at_least, check_sp_size, init_distributed, print0
 
 PAPER = dict(chunk_min=16384, chunk_max=30720, min_doc_len=65537, max_doc_len=131072,
              max_new_tokens=1024, temperature=0.0)
@@ -102,11 +101,10 @@ REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'
 
 # ---------------------------------------------------------- one document's record (Sec. 3.3)
 
-def make_record(doc, doc_index, model, tokenizer, cfg, counts):
-    """The record of one document, the paper's steps in order (raises Dropped if it gives none); counts
-    collects the tokens generated. A generator: at step 4 it yields the turns whose rejected answers (the
-    whole document's) it needs and is sent them (its caller decodes them, alone or with its SP group), then
-    yields the record."""
+def make_record(doc, doc_index, model, tokenizer, cfg):
+    """The record of one document, the paper's steps in order (raises Dropped if it gives none). A
+    generator: at step 4 it yields the turns whose rejected answers (the whole document's) it needs and is
+    sent them (its caller decodes them, alone or with its SP group), then yields the record."""
     text = doc["text"]
     # 1. the document's length: within --min-doc-len..--max-doc-len, and room for an answer in --max-length
     n_tokens, starts = measure(doc, tokenizer, cfg)
@@ -118,12 +116,12 @@ def make_record(doc, doc_index, model, tokenizer, cfg, counts):
     if not chunks:
         raise Dropped("no_chunks")
     # 3. per chunk, 4 questions; one kept at random, behind a lead-in
-    turns, filtered = ask_questions(doc, chunks, model, tokenizer, cfg, counts)
+    turns, filtered = ask_questions(doc, chunks, model, tokenizer, cfg)
     if not turns:
         raise Dropped("questions", filtered)
     # 4. chosen: the answer seeing the chunk only; rejected: the answer seeing the whole document
     chosen = ask(model, tokenizer, [text[a:b] for a, b in (t["chunk"] for t in turns)],
-                 [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"), counts,
+                 [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"),
                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     turns = [{**t, "chosen": c} for t, c in zip(turns, chosen)]
     # before the long inputs' answers, the turns that fit whatever those will be (a generated token may
@@ -206,7 +204,7 @@ def chunk_document(text, starts, chunk_min, chunk_max):
     return chunks
 
 
-def ask_questions(doc, chunks, model, tokenizer, cfg, counts):
+def ask_questions(doc, chunks, model, tokenizer, cfg):
     """Step 3: per chunk, 4 questions from the model (the demo corpus: its facts' own), one of them kept at
     random, behind a random lead-in. Returns (turns, the chunks filtered for want of questions)."""
     pieces = [doc["text"][a:b] for a, b in chunks]
@@ -214,8 +212,8 @@ def ask_questions(doc, chunks, model, tokenizer, cfg, counts):
         replies = [template_questions(p, doc["facts"]) for p in pieces]
     else:
         replies = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
-                      seeds(cfg, doc, len(pieces), "questions"), counts,
-                      max_new_tokens=QUESTION_TOKENS, temperature=0.7, top_p=0.9)
+                      seeds(cfg, doc, len(pieces), "questions"), max_new_tokens=QUESTION_TOKENS,
+                      temperature=0.7, top_p=0.9)
     turns, filtered = [], {}
     for j, ((a, b), reply) in enumerate(zip(chunks, replies)):
         questions = parse_questions(reply)
@@ -446,45 +444,37 @@ def generate_long(model, tokenizer, prompts, max_new_tokens, par, temperature=0.
     return results
 
 
-def ask(model, tokenizer, contexts, instructions, seeds, counts, **sampling):
+def ask(model, tokenizer, contexts, instructions, seeds, **sampling):
     """Answers of the model to each (context, instruction) on short inputs, BATCH at a time, with longpo's
-    chat formatting, each sampled from its own seed; counts collects the tokens generated."""
+    chat formatting, each sampled from its own seed."""
     prompts = [longpo.format_dialogue(tokenizer, c, [{"instruction": i}])[0]
                for c, i in zip(contexts, instructions)]
     texts = []
     for k in range(0, len(prompts), BATCH):
-        batch = slice(k, k + BATCH)
-        t, n = generate(model, tokenizer, prompts[batch], seeds=seeds[batch], **sampling)
-        texts += t
-        counts["generated"] += n
+        texts += generate(model, tokenizer, prompts[k:k + BATCH], seeds=seeds[k:k + BATCH], **sampling)[0]
     return texts
 
 
 def long_answers(long_model, tokenizer, doc, turns, cfg, par):
     """The rejected answers: each turn's instruction after the WHOLE document, the document prefilled once
-    for all turns (generate_long); [(text, new tokens)]."""
+    for all turns (generate_long)."""
     prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
                for t in turns]
-    return generate_long(long_model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
-                         seeds=seeds(cfg, doc, len(turns), "rejected"))
-
-
-def long_rotary(model, theta):
-    """--rope-theta: the rotary embedding of the long-input passes. The weights do not depend on theta,
-    so the one model serves both passes, this swapped in for the long ones (long_input)."""
-    if not theta:
-        return None
-    config, short = copy.deepcopy(model.config), model.get_decoder().rotary_emb
-    longpo.set_rope_theta(config, theta)
-    return type(short)(config).to(short.inv_freq.device, short.inv_freq.dtype)  # as a loaded model has it
+    answers = generate_long(long_model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
+                            seeds=seeds(cfg, doc, len(turns), "rejected"))
+    return [text for text, _ in answers]
 
 
 @contextlib.contextmanager
-def long_input(model, rotary):
-    """The model with its rotary embedding swapped for `rotary` (None: its own) while inside."""
+def long_input(model, theta):
+    """--rope-theta: the model with the rotary embedding of that theta (0: its own) while inside. The
+    weights do not depend on theta, so the one model serves both the short and the long passes."""
     decoder = model.get_decoder()
     short = decoder.rotary_emb
-    decoder.rotary_emb = rotary or short
+    if theta:
+        config = copy.deepcopy(model.config)
+        longpo.set_rope_theta(config, theta)
+        decoder.rotary_emb = type(short)(config).to(short.inv_freq.device, short.inv_freq.dtype)  # as loaded
     try:
         yield model
     finally:
@@ -723,57 +713,48 @@ def attempt(fn, *args):
     raise Dropped("error", error=error)
 
 
-def record_alone(doc, doc_index, model, rotary, tokenizer, cfg, counts):
-    """One process: make_record with the long-input answers decoded here (rotary: long_rotary's or None)."""
-    work = make_record(doc, doc_index, model, tokenizer, cfg, counts)
-    turns = next(work)
-    with long_input(model, rotary) as long_model:
-        rejected = long_answers(long_model, tokenizer, doc, turns, cfg, one_process(model.device))
-    counts["generated"] += sum(n for _, n in rejected)
-    return work.send([text for text, _ in rejected])
-
-
-def record_together(doc, doc_index, model, rotary, tokenizer, cfg, par, counts):
-    """--sp-size: this rank's short-input steps (doc None: none this round), then the SP group decodes
-    every member's long prompts in turn, each member taking part in all; then this rank's record (or None),
-    or Dropped. An error in the short steps is this rank's and drops its document; in the decoding, the
-    group's (it stops the run)."""
-    work, turns, dropped = None, None, None
+def record(doc, doc_index, model, tokenizer, cfg, par):
+    """make_record with its long-input answers decoded by this rank's SP group (in one process, a group of
+    one): this rank's short-input steps (doc None: none this round), then the group decodes every member's
+    long prompts in turn, each member taking part in all; then this rank's record (None without a
+    document), or Dropped. An error is its document's (Dropped "error"), but one in an SP group's decoding
+    stops the run: the other members would wait on this one."""
+    work, turns, dropped = make_record(doc, doc_index, model, tokenizer, cfg) if doc else None, None, None
     try:
-        work = make_record(doc, doc_index, model, tokenizer, cfg, counts) if doc else None
         turns = attempt(next, work) if work else None
     except Dropped as reason:
         dropped = reason
-    everyone = [None] * par.sp_size
-    dist.all_gather_object(everyone, turns and (doc, turns), group=par.sp_group)
-    with long_input(model, rotary) as long_model:
-        for member, mine in enumerate(everyone):  # the same order on every rank: lockstep
-            answers = long_answers(long_model, tokenizer, *mine, cfg, par) if mine else []
-            if member == par.sp_rank:
-                rejected = [text for text, _ in answers]
-                counts["generated"] += sum(n for _, n in answers)
+    everyone = [turns and (doc, turns)] * par.sp_size
+    if par.sp_size > 1:
+        dist.all_gather_object(everyone, everyone[0], group=par.sp_group)
+    decode = functools.partial(group_answers, model, tokenizer, cfg, par, everyone)
+    rejected = decode() if par.sp_size > 1 else attempt(decode)
     if dropped:
         raise dropped
     return attempt(work.send, rejected) if turns else None
 
 
-def write_records(docs, mine, model, tokenizer, cfg, counts, rank, world_size):
+def group_answers(model, tokenizer, cfg, par, everyone):
+    """This rank's rejected answers: the long prompts of each member ((doc, turns) in `everyone`, None:
+    none), decoded by the whole group in the same order on every rank (lockstep)."""
+    with long_input(model, cfg.rope_theta) as long_model:
+        answers = [long_answers(long_model, tokenizer, *job, cfg, par) if job else None for job in everyone]
+    return answers[par.sp_rank]
+
+
+def write_records(docs, mine, model, tokenizer, cfg, par):
     """This rank's documents, each record (or why it gave none) appended to its file in --out and flushed
-    before the next starts; with --sp-size, in rounds of each member's next document (record_together).
-    Returns this rank's summary: records, dropped documents by reason, turns filtered by reason."""
-    par, rounds, rotary = None, len(mine), long_rotary(model, cfg.rope_theta)
+    before the next starts; with --sp-size, in rounds of each member's next document (record). Returns
+    this rank's summary: records, dropped documents by reason, turns filtered by reason."""
+    rounds = torch.tensor([len(mine)], device=par.device)
+    if par.sp_size > 1:  # a member with fewer documents still takes part in the others' decoding
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=par.sp_group)
     summary = {"records": 0, "dropped": Counter(), "turns_filtered": Counter()}
-    if cfg.sp_size > 1:
-        par = longpo.setup_parallel(cfg.sp_size, rank, world_size, model.device)
-        longest = torch.tensor([len(mine)], device=model.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=par.sp_group)
-        rounds = int(longest)  # a member with fewer documents still takes part in the others' decoding
-    files = {kind: open(os.path.join(cfg.out, f"rank{rank}.{kind}"), "a", encoding="utf-8")
+    files = {kind: open(os.path.join(cfg.out, f"rank{par.rank}.{kind}"), "a", encoding="utf-8")
              for kind in ("jsonl", "dropped")}
-    for k in tqdm(range(rounds), desc="documents", disable=rank != 0):
+    for k in tqdm(range(int(rounds)), desc="documents", disable=par.rank != 0):
         i = mine[k] if k < len(mine) else None
-        entry = one_document(docs[i] if i is not None else None, i, model, rotary, tokenizer, cfg, par,
-                             counts)
+        entry = one_document(docs[i] if i is not None else None, i, model, tokenizer, cfg, par)
         if entry is None:  # no document of this rank's in this round
             continue
         out = files["dropped" if "dropped" in entry else "jsonl"]
@@ -787,13 +768,11 @@ def write_records(docs, mine, model, tokenizer, cfg, counts, rank, world_size):
     return summary
 
 
-def one_document(doc, i, model, rotary, tokenizer, cfg, par, counts):
+def one_document(doc, i, model, tokenizer, cfg, par):
     """The record of document i (doc None: none this round, None), or the entry saying why it gives none:
     the reason, the turns filtered, and an error's first line."""
     try:
-        if par is None:
-            return attempt(record_alone, doc, i, model, rotary, tokenizer, cfg, counts)
-        return record_together(doc, i, model, rotary, tokenizer, cfg, par, counts)
+        return record(doc, i, model, tokenizer, cfg, par)
     except Dropped as d:
         entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
         if d.error:
@@ -816,9 +795,8 @@ def main(cfg):
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
     model, tokenizer = load_for_inference(cfg.model, device)
-    counts, t0 = {"generated": 0}, time.perf_counter()
-    summary = write_records(docs, mine, model, tokenizer, cfg, counts, rank, world_size)
-    summary["generated_tokens_per_s"] = round(counts["generated"] / (time.perf_counter() - t0), 1)
+    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+    summary = write_records(docs, mine, model, tokenizer, cfg, par)
     print(f"rank {rank}: {len(mine)} documents done into {cfg.out}: {json.dumps(summary)}", flush=True)
     return summary
 

@@ -25,7 +25,6 @@ import string
 import time
 import traceback
 
-from unittest.mock import ANY
 
 import pytest
 import torch
@@ -234,7 +233,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 531, "longpo": 1389, "data_gen": 827, "eval": 503}
+    limits = {"ring_attention": 531, "longpo": 1389, "data_gen": 805, "eval": 503}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1864,6 +1863,8 @@ import signal  # noqa: E402
 
 import data_gen  # noqa: E402
 
+ONE = longpo.one_process(torch.device("cpu"))  # data_gen.record's SP group in this process: a group of one
+
 
 def token_starts(tokenizer, text):
     return [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
@@ -1960,7 +1961,7 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path, monkeypatch):
     args = ["--max-new-tokens", "16", "--turns", "2"]
     main = lambda *argv: data_gen.main(longpo.config_from_cli(data_gen.DataGenConfig, args + list(argv)))  # noqa: E731
     out = str(tmp_path / "full")
-    assert main("--out", out) == {"records": 4, "dropped": {}, "turns_filtered": {}, "generated_tokens_per_s": ANY}
+    assert main("--out", out) == {"records": 4, "dropped": {}, "turns_filtered": {}}
     records = longpo.Records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
     assert json.load(open(f"{out}/args.json"))["docs"] == "demo"
@@ -2034,14 +2035,17 @@ def test_data_gen_resume_follows_documents_not_lines(tmp_path, monkeypatch, caps
 
 def test_data_gen_model_questions_path(tmp_path, monkeypatch):
     """Documents of one's own (here demo texts in a JSONL): the model writes the questions. The tiny
-    random model cannot write a numbered list of 4, so every chunk is dropped and counted: the path runs,
-    nothing passes silently."""
+    random model cannot write a numbered list of 4, so every chunk is dropped and counted: the path runs
+    (the model is asked for each chunk's questions), nothing passes silently."""
     out, docs = str(tmp_path / "q"), tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in data_gen.demo_corpus(2)))
     monkeypatch.setattr(data_gen, "QUESTION_TOKENS", 32)
+    asked, generate = [], data_gen.generate
+    monkeypatch.setattr(data_gen, "generate", lambda model, tokenizer, prompts, *args, **kwargs: asked.extend(
+        tokenizer.decode(p) for p in prompts) or generate(model, tokenizer, prompts, *args, **kwargs))
     summary = data_gen.main(data_gen.DataGenConfig(docs=str(docs), out=out, turns=2))
-    assert summary["records"] == 0 and summary["dropped"] == {"questions": 2}
-    assert summary["turns_filtered"] == {"questions": 4} and summary["generated_tokens_per_s"] > 0
+    assert summary == {"records": 0, "dropped": {"questions": 2}, "turns_filtered": {"questions": 4}}
+    assert len(asked) == 4 and all(data_gen.QUESTION_PROMPT in prompt for prompt in asked)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -2349,35 +2353,37 @@ def test_several_data_files_are_one_set(tmp_path):
         longpo.Records(str(tmp_path / "none"))
 
 
-def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_inputs():
+def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_inputs(monkeypatch):
     """--rope-theta: the one model with its rotary embedding swapped for the long-input passes (long_input)
     gives the logits and answers of a second model loaded with that theta; the chosen answers and the
     reference log-probs keep the model's own theta, which comes back after the swap."""
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     second, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e6)
-    rotary = data_gen.long_rotary(model, 1e6)
     ids = torch.randint(3, 200, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         own = model(input_ids=ids).logits
-        with data_gen.long_input(model, rotary) as long_model:
+        with data_gen.long_input(model, 1e6) as long_model:
             raised = long_model(input_ids=ids).logits
         assert torch.equal(raised, second(input_ids=ids).logits) and torch.equal(model(input_ids=ids).logits, own)
         assert rel_err(raised, own) > 1e-3  # the theta matters at this length
     cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16, temperature=0.0))  # greedy
     doc = data_gen.demo_corpus(1, 10)[0]
-    same = data_gen.record_alone(doc, 0, model, None, tokenizer, cfg, {"generated": 0})
-    seen = {"long": [], "short": []}  # the last position each rotary embedding was asked for
-    for name, module in (("long", rotary), ("short", model.get_decoder().rotary_emb)):
-        module.register_forward_hook(lambda m, args, kwargs, out, name=name: seen[name].append(
-            int({**dict(zip(("x", "position_ids"), args)), **kwargs}["position_ids"].max())), with_kwargs=True)
-    mixed = data_gen.record_alone(doc, 0, model, rotary, tokenizer, cfg, {"generated": 0})
+    same = data_gen.record(doc, 0, model, tokenizer, cfg, ONE)
+    short = model.get_decoder().rotary_emb
+    seen, forward = {"long": [], "short": []}, type(short).forward  # the last position each rotary was asked for
+
+    def watched(rotary, x, position_ids):
+        seen["short" if rotary is short else "long"].append(int(position_ids.max()))
+        return forward(rotary, x, position_ids)
+    monkeypatch.setattr(type(short), "forward", watched)
+    mixed = data_gen.record(doc, 0, model, tokenizer, dataclasses.replace(cfg, rope_theta=1e6), ONE)
     assert seen["long"] and seen["short"] and min(seen["long"]) > mixed["meta"]["doc_tokens"] > max(seen["short"])
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
     turns = mixed["turns"]
     assert len(turns) == cfg.turns  # none filtered: the answers line up with the second model's
     want = data_gen.ask(second, tokenizer, [doc["text"]] * len(turns), [t["instruction"] for t in turns],
-                        data_gen.seeds(cfg, doc, len(turns), "rejected"), {"generated": 0},
+                        data_gen.seeds(cfg, doc, len(turns), "rejected"),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # each turn alone
     assert [t["rejected"] for t in turns] == want
 
@@ -2500,9 +2506,9 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
         data_gen.resolve(data_gen.DataGenConfig(sp_size=3))
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.record_alone({"id": "long", "text": "x" * 32769}, 0, model, None, tokenizer, cfg, {"generated": 0})
+        data_gen.record({"id": "long", "text": "x" * 32769}, 0, model, tokenizer, cfg, ONE)
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.record_alone({"id": "small", "text": "short"}, 0, model, None, tokenizer, cfg, {"generated": 0})
+        data_gen.record({"id": "small", "text": "short"}, 0, model, tokenizer, cfg, ONE)
 
 
 def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
@@ -2566,12 +2572,12 @@ def slow_rank_worker(rank, world_size, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
     longpo.TIMEOUT = datetime.timedelta(seconds=2)  # this process only
 
-    def record_alone(doc, doc_index, *rest):
+    def record(doc, doc_index, *rest):
         time.sleep(4 if doc_index == 1 else 0)  # rank 1's first document
         turn = {"instruction": "Why?", "chunk": [0, 9], "chosen": "Because.", "rejected": "No."}
         return {"id": doc["id"], "document": doc["text"], "turns": [turn],
                 "meta": {"doc_index": doc_index, "filtered_turns": {}}}
-    data_gen.record_alone = record_alone
+    data_gen.record = record
     data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4))
 
 
@@ -2605,7 +2611,7 @@ def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, ca
     data_gen.main(cfg)
     assert "3 documents, 3 already done" in capsys.readouterr().out  # not retried
     os.remove(os.path.join(cfg.out, "rank0.dropped"))
-    assert data_gen.main(cfg) == {"records": 1, "dropped": {}, "turns_filtered": {}, "generated_tokens_per_s": ANY}
+    assert data_gen.main(cfg) == {"records": 1, "dropped": {}, "turns_filtered": {}}
     assert [r["id"] for r in longpo.Records(cfg.out)] == ["demo-0", "demo-1", "demo-2"]
 
 
@@ -2631,13 +2637,13 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
     def letters(seeds, n):  # one byte-level token a letter
         return ["".join(random.Random(seed).choices(string.ascii_letters, k=n)) for seed in seeds]
 
-    def ask(model, tokenizer, contexts, instructions, seeds, counts, max_new_tokens, **sampling):
+    def ask(model, tokenizer, contexts, instructions, seeds, max_new_tokens, **sampling):
         asked.append(len(contexts))
         return letters(seeds, max_new_tokens)
 
     def long_answers(long_model, tokenizer, doc, turns, cfg, par):
         long_asked[doc["id"]] = len(turns)
-        return [(text, 0) for text in letters(data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg.max_new_tokens + 8)]
+        return letters(data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg.max_new_tokens + 8)
     monkeypatch.setattr(data_gen, "ask", ask)
     monkeypatch.setattr(data_gen, "long_answers", long_answers)
 
@@ -2670,7 +2676,7 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
         asked.clear()
         cfg = data_gen.resolve(data_gen.DataGenConfig(max_length=limit))
         with pytest.raises(data_gen.Dropped, match="max_length"):
-            data_gen.record_alone(doc, 0, model, None, tokenizer, cfg, {"generated": 0})
+            data_gen.record(doc, 0, model, tokenizer, cfg, ONE)
         assert len(asked) == generated, (limit, asked)
 
 
@@ -3143,7 +3149,7 @@ class RecordBench:
 
 def record_bench(cfg):
     """A demo document (planted facts: template questions) padded with filler paragraphs to --tokens,
-    cut into --turns chunks; greedy answers of the tiny model; record_alone (record_together at --sp-size)."""
+    cut into --turns chunks; greedy answers of the tiny model; data_gen.record (its SP group at --sp-size)."""
     rank, world_size, device = longpo.init_distributed()
     tokenizer = longpo.tiny_tokenizer()
     doc = data_gen.demo_corpus(1, 64, seed=3)[0]
@@ -3155,15 +3161,12 @@ def record_bench(cfg):
         chunk_min=chunk // 2, chunk_max=chunk, max_doc_len=2 * cfg.tokens, turns=cfg.turns,
         max_new_tokens=cfg.max_new_tokens, temperature=0.0, sp_size=cfg.sp_size))
     model, _ = data_gen.load_for_inference("tiny", device)
-    counts = {"generated": 0}
-    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if cfg.sp_size > 1 else None
-    make = (lambda: data_gen.record_together(doc, 0, model, None, tokenizer, gen_cfg, par, counts)) if par else \
-        (lambda: data_gen.record_alone(doc, 0, model, None, tokenizer, gen_cfg, counts))
+    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
+    make = lambda: data_gen.record(doc, 0, model, tokenizer, gen_cfg, par)  # noqa: E731
     make()  # warm-up
-    counts["generated"] = 0
     rec, seconds = timed(make, device)
     longpo.print0(f"record: {cfg.tokens}-token document, {len(rec['turns'])} turns, sp {cfg.sp_size}, "
-              f"{counts['generated']} tokens generated, {torch.get_num_threads()} threads: {seconds:.2f} s")
+              f"{torch.get_num_threads()} threads: {seconds:.2f} s")
 
 
 @dataclass
