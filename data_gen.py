@@ -62,17 +62,17 @@ TINY = dict(chunk_min=512, chunk_max=1024, min_doc_len=1024, max_doc_len=32768,
 
 @dataclass
 class DataGenConfig:
-    """Generate LongPO preference data (paper Sec. 3.3); size flags at 0 / -1 take the profile's value."""
+    """Generate LongPO preference data (paper Sec. 3.3); size flags not given (None) take the profile's."""
     model: str = arg("tiny", "pi_S: hub id, local dir, or 'tiny'")
     docs: str = arg("demo", "JSONL ('text', 'id'), .txt file or folder, or 'demo'")
     out: str = arg("data/longpo_tiny", "output folder (longpo.py's default --data)")
-    chunk_min: int = arg(0, "fewest tokens in a chunk (0: profile; paper 16384)")
-    chunk_max: int = arg(0, "most tokens in a chunk (0: profile; release code 30720)")
-    min_doc_len: int = arg(0, "fewest tokens in a document (0: profile; paper > 64K)")
-    max_doc_len: int = arg(0, "most tokens in a document (0: profile; paper < target)")
+    chunk_min: int | None = arg(None, "fewest tokens in a chunk (None: profile; paper 16384)")
+    chunk_max: int | None = arg(None, "most tokens in a chunk (None: profile; release code 30720)")
+    min_doc_len: int | None = arg(None, "fewest tokens in a document (None: profile; paper > 64K)")
+    max_doc_len: int | None = arg(None, "most tokens in a document (None: profile; paper < target)")
     turns: int = arg(4, "at most this many chunks (turns) per document")
-    max_new_tokens: int = arg(0, "answer length limit (0: profile; paper 1024)")
-    temperature: float = arg(-1.0, "answer sampling temperature (-1: profile; paper 0)")
+    max_new_tokens: int | None = arg(None, "answer length limit (None: profile; paper 1024)")
+    temperature: float | None = arg(None, "answer sampling temperature (None: profile; paper 0)")
     demo_docs: int = arg(4, "--docs demo: number of documents (drawn from --seed)")
     demo_paragraphs: str = arg("24", "--docs demo: paragraphs (1-64) a document, or A-B")
     rope_theta: float = arg(0.0, "RoPE theta of the LONG-input generation (paper 1e7)")
@@ -603,10 +603,9 @@ def text_id(text):
 
 
 def resolve(cfg):
-    """Fill profile-dependent flags (0 / -1); check the rest."""
+    """The size flags not given from the profile (PAPER, TINY for --model tiny); the flags checked."""
     profile = TINY if cfg.model == "tiny" else PAPER
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items()
-                                      if getattr(cfg, k) == (-1.0 if k == "temperature" else 0)})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in profile.items() if getattr(cfg, k) is None})
     if cfg.docs == "demo":
         check_at_least(cfg, ("demo_docs",), 1)
         parse_paragraphs(cfg.demo_paragraphs)
