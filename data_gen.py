@@ -366,14 +366,10 @@ class RoomLayer(DynamicLayer):
         self.room, self.length = room, 0
 
     def update(self, key, value, *args, **kwargs):  # (B, Hkv, T, D)
-        if not self.is_initialized:  # the prefill attends to all of its own tokens
-            n = key.shape[2]
-            B, H, _, D = key.shape
-            self.keys = key.new_empty(B, H, n + self.room, D)
-            self.values = value.new_empty(B, H, n + self.room, D)
-            self.keys[:, :, :n], self.values[:, :, :n] = key, value
-            self.length, self.is_initialized = n, True
-            return key, value
+        if not self.is_initialized:  # the prefill: its tokens, then the room
+            B, H, n, D = key.shape
+            self.keys, self.values = (x.new_empty(B, H, n + self.room, D) for x in (key, value))
+            self.is_initialized = True
         n = self.length + key.shape[2]
         self.keys[:, :, self.length:n], self.values[:, :, self.length:n] = key, value
         self.length = n
