@@ -282,8 +282,8 @@ def eval_infbench(model, tokenizer, tasks, max_len, par=None):
 @torch.no_grad()
 def continuation_logp(model, tokenizer, prompt, continuation):
     """log p(continuation | prompt) summed over the continuation's tokens (plain text, no template)."""
-    p_ids, c_ids = (tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                    for text in (prompt, continuation))
+    p_ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    c_ids = longpo.encode_after(tokenizer, prompt, continuation, as_text=True)  # as it follows the prompt
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + p_ids + c_ids], device=next(model.parameters()).device)
     logps = F.log_softmax(model(input_ids=ids).logits[0, -len(c_ids) - 1:-1].float(), -1)  # (len(c_ids), V)
@@ -341,7 +341,7 @@ def eval_pref(model, tokenizer, records, par, beta):
         acc += float(chosen.item() > rejected.item())
         margin += (chosen - rejected).item()
     model.set_attn_implementation("sdpa")  # generation sets up its own
-    return {"reward_accuracy": acc / len(kept), "reward_margin": margin / len(kept)}
+    return {"reward_accuracy": acc / max(1, len(kept)), "reward_margin": margin / max(1, len(kept))}
 
 
 # ---------------------------------------------------------- glue: input files, the table, main

@@ -600,7 +600,7 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, s
 
 
 def make_optimizer(model, cfg, total_steps):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)  # the paper's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)  # the release code's
     warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
 
     def lr_lambda(step):  # linear warm-up, then cosine to 0 (the release code's schedule)
