@@ -316,8 +316,10 @@ def eval_kl(model, ref_model, tokenizer, records):
             targets, mask = longpo.shifted_targets(seq, is_answer)
             pos = mask.nonzero().squeeze(-1).to(device)
             t = targets.to(device)[pos][:, None]
-            logp = F.log_softmax(model(input_ids=ids).logits[0, pos].float(), -1)
-            ref_logp = F.log_softmax(ref_model(input_ids=ids).logits[0, pos].float(), -1)
+            # the logits of the answer positions only (a 30K-token chunk's are GBs)
+            logp = F.log_softmax(model(input_ids=ids, logits_to_keep=pos).logits[0].float(), -1)
+            ref_logp = logp if ref_model is model else F.log_softmax(
+                ref_model(input_ids=ids, logits_to_keep=pos).logits[0].float(), -1)
             kl_sum += (logp.exp() * (logp - ref_logp)).sum().item()
             delta_sum += (logp.gather(-1, t) - ref_logp.gather(-1, t)).sum().item()
             n += len(pos)
