@@ -1,28 +1,21 @@
 """LongPO: short-to-long preference optimisation (Chen et al., ICLR 2025), trained sequence-parallel.
 
-A model pi_S aligned on short inputs (e.g. Mistral-7B-Instruct-v0.2, 32K tokens) answers an
-instruction I about a long document C_L twice: seeing only the chunk C_S the instruction was written
-from (x_S = [C_S; I]: chosen y_S) and seeing it all (x_L = [C_L; I]: rejected y_L). The policy
-pi_theta, initialised from pi_S, learns on the LONG input to prefer y_S, against pi_S on the SHORT
-input as reference: no human labels, short-context skill kept (data_gen.py makes the data).
-The objective comes first:
-  * Eq. 12, longpo_loss: L_LongPO = -log sigmoid(r(x_L, y_S) - r(x_L, y_L)), with the short-to-long
-    reward r(x_L, y) = beta * log(pi_theta(y|x_L) / pi_S(y|x_S)).
-  * Eq. 13, build_example and short_reference_logps: up to 4 turns of a document are one sample; the
-    policy reads the document once, then I_1 y_1 I_2 y_2 ... (format_dialogue, the one chat formatting,
-    and its answer mask), and its log-prob sums over the answer tokens (sequence_logps); the reference
-    scores each turn on its own short chunk.
-  * Eq. 14, nll_weights and total_loss: L = lam * L_LongPO + L_NLL over the chosen long sequence, whose
-    weighted token mean sequence_logps computes.
+A short-context model pi_S (e.g. Mistral-7B-Instruct-v0.2, 32K) answers an instruction I about a long
+document twice: seeing only the chunk it was written from (x_S: chosen y_S) and seeing it all (x_L:
+rejected y_L; data_gen.py). The policy, initialised from pi_S, learns on the LONG input to prefer y_S,
+against pi_S on the SHORT input as reference: no human labels, short-context skill kept.
+  * Eq. 12, longpo_loss: -log sigmoid(r(x_L, y_S) - r(x_L, y_L)), r(x_L, y) = beta log pi(y|x_L)/pi_S(y|x_S).
+  * Eq. 13, build_example and short_reference_logps: up to 4 turns of a document are one sample, the
+    document once, then I_1 y_1 I_2 y_2 ... (format_dialogue and its answer mask); the reference scores
+    each turn on its own chunk.
+  * Eq. 14, nll_weights and total_loss: L = lam * L_LongPO + L_NLL over the chosen long sequence.
 Then how it runs at 128K-512K tokens: sequence-parallel log-probs (ring attention, log-softmax in
-chunks), ONE pass over the document per pair (chosen and rejected packed after one copy of it), the
-step, the loop (FSDP2), checkpoints, main; then, under a heading, the plumbing data_gen.py and
-eval.py share: processes, errors and the command line, records, model loading, the memory plan.
+chunks), chosen and rejected packed after ONE copy of the document, the step, the loop (FSDP2),
+checkpoints, main; then the plumbing data_gen.py and eval.py share.
 
-Deliberate deviations: Eq. 13 sums log-probabilities over turns, as the release code does (the paper
-writes the log of a sum of probabilities); reference log-probs computed once on the short inputs (by
-data_gen.py, or up front by --ref-model or --model); ring attention (any SP size) instead of Ulysses;
-one sample per micro-step (the batch of 8 is accumulation). Baselines: --loss sft and --loss dpo.
+Deviations: Eq. 13 sums log-probs over turns, as the release code does (the paper: the log of a sum of
+probabilities); reference log-probs computed once (data_gen.py, or up front here); ring attention at any
+SP size instead of Ulysses; one pair per micro-step. Baselines: --loss sft and --loss dpo.
 
     python longpo.py                                       # tiny random model, CPU, one process
     torchrun --nproc_per_node 2 longpo.py                  # the same, SP = 2 over 2 CPU processes
@@ -76,14 +69,13 @@ LOGPROB_CHUNK = 4096  # tokens per chunk of the log-softmax: never a whole seque
 
 
 def arg(default, help, choices=None):
-    """A config field with its --help text and allowed values (the scripts' command lines come from their
-    config dataclass)."""
+    """A config field with its --help text (and allowed values): the command line comes from the dataclass."""
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
 @dataclass
 class TrainConfig:
-    """LongPO training (paper Eq. 12-14); defaults follow the paper, the release code's values noted."""
+    """LongPO training (Eq. 12-14); defaults follow the paper, the release code's values noted."""
     model: str = arg("tiny", "pi_S: hub id, local dir, or 'tiny' (random 2 x 64 Mistral)")
     data: str = arg("data/longpo_tiny", "preference JSONL files or data_gen.py folders, comma-separated")
     output_dir: str = arg("runs/longpo-tiny", "config, metrics, checkpoints, final model")
@@ -118,8 +110,8 @@ class TrainConfig:
 # ---------------------------------------------------------- the objective (Eq. 12-14)
 
 def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Eq. 12 for a batch of pairs, all inputs (B,): returns (losses, chosen_rewards, rejected_rewards).
-    LongPO: the ref log-probs are pi_S's on the SHORT input, the policy's on the LONG one (DPO: both long)."""
+    """Eq. 12 for a batch of pairs, all inputs (B,): (losses, chosen_rewards, rejected_rewards). The ref log-
+    probs are pi_S's on the SHORT inputs, the policy's on the LONG one (DPO: both long)."""
     # short-to-long reward r(x_L, y) = beta * log(pi_theta(y|x_L) / pi_S(y|x_S))
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -133,16 +125,15 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 # (or the rejected) answers of every turn (format_dialogue), and log pi_theta(y|x_L) sums over all its
 # answer tokens (sequence_logps). The reference scores each turn on its OWN short chunk.
 def build_example(rec, tokenizer, sides=("chosen", "rejected")):
-    """The chosen and rejected LONG dialogues of one record: {side: {"ids": [...], "is_answer": [...]}}."""
+    """The chosen and rejected LONG dialogues of a record: {side: {'ids': [...], 'is_answer': [...]}}."""
     dialogue = lambda side: format_dialogue(tokenizer, rec["document"], rec["turns"], side)  # noqa: E731
     return {side: dict(zip(("ids", "is_answer"), dialogue(side))) for side in sides}
 
 
 @torch.no_grad()
 def short_reference_logps(ref_model, tokenizer, record):
-    """Eq. 13's reference, (ref_chosen_logp, ref_rejected_logp): log pi_S(y|x_S) = sum over turns i of
-    log pi_S(y_i | C_S,i, I_i), each turn scored as training scores a sequence. A sum of log-probs, as
-    the release code (the paper writes the log of a sum of probabilities)."""
+    """Eq. 13's reference (ref_chosen_logp, ref_rejected_logp): the sum over turns i of log pi_S(y_i | C_S,i,
+    I_i), each turn on its own chunk, scored as training scores a sequence."""
     alone = one_process(ref_model.device)  # a short input runs whole in this process
 
     def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i)
@@ -153,23 +144,21 @@ def short_reference_logps(ref_model, tokenizer, record):
 
 
 def short_dialogue(tokenizer, record, turn, side):
-    """x_S of one turn and its answer, [C_S,i; I_i] y_i: (ids, is_answer) of its dialogue on its own chunk."""
+    """x_S of one turn and its answer, [C_S,i; I_i] y_i: (ids, is_answer)."""
     start, end = turn["chunk"]
     return format_dialogue(tokenizer, record["document"][start:end], [turn], side)
 
 
 def nll_weights(is_answer, cfg):
-    """Eq. 14's L_NLL(pi_theta; S_L): which tokens of the chosen LONG sequence S_L the NLL trains, with what
-    weight. --nll-target sequence (the paper's LongPO and DPO; auto): all of S_L, the non-answer tokens
-    weighing --nll-context-weight (1 in the paper); responses (its SFT baseline; auto for sft): the answers.
-    sequence_logps makes them the weighted token mean sum_t w_t * -log p(x_t+1 | x_<=t) / sum_t w_t."""
+    """Eq. 14's L_NLL over the chosen LONG sequence S_L: each token's weight. --nll-target sequence (the
+    paper's LongPO and DPO): all of S_L, non-answer tokens at --nll-context-weight (paper 1); responses (its
+    SFT baseline): the answers only. sequence_logps takes the weighted token mean of -log p."""
     context = 0.0 if nll_target(cfg) == "responses" else cfg.nll_context_weight
     return [1.0 if answer else context for answer in is_answer]
 
 
 def nll_target(cfg):
-    """--nll-target, auto resolved: sft trains its responses (the paper's SFT baseline), LongPO and DPO the
-    whole chosen sequence."""
+    """--nll-target, auto resolved: sft trains its responses, LongPO and DPO the whole chosen sequence."""
     return cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
 
 
@@ -181,14 +170,13 @@ def total_loss(pref_losses, nll, lam):
 # ---------------------------------------------------------- Eq. 13's tokens: chat formatting, answer mask
 
 def format_dialogue(tokenizer, context, turns, answer_key=None):
-    """THE chat formatting of a long or short sequence: data generation, reference and training.
-    context: the document (long) or one chunk (short); turns: dicts with "instruction" and the answer
-    turns[i][answer_key]; the first user message is context, a blank line, instruction (Eq. 13: the
-    document once). Returns (input_ids, is_answer); with answer_key=None the ids end with the generation
-    prompt of the one turn. Any template that renders turn by turn works (Mistral, Llama-2/3, ChatML,
-    Zephyr, Gemma): each generation prompt is a prefix of the dialogue, the answer span follows it
-    (split_answer); every piece is tokenized as the continuation of the text before it (encode_after).
-    Content is text: a special token's literal text in it (a paper quoting "<|im_end|>") stays text."""
+    """THE chat formatting of a long or short sequence, for data generation, reference and training:
+    (input_ids, is_answer). context: the document or one chunk; turns: dicts with 'instruction' and
+    turn[answer_key]; the first user message is context, a blank line, instruction (the document once).
+    answer_key None: the ids end with the one turn's generation prompt. Any template that renders turn by turn
+    works (Mistral, Llama-2/3, ChatML, Zephyr, Gemma); every piece is tokenized as it continues the text
+    before it (encode_after). Content is text: a special token's literal in it (a paper quoting '<|im_end|>')
+    stays text: it is hidden behind a private-use mark while the template renders."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     specials = special_tokens(tokenizer)
@@ -213,8 +201,7 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
 
 
 def render_pieces(tokenizer, context, turns, answer_key, specials):
-    """The rendered dialogue as [(text, is_answer)], concatenating to the whole: the prompts (template
-    markers, the user messages) and the answer spans."""
+    """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
     messages, pieces, done, rest = [], [], "", ""
     for i, turn in enumerate(turns):
         text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
@@ -239,9 +226,8 @@ def render_pieces(tokenizer, context, turns, answer_key, specials):
 
 
 def split_answer(segment, answer, specials):
-    """Cut the rendered assistant turn (' The answer</s>' in Mistral's template, 'The answer<|im_end|>\\n' in
-    ChatML) into the answer span (leading whitespace, the answer, up to the last special token after it:
-    the model must learn to stop) and the rest (ChatML's newline: context the model never writes)."""
+    """The rendered assistant turn cut into the answer span (leading space, the answer, up to the last special
+    after it: the model must learn to stop) and the rest (ChatML's newline, never written by the model)."""
     core = answer.strip()
     head = segment[:len(segment) - len(segment.lstrip())]
     if not segment[len(head):].startswith(core):
@@ -253,8 +239,7 @@ def split_answer(segment, answer, specials):
 
 
 def text_runs(text, mark, literals):
-    """[(start, end, literal)] covering text: each special's literal hidden in the content (its first
-    character replaced by mark), and the text between them (literal None)."""
+    """[(start, end, literal)] covering text: each hidden special literal, and the text between (None)."""
     runs, start, p = [], 0, text.find(mark)
     while p != -1:
         literal = next(lit for lit in literals if text.startswith(lit[1:], p + 1))
@@ -265,8 +250,7 @@ def text_runs(text, mark, literals):
 
 
 def special_tokens(tokenizer):
-    """{text: id} of the tokenizer's special tokens: bos/eos/pad and the added ones marked special,
-    which include end-of-turn markers such as <|im_end|> or <|eot_id|>."""
+    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
     added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
              if getattr(t, "special", False)}
     return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
@@ -276,9 +260,8 @@ CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continue
 
 
 def encode_after(tokenizer, before, text, as_text=False):
-    """Token ids of `text` as the tokenizer cuts it when it FOLLOWS `before` in one string (a SentencePiece
-    tokenizer starts every string with a dummy '▁': 'The' after '<|assistant|>\\n' would become '▁The',
-    the model wrote 'The'). as_text: special tokens' literals in it are text, not their ids."""
+    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
+    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
     def encode(s, **kwargs):
         return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
     if not before:
@@ -300,7 +283,7 @@ def encode_after(tokenizer, before, text, as_text=False):
 
 
 def shifted_targets(ids, weights):
-    """Next-token targets: position t predicts ids[t+1], with the weight (or bool mark) of ids[t+1]."""
+    """Next-token targets: position t predicts ids[t+1], with the weight or mark of ids[t+1]."""
     ids_t = torch.tensor(ids)
     return torch.cat([ids_t[1:], ids_t.new_tensor([0])]), torch.tensor(list(weights[1:]) + [False])
 
@@ -308,9 +291,9 @@ def shifted_targets(ids, weights):
 # ---------------------------------------------------------- sequence-parallel log-probs
 
 def token_logps(hidden, weight, targets, idx, chunk_size):
-    """(B, T): log p(targets_t | prefix) at the flat positions idx (n,), 0 elsewhere; hidden (B, T, H) the
-    final hidden states, weight (V, H) the output embedding. Head and log-softmax in fp32 over chunks of
-    chunk_size labelled tokens, each recomputed in backward: never the whole sequence's logits."""
+    """(B, T): log p(targets_t | prefix) at the flat positions idx (n,), 0 elsewhere; hidden (B, T, H), weight
+    (V, H) the output embedding. Head and log-softmax in fp32, chunk_size labelled tokens at a time, each
+    recomputed in backward: never a whole sequence's logits."""
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     # The head runs in fp32 too: bf16 logits of size ~20 would be off by ~0.1 each, and a sequence's
@@ -332,9 +315,8 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
 
 
 class SPSum(torch.autograd.Function):
-    """Sum over the SP group, as a value AND in backward: every rank of the group holds the summed loss,
-    so each rank's part receives the gradient summed over the group, sp x the loss's; FSDP's reduction
-    then averages over all dp x sp ranks (micro_step names the three factors of the SP scaling)."""
+    """Sum over the SP group as a value AND in backward: each rank's part receives the gradient of the summed
+    loss, sp x its own (micro_step names the three factors of the SP scaling)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -355,10 +337,9 @@ def sp_sum(x, par):
 
 @dataclass
 class Sequence:
-    """What one forward runs on, this rank's part, (B, T) tensors on the device: input ids, their GLOBAL
-    positions, next-token targets; the marks of the chosen and of the rejected answers (Eq. 12-13's
-    log-probs) and the NLL's token weights (Eq. 14), those this sequence has; labelled (n,), the flat
-    positions where any is set (found on the host); layout, a packed pair's BranchLayout (ring_attention)."""
+    """What one forward runs on, this rank's part, (B, T) on the device: ids, GLOBAL positions, targets; the
+    chosen and rejected answer marks (Eq. 12-13) and the NLL weights (Eq. 14) it has; labelled (n,), the flat
+    positions where any is set; layout, a packed pair's BranchLayout."""
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor
@@ -370,41 +351,47 @@ class Sequence:
 
 
 def prepare_sequence(ids, masks, par, pad_id, pad_to=0):
-    """Pad to a multiple of 2*sp (at least pad_to tokens), shift targets BEFORE sharding (no label
-    crosses a shard border), zigzag-shard input_ids, position_ids (global positions), targets and each
-    named mask the same way; padding is never a target. Returns the Sequence, (1, T) on the device."""
+    """One sequence as its Sequence on this rank (place): padded to a multiple of 2*sp (at least pad_to
+    tokens), targets shifted BEFORE sharding (no label crosses a shard border); masks, {name: each token's
+    mark or NLL weight}. Padding is never a target."""
     length = len(ids)
-    padded = -(-max(length, pad_to) // (2 * par.sp_size)) * 2 * par.sp_size
-    out = {"input_ids": torch.tensor(ids + [pad_id] * (padded - length)),
-           "position_ids": torch.arange(padded),
-           "targets": F.pad(shifted_targets(ids, [False] * length)[0], (0, padded - length))}
-    for name, weights in masks.items():  # bool marks, or the NLL's float weights
-        out[name] = F.pad(shifted_targets(ids, weights)[1], (0, padded - length))
-    out = {key: zigzag_shard(t.unsqueeze(0), par.sp_rank, par.sp_size) for key, t in out.items()}  # (1, T)
-    return to_device(out, masks, par.device)
+    pad = -(-max(length, pad_to) // (2 * par.sp_size)) * 2 * par.sp_size - length
+    host = {"input_ids": torch.tensor(ids + [pad_id] * pad), "position_ids": torch.arange(length + pad),
+            "targets": F.pad(shifted_targets(ids, [False] * length)[0], (0, pad))}
+    for name, weights in masks.items():
+        host[name] = F.pad(shifted_targets(ids, weights)[1], (0, pad))
+    return place(host, par)
 
 
-def to_device(seq, names, device, layout=None):
-    """The Sequence of a prepared dict of host tensors, on the device, labelled: the flat positions where
-    any of the named masks is set, found on the host (no device sync; the log-prob chunks' shapes known)."""
-    none = torch.zeros(seq["input_ids"].shape, dtype=torch.bool)
-    mask = functools.reduce(torch.logical_or, [seq[name] != 0 for name in names], none)
-    seq["labelled"] = mask.reshape(-1).nonzero().squeeze(-1)
-    return Sequence(**{key: t.to(device) for key, t in seq.items()}, layout=layout)
+def place(host, par, layout=None):
+    """This rank's part of a whole sequence's host tensors as a Sequence, (1, T) on the device: their zigzag
+    shard, or, for a packed pair (layout), the zigzag shard of its prefix and then this rank's contiguous
+    slice of the branch region. labelled is found on the host: no device sync, the log-prob chunks known."""
+    n = layout.n_prefix * par.sp_size if layout else len(host["input_ids"])
+    nb = layout.n_branch if layout else 0
+
+    def shard(t):  # (L,) -> (1, T)
+        branch = t[n + par.sp_rank * nb:n + (par.sp_rank + 1) * nb]
+        return torch.cat([zigzag_shard(t[:n].unsqueeze(0), par.sp_rank, par.sp_size), branch.unsqueeze(0)], 1)
+    seq = {key: shard(t) for key, t in host.items()}
+    labelled = torch.zeros(seq["input_ids"].shape, dtype=torch.bool)
+    for name in ("chosen", "rejected", "nll"):
+        if name in seq:
+            labelled |= seq[name] != 0
+    seq["labelled"] = labelled.reshape(-1).nonzero().squeeze(-1)
+    return Sequence(**{key: t.to(par.device) for key, t in seq.items()}, layout=layout)
 
 
 def shared_prefix(example, sp_size):
-    """Tokens of the packed pair's shared prefix: the longest multiple of 2*sp of the prompt (document and
-    first instruction) that leaves its last token, which predicts the first (differing) answer token, to
-    both branches. 0: the prompt is too short to share over sp ranks (prepare_data skips such records)."""
+    """Tokens of a packed pair's shared prefix: the longest multiple of 2*sp of the prompt that leaves its
+    last token (which predicts the first answer token) to both branches; 0: too short to share."""
     first = example["chosen"]["is_answer"].index(True)
     return (first - 1) // (2 * sp_size) * 2 * sp_size
 
 
 def pack_pair(example, sp_size, pad_id, nll=None):
-    """The chosen and rejected long sequences packed to run the document ONCE: [prefix | chosen branch
-    | rejected branch | padding] (unsharded); the branches continue the prefix's positions. Labels are
-    each sequence's own: answers, and the chosen sequence's NLL weights (if given)."""
+    """The chosen and rejected sequences packed to run the document ONCE, unsharded: [prefix | chosen branch |
+    rejected branch | padding], the branches continuing the prefix's positions; each keeps its own labels."""
     c, r = example["chosen"], example["rejected"]
     n = shared_prefix(example, sp_size)
     if n == 0:
@@ -429,23 +416,14 @@ def pack_pair(example, sp_size, pad_id, nll=None):
 
 
 def prepare_packed(example, par, pad_id, nll=None):
-    """This rank's part of the packed pair: its zigzag shard of the prefix, then its contiguous slice
-    of the branch region; the Sequence, (1, T) tensors on the device, with its BranchLayout."""
+    """This rank's part of the packed pair (pack_pair), the Sequence on the device with its BranchLayout."""
     packed = pack_pair(example, par.sp_size, pad_id, nll)
-    layout = packed.pop("layout")
-    n, nb = layout.n_prefix * par.sp_size, layout.n_branch
-    for key, t in packed.items():
-        prefix = zigzag_shard(t[:n].unsqueeze(0), par.sp_rank, par.sp_size)
-        branch = t[n + par.sp_rank * nb:n + (par.sp_rank + 1) * nb].unsqueeze(0)
-        packed[key] = torch.cat([prefix, branch], 1)  # (1, T)
-    return to_device(packed, [name for name in ("chosen", "rejected", "nll") if name in packed], par.device,
-                     layout)
+    return place(packed, par, packed.pop("layout"))
 
 
 def last_hidden_state(model, **inputs):
-    """(B, T, H): the decoder's output after its final norm, caught as it leaves the norm. The model's
-    own head computes one position's logits (unused); no other layer's output is kept (a no-grad pass
-    asking output_hidden_states would hold all of them: 33 x T x H for Mistral-7B)."""
+    """(B, T, H): the decoder's output after its final norm, caught by a hook. No other layer's output is kept
+    (output_hidden_states would hold 33 x T x H for Mistral-7B); the head computes one position."""
     caught = []
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
     try:
@@ -456,9 +434,8 @@ def last_hidden_state(model, **inputs):
 
 
 def sequence_logps(model, seq, par, chunk_size=LOGPROB_CHUNK):
-    """Log-probs of one (sharded, possibly packed) batch, named values of shape (B,) summed over the SP
-    group: "chosen" and "rejected" (those seq holds), the log-probs summed over that mask's positions;
-    "nll", when seq holds NLL weights (nll_weights), the weighted token mean of -log p."""
+    """Log-probs of one (sharded, maybe packed) batch, (B,) summed over the SP group: 'chosen' and 'rejected',
+    summed over that mask's positions; 'nll', the weighted token mean of -log p (nll_weights)."""
     ring = {}
     if getattr(model.config, "_attn_implementation", None) == "ring_attention":
         ring = {"ring_group": par.sp_group, "ring_layout": seq.layout, "ring_kernel": par.kernel}
@@ -483,8 +460,7 @@ def sequence_logps(model, seq, par, chunk_size=LOGPROB_CHUNK):
 # ---------------------------------------------------------- the step
 
 def step_inputs(examples, cfg, par, pad_id):
-    """One micro-step's tokens, made on the host and moved to the device: the packed pair, or sft's batch
-    of --micro-batch chosen sequences."""
+    """One micro-step's Sequence: the packed pair, or sft's --micro-batch chosen sequences."""
     if cfg.loss == "sft":
         return sft_batch(examples, cfg, par, pad_id)
     (example,) = examples
@@ -492,10 +468,10 @@ def step_inputs(examples, cfg, par, pad_id):
 
 
 def micro_step(model, ref_model, seq, refs, cfg, par):
-    """Forward and backward of one sample on this SP group: one forward of the packed pair gives
-    log pi(y_S|x_L), log pi(y_L|x_L) and the NLL, one backward the exact gradient of Eq. 14 (sft: the
-    NLL of its batch). seq from step_inputs; refs (ref_chosen_logp, ref_rejected_logp) from the data
-    (Eq. 13). Returns the metrics as tensors on the device (no sync inside the step)."""
+    """Forward and backward of one sample on this SP group: one forward of the packed pair gives log
+    pi(y_S|x_L), log pi(y_L|x_L) and the NLL, one backward Eq. 14's exact gradient (sft: its batch's NLL).
+    refs: (ref_chosen_logp, ref_rejected_logp) from the data. Returns the metrics as device tensors (no
+    sync)."""
     if cfg.loss == "sft":
         logps = sequence_logps(model, seq, par)
         loss = logps["nll"].sum()  # each sequence's own token mean, summed
@@ -523,8 +499,8 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
 
 
 def sft_batch(examples, cfg, par, pad_id):
-    """The chosen sequences of sft's micro-batch as one right-padded batch (B, T): causal, so no token
-    sees the padding, and each sequence keeps its own token-mean NLL: the step of one at a time."""
+    """sft's chosen sequences right-padded into one batch (B, T): causal, so no token sees the padding, and
+    each keeps its own token-mean NLL: the same step as one at a time."""
     longest = max(len(ex["chosen"]["ids"]) for ex in examples)
     rows = [prepare_sequence(ex["chosen"]["ids"], {"chosen": ex["chosen"]["is_answer"],
                                                    "nll": nll_weights(ex["chosen"]["is_answer"], cfg)},
@@ -539,8 +515,8 @@ def sft_batch(examples, cfg, par, pad_id):
 # ---------------------------------------------------------- the loop
 
 def resolve_dtypes(cfg, device):
-    """(master dtype of the weights, gradients and AdamW states, compute dtype). bf16 is always mixed
-    precision: fp32 masters, because an update of lr 5e-7 is far below bf16's resolution of a weight."""
+    """(master dtype of weights, grads and AdamW states, compute dtype). bf16 is mixed precision: fp32
+    masters, since an update of lr 5e-7 is far below bf16's resolution of a weight."""
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.float32, torch.bfloat16
     dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
@@ -548,10 +524,9 @@ def resolve_dtypes(cfg, device):
 
 
 def load_for_training(name, par, dtypes, rope_theta=0.0, grad_checkpointing=True, trainable=True):
-    """A model set up on par's world (setup_model), to train or, trainable False, to score. Under FSDP its
-    weights are read ONCE, by rank 0 in the checkpoint's own dtype: the other ranks build the model on the
-    meta device, and the sharding hands each rank its share (Mistral-7B: 14.5 GB of host memory on one
-    rank, not 29 GB on each)."""
+    """A model set up on par's world (setup_model), to train or (trainable False) to score. Under FSDP only
+    rank 0 reads the weights, in their own dtype; the others build the model on the meta device and the
+    sharding hands each its share (Mistral-7B: 14.5 GB of host memory once, not 29 GB on each rank)."""
     master_dtype, compute_dtype = dtypes
     if par.world_size == 1 and master_dtype == compute_dtype:  # nothing to shard or cast: the plain module
         model = load_model(name, master_dtype, rope_theta)
@@ -564,21 +539,18 @@ def load_for_training(name, par, dtypes, rope_theta=0.0, grad_checkpointing=True
 
 
 def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, source=None):
-    """Ring attention, activation checkpointing and FSDP2 full sharding on a model. A model on the meta
-    device takes its weights and buffers from `source`, rank 0's loaded model (the others': None)."""
+    """Ring attention, activation checkpointing and FSDP2 on a model; a meta model takes its weights and
+    buffers from source, rank 0's loaded model."""
     meta = next(model.parameters()).is_meta
     model.config.use_cache = False
-    # THE swap: every attention layer now runs zigzag ring attention over the SP group (a group of
-    # one at SP size 1: the same block kernels, and the branch mask of a packed pair)
+    # THE swap: every attention layer now runs zigzag ring attention over the SP group (of one at SP 1)
     model.set_attn_implementation("ring_attention")
     if grad_checkpointing and trainable:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if not meta and next(model.parameters()).device != par.device:
         model.to(par.device)
-    # FSDP2 does both jobs, with one code path for every world size: weights, grads and AdamW states
-    # sharded over ALL ranks (dp x sp), and mixed precision (bf16 compute of fp32 master weights,
-    # gradients reduced in fp32), which it applies on a process group of one as well. A single
-    # process in its master dtype has nothing to shard or cast and runs the plain module.
+    # FSDP2 shards weights, grads and AdamW states over ALL ranks (dp x sp) and runs mixed precision (bf16
+    # compute of fp32 masters, fp32 reductions), on a group of one too; else the plain module runs.
     if par.world_size > 1 or compute_dtype != next(model.parameters()).dtype:
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                   reduce_dtype=torch.promote_types(compute_dtype, torch.float32))
@@ -610,29 +582,24 @@ def make_optimizer(model, cfg, total_steps):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
-def record_index(k, n, seed):
-    """The k-th sample of the run: epoch k // n in a permutation seeded by (seed, epoch)."""
-    epoch, position = divmod(k, n)
-    return epoch_order(n, seed * 1_000_003 + epoch)[position]
-
-
-@functools.lru_cache(maxsize=2)  # one epoch's order, made once (16000 records take ~9 ms to shuffle)
-def epoch_order(n, seed):
+@functools.lru_cache(maxsize=2)  # one epoch's order, made once
+def epoch_order(n, seed, epoch):
+    """The records' order in an epoch: a permutation seeded by (seed, epoch)."""
     order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return tuple(order)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
 
 
 def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, signalled):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, the schedule. Its metrics,
-    averaged over the world, also say whether any rank got SIGUSR1 ("signalled"): no collective of its own.
-    A non-finite loss or gradient norm (the same reduced values on every rank) stops all before the update."""
+    averaged over the world, carry whether any rank got SIGUSR1. A non-finite loss or gradient norm (the same
+    on every rank) stops all before the update."""
     records, tokenizer = data
     t0, sums, tokens, mine = time.perf_counter(), {}, 0, []
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
         ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank  # the samples' numbers in the run
               for m in range(first, first + cfg.micro_batch)]
-        idxs = [record_index(k, len(records), cfg.seed) for k in ks]
+        idxs = [epoch_order(len(records), cfg.seed, k // len(records))[k % len(records)] for k in ks]
         examples = [build_example(records[i], tokenizer, trained_sides(cfg)) for i in idxs]
         seq = step_inputs(examples, cfg, par, tokenizer.pad_token_id)
         metrics = micro_step(model, ref_model, seq, records.refs[idxs[0]], cfg, par)  # sft: refs unused
@@ -665,8 +632,8 @@ def trained_sides(cfg):
 
 
 def trained_length(example):
-    """Tokens of the sequence training runs for a record, padding aside: the packed pair (the prompt once,
-    then both answer branches; data_gen.py --max-length counts this), or sft's chosen sequence."""
+    """Tokens training runs for a record, padding aside: the packed pair (the prompt once, both answer
+    branches; data_gen.py --max-length counts this), or sft's chosen sequence."""
     if "rejected" not in example:
         return len(example["chosen"]["ids"])
     first = example["chosen"]["is_answer"].index(True)  # the prompt's last token goes to both branches
@@ -674,9 +641,9 @@ def trained_length(example):
 
 
 def prepare_data(records, cfg, par, tokenizer, compute_dtype):
-    """Records with their lengths and reference log-probs (computed on the SHORT inputs where the file
-    has none, Eq. 13); every rank ends with the same. Skipped: records longer than --max-length, and
-    pairs whose prompt is too short to share over the SP ranks (shared_prefix 0)."""
+    """The records that fit --max-length and share a prompt over the SP ranks, with their lengths, and
+    reference log-probs computed on the SHORT inputs where the file has none (Eq. 13); the same on every
+    rank."""
     def measure(i):
         example = build_example(records[i], tokenizer, trained_sides(cfg))
         return trained_length(example), cfg.loss == "sft" or shared_prefix(example, par.sp_size) > 0
@@ -706,7 +673,7 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype):
 
 
 def open_metrics(cfg, start_step, par):
-    """metrics.jsonl; on resume, drop lines of steps after the checkpoint (they will be redone)."""
+    """metrics.jsonl for appending; on resume without the lines after the checkpoint (redone)."""
     path, lines = os.path.join(cfg.output_dir, "metrics.jsonl"), []
     if par.rank != 0:
         return None
@@ -761,7 +728,7 @@ def train(cfg, par, records):
 # ---------------------------------------------------------- checkpoints and resume
 
 def checkpoint_steps(output_dir):
-    """The steps of the complete checkpoints in output_dir (with trainer_state.json), ascending."""
+    """The steps of output_dir's complete checkpoints (trainer_state.json written), ascending."""
     done = glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*", "trainer_state.json"))
     steps = [path.split(os.sep)[-2].removeprefix("checkpoint-") for path in done]
     return sorted(int(step) for step in steps if step.isdigit())  # not a .tmp one
@@ -773,9 +740,8 @@ def last_checkpoint(output_dir):
 
 
 def save_checkpoint(model, optimizer, scheduler, step, cfg, par):
-    """Sharded model and AdamW states (torch.distributed.checkpoint) and the scheduler, written to a
-    temporary folder that rank 0 names checkpoint-<step> once complete (trainer_state.json last): a crash
-    never leaves half a checkpoint. No random state: a step draws no random numbers (no dropout; the data
+    """Sharded model and AdamW states (torch.distributed.checkpoint) and the scheduler, written to a .tmp
+    folder renamed checkpoint-<step> once complete. No random state: a step draws no random numbers (the data
     order is a function of --seed and the step), so a resumed run repeats the uninterrupted one."""
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = path + ".tmp"
@@ -806,10 +772,8 @@ def load_checkpoint(path, model, optimizer, scheduler, par):
 
 
 def save_final(model, tokenizer, cfg, par, trained_tokens):
-    """The full weights, gathered one tensor at a time in the base model's dtype (Mistral: bf16, 14.5 GB,
-    not an fp32 copy of 29 GB), as an HF model that AutoModelForCausalLM.from_pretrained loads; its config
-    carries the trained context (max_position_embeddings, which serving stacks take as the limit) and the
-    RoPE theta it was trained with."""
+    """The full weights, gathered a tensor at a time in the base model's dtype (Mistral: bf16, 14.5 GB), as a
+    model from_pretrained loads; its config carries the trained context and RoPE theta."""
     dtype = load_config(cfg.model).dtype
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     state = {}
@@ -829,29 +793,21 @@ def save_final(model, tokenizer, cfg, par, trained_tokens):
     barrier(par)
 
 
-# What defines a run: --resume must continue with the same (save_every, attn_kernel, grad_checkpointing
-# and the like may change; they do not change what is computed).
-RUN_DEFINING = ("model", "ref_model", "data", "loss", "beta", "lam", "nll_target", "nll_context_weight",
-                "lr", "warmup_ratio", "max_grad_norm", "max_steps", "grad_accum", "max_length", "rope_theta",
-                "dtype", "seed")
+# What --resume may change: none of them changes what a step computes
+NOT_RUN_DEFINING = ("output_dir", "micro_batch", "grad_checkpointing", "save_every", "resume", "attn_kernel",
+                    "plan", "world_size")
 
 
-def run_identity(cfg, world_size, sp_size):
-    """The run-defining arguments, the world and sp sizes, and the data's size and a hash of its first
-    records (resuming on another file would silently train on other data)."""
-    digest, names = hashlib.sha256(), [name for name, _ in data_files(cfg.data)]
-    for name in names:
-        with open(name, "rb") as f:
-            for _, line in zip(range(8), f):
-                digest.update(line)
-    return {**{k: getattr(cfg, k) for k in RUN_DEFINING}, "world_size": world_size, "sp_size": sp_size,
-            "data_bytes": sum(os.path.getsize(name) for name in names),
-            "data_sha256_first_records": digest.hexdigest()}
+def run_identity(cfg, world_size, sp_size, records):
+    """The run-defining arguments, the world and sp sizes, and a hash of the data (resuming on other data
+    would silently train on it)."""
+    defining = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RUN_DEFINING}
+    return {**defining, "world_size": world_size, "sp_size": sp_size, "data_sha256": records.sha256}
 
 
 def check_output_dir(cfg, identity):
-    """'fresh', 'resume' or 'finished' (final/ written). A folder holding a run (its config.json) is
-    continued by --resume with the same run-defining arguments (each change named), never overwritten."""
+    """'fresh', 'resume' or 'finished' (final/ written). A folder holding a run is continued only by --resume
+    with the same run-defining arguments (each change named), never overwritten."""
     out, path = cfg.output_dir, os.path.join(cfg.output_dir, "config.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output-dir {out} is a file; give a folder")
@@ -870,14 +826,14 @@ def check_output_dir(cfg, identity):
 
 
 def changed_arguments(before, now):
-    """'name: X there, Y now' for each argument of `now` that `before` (a dict) holds otherwise."""
+    """'name: X there, Y now' for each argument of now that before (a dict) holds otherwise."""
     return "; ".join(f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v)
 
 
 # ---------------------------------------------------------- main
 
 def check_config(cfg):
-    """The checks the command line cannot make (choices it makes)."""
+    """The checks the command line cannot make."""
     weight = cfg.nll_context_weight
     if not 0 <= weight <= 1 or (nll_target(cfg) == "responses" and weight != 1):
         raise UsageError(f"--nll-context-weight {weight}: a weight in [0, 1] of the non-answer tokens of "
@@ -903,8 +859,8 @@ def check_config(cfg):
 
 
 def resolve_defaults(cfg):
-    """Flags left at 0 take the paper's value (SFT baseline 2e-5, LongPO and DPO 5e-7), or a demo value for
-    the random tiny model, so that its short default run visibly trains."""
+    """Flags left at 0 take the paper's value (SFT 2e-5, LongPO and DPO 5e-7), or the tiny demo's, so that its
+    short run visibly trains."""
     tiny = cfg.model == "tiny"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
                                grad_accum=cfg.grad_accum or (1 if tiny else 8))
@@ -920,7 +876,7 @@ def main(cfg):
         return print(memory_plan(cfg))
     records = Records(cfg.data)  # every rank, before any process group or model: all or none stop here
     world = int(os.environ.get("WORLD_SIZE", 1))
-    identity = run_identity(cfg, world, cfg.sp_size or world)
+    identity = run_identity(cfg, world, cfg.sp_size or world, records)
     state = check_output_dir(cfg, identity)
     if state == "finished":
         return print0(f"{cfg.output_dir} holds this run, finished (final/ exists): nothing to do")
@@ -941,12 +897,11 @@ def main(cfg):
 # ---------------------------------------------------------- errors; processes and their groups
 
 class UsageError(ValueError):
-    """A user's mistake (a flag, an input file, a record, an output folder): the scripts print it as
-    one line `error: ...` and exit with status 2, no traceback. Bugs keep their tracebacks."""
+    """A user's mistake: printed as one line 'error: ...', exit status 2, no traceback."""
 
 
 def check_at_least(cfg, names, least, hint=""):
-    """One line for the first of these config fields (flag names) below `least`, NaN included."""
+    """One line for the first of these fields (flag names) below least, NaN included."""
     for name in names:
         if not getattr(cfg, name) >= least:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= {least}{hint}")
@@ -956,10 +911,9 @@ TIMEOUT = datetime.timedelta(minutes=30)  # of every process group: a collective
 
 
 def init_distributed(group_of_one=False):
-    """(rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE (one process without them);
-    nccl on CUDA, gloo on CPU. group_of_one: a process group even for one process without torchrun
-    (FSDP2, which training uses for mixed precision, needs one). CUDA memory: expandable segments,
-    unless an allocator config is set."""
+    """(rank, world_size, device) from torchrun's variables (one process without them); nccl on CUDA, gloo on
+    CPU; group_of_one: a process group even for one process (FSDP2 needs one). CUDA memory: expandable
+    segments unless an allocator config is set."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before CUDA: less fragmentation
@@ -983,9 +937,8 @@ def print0(*args, **kwargs):
 
 @dataclass
 class Parallel:
-    """world = dp x sp: consecutive ranks form an SP group (one ring) that reads one sample, the DP
-    groups read different samples. sp_group is LOCAL when sp_size is 1; kernel, ring attention's block
-    kernel (--attn-kernel)."""
+    """world = dp x sp: consecutive ranks form an SP group (one ring) reading one sample; the DP groups read
+    different samples. sp_group is LOCAL at sp_size 1; kernel: the ring's block kernel (--attn-kernel)."""
     rank: int
     world_size: int
     sp_size: int
@@ -1004,13 +957,12 @@ class Parallel:
 
 
 def one_process(device):
-    """The Parallel of work done whole in this process (e.g. short inputs), whatever the world."""
+    """The Parallel of work done whole in this process (short inputs), whatever the world."""
     return Parallel(0, 1, 1, ring_attention.LOCAL, device)
 
 
 def check_sp_size(sp_size, world=None):
-    """--sp-size (0: all processes) must divide the number of processes: torchrun's (checked before any
-    process group), or that of --plan's --world-size."""
+    """--sp-size (0: all) must divide the number of processes: torchrun's, or --plan's --world-size."""
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     if sp_size < 0 or world % (sp_size or world):
         raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} (torchrun "
@@ -1018,7 +970,7 @@ def check_sp_size(sp_size, world=None):
 
 
 def setup_parallel(sp_size, rank, world_size, device, kernel="auto"):
-    """The SP groups of an initialised world (sp_size 0: one ring over all ranks; check_sp_size first)."""
+    """The SP groups of an initialised world (sp_size 0: one ring over all ranks)."""
     sp_size = sp_size or world_size
     # every rank creates every group, in the same order: ranks [g * sp, (g + 1) * sp) form group g
     groups = [dist.new_group(list(range(f, f + sp_size)), timeout=TIMEOUT)
@@ -1033,7 +985,7 @@ def barrier(par):
 
 
 def distributed_map(fn, items, par, desc):
-    """[fn(x) for x in items], the items split over all ranks, results gathered in order."""
+    """[fn(x) for x in items], the items split over all ranks, the results gathered in order."""
     mine = [(i, fn(items[i])) for i in tqdm(range(par.rank, len(items), par.world_size), desc=desc,
                                             disable=par.rank != 0)]
     if par.world_size > 1:
@@ -1044,7 +996,7 @@ def distributed_map(fn, items, par, desc):
 
 
 def world_mean(values, par):
-    """Mean of a dict of floats over all ranks (SP replicas agree, so this is the mean over DP)."""
+    """The mean of a dict of floats over all ranks (SP replicas agree: the mean over DP)."""
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=par.device)
     if par.world_size > 1:
         dist.all_reduce(t)
@@ -1053,8 +1005,8 @@ def world_mean(values, par):
 
 
 def check_kernel(name):
-    """--attn-kernel, checked before any work: a CUDA kernel without CUDA is refused. Any other than auto
-    or cudnn also takes cuDNN from transformers' "sdpa" attention (the short reference inputs)."""
+    """--attn-kernel, checked before any work; a kernel other than auto or cudnn also keeps cuDNN out of
+    transformers' sdpa attention (the short reference inputs)."""
     on_cuda = torch.cuda.is_available()
     if (name in ("cudnn", "sdpa_flash", "flash_attn") and not on_cuda) or (name == "cpu" and on_cuda):
         raise UsageError(f"--attn-kernel {name} does not run on this machine ({'no ' * (not on_cuda)}CUDA); "
@@ -1069,10 +1021,9 @@ def check_kernel(name):
 # ---------------------------------------------------------- the command line; failures
 
 def run_cli(main, cls):
-    """main(config from the command line). A UsageError (or KernelError) becomes one line on stderr and
-    exit 2: every rank checks the same flags and files, so rank 0 speaks for all (the others wait a moment:
-    torchrun stops them once one has stopped). Other errors keep their tracebacks; a failed rank makes
-    torchrun stop the others, and a collective waiting on a lost node fails after TIMEOUT."""
+    """main(config from the command line). A UsageError or KernelError is one line on stderr and exit 2; every
+    rank checks the same, so rank 0 speaks (the others wait: torchrun stops them). Other errors keep their
+    tracebacks; a collective waiting on a lost rank fails after TIMEOUT."""
     try:
         main(config_from_cli(cls))
     except (UsageError, ring_attention.KernelError) as e:
@@ -1094,8 +1045,8 @@ FOREIGN_FLAGS = {"--learning-rate": "--lr", "--gradient-accumulation-steps": "--
 
 
 def config_from_cli(cls, argv=None):
-    """A config dataclass from the command line; --help from its fields' help (HfArgumentParser). An unknown
-    flag or a bad value is a UsageError naming it (and the flag meant, where one is close)."""
+    """A config dataclass from the command line (HfArgumentParser); an unknown flag or a bad value is a
+    UsageError naming it, and the flag meant where one is close."""
     import difflib
     from transformers import HfArgumentParser
     parser = HfArgumentParser(cls, description=cls.__doc__)
@@ -1118,8 +1069,7 @@ def config_from_cli(cls, argv=None):
 # ---------------------------------------------------------- records
 
 def parse_record(line, where, need_ref):
-    """One JSONL line as a record; a UsageError naming the line and field where it breaks the format
-    (README)."""
+    """One JSONL line as a record, or a UsageError naming the line and the field at fault."""
     try:
         rec = json.loads(line)
     except ValueError as e:  # bad JSON or bad UTF-8
@@ -1153,15 +1103,14 @@ def parse_record(line, where, need_ref):
 
 
 class Records:
-    """A preference JSONL validated once, then read one record at a time (45K records of 128K tokens
-    are ~20 GB of text). --data: files or data_gen.py's output folders, comma-separated, one set; a
-    folder's records in document order (meta.doc_index), whichever rank wrote them. refs[i]:
-    (ref_chosen_logp, ref_rejected_logp), None where the file has none; lengths[i], the tokens training
-    runs for it (prepare_data)."""
+    """Preference records, validated once, then read one at a time (45K records of 128K tokens are ~20 GB of
+    text). --data: JSONL files or data_gen.py folders, comma-separated, one set; a folder's records in
+    document order (meta.doc_index), whichever rank wrote them. refs[i]: (ref_chosen_logp, ref_rejected_logp)
+    or Nones; lengths[i]: the tokens training runs (prepare_data)."""
     lengths = None
 
     def __init__(self, path, need_ref=False):
-        entries = []  # (sort key, (file, byte offset), refs) of each record
+        entries, digest = [], hashlib.sha256()  # (sort key, (file, byte offset), refs) of each record
         for name, folder in data_files(path):
             before, offset = len(entries), 0
             with open(name, "rb") as f:
@@ -1171,11 +1120,13 @@ class Records:
                         order = rec.get("meta", {}).get("doc_index", 0) if folder else 0
                         refs = (rec.get("ref_chosen_logp"), rec.get("ref_rejected_logp"))
                         entries.append(((folder or name, order), (name, offset), refs))
+                        digest.update(line)
                     offset += len(line)
             if len(entries) == before:
                 raise UsageError(f"--data {name} holds no records")
         entries.sort(key=lambda entry: entry[0])  # stable: equal keys keep the files' and lines' order
         self.offsets, self.refs = [e[1] for e in entries], [e[2] for e in entries]
+        self.sha256 = digest.hexdigest()  # of the lines as read: --resume refuses other data
 
     def __len__(self):
         return len(self.offsets)
@@ -1194,7 +1145,7 @@ class Records:
 
 
 def data_files(path):
-    """[(file, its folder or None)] of --data: JSONL files or folders of them (data_gen.py's), comma-listed"""
+    """[(file, its folder or None)] of --data: JSONL files or folders of them, comma-separated."""
     names = []
     for name in path.split(","):
         if os.path.isdir(name):
@@ -1220,8 +1171,8 @@ PRESET_SPECIALS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
 
 
 def tiny_tokenizer(core=None):
-    """The built-in models' byte-level tokenizer: specials pad 0, bos 1, eos 2, [INST], [/INST] and a
-    Mistral-style chat template; core: a trained BPE (test_longpo.py's miniature) or the 256 bytes (tiny)."""
+    """The built-in byte-level tokenizer: pad 0, bos 1, eos 2, [INST], [/INST], a Mistral-style chat template;
+    core: a trained BPE (test_longpo.py's miniature) or the 256 bytes (tiny)."""
     if core is None:
         alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
         vocab = {tok: i for i, tok in enumerate(PRESET_SPECIALS + alphabet)}
@@ -1238,7 +1189,7 @@ def tiny_tokenizer(core=None):
 
 
 def tiny_config(vocab_size, hidden=64, intermediate=128, layers=2, kv_heads=2):
-    """A built-in Mistral: full attention, 4 query heads, RoPE theta 1e4, the presets' special ids."""
+    """A built-in Mistral: full attention, 4 query heads, RoPE theta 1e4, the tokenizer's special ids."""
     return MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=1 << 20, sliding_window=None, rope_theta=1e4,
@@ -1246,8 +1197,8 @@ def tiny_config(vocab_size, hidden=64, intermediate=128, layers=2, kv_heads=2):
 
 
 def check_model(name, flag="--model"):
-    """Fail at once, in one line, on a model that cannot load: a folder without config.json (a training
-    checkpoint is one), or a name that is neither a folder nor a hub id (org/name): loading says the rest."""
+    """One line, at once, for a model that cannot load: a folder without config.json (a training checkpoint is
+    one), or a name that is neither a folder nor a hub id org/name."""
     if name == "tiny" or os.path.exists(os.path.join(name, "config.json")):
         return
     if os.path.isdir(name):
@@ -1272,9 +1223,8 @@ def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
 
 
 def load_model(name, dtype=torch.float32, rope_theta=0.0):
-    """'tiny', a hub id or a local directory, in dtype ("auto": the checkpoint's own); rope_theta > 0
-    replaces the model's RoPE theta (the policy's only). 'tiny' has random weights from a FIXED seed (the
-    global RNG untouched): data_gen, longpo and eval all see the same model, offline."""
+    """'tiny', a hub id or a local folder, in dtype ('auto': the checkpoint's own); rope_theta > 0 replaces
+    RoPE's theta. 'tiny' has random weights from a FIXED seed (the global RNG untouched)."""
     config = load_config(name, rope_theta)
     if name != "tiny":
         return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
@@ -1286,8 +1236,7 @@ def load_model(name, dtype=torch.float32, rope_theta=0.0):
 
 
 def load_config(name, rope_theta=0.0):
-    """The config LongPO runs a model with, no weights loaded: full attention (Mistral v0.2 has no sliding
-    window either), and RoPE theta rope_theta if > 0."""
+    """The config a model runs with here, no weights: full attention, RoPE theta rope_theta if > 0."""
     config = tiny_config(len(tiny_tokenizer())) if name == "tiny" else AutoConfig.from_pretrained(name)
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None
@@ -1306,78 +1255,54 @@ def memory_plan(cfg):
 
 
 def plan_rows(c, cfg):
-    """(header lines, rows (category, what, bytes)) of ONE moment, the step's peak: FSDP full sharding,
-    bf16 compute over fp32 masters, grads and AdamW, every decoder layer checkpointed, the ring over sp
-    GPUs, the packed pair (one graph of --max-length tokens), chunked log-probs."""
-    H, n_layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    """(header lines, rows (category, what, bytes)) at the step's peak: FSDP full sharding, bf16 compute
+    (2 bytes) over fp32 masters, every decoder layer checkpointed, the packed pair over sp GPUs, log-probs
+    in chunks. The peak is in the backward of the top decoder layer (long sequences) or of the log-prob
+    head (a large vocabulary over short ones)."""
+    H, n_layers, inter, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
     d = getattr(c, "head_dim", None) or H // hq
     layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * inter + 2 * H  # q k v o, the MLP, 2 norms
-    root = vocab * H * (1 if c.tie_word_embeddings else 2) + H  # embedding, head, final norm
-    params = n_layers * layer + root
-    W, sp = cfg.world_size, cfg.sp_size or cfg.world_size
+    root = V * H * (1 if c.tie_word_embeddings else 2) + H  # embedding, head, final norm
+    params, W = n_layers * layer + root, cfg.world_size
+    sp = cfg.sp_size or W
     T = -(-cfg.max_length // sp)  # tokens per GPU
     rows = [("params", "fp32 master weights, sharded over all GPUs", 4 * params / W),
             ("grads", "fp32 gradients, sharded (accumulated over the micro-steps)", 4 * params / W),
-            ("optimizer", "AdamW m and v (fp32), sharded", 2 * 4 * params / W),
-            ("card", "FSDP: the previous layer's reduce-scatter in flight [estimate, not traced]", layer * 4)]
-    # The rest peaks in the backward of the top decoder layer (recomputed; long sequences) or of the
-    # log-prob head (a large vocabulary over short ones). The ring's buffers come and go in the first.
-    phases = {"the top layer": layer_peak(c, T, layer, root, d), "the log-prob head": head_peak(c, T, root)}
+            ("optimizer", "AdamW m and v (fp32), sharded", 8 * params / W),
+            ("card", "FSDP: the previous layer's reduce-scatter in flight [estimate, not traced]", 4 * layer)]
+    phases = {"the top layer": [
+        ("params", "bf16 weights gathered: the root and 2 decoder layers (current + prefetch)",
+         2 * (root + 2 * layer)),
+        ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", 4 * layer),
+        ("activations", f"checkpoints: the {n_layers - 1} layer inputs below, {T} tokens x {H}",
+         2 * (n_layers - 1) * T * H),
+        ("temporaries", "the layer recomputed: its MLP's backward, its attention's saved tensors (2 norms "
+         "in fp32 and bf16, q, k, v, out), 3 gradients of the hidden state",
+         T * (12 * inter + 18 * H + 6 * hq * d + 4 * hkv * d))],
+        "the log-prob head": [
+        ("params", "bf16 weights gathered: the root (embedding, head)", 2 * root),
+        ("activations", f"checkpoints: {n_layers} layer inputs x {T} tokens x {H}; the final norm's "
+         "input, fp32 upcast and output; the head in fp32", 2 * n_layers * T * H + 10 * T * H + 4 * V * H),
+        ("temporaries", f"log-probs: {LOGPROB_CHUNK} x {V} fp32 logits, log-softmax, their grad; the head's "
+         "grad; the final hidden state's grad", 12 * LOGPROB_CHUNK * V + 4 * V * H + 4 * T * H)]}
     size = {where: sum(b for _, _, b in phase) / 2**30 for where, phase in phases.items()}
     peak, other = sorted(phases, key=size.get, reverse=True)
     lines = [f"memory plan: {cfg.model} ({params / 1e9:.2f}B parameters, {n_layers} layers, hidden {H}, "
-             f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {vocab})",
+             f"MLP {inter}, {hq}/{hkv} heads of {d}, vocab {V})",
              f"sequence {cfg.max_length} tokens on {W} GPUs: dp {W // sp} x sp {sp}, {T} tokens per GPU",
-             "strategy: FSDP full sharding, bf16 compute, every layer checkpointed, chosen and rejected "
-             "packed after one copy of the document",
              f"peak in the backward of {peak} (that of {other} needs {size[other]:.2f} GiB to its "
              f"{size[peak]:.2f} GiB beside the weights, grads and AdamW):"]
     return lines, rows + phases[peak]
 
 
-def layer_peak(c, T, layer, root, d):
-    """The rows of the top decoder layer's backward, T tokens on this GPU: bf16 compute, fp32 reductions;
-    layer and root: their parameters, d the head dim (plan_rows)."""
-    H, n_layers, bf16, fp32 = c.hidden_size, c.num_hidden_layers, 2, 4
-    return [("params", "bf16 weights gathered: the root and 2 decoder layers (current + prefetch)",
-             (root + 2 * layer) * bf16),
-            ("grads", "FSDP reduce-scatter: one layer's unsharded gradients in fp32", layer * fp32),
-            ("activations", f"checkpoints: the {n_layers - 1} layer inputs below, {T} tokens x {H}",
-             (n_layers - 1) * T * H * bf16),
-            ("temporaries", "the layer recomputed, its MLP's backward: gate, up, silu, product, 2 grads",
-             T * 6 * c.intermediate_size * bf16),
-            ("temporaries", "  + its attention half saved: 2 norms (fp32 in, bf16 out), q, out, o_proj input",
-             T * (2 * H * (fp32 + bf16) + 3 * c.num_attention_heads * d * bf16)),
-            ("temporaries", "  + k, v saved, and 3 gradients of the hidden state in flight",
-             T * (2 * c.num_key_value_heads * d + 3 * H) * bf16)]
-
-
-def head_peak(c, T, root):
-    """The rows of the log-prob head's backward (LOGPROB_CHUNK labelled tokens at a time in fp32)."""
-    H, V, chunk, bf16, fp32 = c.hidden_size, c.vocab_size, LOGPROB_CHUNK, 2, 4
-    return [("params", "bf16 weights gathered: the root (embedding, head)", root * bf16),
-            ("activations", f"checkpoints: {c.num_hidden_layers} layer inputs x {T} tokens x {H}",
-             c.num_hidden_layers * T * H * bf16),
-            ("activations", "final norm's input, fp32 upcast and output; its labelled rows",
-             T * H * (3 * bf16 + fp32)),
-            ("activations", "the output head in fp32", V * H * fp32),
-            ("temporaries", f"log-probs: {chunk} x {V} fp32 logits, log-softmax, their grad; the head's "
-             "grad; the final hidden state's grad", 3 * chunk * V * fp32 + V * H * fp32 + T * H * fp32)]
-
-
-# What the plans do not model: estimates for an H100 or H200 (CUDA 12-13, NCCL 2.2x), and headroom for
-# the allocator (expandable segments, set by init_distributed, keep fragmentation low).
-CARD_ROWS = [("card", "CUDA context and kernel workspaces (cuBLAS, cuDNN) [estimate, not traced]", 2**30),
-             ("card", "NCCL buffers of the process groups [estimate, not traced]", 1.5 * 2**30)]
-
-
 def plan_report(lines, rows):
-    """A memory plan's lines: its rows in GiB, the card's rows, and the verdict against this machine's
-    card (else an 80 GB card's 79.1 GiB)."""
+    """A memory plan's lines: its rows in GiB, what the card itself needs, and the verdict against this
+    machine's card (else an 80 GB card's 79.1 GiB)."""
     usable = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 79.1
-    headroom = ("card", "headroom for fragmentation: 5% of the card", 0.05 * usable * 2**30)
-    rows = [row for row in rows if row[2]] + CARD_ROWS + [headroom]
+    rows = [row for row in rows if row[2]] + [
+        ("card", "CUDA context, cuBLAS and cuDNN workspaces, NCCL buffers [estimate]", 2.5 * 2**30),
+        ("card", "headroom for fragmentation: 5% of the card", 0.05 * usable * 2**30)]
     peak = sum(b for _, _, b in rows) / 2**30
     verdict = ("fits" if peak <= usable else "NEAR THE LIMIT: fits only without the headroom" if
                peak - rows[-1][2] / 2**30 <= usable else "DOES NOT FIT")

@@ -1664,9 +1664,9 @@ def test_resume_refuses_each_run_defining_change(tmp_path):
                               max_length=500)
     os.makedirs(base.output_dir)
     with open(os.path.join(base.output_dir, "config.json"), "w") as f:
-        json.dump({"identity": longpo.run_identity(base, 2, 2)}, f)
+        json.dump({"identity": longpo.run_identity(base, 2, 2, longpo.Records(data))}, f)
     open(os.path.join(base.output_dir, "metrics.jsonl"), "w").close()
-    assert longpo.check_output_dir(base, longpo.run_identity(base, 2, 2)) == "resume"
+    assert longpo.check_output_dir(base, longpo.run_identity(base, 2, 2, longpo.Records(data))) == "resume"
     changes = {"model": "org/other-7b", "ref_model": "org/ref-7b", "data": other, "loss": "dpo", "beta": 0.2,
                "lam": 0.5, "nll_target": "responses", "nll_context_weight": 0.5, "lr": 1e-3, "warmup_ratio": 0.2,
                "max_grad_norm": 2.0, "max_steps": 9, "grad_accum": 2, "max_length": 999,  # raised
@@ -1675,14 +1675,14 @@ def test_resume_refuses_each_run_defining_change(tmp_path):
     for key, value in changes.items():
         changed = dataclasses.replace(base, **{key: value})
         with pytest.raises(longpo.UsageError, match=f"other arguments \\({key}: "):
-            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2))
+            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2, longpo.Records(changed.data)))
     for world, sp in ((4, 2), (2, 1)):
         with pytest.raises(longpo.UsageError, match="world_size|sp_size"):
-            longpo.check_output_dir(base, longpo.run_identity(base, world, sp))
+            longpo.check_output_dir(base, longpo.run_identity(base, world, sp, longpo.Records(data)))
     for limit in (0, 400, 999):  # any other limit would change the record set: refused
         with pytest.raises(longpo.UsageError, match="max_length: 500 there"):
             changed = dataclasses.replace(base, max_length=limit)
-            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2))
+            longpo.check_output_dir(changed, longpo.run_identity(changed, 2, 2, longpo.Records(data)))
 
 
 def test_default_learning_rates_follow_the_paper():
@@ -2340,11 +2340,11 @@ def test_several_data_files_are_one_set(tmp_path):
     assert len(both) == 5 and list(both) == first + second and both[3] == second[1]
     assert both.refs == [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in first] + [(None, None)] * 3
     assert list(both.select([4, 0])) == [second[2], first[0]]
-    ident = lambda data: longpo.run_identity(longpo.TrainConfig(data=data), 1, 1)
-    alone, together = ident(a), ident(f"{a},{b}")
-    assert alone["data_bytes"] < together["data_bytes"]
+    ident = lambda data: longpo.run_identity(longpo.TrainConfig(data="same"), 1, 1, longpo.Records(data))
+    together = ident(f"{a},{b}")
+    assert ident(a)["data_sha256"] != together["data_sha256"]
     write_jsonl(tmp_path / "b.jsonl", second[:1] + second[2:] + second[1:2])  # b's records moved
-    assert ident(f"{a},{b}")["data_sha256_first_records"] != together["data_sha256_first_records"]
+    assert ident(f"{a},{b}")["data_sha256"] != together["data_sha256"]
     with pytest.raises(longpo.UsageError, match=f"--data {tmp_path / 'c.jsonl'} does not exist"):
         longpo.Records(f"{a},{tmp_path / 'c.jsonl'}")
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -2490,7 +2490,7 @@ def test_finished_runs_are_never_overwritten_and_resume_checks_the_run(tmp_path,
         main("--resume", "--lr", "2e-3")
     with open(data, "a") as f:
         f.write(json.dumps(make_records(1, seed=4, with_ref=True)[0]) + "\n")
-    with pytest.raises(longpo.UsageError, match="data_bytes"):
+    with pytest.raises(longpo.UsageError, match="data_sha256"):
         main("--resume")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(longpo.UsageError, match="world_size: 1 there, 2 now"):
