@@ -180,23 +180,25 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     specials = special_tokens(tokenizer)
-    literals = sorted((s for s in specials if s), key=len, reverse=True)
     contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
-    mark = next(c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+    hidden = {lit: next(free) for lit in sorted(filter(None, specials), key=len, reverse=True)}
+    shown = {c: lit for lit, c in hidden.items()}
 
-    def hide(text):  # each special's literal in the content, its first character marked: no special
-        for lit in literals:
-            text = text.replace(lit, mark + lit[1:])
+    def hide(text):  # each special's literal in the content becomes its private-use character
+        for lit, c in hidden.items():
+            text = text.replace(lit, c)
         return text
     turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
     ids, is_answer, before = [], [], ""
     for text, answer in render_pieces(tokenizer, hide(context), turns, answer_key, specials):
-        for start, end, literal in text_runs(text, mark, literals):  # a hidden literal: text, as after a word
-            piece = encode_after(tokenizer, "x", literal, True) if literal else \
-                encode_after(tokenizer, before, text[start:end])
+        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
+            # a hidden literal is tokenized as text, as after a word; the rest as it continues the text before
+            piece = encode_after(tokenizer, "x", shown[part], True) if part in shown else \
+                encode_after(tokenizer, before, part)
             ids += piece
             is_answer += [answer] * len(piece)
-            before = (before + text[start:end])[-CONTEXT_CHARS:]
+            before = (before + part)[-CONTEXT_CHARS:]
     return ids, is_answer
 
 
@@ -236,17 +238,6 @@ def split_answer(segment, answer, specials):
     tail = segment[len(head) + len(core):]
     cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
     return segment[:len(head) + len(core) + cut], tail[cut:]
-
-
-def text_runs(text, mark, literals):
-    """[(start, end, literal)] covering text: each hidden special literal, and the text between (None)."""
-    runs, start, p = [], 0, text.find(mark)
-    while p != -1:
-        literal = next(lit for lit in literals if text.startswith(lit[1:], p + 1))
-        runs += [(start, p, None), (p, p + len(literal), literal)]
-        start = p + len(literal)
-        p = text.find(mark, start)
-    return [run for run in runs + [(start, len(text), None)] if run[1] > run[0]]  # no empty run
 
 
 def special_tokens(tokenizer):
