@@ -306,8 +306,7 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
 
 
 class SPSum(torch.autograd.Function):
-    """Sum over the SP group as a value AND in backward: each rank's part receives the gradient of the summed
-    loss, sp x its own (micro_step names the three factors of the SP scaling)."""
+    """All-reduce sum over the SP group, of the value and of its gradient (why: micro_step's backward)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -483,8 +482,9 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
-    # The gradient of the unsharded sequence, averaged over samples: / grad_accum here; x sp from SPSum's
-    # backward (each rank's part gets the summed gradient); / (dp x sp) from FSDP's reduction.
+    # THE SP gradient scaling: the gradient of the unsharded sequence, averaged over samples, is / grad_accum
+    # here; x sp from SPSum's backward (every rank holds the summed loss, so each rank's part receives the
+    # gradient summed over the group); / (dp x sp) from FSDP's gradient reduction over all ranks.
     (loss / cfg.grad_accum).backward()
     return {key: value.detach() for key, value in metrics.items()}
 
