@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
@@ -81,7 +82,8 @@ class TrainConfig:
     output_dir: str = arg("runs/longpo-tiny", "config, metrics, checkpoints, final model")
     ref_model: str = arg("", "pi_S for missing reference log-probs and DPO ('': --model)")
     sp_size: int = arg(0, "sequence-parallel (ring) group size, divides the world")
-    loss: str = arg("longpo", "the objective (dpo, sft: the paper's baselines)", ("longpo", "dpo", "sft"))
+    loss: str = arg("longpo", "the objective; the paper's baselines: dpo (long-input "
+                    "references, with the NLL), sft (the NLL alone)", ("longpo", "dpo", "sft"))
     beta: float = arg(0.1, "reward scale beta (paper 0.1; release code 0.01)")
     lam: float = arg(0.01, "weight lambda of the preference term (paper and code 0.01)")
     nll_target: str = arg("auto", "NLL tokens: sequence (the chosen long sequence), responses (its answers), "
@@ -91,7 +93,7 @@ class TrainConfig:
     warmup_ratio: float = arg(0.1, "linear warm-up share of the steps, then cosine to 0")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0: off)")
     max_steps: int = arg(0, "optimiser steps (0: one epoch)")
-    grad_accum: int = arg(0, "samples per step per DP group (0: 8 as the paper; tiny 1)")
+    grad_accum: int = arg(0, "samples per step per DP group (0: 8, the paper's batch at dp 1; tiny 1)")
     micro_batch: int = arg(1, "--loss sft: samples in one right-padded forward")
     max_length: int = arg(0, "most tokens a trained sequence has; longer ones are skipped")
     rope_theta: float = arg(0.0, "RoPE theta of the POLICY (paper 1e7; 0: the model's)")
@@ -305,24 +307,9 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
     return out.index_put((idx,), values).view(targets.shape)
 
 
-class SPSum(torch.autograd.Function):
-    """All-reduce sum over the SP group, of the value and of its gradient (why: micro_step's backward)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, x = group, x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 def sp_sum(x, par):
-    return SPSum.apply(x, par.sp_group) if par.sp_size > 1 else x
+    """Sum over the SP group, of the value and (all_reduce's backward) of its gradient (micro_step: why)."""
+    return dist_fn.all_reduce(x, group=par.sp_group) if par.sp_size > 1 else x
 
 
 @dataclass
@@ -483,8 +470,8 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
     # THE SP gradient scaling: the gradient of the unsharded sequence, averaged over samples, is / grad_accum
-    # here; x sp from SPSum's backward (every rank holds the summed loss, so each rank's part receives the
-    # gradient summed over the group); / (dp x sp) from FSDP's gradient reduction over all ranks.
+    # here; x sp from sp_sum's backward (every rank holds the summed loss, so each rank's part receives the
+    # gradient summed over the group); / (dp x sp) from FSDP's gradient reduction (a mean over all ranks).
     (loss / cfg.grad_accum).backward()
     return {key: value.detach() for key, value in metrics.items()}
 
@@ -563,7 +550,7 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, s
 
 
 def make_optimizer(model, cfg, total_steps):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)  # the release code's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)  # as the release code
     warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
 
     def lr_lambda(step):  # linear warm-up, then cosine to 0 (the release code's schedule)
