@@ -169,16 +169,15 @@ def total_loss(pref_losses, nll, lam):
     return lam * pref_losses.mean() + nll
 
 
-# ---------------------------------------------------------- Eq. 13's tokens: chat formatting, answer mask
+# ---------------------------------------------------------- Eq. 13's tokens: the dialogue, its answer mask
 
 def format_dialogue(tokenizer, context, turns, answer_key=None):
-    """THE chat formatting of a long or short sequence, for data generation, reference and training:
-    (input_ids, is_answer). context: the document or one chunk; turns: dicts with 'instruction' and
-    turn[answer_key]; the first user message is context, a blank line, instruction (the document once).
-    answer_key None: the ids end with the one turn's generation prompt. Any template that renders turn by turn
-    works (Mistral, Llama-2/3, ChatML, Zephyr, Gemma); every piece is tokenized as it continues the text
-    before it (encode_after). Content is text: a special token's literal in it (a paper quoting '<|im_end|>')
-    stays text: it is hidden behind a private-use mark while the template renders."""
+    """THE chat formatting of a long or short sequence (data generation, reference, training): (input_ids,
+    is_answer). context: the document or a chunk; turns: dicts with 'instruction' and turn[answer_key]; the
+    first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
+    with the one turn's generation prompt. Templates that render turn by turn work (Mistral, Llama, ChatML,
+    Gemma). Content is text: a special token's literal in it (a paper quoting '<|im_end|>') is hidden as a
+    private-use character while the template renders, then tokenized as text."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     specials = special_tokens(tokenizer)
@@ -202,77 +201,6 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
             is_answer += [answer] * len(piece)
             before = (before + part)[-CONTEXT_CHARS:]
     return ids, is_answer
-
-
-def render_pieces(tokenizer, context, turns, answer_key, specials):
-    """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
-    messages, pieces, done, rest = [], [], "", ""
-    for i, turn in enumerate(turns):
-        text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
-        messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if not prompt.startswith(done):
-            raise UsageError("the chat template does not render turn by turn as a prefix of the "
-                             "whole dialogue; format_dialogue needs such a template")
-        pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
-        done = prompt
-        if answer_key is None:
-            break
-        messages.append({"role": "assistant", "content": turn[answer_key]})
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise UsageError("the chat template renders the dialogue differently from its generation "
-                             "prompt; cannot locate the answer tokens")
-        span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
-        pieces.append((span, True))
-        done = full
-    return pieces + [(rest, False)]
-
-
-def split_answer(segment, answer, specials):
-    """The rendered assistant turn cut into the answer span (leading space, the answer, up to the last special
-    after it: the model must learn to stop) and the rest (ChatML's newline, never written by the model)."""
-    core = answer.strip()
-    head = segment[:len(segment) - len(segment.lstrip())]
-    if not segment[len(head):].startswith(core):
-        raise UsageError("the chat template alters the assistant text (it renders "
-                         f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
-    tail = segment[len(head) + len(core):]
-    cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
-    return segment[:len(head) + len(core) + cut], tail[cut:]
-
-
-def special_tokens(tokenizer):
-    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
-    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-             if getattr(t, "special", False)}
-    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
-
-
-CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
-
-
-def encode_after(tokenizer, before, text, as_text=False):
-    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
-    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
-    def encode(s, **kwargs):
-        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
-    if not before:
-        return encode(text)["input_ids"]
-    anchor = before[-CONTEXT_CHARS:]
-    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
-    if both[:len(head)] == head:
-        return both[len(head):]
-    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
-    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
-    # tokens that start inside text; one that straddles the border cannot be split.
-    enc = encode(anchor + text, return_offsets_mapping=True)
-    starts = [a for a, _ in enc["offset_mapping"]]
-    ends = [b for _, b in enc["offset_mapping"]]
-    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
-        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
-                         "format_dialogue cannot split such a template turn by turn")
-    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
 
 
 def shifted_targets(ids, weights):
@@ -870,7 +798,8 @@ def main(cfg):
 
 # ========================================================== plumbing
 # Below: what the method runs on, much of it shared with data_gen.py and eval.py: processes and their
-# groups, errors and the command line, records, model loading and the tiny preset, the memory plan.
+# groups, errors and the command line, chat templates, records, model loading and the tiny preset, the
+# memory plan.
 
 # ---------------------------------------------------------- errors; processes and their groups
 
@@ -1042,6 +971,79 @@ def config_from_cli(cls, argv=None):
         raise UsageError(f"unknown flag {flag}" + (f"; did you mean {meant}?" if meant else "; see --help")
                          if flag.startswith("-") else f"unexpected argument {flag!r}; see --help")
     return cfg
+
+
+# ---------------------------------------------------------- chat templates (format_dialogue's pieces)
+
+def render_pieces(tokenizer, context, turns, answer_key, specials):
+    """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
+    messages, pieces, done, rest = [], [], "", ""
+    for i, turn in enumerate(turns):
+        text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
+        messages.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not prompt.startswith(done):
+            raise UsageError("the chat template does not render turn by turn as a prefix of the "
+                             "whole dialogue; format_dialogue needs such a template")
+        pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
+        done = prompt
+        if answer_key is None:
+            break
+        messages.append({"role": "assistant", "content": turn[answer_key]})
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise UsageError("the chat template renders the dialogue differently from its generation "
+                             "prompt; cannot locate the answer tokens")
+        span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
+        pieces.append((span, True))
+        done = full
+    return pieces + [(rest, False)]
+
+
+def split_answer(segment, answer, specials):
+    """The rendered assistant turn cut into the answer span (leading space, the answer, up to the last special
+    after it: the model must learn to stop) and the rest (ChatML's newline, never written by the model)."""
+    core = answer.strip()
+    head = segment[:len(segment) - len(segment.lstrip())]
+    if not segment[len(head):].startswith(core):
+        raise UsageError("the chat template alters the assistant text (it renders "
+                         f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
+    tail = segment[len(head) + len(core):]
+    cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
+    return segment[:len(head) + len(core) + cut], tail[cut:]
+
+
+def special_tokens(tokenizer):
+    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+             if getattr(t, "special", False)}
+    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
+
+
+CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
+
+
+def encode_after(tokenizer, before, text, as_text=False):
+    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
+    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
+    def encode(s, **kwargs):
+        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
+    if not before:
+        return encode(text)["input_ids"]
+    anchor = before[-CONTEXT_CHARS:]
+    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
+    if both[:len(head)] == head:
+        return both[len(head):]
+    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
+    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
+    # tokens that start inside text; one that straddles the border cannot be split.
+    enc = encode(anchor + text, return_offsets_mapping=True)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    ends = [b for _, b in enc["offset_mapping"]]
+    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
+        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
+                         "format_dialogue cannot split such a template turn by turn")
+    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
 
 
 # ---------------------------------------------------------- records
