@@ -47,12 +47,6 @@ def zigzag_shard(x, rank, world_size, dim=1):
     return torch.cat([chunks[rank], chunks[parts - 1 - rank]], dim)
 
 
-def zigzag_unshard(x_local, group=None, dim=1):
-    """Inverse of zigzag_shard, the full tensor in order: a collective of `group`, not differentiable."""
-    firsts, seconds = zip(*(shard.chunk(2, dim) for shard in _all_gather(x_local, group)))
-    return torch.cat(firsts + seconds[::-1], dim)  # chunks 0, 1, ..., W-1, then W, ..., 2W-1
-
-
 # ---------------------------------------------------------- the plain block kernel
 # A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
 #   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32, aux
@@ -175,11 +169,10 @@ def _send_recv(x, group):
     """Post x -> the next rank of the group and the previous rank's -> a new buffer, and return at once a
     function that waits for both and returns the buffer. x must not change until then: the send reads it."""
     world_size, rank = _group_size_rank(group)
-    g = group if group is not None else dist.group.WORLD
     recv = torch.empty_like(x)
-    requests = dist.batch_isend_irecv([
-        dist.P2POp(dist.isend, x, dist.get_global_rank(g, (rank + 1) % world_size), group),
-        dist.P2POp(dist.irecv, recv, dist.get_global_rank(g, (rank - 1) % world_size), group)])
+    requests = dist.batch_isend_irecv([  # peers by their rank in the group
+        dist.P2POp(dist.isend, x, group=group, group_peer=(rank + 1) % world_size),
+        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % world_size)])
 
     def received():
         for request in requests:
@@ -389,9 +382,10 @@ def decode_attention(q, k, v, n_prefix, group=None, softmax_scale=None, kernel="
         attend_block(kernel, out, lse, q, k[:, n_past:], v[:, n_past:], scale, True)
     # a rank holding no prompt keys adds nothing: its lse is log 0
     both = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # (B, Tq, Hq, D + 1): one message
-    parts = torch.stack(_all_gather(both, group))  # (W, B, Tq, Hq, D + 1)
-    lses = parts[..., -1:]
-    return (torch.exp(lses - lses.logsumexp(0)) * parts[..., :-1]).sum(0).to(q.dtype)
+    out, lse = empty_acc(q)
+    for part in _all_gather(both, group):  # rank 0's first: its lse is never log 0
+        merge_block_(out, lse, part[..., :-1], part[..., -1].transpose(1, 2))
+    return out.to(q.dtype)
 
 
 # ---------------------------------------------------------- transformers
@@ -435,36 +429,30 @@ def cpu_fwd(q, k, v, scale, causal):
 
 
 def cpu_bwd(dout, q, k, v, out, lse, aux, scale, causal):
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *_bhtd(dout, q, k, v, out), lse.to(_acc_dtype(q)).contiguous(), 0.0, causal, scale=scale)
-    return _bhtd(*grads)
+    return _bhtd(*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *_bhtd(dout, q, k, v, out), lse.to(_acc_dtype(q)).contiguous(), 0.0, causal, scale=scale))
 
 
 def cudnn_fwd(q, k, v, scale, causal):  # fp16/bf16; lse (B, H, T, 1) fp32
     r = torch.ops.aten._scaled_dot_product_cudnn_attention(
         *_bhtd(q, k, v), None, True, 0.0, causal, False, scale=scale)
-    return r[0].transpose(1, 2), r[1].squeeze(-1), r[2:8]  # aux: cum_seq_q/k, max_q/k, philox seed/offset
+    aux = (*r[6:8], None, *r[2:6])  # the backward's order: philox seed/offset, no bias, cum_seq_q/k, max_q/k
+    return r[0].transpose(1, 2), r[1].squeeze(-1), aux
 
 
 def cudnn_bwd(dout, q, k, v, out, lse, aux, scale, causal):
-    cum_q, cum_k, max_q, max_k, seed, offset = aux
-    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        *_bhtd(dout, q, k, v, out), lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
-        max_q, max_k, 0.0, causal, scale=scale)
-    return _bhtd(*grads)
+    return _bhtd(*torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *_bhtd(dout, q, k, v, out), lse.contiguous().unsqueeze(-1), *aux, 0.0, causal, scale=scale))
 
 
 def sdpa_flash_fwd(q, k, v, scale, causal):  # fp16/bf16; lse (B, H, T) fp32
     r = torch.ops.aten._scaled_dot_product_flash_attention(*_bhtd(q, k, v), 0.0, causal, False, scale=scale)
-    return r[0].transpose(1, 2), r[1], r[2:8]  # aux: cum_seq_q/k, max_q/k, rng state
+    return r[0].transpose(1, 2), r[1], r[2:8]  # aux: cum_seq_q/k, max_q/k, philox seed/offset
 
 
 def sdpa_flash_bwd(dout, q, k, v, out, lse, aux, scale, causal):
-    cum_q, cum_k, max_q, max_k, seed, offset = aux
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        *_bhtd(dout, q, k, v, out), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
-        scale=scale)
-    return _bhtd(*grads)
+    return _bhtd(*torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        *_bhtd(dout, q, k, v, out), lse.contiguous(), *aux[:4], 0.0, causal, *aux[4:], scale=scale))
 
 
 def flash_attn_fwd(q, k, v, scale, causal):
@@ -495,37 +483,36 @@ class KernelError(ValueError):
 def probe_kernel(name, device, dtype, heads, kv_heads, head_dim):
     """None if kernel `name` gives the plain kernel's out, lse, dq, dk, dv (finite, within 5%) for this
     device, dtype and heads, in a ring of one with branches: blocks of 9 to 134 rows, odd ones too, causal
-    and not, each backward with the GLOBAL out and lse. Else what went wrong."""
+    and not, each backward with the GLOBAL out and lse. Else what went wrong, and on what."""
     gen, layout = torch.Generator(device=device).manual_seed(0), BranchLayout(134, (9, 67), 76)
     q, dout = torch.randn(2, 1, 210, heads, head_dim, generator=gen, device=device).to(dtype)
     k, v = torch.randn(2, 1, 210, kv_heads, head_dim, generator=gen, device=device).to(dtype)
     scale, results = head_dim ** -0.5, []
+    where = f"on {dtype} with {heads}/{kv_heads} heads of {head_dim} on {device.type}"
     for kernel in ("plain", name):
         try:
             out, lse, auxes, kv = _branched_forward(q, k, v, scale, LOCAL, kernel, layout)
             grads = _branched_backward(dout, q, k, v, out.to(dtype), lse, auxes, scale, LOCAL, kernel, layout,
                                        kv)
         except Exception as e:  # a private op refusing these inputs (a dtype, a head dim, the card)
-            return f"fails ({str(e).splitlines()[0][:160]}) on {dtype}"
+            return f"fails ({str(e).splitlines()[0][:160]}) {where}"
         results.append([out, lse, *grads])
-    errors = [(got.double() - want.double()).abs().max() / want.double().abs().max()
-              for want, got in zip(*results)]
-    error = float(torch.stack(errors).max())  # NaN if any is: a NaN fails
-    return None if error <= 0.05 else f"is wrong (max relative error {error:.2g}) on {dtype}"
+    error = float(torch.stack([(got.double() - want.double()).abs().max() / want.double().abs().max()
+                               for want, got in zip(*results)]).max())  # NaN if any is: a NaN fails
+    return None if error <= 0.05 else f"is wrong (max relative error {error:.2g}) {where}"
 
 
 def pick_kernel(q, kernel="auto", kv_heads=None):
     """The name of the block kernel for q (B, T, Hq, D): auto, the first fused kernel of AUTO_ORDER for its
     device that passes the probe (warning of each that fails), else the plain kernel. A fused kernel asked
     for by name must pass the probe, else one line says how it failed."""
-    config = (q.device, q.dtype, q.shape[2], kv_heads or q.shape[2], q.shape[3])
-    heads = f"with {config[2]}/{config[3]} heads of {config[4]} on {q.device.type}"
-    for name in AUTO_ORDER.get(q.device.type, ()) if kernel == "auto" else ():
-        failure = probe_kernel(name, *config)
+    if kernel == "plain":
+        return kernel
+    for name in AUTO_ORDER.get(q.device.type, ()) if kernel == "auto" else (kernel,):
+        failure = probe_kernel(name, q.device, q.dtype, q.shape[2], kv_heads or q.shape[2], q.shape[3])
         if not failure:
             return name
-        warnings.warn(f"ring_attention: kernel {name!r} {failure} {heads}; not used")
-    failure = kernel not in ("auto", "plain") and probe_kernel(kernel, *config)
-    if failure:
-        raise KernelError(f"--attn-kernel {kernel} {failure} {heads}; use --attn-kernel auto")
-    return "plain" if kernel == "auto" else kernel
+        if kernel != "auto":
+            raise KernelError(f"--attn-kernel {kernel} {failure}; use --attn-kernel auto")
+        warnings.warn(f"ring_attention: kernel {name!r} {failure}; not used")
+    return "plain"
