@@ -2,11 +2,12 @@
 
 Long context: RULER-style tasks made in code at any --lengths (needle in a haystack: single, multi-key,
 multi-value, multi-query; variable tracking; QA), the miniature's facts (README), InfiniteBench files
-(En.QA, En.MC, En.Sum), and pref: reward accuracy and margin (Eq. 12) on held-out pairs' LONG inputs.
-Short context: mc, multiple choice on JSONL files (MMLU style); kl, KL(policy || baseline) on the pairs'
-SHORT inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form
-one sequence-parallel ring. Prints the baseline's row, each model's and the deltas; --out, the JSON of
-every score, is replaced atomically after each task.
+(En.QA, En.MC, En.Sum), and pref: reward accuracy and margin (Eq. 12) on held-out pairs' LONG inputs. Short
+context: mc, multiple choice on JSONL files (MMLU style); kl, KL(policy || baseline) on the pairs' SHORT
+inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form one
+sequence-parallel ring. The models share the baseline's tokenizer (a LongPO policy and its base do). Prints
+the baseline's row, each model's and the deltas; --out, the JSON of every score, is replaced atomically
+after each task.
 
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
@@ -72,7 +73,7 @@ INFBENCH = {  # task: file, instruction (our words), answer tokens
 
 def normalize_answer(text):
     """Lower case, no punctuation, no articles, single spaces (SQuAD / InfiniteBench style)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
@@ -285,7 +286,7 @@ def continuation_logp(model, tokenizer, prompt, continuation):
     p_ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     c_ids = longpo.encode_after(tokenizer, prompt, continuation, as_text=True)  # as it follows the prompt
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = torch.tensor([bos + p_ids + c_ids], device=next(model.parameters()).device)
+    ids = torch.tensor([bos + p_ids + c_ids], device=model.device)
     logps = F.log_softmax(model(input_ids=ids).logits[0, -len(c_ids) - 1:-1].float(), -1)  # (len(c_ids), V)
     return logps.gather(-1, ids[0, -len(c_ids):, None]).sum().item()
 
@@ -308,14 +309,13 @@ def eval_kl(model, ref_model, tokenizer, records):
     inputs (each turn's chunk and instruction): short-context retention (LongPO's own constraint pulls
     the policy on the LONG input towards pi_S on the short one)."""
     kl_sum, delta_sum, n = 0.0, 0.0, 0
-    device = next(model.parameters()).device
     for rec in records:
         for turn in rec["turns"]:
             seq, is_answer = longpo.short_dialogue(tokenizer, rec, turn, "chosen")
-            ids = torch.tensor([seq], device=device)
+            ids = torch.tensor([seq], device=model.device)
             targets, mask = longpo.shifted_targets(seq, is_answer)
-            pos = mask.nonzero().squeeze(-1).to(device)
-            t = targets.to(device)[pos][:, None]
+            pos = mask.nonzero().squeeze(-1).to(model.device)
+            t = targets.to(model.device)[pos][:, None]
             # the logits of the answer positions only (a 30K-token chunk's are GBs)
             logp = F.log_softmax(model(input_ids=ids, logits_to_keep=pos).logits[0].float(), -1)
             ref_logp = logp if ref_model is model else F.log_softmax(
@@ -330,20 +330,20 @@ def eval_kl(model, ref_model, tokenizer, records):
 def eval_pref(model, tokenizer, records, par, beta):
     """Reward accuracy and margin of the policy on the LONG inputs: Eq. 12's rewards against the data's
     short-input reference log-probs; the pair packed after one copy of the document, as training runs it."""
+    attn, margins = model.config._attn_implementation, []
     model.set_attn_implementation("ring_attention")  # a packed pair needs its branch mask
-    examples = [longpo.build_example(rec, tokenizer) for rec in records]
-    kept = [i for i, ex in enumerate(examples) if longpo.shared_prefix(ex, par.sp_size)]  # as training skips
-    acc = margin = 0.0
-    for rec, example in ((records[i], examples[i]) for i in kept):
-        seq = longpo.prepare_packed(example, par, tokenizer.pad_token_id)
-        logps = longpo.sequence_logps(model, seq, par)
-        refs = [torch.tensor([rec[f"ref_{side}_logp"]], dtype=torch.float64, device=par.device)
-                for side in ("chosen", "rejected")]
-        _, chosen, rejected = longpo.longpo_loss(logps["chosen"], logps["rejected"], *refs, beta)
-        acc += float(chosen.item() > rejected.item())
-        margin += (chosen - rejected).item()
-    model.set_attn_implementation("sdpa")  # generation sets up its own
-    return {"reward_accuracy": acc / max(1, len(kept)), "reward_margin": margin / max(1, len(kept))}
+    for rec in records:
+        example = longpo.build_example(rec, tokenizer)
+        if longpo.shared_prefix(example, par.sp_size):  # a pair too short to share is skipped, as in training
+            seq = longpo.prepare_packed(example, par, tokenizer.pad_token_id)
+            logps = longpo.sequence_logps(model, seq, par)
+            refs = [torch.tensor([rec[f"ref_{side}_logp"]], dtype=torch.float64, device=par.device)
+                    for side in ("chosen", "rejected")]
+            _, chosen, rejected = longpo.longpo_loss(logps["chosen"], logps["rejected"], *refs, beta)
+            margins.append((chosen - rejected).item())
+    model.set_attn_implementation(attn)
+    n = max(1, len(margins))
+    return {"reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n}
 
 
 # ---------------------------------------------------------- glue: input files, the table, main
@@ -402,26 +402,22 @@ def prepare_inputs(cfg, tasks):
     check_at_least(cfg, ("samples", "max_pairs"), 1)
     if os.path.isdir(cfg.out) or cfg.out.endswith(os.sep):  # a folder where the file goes
         raise UsageError(f"--out {cfg.out} is a folder; use a file: {os.path.join(cfg.out, 'eval.json')}")
-    models, baseline, beta = resolve_models(cfg)
-    inputs = {"models": models, "baseline": baseline, "beta": beta, "records": [],
-              "lengths": parse_lengths(cfg.lengths)}
+    inputs = {**resolve_models(cfg), "records": [], "lengths": parse_lengths(cfg.lengths)}
     for task, loader in (("infbench", load_infbench), ("mc", load_mc)):
         if task in tasks:  # an empty --infbench or --mc fails there, naming its flag
             inputs[task] = loader(getattr(cfg, task))
     if {"kl", "pref"} & set(tasks):
         if not os.path.exists(cfg.pref_data):
-            raise UsageError(f"--pref-data {cfg.pref_data} does not exist: create it first with "
-                             "`python data_gen.py`, or drop kl and pref from --tasks")
+            raise UsageError(f"--pref-data {cfg.pref_data} does not exist: run data_gen.py or drop kl, pref")
         records = longpo.Records(cfg.pref_data, need_ref=True)
         inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
-    for task in [t for t in ("ruler", "facts") if t in tasks]:  # each model's tokenizer's; facts can fail
-        inputs[task] = {name: long_prompts(longpo.load_tokenizer(name), task, inputs["lengths"], cfg)
-                        for name in models}
+    for task in [t for t in ("ruler", "facts") if t in tasks]:  # facts fails at a length it cannot fill
+        inputs[task] = long_prompts(longpo.load_tokenizer(inputs["models"][0]), task, inputs["lengths"], cfg)
     return inputs
 
 
 def resolve_models(cfg):
-    """(the models, the baseline first; the baseline, '' for none; beta of pref). The baseline (--baseline
+    """{"models": the baseline first, "baseline": '' for none, "beta": pref's}. The baseline (--baseline
     auto) and beta are those of the longpo.py run whose final/ is the first --model (its config.json);
     beta 0.1, the paper's, for a model no run trained."""
     names = list(dict.fromkeys(n.strip() for n in cfg.model.split(",")))  # an empty one fails check_model
@@ -430,7 +426,8 @@ def resolve_models(cfg):
     baseline = run.get("model", "") if cfg.baseline == "auto" else cfg.baseline
     for name, flag in [(n, "--model") for n in names] + [(baseline, "--baseline")] * bool(baseline):
         longpo.check_model(name, flag)
-    return list(dict.fromkeys([baseline] * bool(baseline) + names)), baseline, run.get("beta", 0.1)
+    models = list(dict.fromkeys([baseline] * bool(baseline) + names))
+    return {"models": models, "baseline": baseline, "beta": run.get("beta", 0.1)}
 
 
 def summary_row(res):
@@ -453,14 +450,13 @@ def summary_row(res):
 def report(results, baseline):
     """Print the table of every model's summary row (and the baseline -> model deltas); return its rows."""
     rows = {name: summary_row(res) for name, res in results.items()}
-    if baseline and len(rows) == 2:
+    if baseline and len(rows) == 2:  # every model has the same columns: it ran the same tasks
         first, second = rows.values()
-        rows["delta"] = {c: second[c] - first.get(c, float("nan")) for c in second}
+        rows["delta"] = {c: second[c] - first[c] for c in second}
     columns, width = list(next(iter(rows.values()))), max(len(n) for n in rows) + 2
     print(" " * width + " ".join(f"{c:>{max(9, len(c))}}" for c in columns))
     for label, row in rows.items():
-        print(f"{label:<{width}}" + " ".join(f"{row.get(c, float('nan')):>{max(9, len(c))}.4f}"
-                                             for c in columns))
+        print(f"{label:<{width}}" + " ".join(f"{row[c]:>{max(9, len(c))}.4f}" for c in columns))
     return rows
 
 
@@ -484,9 +480,8 @@ def main(cfg):
     loaded = {name: data_gen.load_for_inference(name, device) for name in models}
     for name, (model, tokenizer) in loaded.items():  # on every rank: the ring runs each long input together
         jobs = {"pref": lambda: eval_pref(model, tokenizer, records, par, inputs["beta"]),
-                "ruler": lambda: eval_prompts(model, tokenizer, inputs["ruler"][name], recall_score, par),
-                "facts": lambda: eval_prompts(model, tokenizer, inputs["facts"][name], first_number,
-                                              par)["facts"],
+                "ruler": lambda: eval_prompts(model, tokenizer, inputs["ruler"], recall_score, par),
+                "facts": lambda: eval_prompts(model, tokenizer, inputs["facts"], first_number, par)["facts"],
                 "copy": lambda: eval_copy(model, tokenizer, cfg, par),
                 "infbench": lambda: eval_infbench(model, tokenizer, inputs["infbench"], max(lengths), par),
                 "mc": lambda: {mc_set: eval_mc(model, tokenizer, items)
