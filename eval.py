@@ -5,9 +5,8 @@ multi-value, multi-query; variable tracking; QA), the miniature's facts (README)
 (En.QA, En.MC, En.Sum), and pref: reward accuracy and margin (Eq. 12) on held-out pairs' LONG inputs. Short
 context: mc, multiple choice on JSONL files (MMLU style); kl, KL(policy || baseline) on the pairs' SHORT
 inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form one
-sequence-parallel ring. The models share the baseline's tokenizer (a LongPO policy and its base do). Prints
-the baseline's row, each model's and the deltas; --out, the JSON of every score, is replaced atomically
-after each task.
+sequence-parallel ring. The models share one tokenizer (a policy and its base do). --out, the JSON of every
+score, is replaced after each task; the table is printed.
 
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
@@ -411,8 +410,11 @@ def prepare_inputs(cfg, tasks):
             raise UsageError(f"--pref-data {cfg.pref_data} does not exist: run data_gen.py or drop kl, pref")
         records = longpo.Records(cfg.pref_data, need_ref=True)
         inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
+    tokenizer = longpo.load_tokenizer(inputs["models"][0])  # every model's: kl compares their tokens
+    if any(longpo.load_tokenizer(name).get_vocab() != tokenizer.get_vocab() for name in inputs["models"]):
+        raise UsageError(f"--model {cfg.model}: the models' tokenizers differ; evaluate them one run each")
     for task in [t for t in ("ruler", "facts") if t in tasks]:  # facts fails at a length it cannot fill
-        inputs[task] = long_prompts(longpo.load_tokenizer(inputs["models"][0]), task, inputs["lengths"], cfg)
+        inputs[task] = long_prompts(tokenizer, task, inputs["lengths"], cfg)
     return inputs
 
 
@@ -475,7 +477,7 @@ def main(cfg):
     par = longpo.setup_parallel(0, rank, world_size, device)  # one ring over all processes
     models, lengths, records = inputs["models"], inputs["lengths"], inputs["records"]
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": inputs["baseline"], "world_size": world_size,
-                "ref_model_resolved": models[0], "beta_resolved": inputs["beta"]}
+                "beta_resolved": inputs["beta"]}  # the KL reference: the baseline, else the first model
     out = {"settings": settings, "complete": False, "results": {name: {} for name in models}}
     loaded = {name: data_gen.load_for_inference(name, device) for name in models}
     for name, (model, tokenizer) in loaded.items():  # on every rank: the ring runs each long input together
@@ -495,6 +497,7 @@ def main(cfg):
         out.update(complete=True, table=report(out["results"], inputs["baseline"]))
         write_json(cfg.out, out)
         print(f"scores: {cfg.out}")
+
 
 if __name__ == "__main__":
     longpo.run_cli(main, EvalConfig)
