@@ -47,14 +47,19 @@ def zigzag_shard(x, rank, world_size, dim=1):
     return torch.cat([chunks[rank], chunks[parts - 1 - rank]], dim)
 
 
+def zigzag_unshard(x_local, group=None, dim=1):
+    """Inverse of zigzag_shard, the full tensor in order: a collective of `group`, not differentiable."""
+    firsts, seconds = zip(*(shard.chunk(2, dim) for shard in _all_gather(x_local, group)))
+    return torch.cat(firsts + seconds[::-1], dim)  # chunks 0, 1, ..., W-1, then W, ..., 2W-1
+
+
 # ---------------------------------------------------------- the plain block kernel
 # A block kernel attends queries (B, Tq, Hq, D) to keys/values (B, Tk, Hkv, D).
 #   fwd(q, k, v, scale, causal) -> block_out (B, Tq, Hq, D), block_lse (B, Hq, Tq) fp32, aux
 #   bwd(dout, q, k, v, out, lse, aux, scale, causal) -> dq, dk, dv (GQA: dk, dv have Hkv heads)
-# `causal` is only used with Tq == Tk (the diagonal block). In bwd, out and lse are the GLOBAL
-# (merged) ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax.
-# aux is what a fused kernel's backward needs from its own forward (sequence bookkeeping, RNG
-# state; None for most): the ring keeps it per step, so its backward never recomputes a block's forward.
+# `causal` is only used with Tq == Tk (the diagonal block). In bwd, out and lse are the GLOBAL (merged)
+# ones, so P = exp(q k^T * scale - lse) is this block's exact share of the full softmax. aux: what a fused
+# kernel's backward needs from its forward (RNG state, bookkeeping; None for most), kept per ring step.
 # The plain kernel holds a block's Tq x Tk scores; the fused ones (the file's last section) do not.
 
 def _acc_dtype(x):
@@ -122,11 +127,10 @@ def merge_block_(out, lse, block_out, block_lse):
 
 
 # ---------------------------------------------------------- one block, routed by its size
-# The ring attends block by block with the kernel pick_kernel chose, but a block under SMALL_BLOCK query
-# rows or keys runs the plain kernel: such blocks come at a sequence's end (its last 1-7 tokens on a rank, a
-# short answer) and in decoding (one query a token), where the plain kernel's scores are no bigger than its
-# inputs and a fused op may refuse them or return NaN (PyTorch's own dispatcher would not call it there).
-# The choice depends on the shapes alone, so a block's backward runs where its forward ran (with its aux).
+# A block under SMALL_BLOCK query rows or keys runs the plain kernel, not pick_kernel's: such blocks come at
+# a sequence's end (a short answer's last tokens on a rank) and in decoding (one query), where the plain
+# kernel's scores are no bigger than its inputs and a fused op may refuse them or return NaN. The choice
+# depends on the shapes alone, so a block's backward runs where its forward ran (with its aux).
 SMALL_BLOCK = 8
 
 
@@ -276,11 +280,9 @@ class RingAttentionFunction(torch.autograd.Function):
 
 def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layout=None):
     """Causal self-attention of a sequence zigzag-sharded over `group` (default: the world; LOCAL: this
-    process alone). q (B, T, Hq, D), k and v (B, T, Hkv, D) with T the LOCAL length. Returns (B, T, Hq, D)
-    in q's dtype, equal to softmax(q k^T * scale + causal mask) v of the unsharded sequence. With a
-    BranchLayout (next section) the local tokens are a prefix shard followed by a slice of branches that
-    share the prefix, and the mask is the layout's. kernel: auto or a name of KERNELS. Bad shapes are a
-    ValueError saying what is wrong (else a cryptic error or a hang)."""
+    process alone): q (B, T, Hq, D), k and v (B, T, Hkv, D), T the LOCAL length; (B, T, Hq, D) in q's dtype,
+    softmax(q k^T * scale + causal mask) v of the unsharded sequence. layout: a BranchLayout (next section).
+    kernel: auto or a name of KERNELS. Bad shapes are a ValueError (else a cryptic error or a hang)."""
     if not (q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[2] % k.shape[2] == 0
             and q.shape[:2] + q.shape[3:] == k.shape[:2] + k.shape[3:] and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must "
