@@ -227,16 +227,12 @@ def truncate_middle(ids, max_len):
 
 # ---------------------------------------------------------- the tasks
 
-def greedy(model, tokenizer, ids, max_new_tokens, par=None):
-    """Greedy answer to one prompt: on one device, or sequence-parallel over par's ring."""
-    return data_gen.generate(model, tokenizer, [ids], max_new_tokens, par=par)[0][0]
-
-
 def eval_prompts(model, tokenizer, prompts, score, par=None):
-    """{task: {"avg": mean over lengths, length: mean score}} of [(task, length, ids, max_new, expected)]."""
+    """{task: {"avg": mean over lengths, length: mean score}} of [(task, length, ids, max_new, expected)],
+    each answer greedy, on one device or sequence-parallel over par's ring."""
     scores = {}
     for task, length, ids, max_new, expected in tqdm(prompts, desc="prompts", leave=False):
-        answer = score(greedy(model, tokenizer, ids, max_new, par), expected)
+        answer = score(data_gen.generate(model, tokenizer, [ids], max_new, par=par)[0][0], expected)
         scores.setdefault(task, {}).setdefault(str(length), []).append(answer)
     per_length = {task: {n: fmean(v) for n, v in by_len.items()} for task, by_len in scores.items()}
     return {task: {"avg": fmean(list(v.values())), **v} for task, v in per_length.items()}
@@ -250,7 +246,8 @@ def eval_copy(model, tokenizer, cfg, par=None):
         text = doc["text"]
         ids = longpo.format_dialogue(tokenizer, text, [{"instruction": data_gen.COPY_INSTRUCTION}])[0]
         n_words = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        want, got = text.split(), greedy(model, tokenizer, ids, n_words + 8, par).split()
+        got = data_gen.generate(model, tokenizer, [ids], n_words + 8, par=par)[0][0].split()
+        want = text.split()
         exact.append(float(got == want))
         words.append(sum(a == b for a, b in zip(got, want)) / len(want))
     return {"exact": fmean(exact), "words": fmean(words)}
@@ -268,7 +265,7 @@ def eval_infbench(model, tokenizer, tasks, max_len, par=None):
             book = tokenizer(ex["context"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
             room = max(0, max_len - len(longpo.format_dialogue(tokenizer, "", turn)[0]) - max_new)
             ids = longpo.format_dialogue(tokenizer, tokenizer.decode(truncate_middle(book, room)), turn)[0]
-            answer = greedy(model, tokenizer, ids, max_new, par)
+            answer = data_gen.generate(model, tokenizer, [ids], max_new, par=par)[0][0]  # greedy
             answers = [str(a) for a in (ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]])]
             if task == "en_mc":
                 right = [i for i, option in enumerate(ex["options"]) if str(option) in answers]

@@ -233,7 +233,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 800, "eval": 503}
+    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 800, "eval": 500}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -2091,7 +2091,8 @@ def test_eval_scorers_on_hand_made_cases(monkeypatch):
     assert evaluation.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert evaluation.truncate_middle([1, 2], 4) == [1, 2]
     seen = []  # an InfiniteBench book is cut from the middle: the prompt and its answer fit the length
-    monkeypatch.setattr(evaluation, "greedy", lambda m, t, ids, n, par=None: seen.append(len(ids) + n) or "Aurora")
+    monkeypatch.setattr(data_gen, "generate", lambda m, t, prompts, n, par=None: seen.append(len(prompts[0]) + n)
+                        or [["Aurora"]])
     book = {"context": "The ship was called Aurora. " * 100, "input": "Ship?", "answer": ["Aurora"]}
     assert evaluation.eval_infbench(None, longpo.tiny_tokenizer(), {"en_qa": [book]}, 300) == {"en_qa": 1.0}
     assert 296 <= seen[0] <= 300, seen
@@ -2125,11 +2126,11 @@ def test_copy_task_scores_a_copier_at_one_and_others_below(monkeypatch):
     monkeypatch.setattr(evaluation, "COPY_LISTS", 8)
     lists = [d["text"] for d in data_gen.copy_corpus(8, seed=1 << 30)]  # held out: no training seed is near
 
-    def answer(model, tokenizer, ids, max_new_tokens, par=None):  # `model` maps the list to its answer
-        text = next(t for t in lists if t in tokenizer.decode(ids))
+    def answer(model, tokenizer, prompts, max_new_tokens, par=None):  # `model` maps the list to its answer
+        text = next(t for t in lists if t in tokenizer.decode(prompts[0]))
         assert max_new_tokens >= len(tokenizer(text, add_special_tokens=False)["input_ids"])  # room to copy
-        return model(text)
-    monkeypatch.setattr(evaluation, "greedy", answer)
+        return [[model(text)]]
+    monkeypatch.setattr(data_gen, "generate", answer)
     assert evaluation.eval_copy(lambda text: text, tokenizer, cfg) == {"exact": 1.0, "words": 1.0}
     skips = evaluation.eval_copy(lambda text: " ".join(text.split()[:1] + text.split()[2:]), tokenizer, cfg)
     assert skips == {"exact": 0.0, "words": pytest.approx(sum(1 / len(t.split()) for t in lists) / 8)}
@@ -2237,8 +2238,8 @@ def eval_sp_worker(rank, world_size):
     pref scores (a packed pair over the ring) equal those of one process."""
     model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)  # no near-tie of fp32 flips a token
     par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
-    texts, sp_calls, greedy, generate_long = [], [], evaluation.greedy, data_gen.generate_long
-    evaluation.greedy = lambda *args: texts.append(greedy(*args)) or texts[-1]
+    texts, sp_calls, generate, generate_long = [], [], data_gen.generate, data_gen.generate_long
+    data_gen.generate = lambda *args, **kw: texts.append(generate(*args, **kw)[0][0]) or [[texts[-1]]]
     data_gen.generate_long = lambda *args, **kw: sp_calls.append(args[2]) or generate_long(*args, **kw)
     evaluation.DEPTHS = (0.5,)  # a spawned process: nothing to restore
     sample = evaluation.ruler_sample
@@ -2248,7 +2249,7 @@ def eval_sp_worker(rank, world_size):
             prompts = evaluation.long_prompts(tokenizer, "ruler", [300], evaluation.EvalConfig())
             evaluation.eval_prompts(model, tokenizer, prompts, evaluation.recall_score, p)
     finally:
-        evaluation.greedy, data_gen.generate_long = greedy, generate_long
+        data_gen.generate, data_gen.generate_long = generate, generate_long
     n = len(evaluation.RULER_TASKS)
     assert len(texts) == 2 * n and texts[:n] == texts[n:] and any(texts), texts
     assert len(sp_calls) == n and all(len(prompt) >= 300 for (prompt,) in sp_calls), "not decoded sequence-parallel"
