@@ -347,7 +347,7 @@ def sequence_logps(model, seq, par, chunk_size=LOGPROB_CHUNK):
     elif seq.layout is not None or par.sp_size > 1:  # a causal kernel would let one branch see the other
         raise RuntimeError("a packed or sharded sequence needs the model to run ring attention (setup_model)")
     hidden = last_hidden_state(model, input_ids=seq.input_ids, position_ids=seq.position_ids, **ring)
-    weight = model.get_output_embeddings().weight
+    weight = model.get_output_embeddings().weight  # FSDP2 reshards the root's weights only after backward
     # Every rank must backpropagate through every layer even when no labelled token landed in its
     # shard: other ranks' queries attended to its keys, and ring attention's backward (like FSDP's
     # gradient reduction) is a collective that all ranks of the group enter together.
