@@ -101,10 +101,10 @@ REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'
 
 # ---------------------------------------------------------- one document's record (Sec. 3.3)
 
-def make_record(doc, doc_index, model, tokenizer, cfg):
-    """The record of one document, the paper's steps in order (raises Dropped if it gives none). A
-    generator: at step 4 it yields the turns whose rejected answers (the whole document's) it needs and is
-    sent them (its caller decodes them, alone or with its SP group), then yields the record."""
+def make_record(doc, doc_index, model, tokenizer, cfg, answer_long):
+    """The record of one document, the paper's steps in order (raises Dropped if it gives none).
+    answer_long(turns): the answers to the turns' instructions after the WHOLE document (long_answers, by
+    this rank's SP group: one_document)."""
     text = doc["text"]
     # 1. the document's length: within --min-doc-len..--max-doc-len, and room for an answer in --max-length
     n_tokens, starts = measure(doc, tokenizer, cfg)
@@ -127,7 +127,7 @@ def make_record(doc, doc_index, model, tokenizer, cfg):
     # before the long inputs' answers, the turns that fit whatever those will be (a generated token may
     # re-tokenize as two at an answer's border: 2 spare)
     turns = fit_max_length(text, turns, tokenizer, cfg, filtered, room=cfg.max_new_tokens + 2)
-    rejected = yield turns  # the caller decodes the long inputs (long_answers)
+    rejected = answer_long(turns)
     # 5. the filters: an empty answer, a refusal, degenerate repetition
     kept = []
     for turn, r in zip(turns, rejected):
@@ -146,7 +146,7 @@ def make_record(doc, doc_index, model, tokenizer, cfg):
             "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}
     rec = {"id": doc["id"], "document": text, "turns": kept, "meta": meta}
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
-    yield rec
+    return rec
 
 
 def measure(doc, tokenizer, cfg):
@@ -451,13 +451,14 @@ def ask(model, tokenizer, contexts, instructions, seeds, **sampling):
     return texts
 
 
-def long_answers(long_model, tokenizer, doc, turns, cfg, par):
+def long_answers(model, tokenizer, cfg, par, doc, turns):
     """The rejected answers: each turn's instruction after the WHOLE document, the document prefilled once
-    for all turns (generate_long)."""
+    for all turns (generate_long), with --rope-theta's rotary embedding."""
     prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
                for t in turns]
-    answers = generate_long(long_model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
-                            seeds=seeds(cfg, doc, len(turns), "rejected"))
+    with long_input(model, cfg.rope_theta):
+        answers = generate_long(model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
+                                seeds=seeds(cfg, doc, len(turns), "rejected"))
     return [text for text, _ in answers]
 
 
@@ -685,62 +686,16 @@ def generation_plan(cfg):
 
 
 class Dropped(Exception):
-    """A document that gives no record: the reason (counted in the summary), the turns filtered, and for
-    a failure inside it ("error") one line of the error."""
-    def __init__(self, reason, filtered=None, error=None):
+    """A document that gives no record: the reason (counted in the summary) and the turns filtered."""
+    def __init__(self, reason, filtered=None):
         super().__init__(reason)
-        self.reason, self.filtered, self.error = reason, filtered or {}, error
-
-
-def attempt(fn, *args):
-    """fn(*args), an error inside it (out of memory, a template that fails) made Dropped("error"): one bad
-    document is recorded with its error and the run goes on, instead of stopping every restart on it."""
-    try:
-        return fn(*args)
-    except Dropped:
-        raise
-    except Exception as e:
-        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-    # out of the except block, the error and the frames it held (their tensors) are gone
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # a broken device (an illegal access, ECC) raises here and stops the run
-        torch.cuda.empty_cache()  # what the failed document held
-    raise Dropped("error", error=error)
-
-
-def record(doc, doc_index, model, tokenizer, cfg, par):
-    """make_record with its long-input answers decoded by this rank's SP group (in one process, a group of
-    one): this rank's short-input steps (doc None: none this round), then the group decodes every member's
-    long prompts in turn, each member taking part in all; then this rank's record (None without a
-    document), or Dropped. An error is its document's (Dropped "error"), but one in an SP group's decoding
-    stops the run: the other members would wait on this one."""
-    work, turns, dropped = make_record(doc, doc_index, model, tokenizer, cfg) if doc else None, None, None
-    try:
-        turns = attempt(next, work) if work else None
-    except Dropped as reason:
-        dropped = reason
-    everyone = [turns and (doc, turns)] * par.sp_size
-    if par.sp_size > 1:
-        dist.all_gather_object(everyone, everyone[0], group=par.sp_group)
-    decode = functools.partial(group_answers, model, tokenizer, cfg, par, everyone)
-    rejected = decode() if par.sp_size > 1 else attempt(decode)
-    if dropped:
-        raise dropped
-    return attempt(work.send, rejected) if turns else None
-
-
-def group_answers(model, tokenizer, cfg, par, everyone):
-    """This rank's rejected answers: the long prompts of each member ((doc, turns) in `everyone`, None:
-    none), decoded by the whole group in the same order on every rank (lockstep)."""
-    with long_input(model, cfg.rope_theta) as long_model:
-        answers = [long_answers(long_model, tokenizer, *job, cfg, par) if job else None for job in everyone]
-    return answers[par.sp_rank]
+        self.reason, self.filtered = reason, filtered or {}
 
 
 def write_records(docs, mine, model, tokenizer, cfg, par):
     """This rank's documents, each record (or why it gave none) appended to its file in --out and flushed
-    before the next starts; with --sp-size, in rounds of each member's next document (record). Returns
-    this rank's summary: records, dropped documents by reason, turns filtered by reason."""
+    before the next starts; with --sp-size, in rounds of each member's next document (one_document).
+    Returns this rank's summary: records, dropped documents by reason, turns filtered by reason."""
     rounds = torch.tensor([len(mine)], device=par.device)
     if par.sp_size > 1:  # a member with fewer documents still takes part in the others' decoding
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=par.sp_group)
@@ -764,16 +719,46 @@ def write_records(docs, mine, model, tokenizer, cfg, par):
 
 
 def one_document(doc, i, model, tokenizer, cfg, par):
-    """The record of document i (doc None: none this round, None), or the entry saying why it gives none:
-    the reason, the turns filtered, and an error's first line."""
+    """The record of document i, or the entry saying why it gives none (None: no document this round). Its
+    long inputs are decoded by this rank's SP group, each member's in turn with every member taking part
+    (group_answers): a member without any (no document, or dropped before them) joins after its own steps.
+    An error drops its document (one bad document does not stop every restart), but one in a group's
+    decoding stops the run: the other members would wait on this one."""
+    decoding = []  # [True] while this rank's SP group decodes its long inputs, [False] after
+
+    def answer_long(turns):  # make_record's step 4
+        decoding.append(True)
+        rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
+        decoding[-1] = False
+        return rejected
+    entry = error = None
     try:
-        return record(doc, i, model, tokenizer, cfg, par)
+        entry = make_record(doc, i, model, tokenizer, cfg, answer_long) if doc else None
     except Dropped as d:
         entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
-        if d.error:
-            entry["error"] = d.error
-            tqdm.write(f"document {doc['id']!r} dropped: {d.error}")
-        return entry
+    except Exception as e:  # out of memory, a template that fails, ...
+        if par.sp_size > 1 and decoding == [True]:
+            raise
+        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    if error:  # out of the except block, the error and the frames it held (their tensors) are gone
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a broken device (an illegal access, ECC) raises here and stops the run
+            torch.cuda.empty_cache()  # what the failed document held
+        tqdm.write(f"document {doc['id']!r} dropped: {error}")
+        entry = {"id": doc["id"], "doc_index": i, "dropped": "error", "filtered_turns": {}, "error": error}
+    if not decoding:  # the others' long inputs still need this rank
+        group_answers(model, tokenizer, cfg, par, None, None)
+    return entry
+
+
+def group_answers(model, tokenizer, cfg, par, doc, turns):
+    """This rank's rejected answers (turns None: none): every member's long inputs, decoded by the whole
+    SP group in the same order on every rank (lockstep)."""
+    everyone = [turns and (doc, turns)] * par.sp_size
+    if par.sp_size > 1:
+        dist.all_gather_object(everyone, everyone[0], group=par.sp_group)
+    answers = [long_answers(model, tokenizer, cfg, par, *job) if job else None for job in everyone]
+    return answers[par.sp_rank]
 
 
 def main(cfg):

@@ -233,7 +233,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 800, "eval": 500}
+    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 785, "eval": 500}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1863,7 +1863,13 @@ import signal  # noqa: E402
 
 import data_gen  # noqa: E402
 
-ONE = longpo.one_process(torch.device("cpu"))  # data_gen.record's SP group in this process: a group of one
+ONE = longpo.one_process(torch.device("cpu"))  # an SP group in this process: a group of one
+
+
+def one_record(doc, model, tokenizer, cfg):
+    """data_gen.make_record with its long inputs decoded in this process."""
+    answer_long = functools.partial(data_gen.long_answers, model, tokenizer, cfg, ONE, doc)
+    return data_gen.make_record(doc, 0, model, tokenizer, cfg, answer_long)
 
 
 def token_starts(tokenizer, text):
@@ -2382,7 +2388,7 @@ def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_in
         assert rel_err(raised, own) > 1e-3  # the theta matters at this length
     cfg = data_gen.resolve(data_gen.DataGenConfig(turns=2, max_new_tokens=16, temperature=0.0))  # greedy
     doc = data_gen.demo_corpus(1, 10)[0]
-    same = data_gen.record(doc, 0, model, tokenizer, cfg, ONE)
+    same = one_record(doc, model, tokenizer, cfg)
     short = model.get_decoder().rotary_emb
     seen, forward = {"long": [], "short": []}, type(short).forward  # the last position each rotary was asked for
 
@@ -2390,7 +2396,7 @@ def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_in
         seen["short" if rotary is short else "long"].append(int(position_ids.max()))
         return forward(rotary, x, position_ids)
     monkeypatch.setattr(type(short), "forward", watched)
-    mixed = data_gen.record(doc, 0, model, tokenizer, dataclasses.replace(cfg, rope_theta=1e6), ONE)
+    mixed = one_record(doc, model, tokenizer, dataclasses.replace(cfg, rope_theta=1e6))
     assert seen["long"] and seen["short"] and min(seen["long"]) > mixed["meta"]["doc_tokens"] > max(seen["short"])
     assert [t["chosen"] for t in same["turns"]] == [t["chosen"] for t in mixed["turns"]]
     assert same["ref_chosen_logp"] == mixed["ref_chosen_logp"]
@@ -2520,9 +2526,9 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
         data_gen.resolve(data_gen.DataGenConfig(sp_size=3))
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.record({"id": "long", "text": "x" * 32769}, 0, model, tokenizer, cfg, ONE)
+        one_record({"id": "long", "text": "x" * 32769}, model, tokenizer, cfg)
     with pytest.raises(data_gen.Dropped, match="doc_length"):
-        data_gen.record({"id": "small", "text": "short"}, 0, model, tokenizer, cfg, ONE)
+        one_record({"id": "small", "text": "short"}, model, tokenizer, cfg)
 
 
 def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
@@ -2592,12 +2598,12 @@ def slow_rank_worker(rank, world_size, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
     longpo.TIMEOUT = datetime.timedelta(seconds=2)  # this process only
 
-    def record(doc, doc_index, *rest):
+    def make_record(doc, doc_index, *rest):
         time.sleep(4 if doc_index == 1 else 0)  # rank 1's first document
         turn = {"instruction": "Why?", "chunk": [0, 9], "chosen": "Because.", "rejected": "No."}
         return {"id": doc["id"], "document": doc["text"], "turns": [turn],
                 "meta": {"doc_index": doc_index, "filtered_turns": {}}}
-    data_gen.record = record
+    data_gen.make_record = make_record
     data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4))
 
 
@@ -2661,7 +2667,7 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
         asked.append(len(contexts))
         return letters(seeds, max_new_tokens)
 
-    def long_answers(long_model, tokenizer, doc, turns, cfg, par):
+    def long_answers(model, tokenizer, cfg, par, doc, turns):
         long_asked[doc["id"]] = len(turns)
         return letters(data_gen.seeds(cfg, doc, len(turns), "rejected"), cfg.max_new_tokens + 8)
     monkeypatch.setattr(data_gen, "ask", ask)
@@ -2696,7 +2702,7 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
         asked.clear()
         cfg = data_gen.resolve(data_gen.DataGenConfig(max_length=limit))
         with pytest.raises(data_gen.Dropped, match="max_length"):
-            data_gen.record(doc, 0, model, tokenizer, cfg, ONE)
+            one_record(doc, model, tokenizer, cfg)
         assert len(asked) == generated, (limit, asked)
 
 
@@ -3169,7 +3175,7 @@ class RecordBench:
 
 def record_bench(cfg):
     """A demo document (planted facts: template questions) padded with filler paragraphs to --tokens,
-    cut into --turns chunks; greedy answers of the tiny model; data_gen.record (its SP group at --sp-size)."""
+    cut into --turns chunks; greedy answers of the tiny model; data_gen.one_document (its SP group at --sp-size)."""
     rank, world_size, device = longpo.init_distributed()
     tokenizer = longpo.tiny_tokenizer()
     doc = data_gen.demo_corpus(1, 64, seed=3)[0]
@@ -3182,7 +3188,7 @@ def record_bench(cfg):
         max_new_tokens=cfg.max_new_tokens, temperature=0.0, sp_size=cfg.sp_size))
     model, _ = data_gen.load_for_inference("tiny", device)
     par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
-    make = lambda: data_gen.record(doc, 0, model, tokenizer, gen_cfg, par)  # noqa: E731
+    make = lambda: data_gen.one_document(doc, 0, model, tokenizer, gen_cfg, par)  # noqa: E731
     make()  # warm-up
     rec, seconds = timed(make, device)
     longpo.print0(f"record: {cfg.tokens}-token document, {len(rec['turns'])} turns, sp {cfg.sp_size}, "
