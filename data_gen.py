@@ -381,10 +381,7 @@ class RoomLayer(DynamicLayer):
 
 def common_prefix(prompts):
     """How many tokens all prompts begin with, leaving each one of its own (whose logits begin its answer)."""
-    n = min(map(len, prompts)) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != prompts[0][i]), n)
-    return n
+    return min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
 
 
 def room_cache(model, room):
@@ -558,10 +555,8 @@ def read_docs(spec, demo=(4, 24, 0), mine=lambda i: True):
     the others' is None (45K documents of 128K tokens are ~20 GB of text: each rank holds its share)."""
     docs = demo_corpus(*demo) if spec == "demo" else []
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.txt")))
-        texts = [pathlib.Path(p).read_text(encoding="utf-8", errors="replace") if mine(i) else None
-                 for i, p in enumerate(paths)]
-        docs = [{"id": os.path.basename(p)[:-4], "text": text} for p, text in zip(paths, texts)]
+        docs = [{"id": p.stem, "text": p.read_text(encoding="utf-8", errors="replace") if mine(i) else None}
+                for i, p in enumerate(sorted(pathlib.Path(spec).glob("*.txt")))]
     elif os.path.isfile(spec):
         docs = read_jsonl(spec, mine)
     if not docs:
@@ -668,18 +663,15 @@ def generation_plan(cfg):
     c = longpo.load_config(cfg.model)
     with torch.device("meta"):  # shapes only
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
-    H, n_layers, inter, hkv = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_key_value_heads
-    d = getattr(c, "head_dim", None) or H // c.num_attention_heads
-    bf16, fp32, new, P = 2, 4, cfg.max_new_tokens, -(-cfg.max_doc_len // cfg.sp_size)
-    kv_token = n_layers * 2 * hkv * d * bf16
-    rows = [("params", "bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)",
-             params * bf16),
-            ("cache and temporaries",
-             f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {n_layers} layers",
-             (P + new) * kv_token),
-            ("cache and temporaries", "prefill, at its peak in a layer's MLP: the residual and the normed "
-             "input, the norm's fp32 upcast, 3 of gate/up/silu/product",
-             P * (2 * H * bf16 + H * fp32 + 3 * inter * bf16))]
+    H, d = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_token = c.num_hidden_layers * 2 * c.num_key_value_heads * d * 2  # bf16 K and V of a token
+    P, new = -(-cfg.max_doc_len // cfg.sp_size), cfg.max_new_tokens  # this GPU's prompt tokens
+    rows = [(None, "bf16 weights, whole on every GPU (one copy; --rope-theta swaps the rotary only)",
+             2 * params),
+            (None, f"K/V cache: {P} prompt tokens + {new} generated (+ a turn's own), {c.num_hidden_layers} "
+             "layers", (P + new) * kv_token),
+            (None, "prefill, at its peak in a layer's MLP: the residual and the normed input, the norm's "
+             "fp32 upcast, 3 of gate/up/silu/product", P * (2 * H * 2 + H * 4 + 3 * c.intermediate_size * 2))]
     whole = cfg.max_doc_len * kv_token / 2**30
     return longpo.plan_report([f"generation of a {cfg.max_doc_len}-token prompt by {cfg.model} with sp "
                                f"{cfg.sp_size} (the whole prompt's K/V: {whole:.2f} GiB):"], rows)
@@ -700,21 +692,17 @@ def write_records(docs, mine, model, tokenizer, cfg, par):
     if par.sp_size > 1:  # a member with fewer documents still takes part in the others' decoding
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=par.sp_group)
     summary = {"records": 0, "dropped": Counter(), "turns_filtered": Counter()}
-    files = {kind: open(os.path.join(cfg.out, f"rank{par.rank}.{kind}"), "a", encoding="utf-8")
-             for kind in ("jsonl", "dropped")}
     for k in tqdm(range(int(rounds)), desc="documents", disable=par.rank != 0):
         i = mine[k] if k < len(mine) else None
         entry = one_document(docs[i] if i is not None else None, i, model, tokenizer, cfg, par)
         if entry is None:  # no document of this rank's in this round
             continue
-        out = files["dropped" if "dropped" in entry else "jsonl"]
-        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        out.flush()  # finished work is on disk before the next document starts
+        kind = "dropped" if "dropped" in entry else "jsonl"
+        with open(os.path.join(cfg.out, f"rank{par.rank}.{kind}"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")  # on disk before the next document starts
         summary["records"] += "dropped" not in entry
         summary["dropped"].update([entry["dropped"]] if "dropped" in entry else [])
         summary["turns_filtered"].update((entry.get("meta") or entry)["filtered_turns"])
-    for f in files.values():
-        f.close()
     return summary
 
 
