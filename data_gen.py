@@ -158,31 +158,6 @@ def measure(doc, tokenizer, cfg):
     return len(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
 
 
-def paragraph_spans(text):
-    """[start, end) of the paragraphs of text (separated by blank lines), each end extended to the
-    next paragraph's start so that consecutive spans tile the text."""
-    starts = [0] + [m.end() for m in re.finditer(r"\n[ \t]*\n\s*", text)]
-    starts = [s for s in starts if s < len(text)]
-    return [(a, b) for a, b in zip(starts, starts[1:] + [len(text)])]
-
-
-def split_span(text, start, end, count, starts, limit):
-    """Pieces of text[start:end] of at most `limit` tokens: at line breaks, else at token borders."""
-    if count(start, end) <= limit:
-        return [(start, end)]
-    line_ends = [start + m.end() for m in re.finditer(r"\n", text[start:end]) if start + m.end() < end]
-    if not line_ends:  # one over-long line: cut between tokens
-        first = bisect.bisect_left(starts, start)
-        borders = [starts[j] for j in range(first + limit, bisect.bisect_left(starts, end), limit)]
-        return list(zip([start] + borders, borders + [end]))
-    pieces, first = [], start
-    for a, b in zip([start] + line_ends, line_ends + [end]):  # greedy over lines
-        if count(first, b) > limit and a > first:
-            pieces += split_span(text, first, a, count, starts, limit)
-            first = a
-    return pieces + split_span(text, first, end, count, starts, limit)
-
-
 def tokens_in(starts, a, b):
     """Tokens of the text that start inside the character span [a, b) (starts: each token's offset)."""
     return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
@@ -190,17 +165,21 @@ def tokens_in(starts, a, b):
 
 def chunk_document(text, starts, chunk_min, chunk_max):
     """Non-overlapping [start, end) chunks of chunk_min..chunk_max tokens of text, cut at paragraph
-    boundaries (then lines, then tokens). starts: the character offset of each token of text."""
+    boundaries (blank lines): each chunk ends at the furthest one within chunk_max tokens, where none is at
+    the furthest line break, else between tokens. starts: the character offset of each token of text."""
     count = functools.partial(tokens_in, starts)
-    pieces = [p for a, b in paragraph_spans(text) for p in split_span(text, a, b, count, starts, chunk_max)]
-    chunks, current = [], []
-    for piece in pieces + [None]:
-        if piece is not None and (not current or count(current[0][0], piece[1]) <= chunk_max):
-            current.append(piece)
-            continue
-        if current and count(current[0][0], current[-1][1]) >= chunk_min:
-            chunks.append((current[0][0], current[-1][1]))
-        current = [piece] if piece is not None else []
+    borders = [[m.end() for m in re.finditer(sep, text)] + [len(text)] for sep in (r"\n[ \t]*\n\s*", r"\n")]
+    borders.append(starts[1:] + [len(text)])
+    chunks, a = [], 0
+    while a < len(text):
+        for level in borders:  # paragraphs, then lines, then tokens
+            fit = bisect.bisect_right(level, chunk_max, key=lambda b: count(a, b))  # count grows with b
+            if fit and level[fit - 1] > a:
+                break
+        b = level[fit - 1]
+        if count(a, b) >= chunk_min:
+            chunks.append((a, b))
+        a = b
     return chunks
 
 
