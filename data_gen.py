@@ -187,16 +187,15 @@ def ask_questions(doc, chunks, model, tokenizer, cfg):
     """Step 3: per chunk, 4 questions from the model (the demo corpus: its facts' own), one of them kept at
     random, behind a random lead-in. Returns (turns, the chunks filtered for want of questions)."""
     pieces = [doc["text"][a:b] for a, b in chunks]
-    if cfg.docs == "demo":  # a random model writes no questions: the facts' own
-        replies = [template_questions(p, doc["facts"]) for p in pieces]
+    if cfg.docs == "demo":  # a random model writes no questions: those of the chunk's facts
+        lists = [[f["question"] for f in doc["facts"] if f["sentence"] in p][:4] for p in pieces]
     else:
-        replies = ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
-                      seeds(cfg, doc, len(pieces), "questions"), max_new_tokens=QUESTION_TOKENS,
-                      temperature=0.7, top_p=0.9)
+        lists = map(parse_questions, ask(model, tokenizer, pieces, [QUESTION_PROMPT] * len(pieces),
+                                         seeds(cfg, doc, len(pieces), "questions"),
+                                         max_new_tokens=QUESTION_TOKENS, temperature=0.7, top_p=0.9))
     turns, filtered = [], {}
-    for j, ((a, b), reply) in enumerate(zip(chunks, replies)):
-        questions = parse_questions(reply)
-        if len(questions) < (1 if cfg.docs == "demo" else 4):  # the template lists the chunk's facts
+    for j, ((a, b), questions) in enumerate(zip(chunks, lists)):
+        if len(questions) < (1 if cfg.docs == "demo" else 4):  # a demo chunk has 1 or more facts
             filtered["questions"] = filtered.get("questions", 0) + 1
             continue
         question = random.Random(stream(cfg, doc, j, "question")).choice(questions[:4])
@@ -505,12 +504,6 @@ def demo_corpus(n_docs=4, paragraphs=24, seed=0):
         docs.append({"id": f"demo-{seed}-{d}" if seed else f"demo-{d}", "text": "\n\n".join(paras),
                      "facts": facts})
     return docs
-
-
-def template_questions(chunk_text, facts):
-    """The numbered list a perfect question writer would give for this chunk, from its facts."""
-    inside = [f["question"] for f in facts if f["sentence"] in chunk_text]
-    return "\n".join(f"{i + 1}. {q}" for i, q in enumerate(inside[:4]))
 
 
 def copy_corpus(n_docs, seed=0):

@@ -233,7 +233,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 752, "eval": 500}
+    limits = {"ring_attention": 520, "longpo": 1294, "data_gen": 745, "eval": 500}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -3242,7 +3242,7 @@ def gold_record(doc, doc_index, tokenizer, cfg):
     chunks = sorted(random.Random(data_gen.stream(cfg, doc, "chunks")).sample(chunks, min(cfg.turns, len(chunks))))
     asked, filtered = [], {}
     for j, (a, b) in enumerate(chunks):
-        questions = data_gen.parse_questions(data_gen.template_questions(doc["text"][a:b], doc["facts"]))
+        questions = [f["question"] for f in doc["facts"] if f["sentence"] in doc["text"][a:b]][:4]
         if not questions:
             filtered["questions"] = filtered.get("questions", 0) + 1
         for k, question in enumerate(questions):
