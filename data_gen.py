@@ -64,7 +64,7 @@ TINY = dict(chunk_min=512, chunk_max=1024, min_doc_len=1024, max_doc_len=32768,
 class DataGenConfig:
     """Generate LongPO preference data (paper Sec. 3.3); size flags not given (None) take the profile's."""
     model: str = arg("tiny", "pi_S: hub id, local dir, or 'tiny'")
-    docs: str = arg("demo", "JSONL ('text', 'id'), .txt file or folder, or 'demo'")
+    docs: str = arg("demo", "JSONL ('text', optional 'id'), a folder of .txt files, or 'demo'")
     out: str = arg("data/longpo_tiny", "output folder (longpo.py's default --data)")
     chunk_min: int | None = arg(None, "fewest tokens in a chunk (None: profile; paper 16384)")
     chunk_max: int | None = arg(None, "most tokens in a chunk (None: profile; release code 30720)")
