@@ -106,7 +106,7 @@ def make_record(doc, doc_index, model, tokenizer, cfg, answer_long):
     answer_long(turns): the answers to the turns' instructions after the WHOLE document (long_answers, by
     this rank's SP group: one_document)."""
     text = doc["text"]
-    # 1. the document's length: within --min-doc-len..--max-doc-len, and room for an answer in --max-length
+    # 1. the document's length: within --min-doc-len..--max-doc-len, and under --max-length
     n_tokens, starts = measure(doc, tokenizer, cfg)
     if cfg.max_length and n_tokens >= cfg.max_length:  # no turn can fit: no generation at all
         raise Dropped("max_length")

@@ -95,7 +95,8 @@ class TrainConfig:
     max_steps: int = arg(0, "optimiser steps (0: one epoch)")
     grad_accum: int = arg(0, "samples per step per DP group (0: 8, the paper's batch at dp 1; tiny 1)")
     micro_batch: int = arg(1, "--loss sft: samples in one right-padded forward")
-    max_length: int = arg(0, "most tokens a trained sequence has; longer ones are skipped")
+    max_length: int = arg(0, "most tokens of a record's pair (prompt once, both answers; padding to 2 x sp "
+                          "aside); longer records are skipped")
     rope_theta: float = arg(0.0, "RoPE theta of the POLICY (paper 1e7; 0: the model's)")
     dtype: str = arg("auto", "auto (CUDA: bf16 compute, fp32 masters; CPU: fp32), bfloat16 (that anywhere)",
                      ("auto", "bfloat16", "float32", "float64"))
