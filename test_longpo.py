@@ -3191,6 +3191,8 @@ def record_bench(cfg):
     make = lambda: data_gen.one_document(doc, 0, model, tokenizer, gen_cfg, par)  # noqa: E731
     make()  # warm-up
     rec, seconds = timed(make, device)
+    if "dropped" in rec:  # the demo document alone is about 5K tokens
+        sys.exit(f"record: the document was dropped ({rec['dropped']}); use --tokens 8192 or more")
     longpo.print0(f"record: {cfg.tokens}-token document, {len(rec['turns'])} turns, sp {cfg.sp_size}, "
               f"{torch.get_num_threads()} threads: {seconds:.2f} s")
 
