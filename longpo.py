@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
@@ -236,9 +235,24 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
     return out.index_put((idx,), values).view(targets.shape)
 
 
+class SPSum(torch.autograd.Function):
+    """All-reduce sum over the SP group, of the value and of its gradient (why: micro_step's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, x = group, x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def sp_sum(x, par):
-    """Sum over the SP group, of the value and (all_reduce's backward) of its gradient (micro_step: why)."""
-    return dist_fn.all_reduce(x, group=par.sp_group) if par.sp_size > 1 else x
+    return SPSum.apply(x, par.sp_group) if par.sp_size > 1 else x
 
 
 @dataclass
@@ -399,7 +413,7 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
     # THE SP gradient scaling: the gradient of the unsharded sequence, averaged over samples, is / grad_accum
-    # here; x sp from sp_sum's backward (every rank holds the summed loss, so each rank's part receives the
+    # here; x sp from SPSum's backward (every rank holds the summed loss, so each rank's part receives the
     # gradient summed over the group); / (dp x sp) from FSDP's gradient reduction (a mean over all ranks).
     (loss / cfg.grad_accum).backward()
     return {key: value.detach() for key, value in metrics.items()}
