@@ -182,8 +182,10 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     specials = special_tokens(tokenizer)
     contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
+                if any(lit in text for text in contents)]  # those the content holds (usually none)
     free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
-    hidden = {lit: next(free) for lit in sorted(filter(None, specials), key=len, reverse=True)}
+    hidden = {lit: next(free) for lit in literals}
     shown = {c: lit for lit, c in hidden.items()}
 
     def hide(text):  # each special's literal in the content becomes its private-use character
