@@ -2640,6 +2640,16 @@ def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, ca
     assert data_gen.main(cfg) == {"records": 1, "dropped": {}, "turns_filtered": {}}
     assert [r["id"] for r in longpo.Records(cfg.out)] == ["demo-0", "demo-1", "demo-2"]
 
+    def out_of_memory(*args):  # in the SP group's decoding of the long inputs
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(data_gen, "group_answers", out_of_memory)
+    model, tokenizer = data_gen.load_for_inference("tiny", torch.device("cpu"))
+    doc, cfg = data_gen.demo_corpus(3)[1], data_gen.resolve(cfg)
+    alone = data_gen.one_document(doc, 1, model, tokenizer, cfg, ONE)
+    assert alone["dropped"] == "error" and alone["error"].startswith("OutOfMemoryError")
+    with pytest.raises(torch.OutOfMemoryError):  # in an SP group it stops the run: the others wait on it
+        data_gen.one_document(doc, 1, model, tokenizer, cfg, longpo.Parallel(0, 2, 2, ra.LOCAL, ONE.device))
+
 
 def packed_length(record, tokenizer):
     """Tokens of the packed pair counted directly: both sequences, less their common prompt (up to the first
