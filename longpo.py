@@ -513,16 +513,23 @@ def epoch_order(n, seed, epoch):
     return order
 
 
+def step_samples(step, n, cfg, par):
+    """The records this DP group trains at this step: the run's samples are numbered on, step by step,
+    grad_accum x dp a step, the DP groups taking every dp-th; sample k is record epoch_order[k % n] of
+    epoch k // n."""
+    ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank for m in range(cfg.grad_accum)]
+    return [epoch_order(n, cfg.seed, k // n)[k % n] for k in ks]
+
+
 def train_step(step, model, ref_model, data, cfg, par, optimizer, scheduler, signalled):
     """One optimiser step: grad_accum samples per DP group, clipping, AdamW, the schedule. Its metrics,
     averaged over the world, carry whether any rank got SIGUSR1. A non-finite loss or gradient norm (the same
     on every rank) stops all before the update."""
     records, tokenizer = data
     t0, sums, tokens, mine = time.perf_counter(), {}, 0, []
+    samples = step_samples(step, len(records), cfg, par)
     for first in range(0, cfg.grad_accum, cfg.micro_batch):  # micro_batch > 1: sft only (check_config)
-        ks = [(step * cfg.grad_accum + m) * par.dp_size + par.dp_rank  # the samples' numbers in the run
-              for m in range(first, first + cfg.micro_batch)]
-        idxs = [epoch_order(len(records), cfg.seed, k // len(records))[k % len(records)] for k in ks]
+        idxs = samples[first:first + cfg.micro_batch]
         examples = [build_example(records[i], tokenizer, trained_sides(cfg)) for i in idxs]
         seq = step_inputs(examples, cfg, par, tokenizer.pad_token_id)
         metrics = micro_step(model, ref_model, seq, records.refs[idxs[0]], cfg, par)  # sft: refs unused
