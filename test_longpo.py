@@ -2809,6 +2809,38 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
             assert_close(got[name], want[name], 1e-6, f"{name} after a {run} checkpoint and --resume")
 
 
+def rank_pid(parent, rank):
+    """The pid of torchrun's worker of this RANK (a child of the torchrun process `parent`)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+def test_stop_signal_on_one_rank_stops_every_rank(tmp_path):
+    """SIGUSR1 to ONE rank of two (a scheduler may signal one node): both finish the step in flight, write
+    one checkpoint together and exit 0, through the step's metrics reduction (no rank left waiting)."""
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=6, with_ref=True))
+    out = str(tmp_path / "run")
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "longpo.py",
+                            "--data", data, "--output-dir", out, "--max-steps", "8", "--grad-accum", "1"],
+                           cwd=HERE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    next(line for line in run.stdout if line.startswith("step 1 |"))
+    os.kill(rank_pid(run.pid, 1), signal.SIGUSR1)
+    log = run.communicate(timeout=300)[0]
+    assert run.returncode == 0 and "SIGUSR1: stopped at step" in log, log[-2000:]
+    steps = longpo.checkpoint_steps(out)
+    assert len(steps) == 1 and 1 <= steps[0] < 8 and not os.path.exists(os.path.join(out, "final")), steps
+
+
 def test_log_probs_keep_only_the_last_hidden_state():
     """sequence_logps reads the decoder's last hidden state without asking the model for every layer's:
     the same log-probs as from output_hidden_states=True, bit for bit, and equal to a full log-softmax."""
