@@ -608,10 +608,10 @@ def check_out(cfg):
     return args
 
 
-def start_out(cfg, args, rank, world_size):
+def start_out(cfg, args, par):
     """The ids of the documents any rank has finished, kept or dropped, read once rank 0 has made the
     folder with the run's arguments and cut a line a kill tore (that document is done again)."""
-    if rank == 0:
+    if par.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         for path in glob.glob(os.path.join(cfg.out, "rank*.*")):
             with open(path, "rb+") as f:
@@ -619,8 +619,7 @@ def start_out(cfg, args, rank, world_size):
         if not os.path.exists(os.path.join(cfg.out, "args.json")):
             with open(os.path.join(cfg.out, "args.json"), "w") as f:
                 json.dump(args, f, indent=2)
-    if world_size > 1:
-        dist.barrier()  # before any rank reads it or works: the folder is ready
+    longpo.barrier(par)  # before any rank reads it or works: the folder is ready
     done = set()
     for path in glob.glob(os.path.join(cfg.out, "rank*.*")):
         with open(path, "rb") as f:
@@ -684,12 +683,13 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     (group_answers): a member without any (no document, or dropped before them) joins after its own steps.
     An error drops its document (one bad document does not stop every restart), but one in a group's
     decoding stops the run: the other members would wait on this one."""
-    decoding = []  # [True] while this rank's SP group decodes its long inputs, [False] after
+    decoding = None  # True while this rank's SP group decodes its long inputs, False after
 
     def answer_long(turns):  # make_record's step 4
-        decoding.append(True)
+        nonlocal decoding
+        decoding = True
         rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
-        decoding[-1] = False
+        decoding = False
         return rejected
     entry = error = None
     try:
@@ -697,7 +697,7 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     except Dropped as d:
         entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
     except Exception as e:  # out of memory, a template that fails, ...
-        if par.sp_size > 1 and decoding == [True]:
+        if par.sp_size > 1 and decoding:
             raise
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
     if error:  # out of the except block, the error and the frames it held (their tensors) are gone
@@ -706,7 +706,7 @@ def one_document(doc, i, model, tokenizer, cfg, par):
             torch.cuda.empty_cache()  # what the failed document held
         tqdm.write(f"document {doc['id']!r} dropped: {error}")
         entry = {"id": doc["id"], "doc_index": i, "dropped": "error", "filtered_turns": {}, "error": error}
-    if not decoding:  # the others' long inputs still need this rank
+    if decoding is None:  # the others' long inputs still need this rank
         group_answers(model, tokenizer, cfg, par, None, None)
     return entry
 
@@ -728,14 +728,14 @@ def main(cfg):
         return print(generation_plan(cfg))
     args = check_out(cfg)
     rank, world_size, device = init_distributed()
+    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
     ours = lambda i: i % world_size == rank  # noqa: E731  (this rank's documents)
     docs = read_docs(cfg.docs, (cfg.demo_docs, cfg.demo_paragraphs, cfg.seed), ours)
-    done = start_out(cfg, args, rank, world_size)
+    done = start_out(cfg, args, par)
     mine = [i for i, doc in enumerate(docs) if ours(i) and doc["id"] not in done]
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"{len(docs)} documents, {len(done)} already done, {world_size} rank(s)")
     model, tokenizer = load_for_inference(cfg.model, device)
-    par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device)
     summary = write_records(docs, mine, model, tokenizer, cfg, par)
     print(f"rank {rank}: {len(mine)} documents done into {cfg.out}: {json.dumps(summary)}", flush=True)
     return summary

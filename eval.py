@@ -408,7 +408,7 @@ def prepare_inputs(cfg, tasks):
         records = longpo.Records(cfg.pref_data, need_ref=True)
         inputs["records"] = records.select(range(min(len(records), cfg.max_pairs)))
     tokenizer = longpo.load_tokenizer(inputs["models"][0])  # every model's: kl compares their tokens
-    if any(longpo.load_tokenizer(name).get_vocab() != tokenizer.get_vocab() for name in inputs["models"]):
+    if any(longpo.load_tokenizer(m).get_vocab() != tokenizer.get_vocab() for m in inputs["models"][1:]):
         raise UsageError(f"--model {cfg.model}: the models' tokenizers differ; evaluate them one run each")
     for task in [t for t in ("ruler", "facts") if t in tasks]:  # facts fails at a length it cannot fill
         inputs[task] = long_prompts(tokenizer, task, inputs["lengths"], cfg)

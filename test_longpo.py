@@ -1504,6 +1504,7 @@ def test_each_step_reads_distinct_samples_and_an_sp_group_one():
     ranks = [longpo.Parallel(r, 4, 2, ra.LOCAL, cpu) for r in range(4)]  # dp 2 x sp 2
     draws = {(step, par.rank): longpo.step_samples(step, 12, cfg, par) for step in (0, 1, 2) for par in ranks}
     assert all(draws[step, 0] == draws[step, 1] and draws[step, 2] == draws[step, 3] for step in (0, 1, 2))
+    assert all(len(d) == 3 for d in draws.values())  # grad_accum samples each
     assert sorted(draws[0, 0] + draws[0, 2] + draws[1, 0] + draws[1, 2]) == list(range(12)), draws
     assert sorted(draws[2, 0] + draws[2, 2]) != sorted(draws[0, 0] + draws[0, 2])  # epoch 1: a new order
 
@@ -1928,7 +1929,8 @@ def test_chunker_spans_budget_and_boundaries():
 def test_next_token_greedy_and_top_p():
     """Greedy at temperature 0; else top-p keeps the smallest set of tokens whose mass reaches p."""
     g, probs = torch.Generator().manual_seed(0), torch.tensor([0.5, 0.3, 0.2])
-    assert data_gen.next_token(probs.log(), 0.0, 0.6, g) == 0
+    assert {data_gen.next_token(torch.tensor([0.2, 0.45, 0.35]).log(), 0.0, 1.0, g) for _ in range(50)} == {1}
+    assert {data_gen.next_token(probs.log(), 0.05, 1.0, g) for _ in range(100)} == {0}  # cold: nearly greedy
     assert set(data_gen.next_token(probs.log(), 1.0, 0.6, g) for _ in range(400)) == {0, 1}  # 0.5 + 0.3
     assert set(data_gen.next_token(probs.log(), 1.0, 1.0, g) for _ in range(400)) == {0, 1, 2}
     assert {data_gen.next_token(torch.tensor([0.9, 0.05, 0.05]).log(), 1.0, 0.6, g) for _ in range(50)} == {0}
@@ -2197,6 +2199,8 @@ def test_mc_scorer_and_kl():
     assert result == {"acc": 0.5, "acc_norm": 0.5}  # picks "7" both times: right, then wrong
     longer = [{"question": "Pick one.", "choices": ["77", "7"], "answer": 0}]  # per character "77" wins
     assert evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, longer) == {"acc": 0.0, "acc_norm": 1.0}
+    accents = [{"question": "Pick one.", "choices": ["7é", "ee"], "answer": 1}]  # "é": 2 tokens, 1 character
+    assert evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, accents)["acc_norm"] == 1.0  # not per token
     model, _ = longpo.load_model_and_tokenizer("tiny")
     prompt, continuation = "Question: Pick one.\nAnswer:", " 37 and 5"  # token by token, each from its prefix
     ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -2562,7 +2566,7 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
         with pytest.raises(UsageError, match="exists and is no data_gen.py output folder"):
             data_gen.check_out(cfg)
         shutil.rmtree(out) if existing == "folder" else out.unlink()
-    data_gen.start_out(cfg, data_gen.check_out(cfg), 0, 1)  # a run with these arguments owns it now
+    data_gen.start_out(cfg, data_gen.check_out(cfg), ONE)  # a run with these arguments owns it now
     data_gen.check_out(cfg)  # another may not continue it
     with pytest.raises(UsageError, match="other arguments \\(turns: 4 there, 2 now\\)"):
         data_gen.check_out(dataclasses.replace(cfg, turns=2))
