@@ -135,13 +135,13 @@ def build_example(rec, tokenizer, sides=("chosen", "rejected")):
 @torch.no_grad()
 def short_reference_logps(ref_model, tokenizer, record):
     """Eq. 13's reference (ref_chosen_logp, ref_rejected_logp): the sum over turns i of log pi_S(y_i | C_S,i,
-    I_i), each turn on its own chunk, scored as training scores a sequence."""
-    alone = one_process(ref_model.device)  # a short input runs whole in this process
-
-    def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i)
+    I_i), each turn on its own chunk, a whole short input in this process."""
+    def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i): the log-probs of the answer's tokens, summed
         ids, is_answer = short_dialogue(tokenizer, record, turn, side)
-        seq = prepare_sequence(ids, {side: is_answer}, alone, tokenizer.pad_token_id)
-        return sequence_logps(ref_model, seq, alone)[side].item()
+        targets, is_target = (t.to(ref_model.device) for t in shifted_targets(ids, is_answer))
+        hidden = last_hidden_state(ref_model, input_ids=targets.new_tensor([ids]))
+        head = ref_model.get_output_embeddings().weight
+        return token_logps(hidden, head, targets[None], is_target.nonzero()[:, 0], LOGPROB_CHUNK).sum().item()
     return tuple(sum(logp(turn, side) for turn in record["turns"]) for side in ("chosen", "rejected"))
 
 
@@ -885,11 +885,6 @@ class Parallel:
     @functools.cached_property
     def mesh(self):  # the world's, which FSDP shards over; made at its first use
         return dist.device_mesh.init_device_mesh(self.device.type, (self.world_size,))
-
-
-def one_process(device):
-    """The Parallel of work done whole in this process (short inputs), whatever the world."""
-    return Parallel(0, 1, 1, ring_attention.LOCAL, device)
 
 
 def check_sp_size(sp_size, world=None):

@@ -1111,6 +1111,11 @@ def test_bad_records_name_line_and_field(tmp_path):
 
 # ----------------------------------------------------------------------------- longpo: SP = 2 vs SP = 1
 
+def one_process(device):
+    """The Parallel of work done whole in this process: an SP group of one."""
+    return longpo.Parallel(0, 1, 1, ra.LOCAL, device)
+
+
 def perturbed_tiny(scale, seed):
     """The tiny model in float64 with its weights moved a little (so policy != reference): a copy of its
     own each call (tests train, shard and reconfigure it), built once per process (a copy takes 1/10th)."""
@@ -1176,7 +1181,7 @@ def live_refs(example, shifts=(1.0, -1.0)):
     """LongPO reference log-probs a nat from the policy's own (perturbed_tiny(0.02, 1)'s, one device),
     the chosen one above, the rejected one below: margins of -1 at beta 0.5, so the preference term
     is O(1) and its gradient live (records' random references, tens of nats away, leave it ~1e-28)."""
-    model, single = perturbed_tiny(0.02, 1)[0], longpo.one_process(torch.device("cpu"))
+    model, single = perturbed_tiny(0.02, 1)[0], one_process(torch.device("cpu"))
     with torch.no_grad():
         return tuple(longpo.sequence_logps(model, longpo.prepare_sequence(example[side]["ids"], {
             side: example[side]["is_answer"]}, single, 0), single, 64)[side].item() + shift
@@ -1223,7 +1228,7 @@ def sp_equivalence_worker(rank, world_size):
     exact_norms()
     tokenizer = longpo.tiny_tokenizer()
     records = make_records(2, seed=11, with_ref=True)
-    single = longpo.one_process(torch.device("cpu"))
+    single = one_process(torch.device("cpu"))
     sp2 = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     for loss in ("longpo", "dpo", "sft"):
         example = longpo.build_example(records[0], tokenizer)
@@ -1257,7 +1262,7 @@ def two_samples(seed):
     records = make_records(2, seed=seed, with_ref=True)
     examples = [longpo.build_example(r, tokenizer) for r in records]
     refs = [live_refs(ex, shifts) for ex, shifts in zip(examples, ((1.0, -1.0), (0.5, -2.0)))]
-    single = longpo.one_process(torch.device("cpu"))
+    single = one_process(torch.device("cpu"))
     for ex, rf in zip(examples, refs):  # the guard, on the direct computation of each sample
         direct_loss_and_grads("longpo", perturbed_tiny(0.02, 1)[0], None, ex, rf)
     grads = [one_micro_step("longpo", single, perturbed_tiny(0.02, 1)[0], None, ex, rf, False)[1]
@@ -1270,7 +1275,7 @@ def test_grad_accumulation_averages_samples(float64_norms):
     model = perturbed_tiny(0.02, 1)[0]
     model.set_attn_implementation("ring_attention")
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=2, sp_size=1)
-    single = longpo.one_process(torch.device("cpu"))
+    single = one_process(torch.device("cpu"))
     for ex, rf in zip(examples, refs):
         longpo.micro_step(model, None, longpo.step_inputs([ex], cfg, single, 0), rf, cfg, single)
     for name, p in model.named_parameters():
@@ -1286,7 +1291,7 @@ def test_sft_micro_batch_is_the_same_step(float64_norms):
     assert len({len(ex["chosen"]["ids"]) for ex in examples}) == 4  # padding is exercised
     cfg = longpo.TrainConfig(loss="sft", nll_target="sequence", nll_context_weight=0.1, grad_accum=4,
                              sp_size=1)
-    single = longpo.one_process(torch.device("cpu"))
+    single = one_process(torch.device("cpu"))
     results = []
     for groups in ([[ex] for ex in examples], [examples[:2], examples[2:]], [examples]):
         model = perturbed_tiny(0.02, 1)[0]
@@ -1320,7 +1325,7 @@ def mixed_precision_worker(rank, world_size, device):
     example = longpo.build_example(rec, tokenizer)
     refs = live_refs(example)  # the preference term live in both precisions
     cfg = longpo.TrainConfig(beta=0.5, lam=0.3, grad_accum=1, sp_size=1)
-    cpu = longpo.one_process(torch.device("cpu"))
+    cpu = one_process(torch.device("cpu"))
     want_model = perturbed_tiny(0.02, seed=1)[0].float()
     want_model.set_attn_implementation("ring_attention")  # as setup_model does
     want = longpo.micro_step(want_model, None, longpo.step_inputs([example], cfg, cpu, 0), refs, cfg, cpu)
@@ -1359,7 +1364,7 @@ def packing_worker(rank, world_size):
     exact_norms()
     tokenizer = longpo.tiny_tokenizer()
     par = (longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu")) if world_size > 1
-           else longpo.one_process(torch.device("cpu")))
+           else one_process(torch.device("cpu")))
     for turns, loss, context_weight in ((3, "longpo", 1.0), (2, "dpo", 0.3)):  # 0.3: context tokens weigh 0.3
         rec = make_records(1, seed=20 + turns, turns=turns)[0]
         example = longpo.build_example(rec, tokenizer)
@@ -1885,7 +1890,7 @@ import signal  # noqa: E402
 
 import data_gen  # noqa: E402
 
-ONE = longpo.one_process(torch.device("cpu"))  # an SP group in this process: a group of one
+ONE = one_process(torch.device("cpu"))  # an SP group in this process: a group of one
 
 
 def one_record(doc, model, tokenizer, cfg):
@@ -2304,7 +2309,7 @@ def eval_sp_worker(rank, world_size):
     assert len(texts) == 2 * n and texts[:n] == texts[n:] and any(texts), texts
     assert len(sp_calls) == n and all(len(prompt) >= 300 for (prompt,) in sp_calls), "not decoded sequence-parallel"
     records = make_records(3, seed=8, paragraphs=6, with_ref=True)
-    sp, one = (evaluation.eval_pref(model, tokenizer, records, p, 0.1) for p in (par, longpo.one_process(par.device)))
+    sp, one = (evaluation.eval_pref(model, tokenizer, records, p, 0.1) for p in (par, one_process(par.device)))
     assert sp["reward_accuracy"] == one["reward_accuracy"], (sp, one)
     assert math.isclose(sp["reward_margin"], one["reward_margin"], rel_tol=1e-9) and one["reward_margin"], (sp, one)
 
@@ -2345,7 +2350,7 @@ def test_max_length_filter_and_lazy_records(tmp_path):
     records[1]["document"] *= 3  # the long one (its chunk spans stay inside)
     path = write_jsonl(tmp_path / "data.jsonl", records)
     tokenizer = longpo.tiny_tokenizer()
-    single = longpo.one_process(torch.device("cpu"))
+    single = one_process(torch.device("cpu"))
     examples = [longpo.build_example(r, tokenizer) for r in records]
     packed = [packed_length(r, tokenizer) for r in records]
     longer = [max(len(ex["chosen"]["ids"]), len(ex["rejected"]["ids"])) for ex in examples]
@@ -2851,12 +2856,12 @@ def test_log_probs_keep_only_the_last_hidden_state():
     model, tokenizer = longpo.load_model_and_tokenizer("tiny")
     rec = make_records(1, seed=7)[0]
     ids, is_answer = longpo.format_dialogue(tokenizer, rec["document"], rec["turns"], "chosen")
-    seq = longpo.prepare_sequence(ids, {"chosen": is_answer}, longpo.one_process(torch.device("cpu")), 0)
+    seq = longpo.prepare_sequence(ids, {"chosen": is_answer}, one_process(torch.device("cpu")), 0)
     asked = []
     forward = model.forward
     model.forward = lambda *a, **kw: asked.append(kw.get("output_hidden_states")) or forward(*a, **kw)
     with torch.no_grad():
-        got = longpo.sequence_logps(model, seq, longpo.one_process(torch.device("cpu")), 64)["chosen"]
+        got = longpo.sequence_logps(model, seq, one_process(torch.device("cpu")), 64)["chosen"]
         out = forward(input_ids=seq.input_ids, position_ids=seq.position_ids, output_hidden_states=True)
         before = longpo.token_logps(out.hidden_states[-1], model.lm_head.weight, seq.targets, seq.labelled, 64)
         full = torch.log_softmax(out.logits.double(), -1).gather(-1, seq.targets.unsqueeze(-1))[..., 0]
@@ -3229,7 +3234,7 @@ def generate_bench(cfg):
     longpo.check_sp_size(cfg.sp_size)
     rank, world_size, device = longpo.init_distributed()
     par = (longpo.setup_parallel(cfg.sp_size, rank, world_size, device) if world_size > 1
-           else longpo.one_process(device))
+           else one_process(device))
     model, tokenizer = data_gen.load_for_inference(cfg.model, device)
     rec = synthetic_record(tokenizer, cfg.tokens)
     prompt = longpo.format_dialogue(tokenizer, rec["document"], [{"instruction": rec["turns"][0]["instruction"]}])[0]
