@@ -237,24 +237,13 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
     return out.index_put((idx,), values).view(targets.shape)
 
 
-class SPSum(torch.autograd.Function):
-    """All-reduce sum over the SP group, of the value and of its gradient (why: micro_step's backward)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, x = group, x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 def sp_sum(x, par):
-    return SPSum.apply(x, par.sp_group) if par.sp_size > 1 else x
+    """The sum of x over the SP group, its gradient x's own (micro_step's backward scales it by sp)."""
+    if par.sp_size == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, group=par.sp_group)
+    return total + (x - x.detach())  # the group's sum; the gradient flows to this rank's part
 
 
 @dataclass
@@ -414,10 +403,11 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
-    # THE SP gradient scaling: the gradient of the unsharded sequence, averaged over samples, is / grad_accum
-    # here; x sp from SPSum's backward (every rank holds the summed loss, so each rank's part receives the
-    # gradient summed over the group); / (dp x sp) from FSDP's gradient reduction (a mean over all ranks).
-    (loss / cfg.grad_accum).backward()
+    # THE SP gradient scaling. Every rank of an SP group holds the same loss (of the group's sums) and
+    # backpropagates it through its own part of the sequence; FSDP's gradient reduction averages over all
+    # dp x sp ranks. x sp turns the mean over an SP group's parts into their sum, the gradient of the whole
+    # sequence; / grad_accum averages a step's samples.
+    (loss * par.sp_size / cfg.grad_accum).backward()
     return {key: value.detach() for key, value in metrics.items()}
 
 
