@@ -683,13 +683,13 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     (group_answers): a member without any (no document, or dropped before them) joins after its own steps.
     An error drops its document (one bad document does not stop every restart), but one in a group's
     decoding stops the run: the other members would wait on this one."""
-    decoding = None  # True while this rank's SP group decodes its long inputs, False after
+    part = "to come"  # this rank's part in its SP group's decoding: "to come", "in it", "done"
 
     def answer_long(turns):  # make_record's step 4
-        nonlocal decoding
-        decoding = True
+        nonlocal part
+        part = "in it"
         rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
-        decoding = False
+        part = "done"
         return rejected
     entry = error = None
     try:
@@ -697,7 +697,7 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     except Dropped as d:
         entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
     except Exception as e:  # out of memory, a template that fails, ...
-        if par.sp_size > 1 and decoding:
+        if par.sp_size > 1 and part == "in it":
             raise
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
     if error:  # out of the except block, the error and the frames it held (their tensors) are gone
@@ -706,7 +706,7 @@ def one_document(doc, i, model, tokenizer, cfg, par):
             torch.cuda.empty_cache()  # what the failed document held
         tqdm.write(f"document {doc['id']!r} dropped: {error}")
         entry = {"id": doc["id"], "doc_index": i, "dropped": "error", "filtered_turns": {}, "error": error}
-    if decoding is None:  # the others' long inputs still need this rank
+    if part == "to come":  # the others' long inputs still need this rank
         group_answers(model, tokenizer, cfg, par, None, None)
     return entry
 
