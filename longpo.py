@@ -127,8 +127,8 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 # (or the rejected) answers of every turn (format_dialogue), and log pi_theta(y|x_L) sums over all its
 # answer tokens (sequence_logps). The reference scores each turn on its OWN short chunk.
 def build_example(rec, tokenizer, sides=("chosen", "rejected")):
-    """The chosen and rejected LONG dialogues of a record: {side: {'ids': [...], 'is_answer': [...]}}, is_answer
-    marking each answer's tokens up to its end-of-turn token (the model learns to stop)."""
+    """The chosen and rejected LONG dialogues of a record: {side: {'ids': [...], 'is_answer': [...]}};
+    is_answer marks each answer's tokens up to its end-of-turn token (the model learns to stop)."""
     dialogue = lambda side: format_dialogue(tokenizer, rec["document"], rec["turns"], side)  # noqa: E731
     return {side: dict(zip(("ids", "is_answer"), dialogue(side))) for side in sides}
 
@@ -334,9 +334,9 @@ def prepare_packed(example, par, pad_id, nll=None):
 
 
 def last_hidden_state(model, **inputs):
-    """(B, T, H): the decoder's output after its final norm, caught by a hook. The model runs whole (under FSDP2
-    its root gathers the embedding), but no other layer's output is kept (output_hidden_states would hold
-    33 x T x H for Mistral-7B) and the head computes one position."""
+    """(B, T, H): the decoder's output after its final norm, caught by a hook. The model runs whole (FSDP2's
+    root gathers the embedding), but no other layer's output is kept (output_hidden_states would hold 33 x T
+    x H for Mistral-7B) and the head computes one position."""
     caught = []
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
     try:
