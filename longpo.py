@@ -177,32 +177,16 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     is_answer). context: the document or a chunk; turns: dicts with 'instruction' and turn[answer_key]; the
     first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
     with the one turn's generation prompt. Templates that render turn by turn work (Mistral, Llama, ChatML,
-    Gemma). Content is text: a special token's literal in it (a paper quoting '<|im_end|>') is hidden as a
-    private-use character while the template renders, then tokenized as text."""
+    Gemma). Content is text: a special token's literal in it (a paper quoting '<|im_end|>') is no token."""
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
-    specials = special_tokens(tokenizer)
-    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
-    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
-                if any(lit in text for text in contents)]  # those the content holds (usually none)
-    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
-    hidden = {lit: next(free) for lit in literals}
-    shown = {c: lit for lit, c in hidden.items()}
-
-    def hide(text):  # each special's literal in the content becomes its private-use character
-        for lit, c in hidden.items():
-            text = text.replace(lit, c)
-        return text
-    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
     ids, is_answer, before = [], [], ""
-    for text, answer in render_pieces(tokenizer, hide(context), turns, answer_key, specials):
-        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
-            # a hidden literal is tokenized as text, as after a word; the rest as it continues the text before
-            piece = encode_after(tokenizer, "x", shown[part], True) if part in shown else \
-                encode_after(tokenizer, before, part)
-            ids += piece
-            is_answer += [answer] * len(piece)
-            before = (before + part)[-CONTEXT_CHARS:]
+    for text, answer, literal in render_pieces(tokenizer, context, turns, answer_key):
+        # each piece tokenized as it continues the text before; a literal as text, as after a word
+        piece = encode_after(tokenizer, "x" if literal else before, text, as_text=literal)
+        ids += piece
+        is_answer += [answer] * len(piece)
+        before = (before + text)[-CONTEXT_CHARS:]
     return ids, is_answer
 
 
@@ -986,7 +970,31 @@ def config_from_cli(cls, argv=None):
 
 # ---------------------------------------------------------- chat templates (format_dialogue's pieces)
 
-def render_pieces(tokenizer, context, turns, answer_key, specials):
+def render_pieces(tokenizer, context, turns, answer_key):
+    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
+    cut around each special token's literal in the content (literal True). Such literals are hidden as
+    private-use characters while the template renders, so that only the template's own are special."""
+    specials = special_tokens(tokenizer)
+    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
+                if any(lit in text for text in contents)]  # those the content holds (usually none)
+    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+    hidden = {lit: next(free) for lit in literals}
+    shown = {c: lit for lit, c in hidden.items()}
+
+    def hide(text):  # each special's literal in the content becomes its private-use character
+        for lit, c in hidden.items():
+            text = text.replace(lit, c)
+        return text
+    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
+    pieces = []
+    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
+        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
+            pieces.append((shown.get(part, part), answer, part in shown))
+    return pieces
+
+
+def render_turns(tokenizer, context, turns, answer_key, specials):
     """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
     messages, pieces, done, rest = [], [], "", ""
     for i, turn in enumerate(turns):
