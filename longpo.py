@@ -22,7 +22,7 @@ SP size instead of Ulysses; one pair per micro-step. Baselines: --loss sft and -
     torchrun --nproc_per_node 8 longpo.py --model mistralai/Mistral-7B-Instruct-v0.2 \\
         --data data/longpo_128k --sp-size 8 --max-length 131072 --rope-theta 1e7 \\
         --output-dir runs/mistral-128k      # one 8-GPU node (one GPU: --nproc_per_node 1 --sp-size 1)
-    python longpo.py --plan --model mistralai/Mistral-7B-Instruct-v0.2 --max-length 524288 --world-size 8
+    python longpo.py --plan 8 --model mistralai/Mistral-7B-Instruct-v0.2 --max-length 524288
 """
 import copy
 import dataclasses
@@ -105,8 +105,7 @@ class TrainConfig:
     resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
     attn_kernel: str = arg("auto", "the ring's block kernel (auto: the fastest that passes its probe)",
                            ("auto", *ring_attention.KERNELS))
-    plan: bool = arg(False, "print the per-GPU memory plan and exit (no weights loaded)")
-    world_size: int = arg(8, "GPUs assumed by --plan")
+    plan: int = arg(0, "print the per-GPU memory plan on this many GPUs and exit (no weights loaded)")
 
 
 # ---------------------------------------------------------- the objective (Eq. 12-14)
@@ -701,7 +700,7 @@ def save_final(model, tokenizer, cfg, par, trained_tokens):
 
 # What --resume may change: none of them changes what a step computes
 NOT_RUN_DEFINING = ("output_dir", "micro_batch", "grad_checkpointing", "save_every", "resume", "attn_kernel",
-                    "plan", "world_size")
+                    "plan")
 
 
 def run_identity(cfg, world_size, sp_size, records):
@@ -744,9 +743,9 @@ def check_config(cfg):
     if not 0 <= weight <= 1 or (nll_target(cfg) == "responses" and weight != 1):
         raise UsageError(f"--nll-context-weight {weight}: a weight in [0, 1] of the non-answer tokens of "
                          "--nll-target sequence (responses trains the answers only)")
-    check_at_least(cfg, ("grad_accum", "world_size"), 1)
-    check_at_least(cfg, ("sp_size", "lr", "lam", "max_grad_norm", "max_steps", "max_length", "rope_theta",
-                         "save_every"), 0, " (0: the default)")
+    check_at_least(cfg, ("grad_accum",), 1)
+    check_at_least(cfg, ("sp_size", "plan", "lr", "lam", "max_grad_norm", "max_steps", "max_length",
+                         "rope_theta", "save_every"), 0, " (0: the default)")
     check_kernel(cfg.attn_kernel)
     if not cfg.beta > 0:
         raise UsageError(f"--beta {cfg.beta} must be > 0 (paper 0.1, release code 0.01)")
@@ -864,11 +863,11 @@ class Parallel:
 
 
 def check_sp_size(sp_size, world=None):
-    """--sp-size (0: all) must divide the number of processes: torchrun's, or --plan's --world-size."""
+    """--sp-size (0: all) must divide the number of processes: torchrun's, or --plan's GPUs."""
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     if sp_size < 0 or world % (sp_size or world):
         raise UsageError(f"--sp-size {sp_size} must divide the number of processes {world} (torchrun "
-                         f"--nproc_per_node x nodes, or --world-size); e.g. --sp-size {world}")
+                         f"--nproc_per_node x nodes, or --plan's); e.g. --sp-size {world}")
 
 
 def setup_parallel(sp_size, rank, world_size, device, kernel="auto"):
@@ -938,12 +937,13 @@ def run_cli(main, cls):
             dist.destroy_process_group()
 
 
-# Flags of TRL's and transformers' trainers that users bring along, and this project's names for them
+# Flags of TRL's and transformers' trainers that users bring along (and one of ours that went), and
+# this project's names for them
 FOREIGN_FLAGS = {"--learning-rate": "--lr", "--gradient-accumulation-steps": "--grad-accum",
                  "--per-device-train-batch-size": "--micro-batch", "--model-name-or-path": "--model",
                  "--max-seq-length": "--max-length", "--gradient-checkpointing": "--grad-checkpointing",
                  "--dataset-name": "--data", "--save-steps": "--save-every",
-                 "--resume-from-checkpoint": "--resume"}
+                 "--resume-from-checkpoint": "--resume", "--world-size": "--plan"}
 
 
 def config_from_cli(cls, argv=None):
@@ -1247,9 +1247,9 @@ def load_config(name, rope_theta=0.0):
 # ---------------------------------------------------------- memory plan
 
 def memory_plan(cfg):
-    """--plan: the per-GPU memory of train()'s strategy for --model at --max-length on --world-size GPUs
+    """--plan: the per-GPU memory of train()'s strategy for --model at --max-length on --plan GPUs
     (the test suite checks it against this file's step traced on fake tensors)."""
-    check_sp_size(cfg.sp_size, cfg.world_size)
+    check_sp_size(cfg.sp_size, cfg.plan)
     return plan_report(*plan_rows(load_config(cfg.model), cfg))
 
 
@@ -1263,7 +1263,7 @@ def plan_rows(c, cfg):
     d = getattr(c, "head_dim", None) or H // hq
     layer = H * (hq + 2 * hkv) * d + hq * d * H + 3 * H * inter + 2 * H  # q k v o, the MLP, 2 norms
     root = V * H * (1 if c.tie_word_embeddings else 2) + H  # embedding, head, final norm
-    params, W = n_layers * layer + root, cfg.world_size
+    params, W = n_layers * layer + root, cfg.plan
     sp = cfg.sp_size or W
     T = -(-cfg.max_length // sp)  # tokens per GPU
     rows = [("params", "fp32 master weights, sharded over all GPUs", 4 * params / W),

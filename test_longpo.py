@@ -1787,7 +1787,7 @@ def trace_step(c, cfg, branch=4608):
     is_answer = [False] * prompt + [True] * branch
     example = {"chosen": {"ids": [1] * prompt + [2] * branch, "is_answer": is_answer},
                "rejected": {"ids": [1] * prompt + [3] * branch, "is_answer": is_answer}}
-    with fake_world(c, cfg.world_size, cfg.sp_size) as (par, fake):
+    with fake_world(c, cfg.plan, cfg.sp_size) as (par, fake):
         _ = par.mesh  # FSDP's mesh, made on real tensors
         seq = longpo.step_inputs([example], cfg, par, pad_id=0)  # on the host, as training makes them
         with fake:
@@ -1847,7 +1847,7 @@ def test_memory_plans_agree_with_the_step_traced_on_fake_tensors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(MISTRAL_7B))
     c, peaks = transformers.AutoConfig.from_pretrained(tmp_path), {}
     for length in (524288, 131072):
-        cfg = longpo.TrainConfig(model=str(tmp_path), max_length=length, world_size=8, sp_size=8)
+        cfg = longpo.TrainConfig(model=str(tmp_path), max_length=length, plan=8, sp_size=8)
         lines, rows = longpo.plan_rows(c, cfg)
         plan, traced = planned(rows), traced_peak(c, cfg)
         for name, got in traced.items():
@@ -1862,12 +1862,12 @@ def test_memory_plans_agree_with_the_step_traced_on_fake_tensors(tmp_path):
     assert "7.24B parameters" in text and "16384 tokens per GPU" in text
     assert 40 < peaks[524288] < 79.1 and peaks[131072] < peaks[524288]
     assert (peaks[524288], peaks[131072]) == (55.12, 30.93), "the plans' figures moved: say why in the commit"
-    half = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=131072, world_size=8, sp_size=4))
+    half = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=131072, plan=8, sp_size=4))
     assert "dp 2 x sp 4, 32768 tokens per GPU" in half and "31 layer inputs below, 32768 tokens" in half
-    huge = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=4 * 524288, world_size=8))
+    huge = longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=4 * 524288, plan=8))
     assert "DOES NOT FIT" in huge
     with pytest.raises(longpo.UsageError, match="--sp-size 3 must divide the number of processes 8"):
-        longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=8192, world_size=8, sp_size=3))
+        longpo.memory_plan(longpo.TrainConfig(model=str(tmp_path), max_length=8192, plan=8, sp_size=3))
     (tmp_path / "config.json").write_text(json.dumps({**MISTRAL_7B, "num_hidden_layers": 4}))
     cfg = data_gen.DataGenConfig(model=str(tmp_path), max_doc_len=524288, sp_size=8, max_new_tokens=1024)
     generation = data_gen.generation_plan(cfg)
@@ -2479,11 +2479,12 @@ def test_mistakes_are_one_line_exit_2_before_any_work(tmp_path, monkeypatch, cap
              ["longpo.py", "--attn-kernel", "cudnn"],  # no CUDA here
              ["data_gen.py", "--out", str(tmp_path / "folder" / "..")],  # a folder no run of ours filled
              ["eval.py", "--attn-kernel", "fast", "--model", "tiny", "--out", str(tmp_path / "e.json")],
-             ["longpo.py", "--lr", "fast"]]
+             ["longpo.py", "--lr", "fast"], ["longpo.py", "--world-size", "8"]]  # a flag that went
     spawned = [["longpo.py", "--learning-rate", "1e-5"],  # a TRL user's habit: the flag meant is named
                ["data_gen.py", "--max-lenght", "4096"], ["eval.py", "--taks", "ruler"]]
     meant = {"--learning-rate": "did you mean --lr?", "--max-lenght": "did you mean --max-length?",
-             "--taks": "did you mean --tasks?", "--lr": "invalid float value: 'fast'"}
+             "--taks": "did you mean --tasks?", "--lr": "invalid float value: 'fast'",
+             "--world-size": "did you mean --plan?"}
     modules = {"longpo.py": (longpo, longpo.TrainConfig), "data_gen.py": (data_gen, data_gen.DataGenConfig),
                "eval.py": (evaluation, evaluation.EvalConfig)}
 
