@@ -135,7 +135,8 @@ def build_example(rec, tokenizer, sides=("chosen", "rejected")):
 @torch.no_grad()
 def short_reference_logps(ref_model, tokenizer, record):
     """Eq. 13's reference (ref_chosen_logp, ref_rejected_logp): the sum over turns i of log pi_S(y_i | C_S,i,
-    I_i), each turn on its own chunk, a whole short input in this process."""
+    I_i), each turn on its own chunk, a whole short input in this process (a sum of logs, as the release code
+    and the policy's side; the paper writes the log of a sum of probabilities)."""
     def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i): the log-probs of the answer's tokens, summed
         ids, is_answer = short_dialogue(tokenizer, record, turn, side)
         targets, is_target = (t.to(ref_model.device) for t in shifted_targets(ids, is_answer))
