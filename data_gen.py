@@ -279,7 +279,6 @@ def load_for_inference(name, device):
     return model.to(device).eval(), tokenizer
 
 
-@functools.lru_cache(maxsize=4)  # rendered once per tokenizer, not per prompt
 def stop_token_ids(tokenizer, model=None):
     """Tokens that end an answer: the template's end-of-turn specials (Llama-3's <|eot_id|>, ChatML's
     <|im_end|>: not always the eos), the eos, and those of the model's generation config."""

@@ -4,9 +4,8 @@ Long context: RULER-style tasks made in code at any --lengths (needle in a hayst
 multi-value, multi-query; variable tracking; QA), the miniature's facts (README), InfiniteBench files
 (En.QA, En.MC, En.Sum), and pref: reward accuracy and margin (Eq. 12) on held-out pairs' LONG inputs. Short
 context: mc, multiple choice on JSONL files (MMLU style); kl, KL(policy || baseline) on the pairs' SHORT
-inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form one
-sequence-parallel ring. The models share one tokenizer (a policy and its base do). --out, the JSON of every
-score, is replaced after each task; the table is printed.
+inputs; copy, the miniature's short skill. Answers are greedy; under torchrun all processes form one ring.
+The models share one tokenizer. --out, the JSON of every score, is replaced after each task.
 
     python eval.py                                   # the tiny run's final model vs its base model
     torchrun --nproc_per_node 8 eval.py --model runs/mistral-128k/final --lengths 4k,16k,64k,128k \\
@@ -476,8 +475,9 @@ def main(cfg):
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": inputs["baseline"], "world_size": world_size,
                 "beta_resolved": inputs["beta"]}  # the KL reference: the baseline, else the first model
     out = {"settings": settings, "complete": False, "results": {name: {} for name in models}}
-    loaded = {name: data_gen.load_for_inference(name, device) for name in models}
-    for name, (model, tokenizer) in loaded.items():  # on every rank: the ring runs each long input together
+    first = data_gen.load_for_inference(models[0], device)  # kl's reference (the baseline, else the first)
+    loaded = ((m, first if m == models[0] else data_gen.load_for_inference(m, device)) for m in models)
+    for name, (model, tokenizer) in loaded:  # each loaded as its turn comes (the one before it still held)
         jobs = {"pref": lambda: eval_pref(model, tokenizer, records, par, inputs["beta"]),
                 "ruler": lambda: eval_prompts(model, tokenizer, inputs["ruler"], recall_score, par),
                 "facts": lambda: eval_prompts(model, tokenizer, inputs["facts"], first_number, par)["facts"],
@@ -485,7 +485,7 @@ def main(cfg):
                 "infbench": lambda: eval_infbench(model, tokenizer, inputs["infbench"], max(lengths), par),
                 "mc": lambda: {mc_set: eval_mc(model, tokenizer, items)
                                for mc_set, items in inputs["mc"].items()},
-                "kl": lambda: eval_kl(model, loaded[models[0]][0], tokenizer, records)}
+                "kl": lambda: eval_kl(model, first[0], tokenizer, records)}
         for task in [t for t in jobs if t in tasks]:  # in this order, each task's scores on disk at once
             out["results"][name][task] = jobs[task]()
             if rank == 0:
