@@ -246,7 +246,7 @@ def filter_reason(answer):
     text = answer.strip()
     if not text:
         return "empty"
-    if any(phrase in text.lower()[:300] for phrase in REFUSALS):
+    if re.search(rf"\b(?:{'|'.join(map(re.escape, REFUSALS))})\b", text.lower()[:300]):  # whole words
         return "refusal"
     words = text.split()
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]

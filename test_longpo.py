@@ -1952,6 +1952,9 @@ def test_question_parser_and_filters():
     assert data_gen.parse_questions("2. starts at two?\n3. no") == []  # numbering must start at 1
     assert data_gen.filter_reason("  ") == "empty"
     assert data_gen.filter_reason("I'm sorry, but I cannot help with that.") == "refusal"
+    assert data_gen.filter_reason("As an AI, I can't know.") == "refusal"
+    for answer in ("Hawaii cannot be reached by road.", "It served as an aid to sailors."):  # words, not parts
+        assert data_gen.filter_reason(answer) is None, answer
     assert data_gen.filter_reason("the cat sat " * 30) == "repetition"
     assert data_gen.filter_reason("ab" * 100) == "repetition"
     assert data_gen.filter_reason("The archive keeps 412 maps, more than any other building in the port.") is None
