@@ -75,7 +75,7 @@ def arg(default, help, choices=None):
 
 @dataclass
 class TrainConfig:
-    """LongPO training (Eq. 12-14): the paper's defaults (RoPE theta: the model's own), release code's noted."""
+    """LongPO training (Eq. 12-14): the paper's defaults (RoPE theta: the model's), release code's noted."""
     model: str = arg("tiny", "pi_S: hub id, local dir, or 'tiny' (random 2 x 64 Mistral)")
     data: str = arg("data/longpo_tiny", "preference JSONL files or data_gen.py folders, comma-separated")
     output_dir: str = arg("runs/longpo-tiny", "config, metrics, checkpoints, final model")
