@@ -389,10 +389,10 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
-    # THE SP gradient scaling. Every rank of an SP group holds the same loss (of the group's sums) and
-    # backpropagates it through its own part of the sequence; FSDP's gradient reduction averages over all
-    # dp x sp ranks. x sp turns the mean over an SP group's parts into their sum, the gradient of the whole
-    # sequence; / grad_accum averages a step's samples.
+    # THE SP gradient scaling. Every rank of an SP group holds the same loss of the group's sums (sp_sum) and
+    # backpropagates it through its own part of the sequence, every layer (sequence_logps's anchor); FSDP
+    # averages the gradients over all dp x sp ranks, so x sp makes the SP group's parts a sum, the gradient of
+    # the whole sequence, and / grad_accum averages a step's samples.
     (loss * par.sp_size / cfg.grad_accum).backward()
     return {key: value.detach() for key, value in metrics.items()}
 
