@@ -1,6 +1,6 @@
 """Short-to-long preference data that the model writes itself (LongPO paper Sec. 3.3 and 4.1).
 
-make_record walks the paper's steps for one long document:
+make_turns (steps 1-4) and make_record (5-6) walk the paper's steps for one long document:
   1. keep it if its token length is within [--min-doc-len, --max-doc-len] (paper: > 64K, < target);
   2. cut it into chunks of --chunk-min..--chunk-max tokens at paragraph boundaries (then lines, then
      tokens); keep at most --turns random chunks;
@@ -101,10 +101,9 @@ REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'
 
 # ---------------------------------------------------------- one document's record (Sec. 3.3)
 
-def make_record(doc, doc_index, model, tokenizer, cfg, answer_long):
-    """The record of one document, the paper's steps in order (raises Dropped if it gives none).
-    answer_long(turns): the answers to the turns' instructions after the WHOLE document (long_answers, by
-    this rank's SP group: one_document)."""
+def make_turns(doc, doc_index, model, tokenizer, cfg):
+    """Steps 1-4 of one document's record, up to its long inputs: the record so far, each turn with its chosen
+    answer (raises Dropped if it gives none); make_record finishes it with the rejected answers."""
     text = doc["text"]
     # 1. the document's length: within --min-doc-len..--max-doc-len, and under --max-length
     n_tokens, starts = measure(doc, tokenizer, cfg)
@@ -119,32 +118,37 @@ def make_record(doc, doc_index, model, tokenizer, cfg, answer_long):
     turns, filtered = ask_questions(doc, chunks, model, tokenizer, cfg)
     if not turns:
         raise Dropped("questions", filtered)
-    # 4. chosen: the answer seeing the chunk only; rejected: the answer seeing the whole document
+    # 4. chosen: the answer seeing the chunk only (rejected: the answer seeing the whole document, next)
     chosen = ask(model, tokenizer, [text[a:b] for a, b in (t["chunk"] for t in turns)],
                  [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"),
                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     turns = [{**t, "chosen": c} for t, c in zip(turns, chosen)]
-    # before the long inputs' answers, the turns that fit whatever those will be (a generated token may
-    # re-tokenize as two at an answer's border: 2 spare)
+    # the turns that fit whatever their long answers will be (2 spare: a token may re-tokenize as two)
     turns = fit_max_length(text, turns, tokenizer, cfg, filtered, room=cfg.max_new_tokens + 2)
-    rejected = answer_long(turns)
+    questions = "template" if cfg.docs == "demo" else "model"
+    meta = {"doc_index": doc_index, "generator": cfg.model, "questions": questions, "doc_tokens": n_tokens,
+            "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in turns],
+            "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}
+    return {"id": doc["id"], "document": text, "turns": turns, "meta": meta}
+
+
+def make_record(draft, rejected, model, tokenizer, cfg):
+    """Steps 5-6: make_turns' draft finished with its turns' rejected answers (raises Dropped: no record)."""
+    filtered = draft["meta"]["filtered_turns"]
     # 5. the filters: an empty answer, a refusal, degenerate repetition
-    kept = []
-    for turn, r in zip(turns, rejected):
+    kept, chunk_tokens = [], []
+    for turn, r, n in zip(draft["turns"], rejected, draft["meta"]["chunk_tokens"]):
         reason = filter_reason(turn["chosen"]) or filter_reason(r)
         if reason:
             filtered[reason] = filtered.get(reason, 0) + 1
         else:
             kept.append({**turn, "rejected": r})
+            chunk_tokens.append(n)
     if not kept:
         raise Dropped("all_turns_filtered", filtered)
-    kept = fit_max_length(text, kept, tokenizer, cfg, filtered)  # decoded text can re-tokenize longer
+    kept = fit_max_length(draft["document"], kept, tokenizer, cfg, filtered)  # text can re-tokenize longer
     # 6. the record, and Eq. 13's reference: the sum over turns of log pi_S(y_i | chunk_i, instruction_i)
-    questions = "template" if cfg.docs == "demo" else "model"
-    meta = {"doc_index": doc_index, "generator": cfg.model, "questions": questions, "doc_tokens": n_tokens,
-            "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in kept],
-            "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}
-    rec = {"id": doc["id"], "document": text, "turns": kept, "meta": meta}
+    rec = {**draft, "turns": kept, "meta": {**draft["meta"], "chunk_tokens": chunk_tokens[:len(kept)]}}
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
     return rec
 
@@ -677,37 +681,33 @@ def write_records(docs, mine, model, tokenizer, cfg, par):
 
 
 def one_document(doc, i, model, tokenizer, cfg, par):
-    """The record of document i, or the entry saying why it gives none (None: no document this round). Its
-    long inputs are decoded by this rank's SP group, each member's in turn with every member taking part
-    (group_answers): a member without any (no document, or dropped before them) joins after its own steps.
-    An error drops its document (one bad document does not stop every restart), but one in a group's
-    decoding stops the run: the other members would wait on this one."""
-    part = "to come"  # this rank's part in its SP group's decoding: "to come", "in it", "done"
+    """The record of document i, or the entry saying why it gives none (None: no document this round): this
+    rank's steps 1-4, the SP group's decoding of every member's long inputs (a member without any takes part
+    all the same), this rank's steps 5-6. An error drops its document (one bad document does not stop every
+    restart), but one in an SP group's decoding stops the run: the other members would wait on this one."""
+    record, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg) if doc else (None, None)
+    if par.sp_size > 1:
+        rejected = group_answers(model, tokenizer, cfg, par, doc, record and record["turns"])
+    elif record:  # a group of one: an error drops the document
+        rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, record["turns"])
+    if record and not entry:
+        record, entry = attempt(doc, i, make_record, record, rejected, model, tokenizer, cfg)
+    return entry or record
 
-    def answer_long(turns):  # make_record's step 4
-        nonlocal part
-        part = "in it"
-        rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
-        part = "done"
-        return rejected
-    entry = error = None
+
+def attempt(doc, i, step, *args):
+    """(step(*args), None), or (None, the entry of document i dropped by it: why, or the error's 1st line)."""
     try:
-        entry = make_record(doc, i, model, tokenizer, cfg, answer_long) if doc else None
+        return step(*args), None
     except Dropped as d:
-        entry = {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
+        return None, {"id": doc["id"], "doc_index": i, "dropped": d.reason, "filtered_turns": d.filtered}
     except Exception as e:  # out of memory, a template that fails, ...
-        if par.sp_size > 1 and part == "in it":
-            raise
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-    if error:  # out of the except block, the error and the frames it held (their tensors) are gone
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # a broken device (an illegal access, ECC) raises here and stops the run
-            torch.cuda.empty_cache()  # what the failed document held
-        tqdm.write(f"document {doc['id']!r} dropped: {error}")
-        entry = {"id": doc["id"], "doc_index": i, "dropped": "error", "filtered_turns": {}, "error": error}
-    if part == "to come":  # the others' long inputs still need this rank
-        group_answers(model, tokenizer, cfg, par, None, None)
-    return entry
+    if torch.cuda.is_available():  # out of the except block: the error, its frames (their tensors) gone
+        torch.cuda.synchronize()  # a broken device (an illegal access, ECC) raises here and stops the run
+        torch.cuda.empty_cache()  # what the failed document held
+    tqdm.write(f"document {doc['id']!r} dropped: {error}")
+    return None, {"id": doc["id"], "doc_index": i, "dropped": "error", "filtered_turns": {}, "error": error}
 
 
 def group_answers(model, tokenizer, cfg, par, doc, turns):

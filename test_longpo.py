@@ -1894,9 +1894,10 @@ ONE = one_process(torch.device("cpu"))  # an SP group in this process: a group o
 
 
 def one_record(doc, model, tokenizer, cfg):
-    """data_gen.make_record with its long inputs decoded in this process."""
-    answer_long = functools.partial(data_gen.long_answers, model, tokenizer, cfg, ONE, doc)
-    return data_gen.make_record(doc, 0, model, tokenizer, cfg, answer_long)
+    """data_gen's steps 1-6 for one document (make_turns, make_record), its long inputs decoded in this process."""
+    draft = data_gen.make_turns(doc, 0, model, tokenizer, cfg)
+    rejected = data_gen.long_answers(model, tokenizer, cfg, ONE, doc, draft["turns"])
+    return data_gen.make_record(draft, rejected, model, tokenizer, cfg)
 
 
 def token_starts(tokenizer, text):
@@ -2031,16 +2032,16 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path, monkeypatch):
             assert re.search(rf"At {place} \d+ {thing} were counted\.", chunk), "the fact is in the chunk"
 
     # a run killed after its first record: what it flushed stays, its last line torn by the kill
-    killed, real = str(tmp_path / "killed"), data_gen.make_record
+    killed, real = str(tmp_path / "killed"), data_gen.make_turns
 
     def kill(doc, doc_index, *rest):
         if doc_index == 1:
             raise KeyboardInterrupt  # not an error of the document's: the run stops, as at a kill
         return real(doc, doc_index, *rest)
-    monkeypatch.setattr(data_gen, "make_record", kill)
+    monkeypatch.setattr(data_gen, "make_turns", kill)
     with pytest.raises(KeyboardInterrupt):
         main("--out", killed)
-    monkeypatch.setattr(data_gen, "make_record", real)
+    monkeypatch.setattr(data_gen, "make_turns", real)
     part = killed + "/rank0.jsonl"
     assert open(part).read().count("\n") == 1
     with open(part, "a") as f:
@@ -2687,12 +2688,13 @@ def slow_rank_worker(rank, world_size, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port))
     longpo.TIMEOUT = datetime.timedelta(seconds=2)  # this process only
 
-    def make_record(doc, doc_index, *rest):
+    def make_turns(doc, doc_index, *rest):  # the whole record at once
         time.sleep(4 if doc_index == 1 else 0)  # rank 1's first document
         turn = {"instruction": "Why?", "chunk": [0, 9], "chosen": "Because.", "rejected": "No."}
         return {"id": doc["id"], "document": doc["text"], "turns": [turn],
                 "meta": {"doc_index": doc_index, "filtered_turns": {}}}
-    data_gen.make_record = make_record
+    data_gen.make_turns, data_gen.group_answers = make_turns, lambda *args: None
+    data_gen.make_record = lambda record, *rest: record
     data_gen.main(data_gen.DataGenConfig(out=out, demo_docs=4))
 
 
@@ -2738,6 +2740,23 @@ def test_data_gen_drops_a_failing_document_and_goes_on(tmp_path, monkeypatch, ca
     assert alone["dropped"] == "error" and alone["error"].startswith("OutOfMemoryError")
     with pytest.raises(torch.OutOfMemoryError):  # in an SP group it stops the run: the others wait on it
         data_gen.one_document(doc, 1, model, tokenizer, cfg, longpo.Parallel(0, 2, 2, ra.LOCAL, ONE.device))
+
+
+def test_data_gen_filters_turns_and_counts_the_chunks_kept():
+    """Step 5 after the long inputs' answers (make_record): a turn with an unusable rejected answer (here
+    empty, the first of 3) is left out and counted; the meta gives each turn kept its chunk's tokens,
+    counted directly."""
+    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    cfg = data_gen.resolve(data_gen.DataGenConfig(turns=3, max_new_tokens=8))
+    doc = data_gen.demo_corpus(1)[0]
+    draft = data_gen.make_turns(doc, 0, model, tokenizer, cfg)
+    turns = copy.deepcopy(draft["turns"])
+    rejected = ["", "The first usable answer.", "Another usable answer."]
+    rec = data_gen.make_record(draft, rejected, model, tokenizer, cfg)
+    assert len(turns) == 3 and rec["turns"] == [{**t, "rejected": r} for t, r in zip(turns[1:], rejected[1:])]
+    assert rec["meta"]["filtered_turns"] == {"empty": 1}
+    starts = token_starts(tokenizer, doc["text"])
+    assert rec["meta"]["chunk_tokens"] == [sum(a <= s < b for s in starts) for a, b in (t["chunk"] for t in turns[1:])]
 
 
 def packed_length(record, tokenizer):
@@ -3302,7 +3321,7 @@ def generate_bench(cfg):
 
 @dataclass
 class RecordBench:
-    """data_gen's whole make_record for one synthetic document: its wall time (SP under torchrun)."""
+    """data_gen's steps 1-6 for one synthetic document (one_document): its wall time (SP under torchrun)."""
     tokens: int = field(default=16384, metadata={"help": "document tokens"})
     turns: int = field(default=4, metadata={"help": "turns (chunks) of the record"})
     max_new_tokens: int = field(default=64, metadata={"help": "answer length limit"})
