@@ -686,11 +686,11 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     all the same), this rank's steps 5-6. An error drops its document (one bad document does not stop every
     restart), but one in an SP group's decoding stops the run: the other members would wait on this one."""
     record, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg) if doc else (None, None)
-    if par.sp_size > 1:
+    if par.sp_size > 1:  # every member takes part, even with no long inputs; an error stops the run
         rejected = group_answers(model, tokenizer, cfg, par, doc, record and record["turns"])
     elif record:  # a group of one: an error drops the document
         rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, record["turns"])
-    if record and not entry:
+    if record and not entry:  # steps 5-6
         record, entry = attempt(doc, i, make_record, record, rejected, model, tokenizer, cfg)
     return entry or record
 
