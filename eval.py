@@ -473,7 +473,7 @@ def main(cfg):
     par = longpo.setup_parallel(0, rank, world_size, device)  # one ring over all processes
     models, lengths, records = inputs["models"], inputs["lengths"], inputs["records"]
     settings = {**dataclasses.asdict(cfg), "baseline_resolved": inputs["baseline"], "world_size": world_size,
-                "beta_resolved": inputs["beta"]}  # the KL reference: the baseline, else the first model
+                "beta_resolved": inputs["beta"]}
     out = {"settings": settings, "complete": False, "results": {name: {} for name in models}}
     first = data_gen.load_for_inference(models[0], device)  # kl's reference (the baseline, else the first)
     loaded = ((m, first if m == models[0] else data_gen.load_for_inference(m, device)) for m in models)

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import gc
 import multiprocessing as mp
 import multiprocessing.forkserver as forkserver
 import os
@@ -24,6 +25,7 @@ import socket
 import string
 import time
 import traceback
+import weakref
 
 
 import pytest
@@ -2283,8 +2285,6 @@ def test_eval_end_to_end(tmp_path, monkeypatch, capsys):
 def test_eval_loads_each_model_as_its_turn_comes(tmp_path, monkeypatch):
     """eval holds kl's reference (the first model) and, as the next loads, the one before it: 3 models at
     most, not every --model at once (4 x 14.5 GB of 7B weights would not leave room on an 80 GB card)."""
-    import gc
-    import weakref
     names = [str(tmp_path / f"model{k}") for k in range(4)]
     for k, name in enumerate(names):
         for part in perturbed_tiny(0.05, k):
