@@ -279,8 +279,7 @@ def seeds(cfg, doc, n, role):
 def load_for_inference(name, device):
     """(model, tokenizer) for generation and scoring: bf16 on CUDA, fp32 on CPU, in eval mode."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = longpo.load_model_and_tokenizer(name, dtype)
-    return model.to(device).eval(), tokenizer
+    return longpo.load_model(name, dtype).to(device).eval(), longpo.load_tokenizer(name)
 
 
 def stop_token_ids(tokenizer, model=None):
@@ -685,14 +684,18 @@ def one_document(doc, i, model, tokenizer, cfg, par):
     rank's steps 1-4, the SP group's decoding of every member's long inputs (a member without any takes part
     all the same), this rank's steps 5-6. An error drops its document (one bad document does not stop every
     restart), but one in an SP group's decoding stops the run: the other members would wait on this one."""
-    record, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg) if doc else (None, None)
+    draft = entry = None
+    if doc is not None:  # steps 1-4
+        draft, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg)
+    turns = draft["turns"] if draft is not None else None  # None: no long inputs from this rank
     if par.sp_size > 1:  # every member takes part, even with no long inputs; an error stops the run
-        rejected = group_answers(model, tokenizer, cfg, par, doc, record and record["turns"])
-    elif record:  # a group of one: an error drops the document
-        rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, record["turns"])
-    if record and not entry:  # steps 5-6
-        record, entry = attempt(doc, i, make_record, record, rejected, model, tokenizer, cfg)
-    return entry or record
+        rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
+    elif turns is not None:  # a group of one: an error drops the document
+        rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, turns)
+    if draft is None or entry is not None:
+        return entry  # no document this round (None), or the entry of one dropped
+    record, entry = attempt(doc, i, make_record, draft, rejected, model, tokenizer, cfg)  # steps 5-6
+    return record if entry is None else entry
 
 
 def attempt(doc, i, step, *args):
@@ -713,10 +716,10 @@ def attempt(doc, i, step, *args):
 def group_answers(model, tokenizer, cfg, par, doc, turns):
     """This rank's rejected answers (turns None: none): every member's long inputs, decoded by the whole
     SP group in the same order on every rank (lockstep)."""
-    everyone = [turns and (doc, turns)] * par.sp_size
+    everyone = [None if turns is None else (doc, turns)] * par.sp_size
     if par.sp_size > 1:
         dist.all_gather_object(everyone, everyone[0], group=par.sp_group)
-    answers = [long_answers(model, tokenizer, cfg, par, *job) if job else None for job in everyone]
+    answers = [None if job is None else long_answers(model, tokenizer, cfg, par, *job) for job in everyone]
     return answers[par.sp_rank]
 
 

