@@ -1,6 +1,6 @@
 """Short-to-long preference data that the model writes itself (LongPO paper Sec. 3.3 and 4.1).
 
-make_turns (steps 1-4) and make_record (5-6) walk the paper's steps for one long document:
+make_turns (steps 1-4), long_answers (4, rejected), make_record (5-6) walk the paper's steps for one document:
   1. keep it if its token length is within [--min-doc-len, --max-doc-len] (paper: > 64K, < target);
   2. cut it into chunks of --chunk-min..--chunk-max tokens at paragraph boundaries (then lines, then
      tokens); keep at most --turns random chunks;
@@ -103,7 +103,7 @@ REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i'
 
 def make_turns(doc, doc_index, model, tokenizer, cfg):
     """Steps 1-4 of one document's record, up to its long inputs: the record so far, each turn with its chosen
-    answer (raises Dropped if it gives none); make_record finishes it with the rejected answers."""
+    answer (raises Dropped if it gives none); long_answers gives the rejected ones, make_record finishes."""
     text = doc["text"]
     # 1. the document's length: within --min-doc-len..--max-doc-len, and under --max-length
     n_tokens, starts = measure(doc, tokenizer, cfg)
@@ -118,7 +118,7 @@ def make_turns(doc, doc_index, model, tokenizer, cfg):
     turns, filtered = ask_questions(doc, chunks, model, tokenizer, cfg)
     if not turns:
         raise Dropped("questions", filtered)
-    # 4. chosen: the answer seeing the chunk only (rejected: the answer seeing the whole document, next)
+    # 4. chosen: the answer seeing the chunk only (rejected: long_answers, seeing the whole document)
     chosen = ask(model, tokenizer, [text[a:b] for a, b in (t["chunk"] for t in turns)],
                  [t["instruction"] for t in turns], seeds(cfg, doc, len(turns), "chosen"),
                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -130,6 +130,18 @@ def make_turns(doc, doc_index, model, tokenizer, cfg):
             "filtered_turns": filtered, "chunk_tokens": [tokens_in(starts, *t["chunk"]) for t in turns],
             "temperature": cfg.temperature, "rope_theta_long": cfg.rope_theta or None, "seed": cfg.seed}
     return {"id": doc["id"], "document": text, "turns": turns, "meta": meta}
+
+
+def long_answers(model, tokenizer, cfg, par, doc, turns):
+    """Step 4's rejected answers: each turn's instruction after the WHOLE document, the document prefilled
+    once for all turns (generate_long), with --rope-theta's rotary embedding; at --sp-size > 1 by the SP
+    group, every member's document in turn (one_document)."""
+    prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
+               for t in turns]
+    with long_input(model, cfg.rope_theta):
+        answers = generate_long(model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
+                                seeds=seeds(cfg, doc, len(turns), "rejected"))
+    return [text for text, _ in answers]
 
 
 def make_record(draft, rejected, model, tokenizer, cfg):
@@ -426,17 +438,6 @@ def ask(model, tokenizer, contexts, instructions, seeds, **sampling):
     for k in range(0, len(prompts), BATCH):
         texts += generate(model, tokenizer, prompts[k:k + BATCH], seeds=seeds[k:k + BATCH], **sampling)[0]
     return texts
-
-
-def long_answers(model, tokenizer, cfg, par, doc, turns):
-    """The rejected answers: each turn's instruction after the WHOLE document, the document prefilled once
-    for all turns (generate_long), with --rope-theta's rotary embedding."""
-    prompts = [longpo.format_dialogue(tokenizer, doc["text"], [{"instruction": t["instruction"]}])[0]
-               for t in turns]
-    with long_input(model, cfg.rope_theta):
-        answers = generate_long(model, tokenizer, prompts, cfg.max_new_tokens, par, cfg.temperature,
-                                seeds=seeds(cfg, doc, len(turns), "rejected"))
-    return [text for text, _ in answers]
 
 
 @contextlib.contextmanager

@@ -128,8 +128,11 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 def build_example(rec, tokenizer, sides=("chosen", "rejected")):
     """The chosen and rejected LONG dialogues of a record: {side: {'ids': [...], 'is_answer': [...]}};
     is_answer marks each answer's tokens up to its end-of-turn token (the model learns to stop)."""
-    dialogue = lambda side: format_dialogue(tokenizer, rec["document"], rec["turns"], side)  # noqa: E731
-    return {side: dict(zip(("ids", "is_answer"), dialogue(side))) for side in sides}
+    example = {}
+    for side in sides:
+        ids, is_answer = format_dialogue(tokenizer, rec["document"], rec["turns"], side)
+        example[side] = {"ids": ids, "is_answer": is_answer}
+    return example
 
 
 @torch.no_grad()
@@ -156,13 +159,8 @@ def nll_weights(is_answer, cfg):
     """Eq. 14's L_NLL over the chosen LONG sequence S_L: each token's weight. --nll-target sequence (the
     paper's LongPO and DPO): all of S_L, non-answer tokens at --nll-context-weight (paper 1); responses (its
     SFT baseline): the answers only. sequence_logps takes the weighted token mean of -log p."""
-    context = 0.0 if nll_target(cfg) == "responses" else cfg.nll_context_weight
+    context = 0.0 if cfg.nll_target == "responses" else cfg.nll_context_weight  # auto: resolve_defaults
     return [1.0 if answer else context for answer in is_answer]
-
-
-def nll_target(cfg):
-    """--nll-target, auto resolved: sft trains its responses, LongPO and DPO the whole chosen sequence."""
-    return cfg.nll_target if cfg.nll_target != "auto" else "responses" if cfg.loss == "sft" else "sequence"
 
 
 def total_loss(pref_losses, nll, lam):
@@ -176,8 +174,9 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     """THE chat formatting of a long or short sequence (data generation, reference, training): (input_ids,
     is_answer). context: the document or a chunk; turns: dicts with 'instruction' and turn[answer_key]; the
     first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
-    with the one turn's generation prompt. Templates that render turn by turn work (Mistral, Llama, ChatML,
-    Gemma). Content is text: a special token's literal in it (a paper quoting '<|im_end|>') is no token."""
+    with the one turn's generation prompt. render_turns (next) renders the template turn by turn and marks
+    the answers (Mistral, Llama, ChatML, Gemma render so); render_pieces (in the plumbing) wraps it so that
+    content stays text: a special token's literal in a document (a paper quoting '<|im_end|>') is no token."""
     # e.g. the tiny model's template, two turns; is_answer marks each answer and its end-of-turn token:
     #   <s>[INST] {document}\n\n{I_1} [/INST]{y_1}</s>[INST] {I_2} [/INST]{y_2}</s>
     #                                         ^^^^^^^^^^                  ^^^^^^^^^^
@@ -185,36 +184,13 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
     ids, is_answer, before = [], [], ""
     for text, answer, literal in render_pieces(tokenizer, context, turns, answer_key):
-        # each piece tokenized as it continues the text before; a literal as text, as after a word
+        # each piece tokenized as it continues the text before; a literal as text, cut on its own (after
+        # "x": no string-start '▁' of SentencePiece)
         piece = encode_after(tokenizer, "x" if literal else before, text, as_text=literal)
         ids += piece
         is_answer += [answer] * len(piece)
         before = (before + text)[-CONTEXT_CHARS:]
     return ids, is_answer
-
-
-def render_pieces(tokenizer, context, turns, answer_key):
-    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
-    cut around each special token's literal in the content (literal True). Such literals are hidden as
-    private-use characters while the template renders, so that only the template's own are special."""
-    specials = special_tokens(tokenizer)
-    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
-    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
-                if any(lit in text for text in contents)]  # those the content holds (usually none)
-    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
-    hidden = {lit: next(free) for lit in literals}
-    shown = {c: lit for lit, c in hidden.items()}
-
-    def hide(text):  # each special's literal in the content becomes its private-use character
-        for lit, c in hidden.items():
-            text = text.replace(lit, c)
-        return text
-    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
-    pieces = []
-    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
-        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
-            pieces.append((shown.get(part, part), answer, part in shown))
-    return pieces
 
 
 def render_turns(tokenizer, context, turns, answer_key, specials):
@@ -255,39 +231,6 @@ def split_answer(segment, answer, specials):
     return segment[:len(head) + len(core) + cut], tail[cut:]
 
 
-def special_tokens(tokenizer):
-    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
-    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-             if getattr(t, "special", False)}
-    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
-
-
-CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
-
-
-def encode_after(tokenizer, before, text, as_text=False):
-    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
-    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
-    def encode(s, **kwargs):
-        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
-    if not before:
-        return encode(text)["input_ids"]
-    anchor = before[-CONTEXT_CHARS:]
-    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
-    if both[:len(head)] == head:
-        return both[len(head):]
-    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
-    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
-    # tokens that start inside text; one that straddles the border cannot be split.
-    enc = encode(anchor + text, return_offsets_mapping=True)
-    starts = [a for a, _ in enc["offset_mapping"]]
-    ends = [b for _, b in enc["offset_mapping"]]
-    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
-        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
-                         "format_dialogue cannot split such a template turn by turn")
-    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
-
-
 def shifted_targets(ids, weights):
     """Next-token targets: position t predicts ids[t+1], with the weight or mark of ids[t+1]."""
     ids_t = torch.tensor(ids)
@@ -322,9 +265,10 @@ def token_logps(hidden, weight, targets, idx, chunk_size):
 
 def sp_sum(x, par):
     """THE sequence-parallel gradient, in one place. Forward: the sum of x over the SP group, the same on
-    every rank. Backward: sp x the gradient of this rank's own part. Every rank backpropagates the same loss
-    through its part of the sequence; FSDP then averages the gradients over all dp x sp ranks, so x sp turns
-    the SP group's mean into the sum of its parts: the gradient of the whole sequence."""
+    every rank. Backward: sp x the gradient of this rank's own part (ring attention's backward carries the dk,
+    dv of the keys it attended to home to their ranks). Every rank backpropagates the same loss through its
+    part of the sequence; FSDP then averages the gradients over all dp x sp ranks, so x sp turns the SP
+    group's mean into the sum of its parts: the gradient of the whole sequence."""
     if par.sp_size == 1:
         return x
     total = x.detach().clone()
@@ -845,7 +789,7 @@ def changed_arguments(before, now):
 def check_config(cfg):
     """The checks the command line cannot make."""
     weight = cfg.nll_context_weight
-    if not 0 <= weight <= 1 or (nll_target(cfg) == "responses" and weight != 1):
+    if not 0 <= weight <= 1 or (cfg.nll_target == "responses" and weight != 1):
         raise UsageError(f"--nll-context-weight {weight}: a weight in [0, 1] of the non-answer tokens of "
                          "--nll-target sequence (responses trains the answers only)")
     check_at_least(cfg, ("grad_accum",), 1)
@@ -870,10 +814,12 @@ def check_config(cfg):
 
 def resolve_defaults(cfg):
     """Flags left at 0 take the paper's value (SFT 2e-5, LongPO and DPO 5e-7), or the tiny demo's, so that its
-    short run visibly trains."""
-    tiny = cfg.model == "tiny"
-    return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if cfg.loss == "sft" else 5e-7),
-                               grad_accum=cfg.grad_accum or (1 if tiny else 8))
+    short run visibly trains; --nll-target auto: sft trains its responses, LongPO and DPO the sequence."""
+    tiny, sft = cfg.model == "tiny", cfg.loss == "sft"
+    return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if sft else 5e-7),
+                               grad_accum=cfg.grad_accum or (1 if tiny else 8),
+                               nll_target={"auto": "responses" if sft else "sequence"}.get(cfg.nll_target,
+                                                                                          cfg.nll_target))
 
 
 def main(cfg):
@@ -901,8 +847,8 @@ def main(cfg):
 
 
 # ========================================================== plumbing
-# Below: what the method runs on, much of it shared with data_gen.py and eval.py: processes and their
-# groups, errors and the command line, records, model loading and the tiny preset, the memory plan.
+# Below: what the method runs on, much of it shared with data_gen.py and eval.py: processes, errors and
+# the command line, chat templates, records, model loading and the tiny preset, the memory plan.
 
 # ---------------------------------------------------------- errors; processes and their groups
 
@@ -1070,6 +1016,65 @@ def config_from_cli(cls, argv=None):
         raise UsageError(f"unknown flag {flag}" + (f"; did you mean {meant}?" if meant else "; see --help")
                          if flag.startswith("-") else f"unexpected argument {flag!r}; see --help")
     return cfg
+
+
+# ---------------------------------------------------------- chat templates: content stays text
+
+def render_pieces(tokenizer, context, turns, answer_key):
+    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
+    cut around each special token's literal in the content (literal True). Such literals are hidden as
+    private-use characters while the template renders, so that only the template's own are special."""
+    specials = special_tokens(tokenizer)
+    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+    literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
+                if any(lit in text for text in contents)]  # those the content holds (usually none)
+    free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
+    hidden = {lit: next(free) for lit in literals}
+    shown = {c: lit for lit, c in hidden.items()}
+
+    def hide(text):  # each special's literal in the content becomes its private-use character
+        for lit, c in hidden.items():
+            text = text.replace(lit, c)
+        return text
+    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
+    pieces = []
+    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
+        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
+            pieces.append((shown.get(part, part), answer, part in shown))
+    return pieces
+
+
+def special_tokens(tokenizer):
+    """{text: id} of the special tokens: bos/eos/pad and added specials such as <|im_end|>."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+             if getattr(t, "special", False)}
+    return {**dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)), **added}
+
+
+CONTEXT_CHARS = 256  # of the text before a piece, to tokenize it as it continues
+
+
+def encode_after(tokenizer, before, text, as_text=False):
+    """Token ids of text as the tokenizer cuts it when it FOLLOWS before (a SentencePiece tokenizer starts
+    every string with '▁': 'The' alone would become '▁The'). as_text: specials' literals are text."""
+    def encode(s, **kwargs):
+        return tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, **kwargs)
+    if not before:
+        return encode(text)["input_ids"]
+    anchor = before[-CONTEXT_CHARS:]
+    head, both = encode(anchor)["input_ids"], encode(anchor + text)["input_ids"]
+    if both[:len(head)] == head:
+        return both[len(head):]
+    # The context's last token changes when text follows (GPT-2's pre-tokenizer cuts '\n\n' before a
+    # word as '\n' + '\n'). The prompt's tokens are what the model saw, so keep them and take the
+    # tokens that start inside text; one that straddles the border cannot be split.
+    enc = encode(anchor + text, return_offsets_mapping=True)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    ends = [b for _, b in enc["offset_mapping"]]
+    if any(a < len(anchor) < b for a, b in zip(starts, ends)):
+        raise UsageError(f"the tokenizer merges the text before {text[:20]!r} with it into one token; "
+                         "format_dialogue cannot split such a template turn by turn")
+    return [t for t, a in zip(enc["input_ids"], starts) if a >= len(anchor)]
 
 
 # ---------------------------------------------------------- records
