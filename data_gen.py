@@ -165,6 +165,25 @@ def make_record(draft, rejected, model, tokenizer, cfg):
     return rec
 
 
+def one_document(doc, i, model, tokenizer, cfg, par):
+    """The record of document i, or the entry saying why it gives none (None: no document this round): this
+    rank's steps 1-4, the SP group's decoding of every member's long inputs (a member without any takes part
+    all the same), this rank's steps 5-6. An error drops its document (one bad document does not stop every
+    restart), but one in an SP group's decoding stops the run: the other members would wait on this one."""
+    draft = entry = None
+    if doc is not None:  # steps 1-4
+        draft, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg)
+    turns = draft["turns"] if draft is not None else None  # None: no long inputs from this rank
+    if par.sp_size > 1:  # every member takes part, even with no long inputs; an error stops the run
+        rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
+    elif turns is not None:  # a group of one: an error drops the document
+        rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, turns)
+    if draft is None or entry is not None:
+        return entry  # no document this round (None), or the entry of one dropped
+    record, entry = attempt(doc, i, make_record, draft, rejected, model, tokenizer, cfg)  # steps 5-6
+    return record if entry is None else entry
+
+
 def measure(doc, tokenizer, cfg):
     """(tokens, each token's start offset) of a document whose length is within the flags' range."""
     enc = tokenizer(doc["text"], add_special_tokens=False, return_offsets_mapping=True,
@@ -678,25 +697,6 @@ def write_records(docs, mine, model, tokenizer, cfg, par):
         summary["dropped"].update([entry["dropped"]] if "dropped" in entry else [])
         summary["turns_filtered"].update((entry.get("meta") or entry)["filtered_turns"])
     return summary
-
-
-def one_document(doc, i, model, tokenizer, cfg, par):
-    """The record of document i, or the entry saying why it gives none (None: no document this round): this
-    rank's steps 1-4, the SP group's decoding of every member's long inputs (a member without any takes part
-    all the same), this rank's steps 5-6. An error drops its document (one bad document does not stop every
-    restart), but one in an SP group's decoding stops the run: the other members would wait on this one."""
-    draft = entry = None
-    if doc is not None:  # steps 1-4
-        draft, entry = attempt(doc, i, make_turns, doc, i, model, tokenizer, cfg)
-    turns = draft["turns"] if draft is not None else None  # None: no long inputs from this rank
-    if par.sp_size > 1:  # every member takes part, even with no long inputs; an error stops the run
-        rejected = group_answers(model, tokenizer, cfg, par, doc, turns)
-    elif turns is not None:  # a group of one: an error drops the document
-        rejected, entry = attempt(doc, i, group_answers, model, tokenizer, cfg, par, doc, turns)
-    if draft is None or entry is not None:
-        return entry  # no document this round (None), or the entry of one dropped
-    record, entry = attempt(doc, i, make_record, draft, rejected, model, tokenizer, cfg)  # steps 5-6
-    return record if entry is None else entry
 
 
 def attempt(doc, i, step, *args):

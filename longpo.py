@@ -175,21 +175,23 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     is_answer). context: the document or a chunk; turns: dicts with 'instruction' and turn[answer_key]; the
     first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
     with the one turn's generation prompt. render_turns (next) renders the template turn by turn and marks
-    the answers (Mistral, Llama, ChatML, Gemma render so); render_pieces (in the plumbing) wraps it so that
-    content stays text: a special token's literal in a document (a paper quoting '<|im_end|>') is no token."""
+    the answers (Mistral, Llama, ChatML, Gemma render so); each piece is then tokenized as it continues the
+    text before it. Content is text: a special token's literal in a document ('<|im_end|>') is no token."""
     # e.g. the tiny model's template, two turns; is_answer marks each answer and its end-of-turn token:
     #   <s>[INST] {document}\n\n{I_1} [/INST]{y_1}</s>[INST] {I_2} [/INST]{y_2}</s>
     #                                         ^^^^^^^^^^                  ^^^^^^^^^^
     if answer_key is None and len(turns) != 1:
         raise ValueError("format_dialogue: a generation prompt takes exactly one turn")
+    keys, specials = [k for k in ("instruction", answer_key) if k], special_tokens(tokenizer)
+    hide, show = hide_literals(specials, [context] + [t[k] for t in turns for k in keys])
+    turns = [{**t, **{k: hide(t[k]) for k in keys}} for t in turns]
     ids, is_answer, before = [], [], ""
-    for text, answer, literal in render_pieces(tokenizer, context, turns, answer_key):
-        # each piece tokenized as it continues the text before; a literal as text, cut on its own (after
-        # "x": no string-start '▁' of SentencePiece)
-        piece = encode_after(tokenizer, "x" if literal else before, text, as_text=literal)
-        ids += piece
-        is_answer += [answer] * len(piece)
-        before = (before + text)[-CONTEXT_CHARS:]
+    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
+        for part, literal in show(text):  # a literal in the content: as text, on its own (after a word, "x")
+            piece = encode_after(tokenizer, "x" if literal else before, part, as_text=literal)
+            ids += piece
+            is_answer += [answer] * len(piece)
+            before = (before + part)[-CONTEXT_CHARS:]
     return ids, is_answer
 
 
@@ -496,8 +498,9 @@ def setup_model(model, par, compute_dtype, grad_checkpointing, trainable=True, s
         model.activation_checkpointing_enable({"use_reentrant": False})
     if not meta and next(model.parameters()).device != par.device:
         model.to(par.device)
-    # FSDP2 shards weights, grads and AdamW states over ALL ranks (dp x sp) and runs mixed precision (bf16
-    # compute of fp32 masters, fp32 reductions), on a group of one too; else the plain module runs.
+    # FSDP2 shards weights, grads and AdamW states over ALL ranks (dp x sp), AVERAGES the gradients over them
+    # (sp_sum's x sp relies on it) and runs mixed precision (bf16 compute of fp32 masters, fp32 reductions),
+    # on a group of one too; else the plain module runs.
     if par.world_size > 1 or compute_dtype != next(model.parameters()).dtype:
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                   reduce_dtype=torch.promote_types(compute_dtype, torch.float32))
@@ -1020,28 +1023,25 @@ def config_from_cli(cls, argv=None):
 
 # ---------------------------------------------------------- chat templates: content stays text
 
-def render_pieces(tokenizer, context, turns, answer_key):
-    """The rendered dialogue as [(text, is_answer, literal)] that concatenate to it: prompts and answer spans,
-    cut around each special token's literal in the content (literal True). Such literals are hidden as
-    private-use characters while the template renders, so that only the template's own are special."""
-    specials = special_tokens(tokenizer)
-    contents = [context] + [t[key] for t in turns for key in ("instruction", answer_key) if key]
+def hide_literals(specials, contents):
+    """(hide, show) for a dialogue's content: hide turns each special token's literal in the content (a paper
+    quoting '<|im_end|>') into a private-use character, so that the template renders only its own specials
+    as such; show cuts a rendered text into [(text, is_literal)], each literal restored as its own piece."""
     literals = [lit for lit in sorted(filter(None, specials), key=len, reverse=True)
                 if any(lit in text for text in contents)]  # those the content holds (usually none)
     free = (c for c in map(chr, range(0xE000, 0xF900)) if all(c not in text for text in contents))
     hidden = {lit: next(free) for lit in literals}
     shown = {c: lit for lit, c in hidden.items()}
 
-    def hide(text):  # each special's literal in the content becomes its private-use character
+    def hide(text):
         for lit, c in hidden.items():
             text = text.replace(lit, c)
         return text
-    turns = [{**t, **{key: hide(t[key]) for key in ("instruction", answer_key) if key}} for t in turns]
-    pieces = []
-    for text, answer in render_turns(tokenizer, hide(context), turns, answer_key, specials):
-        for part in filter(None, re.split(f"([{''.join(shown)}])", text) if shown else [text]):
-            pieces.append((shown.get(part, part), answer, part in shown))
-    return pieces
+
+    def show(text):
+        parts = re.split(f"([{''.join(shown)}])", text) if shown else [text]
+        return [(shown.get(part, part), part in shown) for part in parts if part]
+    return hide, show
 
 
 def special_tokens(tokenizer):
