@@ -176,7 +176,7 @@ def format_dialogue(tokenizer, context, turns, answer_key=None):
     first user message is context, a blank line, instruction (the document once); answer_key None: the ids end
     with the one turn's generation prompt. render_turns (next) renders the template turn by turn and marks
     the answers (Mistral, Llama, ChatML, Gemma render so); each piece is then tokenized as it continues the
-    text before it. Content is text: a special token's literal in a document ('<|im_end|>') is no token."""
+    text before it. Content is text: a special token's literal in a document is no token (hide_literals)."""
     # e.g. the tiny model's template, two turns; is_answer marks each answer and its end-of-turn token:
     #   <s>[INST] {document}\n\n{I_1} [/INST]{y_1}</s>[INST] {I_2} [/INST]{y_2}</s>
     #                                         ^^^^^^^^^^                  ^^^^^^^^^^
