@@ -831,6 +831,7 @@ def main(cfg):
     for flag, name in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
         if name:
             check_model(name, flag)
+            load_config(name)  # a model whose logits this code cannot compute is refused before any work
     if cfg.plan:
         return print(memory_plan(cfg))
     records = Records(cfg.data)  # every rank, before any process group or model: all or none stop here
@@ -1242,9 +1243,16 @@ def load_model(name, dtype=torch.float32, rope_theta=0.0):
     return model if dtype == "auto" else model.to(dtype)
 
 
+SCALED_LOGITS = ("attn_logit_softcapping", "final_logit_softcapping", "logit_scale")
+
+
 def load_config(name, rope_theta=0.0):
     """The config a model runs with here, no weights: full attention, RoPE theta rope_theta if > 0."""
     config = tiny_config(len(tiny_tokenizer())) if name == "tiny" else AutoConfig.from_pretrained(name)
+    scaled = [k for k in SCALED_LOGITS if getattr(config, k, None)]  # Gemma-2 softcaps, Cohere scales
+    if scaled:  # neither ring attention nor token_logps applies them: every log-prob would be silently wrong
+        raise UsageError(f"{name}: {scaled[0]} = {getattr(config, scaled[0])}, which this code does not "
+                         "apply; use a Llama, Mistral or Qwen model")
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None
     if rope_theta:
