@@ -160,7 +160,8 @@ def make_record(draft, rejected, model, tokenizer, cfg):
         raise Dropped("all_turns_filtered", filtered)
     kept = fit_max_length(draft["document"], kept, tokenizer, cfg, filtered)  # text can re-tokenize longer
     # 6. the record, and Eq. 13's reference: the sum over turns of log pi_S(y_i | chunk_i, instruction_i)
-    rec = {**draft, "turns": kept, "meta": {**draft["meta"], "chunk_tokens": chunk_tokens[:len(kept)]}}
+    meta = {**draft["meta"], "filtered_turns": filtered, "chunk_tokens": chunk_tokens[:len(kept)]}
+    rec = {**draft, "turns": kept, "meta": meta}
     rec["ref_chosen_logp"], rec["ref_rejected_logp"] = longpo.short_reference_logps(model, tokenizer, rec)
     return rec
 

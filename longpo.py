@@ -140,11 +140,13 @@ def short_reference_logps(ref_model, tokenizer, record):
     """Eq. 13's reference (ref_chosen_logp, ref_rejected_logp): the sum over turns i of log pi_S(y_i | C_S,i,
     I_i), each turn on its own chunk, a whole short input in this process (a sum of logs, as the release code
     and the policy's side; the paper writes the log of a sum of probabilities)."""
+    head = ref_model.get_output_embeddings().weight
+    head = head.to(torch.promote_types(head.dtype, torch.float32))  # cast once, not per turn (token_logps)
+
     def logp(turn, side):  # log pi_S(y_i | C_S,i, I_i): the log-probs of the answer's tokens, summed
         ids, is_answer = short_dialogue(tokenizer, record, turn, side)
         targets, is_target = (t.to(ref_model.device) for t in shifted_targets(ids, is_answer))
         hidden = last_hidden_state(ref_model, input_ids=targets.new_tensor([ids]))
-        head = ref_model.get_output_embeddings().weight
         return token_logps(hidden, head, targets[None], is_target.nonzero()[:, 0], LOGPROB_CHUNK).sum().item()
     return tuple(sum(logp(turn, side) for turn in record["turns"]) for side in ("chosen", "rejected"))
 
@@ -821,8 +823,8 @@ def resolve_defaults(cfg):
     tiny, sft = cfg.model == "tiny", cfg.loss == "sft"
     return dataclasses.replace(cfg, lr=cfg.lr or (1e-4 if tiny else 2e-5 if sft else 5e-7),
                                grad_accum=cfg.grad_accum or (1 if tiny else 8),
-                               nll_target={"auto": "responses" if sft else "sequence"}.get(cfg.nll_target,
-                                                                                          cfg.nll_target))
+                               nll_target=cfg.nll_target if cfg.nll_target != "auto" else
+                               "responses" if sft else "sequence")
 
 
 def main(cfg):
